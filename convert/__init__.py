@@ -1,0 +1,1 @@
+"""CompVis checkpoints (.ckpt / .safetensors) <-> Flax parameter trees, without torch."""

@@ -1,0 +1,163 @@
+"""Model configurations as frozen dataclasses, with named presets.
+
+Mirrors the hyper-parameters of CompVis/stable-diffusion `configs/stable-diffusion/v1-inference.yaml`
+(and labml's `UNetModel`, `Encoder`/`Decoder`, `CLIPTextModel`), as code rather than YAML.
+Every config round-trips through JSON (`to_dict` / `from_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _tuples(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """eps_theta(x_t, t, c): the latent U-Net (CompVis `openaimodel.UNetModel`, labml `UNetModel`)."""
+
+    in_channels: int = 4  # 9 for the inpainting U-Net (x_t, mask, masked-image latents)
+    out_channels: int = 4
+    channels: int = 320  # model_channels
+    channel_multipliers: tuple[int, ...] = (1, 2, 4, 4)
+    n_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (0, 1, 2)
+    n_heads: int | None = 8  # either a fixed number of heads (SD 1.x) ...
+    d_head: int | None = None  # ... or a fixed head size (SD 2.x: 64)
+    tf_layers: int = 1  # transformer depth
+    d_cond: int = 768  # context dim
+    use_linear_proj: bool = False  # SD 1.x: 1x1-conv proj_in/proj_out; SD 2.x: Linear
+    norm_groups: int = 32
+
+    def __post_init__(self):
+        if (self.n_heads is None) == (self.d_head is None):
+            raise ValueError("UNetConfig needs exactly one of n_heads or d_head")
+
+    def heads_for(self, channels: int) -> tuple[int, int]:
+        """(n_heads, d_head) of a SpatialTransformer with `channels` channels."""
+        if self.n_heads is not None:
+            return self.n_heads, channels // self.n_heads
+        return channels // self.d_head, self.d_head
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """The KL-f8 autoencoder (CompVis `AutoencoderKL`, labml `Autoencoder`)."""
+
+    channels: int = 128
+    channel_multipliers: tuple[int, ...] = (1, 2, 4, 4)
+    n_resnet_blocks: int = 2
+    in_channels: int = 3
+    out_channels: int = 3
+    z_channels: int = 4
+    emb_channels: int = 4
+    norm_groups: int = 32
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_multipliers) - 1)
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """The CLIP text tower (transformers `CLIPTextModel`; ViT-L/14 for SD 1.x)."""
+
+    vocab_size: int = 49408
+    max_length: int = 77
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    # 0: last layer's hidden state (SD 1.x). k > 0: the output of layer L-k, then the final LayerNorm
+    # ("clip skip"; SD 2.x uses the penultimate layer, k=1).
+    skip_last_layers: int = 0
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+    pad_token_id: int = 49407
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The forward-process noise schedule beta_1..beta_T (DDPM), as CompVis `make_beta_schedule`."""
+
+    kind: str = "scaled_linear"  # or "linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    n_steps: int = 1000
+    prediction: str = "eps"  # SD 1.x predicts eps
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A whole latent diffusion model: U-Net, autoencoder, text encoder, latent scale, schedule."""
+
+    name: str = "sd1"
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    latent_scale: float = 0.18215
+
+    @property
+    def is_inpainting(self) -> bool:
+        return self.unet.in_channels == 9
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        return cls(
+            name=d.get("name", "custom"),
+            unet=UNetConfig(**_tuples(d["unet"])),
+            vae=AutoencoderConfig(**_tuples(d["vae"])),
+            text=TextEncoderConfig(**_tuples(d["text"])),
+            schedule=ScheduleConfig(**d.get("schedule", {})),
+            latent_scale=d.get("latent_scale", 0.18215),
+        )
+
+    @classmethod
+    def from_json(cls, s: str) -> "ModelConfig":
+        return cls.from_dict(json.loads(s))
+
+
+def sd1() -> ModelConfig:
+    """Stable Diffusion v1.4 / v1.5 (860M U-Net, KL-f8 VAE, CLIP ViT-L/14 text tower)."""
+    return ModelConfig(name="sd1")
+
+
+def sd1_inpaint() -> ModelConfig:
+    """SD 1.5 inpainting: the U-Net takes 9 channels (x_t, mask, masked-image latents)."""
+    return ModelConfig(name="sd1-inpaint", unet=UNetConfig(in_channels=9))
+
+
+def tiny() -> ModelConfig:
+    """A tiny model with every kind of block, for tests (channels must stay multiples of 32 for GroupNorm)."""
+    return ModelConfig(
+        name="tiny",
+        unet=UNetConfig(channels=32, channel_multipliers=(1, 2), n_res_blocks=1, attention_levels=(0, 1),
+                        n_heads=2, d_cond=64),
+        vae=AutoencoderConfig(channels=32, channel_multipliers=(1, 2), n_resnet_blocks=1),
+        text=TextEncoderConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2),
+    )
+
+
+PRESETS = {"sd1": sd1, "sd1-inpaint": sd1_inpaint, "tiny": tiny}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None
