@@ -1,0 +1,106 @@
+"""Recognise what a CompVis state dict holds and infer its ModelConfig from tensor shapes.
+
+Facts used (DESIGN.md §6): a 9-channel first conv is the inpainting U-Net; `cond_stage_model.model.*`
+(OpenCLIP) or a 1024-wide cross-attention context is SD 2.x; `conditioner.embedders.*` is SDXL.
+Head counts are not visible in shapes: SD 1.x uses 8 heads per transformer and CLIP heads of width 64.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from convert.errors import CheckpointError
+from ldm_jax.configs import AutoencoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
+
+U = "model.diffusion_model."
+V = "first_stage_model."
+T = "cond_stage_model.transformer.text_model."
+
+
+def detect_kind(sd: Mapping[str, object]) -> str:
+    """'sd1' or 'sd1-inpaint'; raises CheckpointError naming any other recognised or unknown kind."""
+    keys = sd.keys()
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        raise CheckpointError("SDXL checkpoints are not supported yet")
+    k_attn = U + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    k_attn2 = U + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
+    ctx = next((sd[k].shape[-1] for k in (k_attn2, k_attn) if k in sd and hasattr(sd[k], "shape")), None)
+    if any(k.startswith("cond_stage_model.model.") for k in keys) or ctx == 1024:
+        raise CheckpointError("SD 2.x checkpoints are not supported yet")
+    first = U + "input_blocks.0.0.weight"
+    if first not in sd or not any(k.startswith(V) for k in keys):
+        raise CheckpointError("not a Stable Diffusion checkpoint (no U-Net/autoencoder tensors of the CompVis layout)")
+    if not any(k.startswith(T) for k in keys):
+        raise CheckpointError("unsupported checkpoint: no CLIP text encoder (cond_stage_model.transformer.*)")
+    c_in = sd[first].shape[1]
+    if c_in == 4:
+        return "sd1"
+    if c_in == 9:
+        return "sd1-inpaint"
+    raise CheckpointError(f"unsupported U-Net with {c_in} input channels")
+
+
+def _indices(sd, pattern: str) -> list[int]:
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in sd for m in [rx.match(k)] if m})
+
+
+def _shape(sd, key):
+    if key not in sd:
+        raise CheckpointError(f"missing tensor {key}")
+    return tuple(sd[key].shape)
+
+
+def infer_unet(sd) -> UNetConfig:
+    channels = _shape(sd, U + "input_blocks.0.0.weight")[0]
+    res = _indices(sd, re.escape(U) + r"input_blocks\.(\d+)\.0\.in_layers\.2\.weight$")
+    downs = _indices(sd, re.escape(U) + r"input_blocks\.(\d+)\.0\.op\.weight$")
+    levels = len(downs) + 1
+    if not res or len(res) % levels:
+        raise CheckpointError("cannot infer the U-Net layout from the checkpoint's input_blocks")
+    n_res = len(res) // levels
+    mults, attn = [], []
+    for level in range(levels):
+        b = 1 + level * (n_res + 1)
+        mults.append(_shape(sd, f"{U}input_blocks.{b}.0.in_layers.2.weight")[0] // channels)
+        if f"{U}input_blocks.{b}.1.proj_in.weight" in sd:
+            attn.append(level)
+    mid = U + "middle_block.1."
+    depth = len(_indices(sd, re.escape(mid) + r"transformer_blocks\.(\d+)\.norm1\.weight$"))
+    return UNetConfig(
+        in_channels=_shape(sd, U + "input_blocks.0.0.weight")[1],
+        out_channels=_shape(sd, U + "out.2.weight")[0],
+        channels=channels, channel_multipliers=tuple(mults), n_res_blocks=n_res, attention_levels=tuple(attn),
+        n_heads=8, tf_layers=max(depth, 1), d_cond=_shape(sd, mid + "transformer_blocks.0.attn2.to_k.weight")[1],
+        use_linear_proj=len(_shape(sd, mid + "proj_in.weight")) == 2,
+    )
+
+
+def infer_vae(sd) -> AutoencoderConfig:
+    e = V + "encoder."
+    channels, in_channels = _shape(sd, e + "conv_in.weight")[:2]
+    levels = _indices(sd, re.escape(e) + r"down\.(\d+)\.block\.0\.conv1\.weight$")
+    blocks = _indices(sd, re.escape(e) + r"down\.0\.block\.(\d+)\.conv1\.weight$")
+    return AutoencoderConfig(
+        channels=channels, in_channels=in_channels,
+        channel_multipliers=tuple(_shape(sd, f"{e}down.{i}.block.0.conv1.weight")[0] // channels for i in levels),
+        n_resnet_blocks=len(blocks), out_channels=_shape(sd, V + "decoder.conv_out.weight")[0],
+        z_channels=_shape(sd, e + "conv_out.weight")[0] // 2, emb_channels=_shape(sd, V + "quant_conv.weight")[0] // 2,
+    )
+
+
+def infer_text(sd) -> TextEncoderConfig:
+    vocab, hidden = _shape(sd, T + "embeddings.token_embedding.weight")
+    layers = _indices(sd, re.escape(T) + r"encoder\.layers\.(\d+)\.self_attn\.q_proj\.weight$")
+    return TextEncoderConfig(
+        vocab_size=vocab, hidden_size=hidden, max_length=_shape(sd, T + "embeddings.position_embedding.weight")[0],
+        num_layers=len(layers), num_heads=hidden // 64,
+        intermediate_size=_shape(sd, T + "encoder.layers.0.mlp.fc1.weight")[0],
+    )
+
+
+def infer_config(sd: Mapping[str, object]) -> ModelConfig:
+    """The ModelConfig of a (key-normalised) CompVis state dict, SD 1.x conventions for what shapes hide."""
+    kind = detect_kind(sd)
+    return ModelConfig(name=kind, unet=infer_unet(sd), vae=infer_vae(sd), text=infer_text(sd))

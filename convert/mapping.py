@@ -1,0 +1,167 @@
+"""CompVis state dict (name -> array) <-> Flax parameter trees, strictly.
+
+Every checkpoint tensor is either mapped exactly once (by the table in `convert.keys`, shape asserted),
+or on an explicit ignore list with its reason; anything else is "unexpected" (an error unless allowed).
+A missing key, a wrong shape, a non-array value or a NaN/Inf weight is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import ml_dtypes
+import numpy as np
+
+from convert.errors import CheckpointError
+from convert.keys import PREFIXES, Entry, key_table, to_compvis_layout, to_flax_layout
+
+# Schedule buffers CompVis' DDPM registers (recomputed from the config instead).
+SCHEDULE_BUFFERS = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+)
+_IGNORED = [
+    (re.compile(r"^(%s)$" % "|".join(SCHEDULE_BUFFERS)), "noise schedule buffer (recomputed from the config)"),
+    (re.compile(r"^logvar$"), "training-only learned log-variance"),
+    (re.compile(r"^cond_stage_model\.transformer\.text_model\.embeddings\.position_ids$"), "position ids (arange)"),
+    (re.compile(r"^model_ema\.(decay|num_updates)$"), "EMA bookkeeping"),
+    (re.compile(r"^first_stage_model\.loss\."), "autoencoder training loss (LPIPS / discriminator)"),
+]
+_FLOAT_DTYPES = {np.dtype(t) for t in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16)}
+_OLD_CLIP = "cond_stage_model.transformer."
+
+
+def normalise_keys(state_dict: Mapping[str, object]) -> dict[str, object]:
+    """Accept the older CLIP layout (`cond_stage_model.transformer.encoder...` without `text_model.`)."""
+    new = PREFIXES["text_encoder"]
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith(_OLD_CLIP) and not k.startswith(new):
+            k = new + k[len(_OLD_CLIP):]
+        out[k] = v
+    return out
+
+
+def has_ema(state_dict: Mapping[str, object]) -> bool:
+    return any(k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates")
+               for k in state_dict)
+
+
+@dataclass
+class MappingReport:
+    """What happened to every tensor of the checkpoint."""
+
+    mapped: list[str] = field(default_factory=list)
+    ignored: dict[str, str] = field(default_factory=dict)  # key -> reason
+    unexpected: list[str] = field(default_factory=list)
+    used_ema: bool = False
+
+    def summary(self) -> str:
+        reasons: dict[str, int] = {}
+        for r in self.ignored.values():
+            reasons[r] = reasons.get(r, 0) + 1
+        lines = [f"mapped {len(self.mapped)} tensors" + (" (U-Net from EMA weights)" if self.used_ema else "")]
+        lines += [f"ignored {n}: {r}" for r, n in sorted(reasons.items())]
+        if self.unexpected:
+            lines.append(f"unexpected {len(self.unexpected)}: " + ", ".join(self.unexpected[:5])
+                         + (" ..." if len(self.unexpected) > 5 else ""))
+        return "\n".join(lines)
+
+
+def _ignore_reason(key: str) -> str | None:
+    for pattern, reason in _IGNORED:
+        if pattern.search(key):
+            return reason
+    return None
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path: tuple[str, ...]):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _convert_one(entry: Entry, key: str, value, dtype, allow_nonfinite: bool):
+    if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+        raise CheckpointError(f"{key}: expected a tensor, found {type(value).__name__}")
+    arr = np.asarray(value)
+    ok_shapes = {entry.compvis_shape}
+    if entry.layout == "conv" and entry.flax_shape[:2] == (1, 1):
+        ok_shapes.add(entry.compvis_shape[:2])  # a Linear where CompVis has a 1x1 conv
+    if tuple(arr.shape) not in ok_shapes:
+        raise CheckpointError(f"{key}: shape {tuple(arr.shape)} does not match the model's {entry.compvis_shape}")
+    if arr.dtype not in _FLOAT_DTYPES:
+        raise CheckpointError(f"{key}: expected a floating-point tensor, found {arr.dtype}")
+    out = np.ascontiguousarray(to_flax_layout(entry, arr).astype(dtype))
+    if not allow_nonfinite and not np.isfinite(out).all():
+        raise CheckpointError(f"{key}: contains NaN or Inf values (pass --allow-nonfinite to load anyway)")
+    return out
+
+
+def state_dict_to_params(state_dict: Mapping[str, object], abstract_params: Mapping[str, Mapping], *,
+                         ema: bool | None = None, dtype=np.float32, allow_unexpected: bool = False,
+                         allow_nonfinite: bool = False, place=None, progress=None):
+    """Map a CompVis state dict onto the parameter trees whose shapes `abstract_params` gives.
+
+    ema: use `model_ema.*` U-Net weights (None: if present). `place(array) -> array` puts each converted
+    tensor where it should live (e.g. `jnp.asarray`), one at a time, so at most one extra tensor is held.
+    Returns ({component: tree}, MappingReport).
+    """
+    state_dict = normalise_keys(state_dict)
+    ema_present = has_ema(state_dict)
+    if ema is None:
+        ema = ema_present
+    elif ema and not ema_present:
+        raise CheckpointError("--ema was asked for, but the checkpoint has no model_ema.* weights")
+    report = MappingReport(used_ema=bool(ema))
+    used: set[str] = set()
+    params: dict = {}
+    entries = [e for c in abstract_params for e in key_table(c, abstract_params[c])]
+    for entry in entries:
+        key = entry.ema_key if (ema and entry.ema_key) else entry.key
+        if key not in state_dict:
+            raise CheckpointError(f"missing tensor {key}" + (" (EMA copy of " + entry.key + ")" if key != entry.key
+                                                            else ""))
+        value = _convert_one(entry, key, state_dict[key], dtype, allow_nonfinite)
+        _set(params.setdefault(entry.component, {}), entry.flax_path, place(value) if place else value)
+        used.add(key)
+        report.mapped.append(key)
+        if progress:
+            progress(entry)
+    model_keys = {e.key for e in entries}
+    for key in state_dict:
+        if key in used:
+            continue
+        reason = _ignore_reason(key)
+        if reason is None and ema and key in model_keys:
+            reason = "raw weights replaced by their EMA copy"
+        elif reason is None and not ema and key.startswith("model_ema."):
+            reason = "EMA weights not used (--no-ema)"
+        if reason is None:
+            report.unexpected.append(key)
+        else:
+            report.ignored[key] = reason
+    if report.unexpected and not allow_unexpected:
+        raise CheckpointError(f"{len(report.unexpected)} unexpected tensor(s), e.g. {report.unexpected[0]} "
+                              "(pass --allow-unexpected to ignore them)")
+    return params, report
+
+
+def params_to_state_dict(params: Mapping[str, Mapping], dtype=None) -> dict[str, np.ndarray]:
+    """Flax parameter trees -> a CompVis-layout state dict (model weights only, canonical shapes)."""
+    out = {}
+    for component, tree in params.items():
+        for entry in key_table(component, tree):
+            value = np.asarray(_get(tree, entry.flax_path))
+            value = to_compvis_layout(entry, value)
+            out[entry.key] = np.ascontiguousarray(value if dtype is None else value.astype(dtype))
+    return out

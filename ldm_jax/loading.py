@@ -1,0 +1,93 @@
+"""`ldm_jax.load`: a CompVis checkpoint (.ckpt / .safetensors) or a converted directory -> StableDiffusion.
+
+No torch and no pickle code execution (see `convert.ckpt_reader`). Tensors are read memory-mapped and
+converted one at a time (upcast to `param_dtype`, relayout, put on the device), so loading holds at most
+the file's pages plus one set of parameters.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from convert.detect import infer_config
+from convert.errors import CheckpointError
+from convert.mapping import normalise_keys, state_dict_to_params
+from convert.readers import read_state_dict
+from ldm_jax.configs import ModelConfig
+from ldm_jax.models.build import abstract_params
+from ldm_jax.stable_diffusion import StableDiffusion
+
+CONFIG_METADATA_KEY = "ldm_jax.config"  # safetensors __metadata__ entry written by `ldm-jax export`
+
+_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+           "float16": jnp.float16, "fp16": jnp.float16}
+
+
+def as_dtype(name_or_dtype) -> Any:
+    if isinstance(name_or_dtype, str):
+        try:
+            return _DTYPES[name_or_dtype]
+        except KeyError:
+            raise ValueError(f"unknown dtype {name_or_dtype!r}; choose from {', '.join(_DTYPES)}") from None
+    return jnp.dtype(name_or_dtype).type
+
+
+def _file_config(path: str) -> ModelConfig | None:
+    """The config an ldm-jax export stored in the safetensors header, if any."""
+    if not path.endswith(".safetensors"):
+        return None
+    from convert.safetensors_io import read_safetensors
+
+    _, meta = read_safetensors(path)
+    if meta and CONFIG_METADATA_KEY in meta:
+        return ModelConfig.from_json(meta[CONFIG_METADATA_KEY])
+    return None
+
+
+def load_state_dict_model(state_dict, *, config: ModelConfig | None = None, ema: bool | None = None,
+                          param_dtype="float32", allow_unexpected=False, allow_nonfinite=False, progress=True):
+    """A CompVis state dict -> (config, params, MappingReport)."""
+    state_dict = normalise_keys(state_dict)
+    config = config or infer_config(state_dict)
+    shapes = abstract_params(config)
+    total = len(jax.tree_util.tree_leaves(shapes))
+    with tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress, leave=False) as bar:
+        params, report = state_dict_to_params(
+            state_dict, shapes, ema=ema, dtype=np.dtype(as_dtype(param_dtype)), allow_unexpected=allow_unexpected,
+            allow_nonfinite=allow_nonfinite, place=jnp.asarray, progress=lambda _: bar.update())
+    return config, params, report
+
+
+def load(path: str | os.PathLike, ema: bool | None = None, *, param_dtype="float32", dtype="float32",
+         config: ModelConfig | None = None, attention_impl: str = "auto", allow_unexpected: bool = False,
+         allow_nonfinite: bool = False, progress: bool = False) -> StableDiffusion:
+    """Load Stable Diffusion weights.
+
+    path: a CompVis `.ckpt` / `.safetensors` file, or a directory written by `ldm-jax convert`.
+    ema: use the EMA U-Net weights (default: when the checkpoint has them, as CompVis does).
+    param_dtype: dtype of the loaded parameters (fp16/bf16 files are upcast; default fp32).
+    dtype: compute dtype of the modules (e.g. "bfloat16" on GPU/TPU).
+    config: override the architecture inferred from tensor shapes (e.g. the tiny test preset).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        from convert.orbax_io import read_converted
+
+        return read_converted(path, ema=ema, param_dtype=param_dtype, dtype=dtype, attention_impl=attention_impl)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or directory")
+    config = config or _file_config(path)
+    state_dict = read_state_dict(path)
+    config, params, report = load_state_dict_model(
+        state_dict, config=config, ema=ema, param_dtype=param_dtype, allow_unexpected=allow_unexpected,
+        allow_nonfinite=allow_nonfinite, progress=progress)
+    meta = {"source": os.path.basename(path), "kind": config.name, "ema": report.used_ema,
+            "report": report.summary()}
+    return StableDiffusion(config, params, dtype=as_dtype(dtype), attention_impl=attention_impl, metadata=meta)
+

@@ -1,0 +1,45 @@
+"""Build the three Flax modules of a ModelConfig, their parameter shapes, or random parameters."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ldm_jax.configs import ModelConfig
+from ldm_jax.models.autoencoder import Autoencoder
+from ldm_jax.models.clip_text import CLIPTextModel
+from ldm_jax.models.unet import UNetModel
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+def modules(config: ModelConfig, dtype=jnp.float32, attention_impl: str = "auto", remat: bool = False):
+    """{"unet": UNetModel, "vae": Autoencoder, "text_encoder": CLIPTextModel} in compute dtype `dtype`."""
+    return {
+        "unet": UNetModel(config.unet, dtype=dtype, attention_impl=attention_impl, remat=remat),
+        "vae": Autoencoder(config.vae, dtype=dtype, attention_impl=attention_impl),
+        "text_encoder": CLIPTextModel(config.text, dtype=dtype),
+    }
+
+
+def _init_inputs(config: ModelConfig):
+    f = config.vae.downsample_factor
+    return {
+        "unet": (jnp.zeros((1, 8, 8, config.unet.in_channels)), jnp.zeros((1,), jnp.int32),
+                 jnp.zeros((1, config.text.max_length, config.unet.d_cond))),
+        "vae": (jnp.zeros((1, 2 * f, 2 * f, config.vae.in_channels)),),
+        "text_encoder": (jnp.zeros((1, config.text.max_length), jnp.int32),),
+    }
+
+
+def init_params(config: ModelConfig, key, components=COMPONENTS):
+    """Random parameters (Flax default initialisers), fp32: {"unet": ..., "vae": ..., "text_encoder": ...}."""
+    mods, inputs = modules(config), _init_inputs(config)
+    keys = dict(zip(COMPONENTS, jax.random.split(key, len(COMPONENTS))))
+    return {c: jax.jit(mods[c].init)(keys[c], *inputs[c])["params"] for c in components}
+
+
+def abstract_params(config: ModelConfig, components=COMPONENTS):
+    """Parameter shapes only (jax.ShapeDtypeStruct leaves), computed without running the model."""
+    mods, inputs = modules(config), _init_inputs(config)
+    return {c: jax.eval_shape(mods[c].init, jax.random.key(0), *inputs[c])["params"] for c in components}

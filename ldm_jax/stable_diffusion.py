@@ -1,0 +1,81 @@
+"""`StableDiffusion`: a loaded model: its config, its parameter trees and pure functions over them.
+
+The functions take params first so they can be jitted, pmapped and sharded (DESIGN.md §4):
+
+    ids = sd.tokenize(prompts)                      # int32 [B, 77]
+    ctx = sd.encode_text(sd.params, ids)            # [B, 77, d] last hidden state
+    eps = sd.predict_noise(sd.params, x, t, ctx)    # x NHWC latents [B, h, w, 4], t int32 [B]
+    z   = sd.encode_image(sd.params, images)        # NHWC in [-1, 1] -> scaled posterior mean
+    img = sd.decode_latents(sd.params, z)           # scaled latents -> NHWC in [-1, 1]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import cached_property
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax.configs import ModelConfig
+from ldm_jax.models.autoencoder import DiagonalGaussian
+from ldm_jax.models.build import modules
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StableDiffusion:
+    config: ModelConfig
+    params: dict[str, Any]  # {"unet": ..., "vae": ..., "text_encoder": ...}
+    dtype: Any = jnp.float32  # compute dtype (params stay as loaded, fp32 by default)
+    attention_impl: str = "auto"
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)  # where the weights came from
+
+    @cached_property
+    def modules(self):
+        return modules(self.config, self.dtype, self.attention_impl)
+
+    @cached_property
+    def _tokenizer(self):
+        from ldm_jax.tokenizer import ClipTokenizer
+
+        return ClipTokenizer(max_length=self.config.text.max_length, pad_token_id=self.config.text.pad_token_id)
+
+    def replace(self, **changes) -> "StableDiffusion":
+        """A copy with other fields, e.g. `sd.replace(dtype=jnp.bfloat16)` or new params."""
+        return dataclasses.replace(self, **changes)
+
+    def tokenize(self, prompts) -> np.ndarray:
+        """CLIP BPE ids int32 [B, max_length]: BOS, tokens, EOS, padded with pad_token_id."""
+        return self._tokenizer(prompts)
+
+    def encode_text(self, params, ids):
+        """ids int32 [B, L] -> context c [B, L, hidden] (fp32)."""
+        return self.modules["text_encoder"].apply({"params": params["text_encoder"]}, jnp.asarray(ids, jnp.int32))
+
+    def predict_noise(self, params, x, t, ctx):
+        """eps_theta(x_t, t, c): x [B, h, w, C], t int32 [B] (or a scalar), ctx [B, S, d] -> [B, h, w, 4] fp32."""
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))
+        return self.modules["unet"].apply({"params": params["unet"]}, x, t, ctx)
+
+    def encode_moments(self, params, images):
+        """images [B, H, W, 3] in [-1, 1] -> posterior moments [B, H/f, W/f, 2 * 4] (unscaled)."""
+        return self.modules["vae"].apply({"params": params["vae"]}, images, method="encode")
+
+    def encode_image(self, params, images, key=None):
+        """images NHWC in [-1, 1] -> scaled latents: the posterior mean, or a sample if `key` is given."""
+        post = DiagonalGaussian(self.encode_moments(params, images))
+        z = post.mode() if key is None else post.sample(key)
+        return z * self.config.latent_scale
+
+    def decode_latents(self, params, z):
+        """Scaled latents [B, h, w, 4] -> images NHWC in [-1, 1] (not clipped; fp32)."""
+        return self.modules["vae"].apply({"params": params["vae"]}, z / self.config.latent_scale, method="decode")
+
+    @property
+    def latent_factor(self) -> int:
+        return self.config.vae.downsample_factor
+
+    def num_params(self) -> dict[str, int]:
+        return {c: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(p)) for c, p in self.params.items()}
