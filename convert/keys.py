@@ -78,8 +78,10 @@ def _layout(leaf: str, ndim: int) -> str:
     return "same"
 
 
-def key_table(component: str, abstract_params) -> list[Entry]:
-    """All entries of one component, from its (abstract) Flax parameter tree (leaves need `.shape`)."""
+def key_table(component: str, abstract_params, prefix: str | None = None) -> list[Entry]:
+    """All entries of one component, from its (abstract) Flax parameter tree (leaves need `.shape`).
+    `prefix` overrides the component's CompVis prefix (e.g. "" for a single block's own state dict)."""
+    prefix = PREFIXES[component] if prefix is None else prefix
     entries = []
 
     def walk(tree, path):
@@ -89,8 +91,8 @@ def key_table(component: str, abstract_params) -> list[Entry]:
                 walk(node, path + (name,))
             else:
                 full = path + (name,)
-                entries.append(Entry(component, full, PREFIXES[component] + compvis_name(full),
-                                     tuple(node.shape), _layout(name, len(node.shape))))
+                entries.append(Entry(component, full, prefix + compvis_name(full), tuple(node.shape),
+                                     _layout(name, len(node.shape))))
 
     walk(abstract_params, ())
     keys = [e.key for e in entries]

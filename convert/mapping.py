@@ -109,11 +109,13 @@ def _convert_one(entry: Entry, key: str, value, dtype, allow_nonfinite: bool):
 
 def state_dict_to_params(state_dict: Mapping[str, object], abstract_params: Mapping[str, Mapping], *,
                          ema: bool | None = None, dtype=np.float32, allow_unexpected: bool = False,
-                         allow_nonfinite: bool = False, place=None, progress=None):
+                         allow_nonfinite: bool = False, place=None, progress=None,
+                         prefixes: Mapping[str, str] | None = None):
     """Map a CompVis state dict onto the parameter trees whose shapes `abstract_params` gives.
 
     ema: use `model_ema.*` U-Net weights (None: if present). `place(array) -> array` puts each converted
     tensor where it should live (e.g. `jnp.asarray`), one at a time, so at most one extra tensor is held.
+    prefixes: per-component CompVis prefixes other than the standard ones ("" maps a single block).
     Returns ({component: tree}, MappingReport).
     """
     state_dict = normalise_keys(state_dict)
@@ -125,7 +127,8 @@ def state_dict_to_params(state_dict: Mapping[str, object], abstract_params: Mapp
     report = MappingReport(used_ema=bool(ema))
     used: set[str] = set()
     params: dict = {}
-    entries = [e for c in abstract_params for e in key_table(c, abstract_params[c])]
+    prefixes = prefixes or {}
+    entries = [e for c in abstract_params for e in key_table(c, abstract_params[c], prefixes.get(c))]
     for entry in entries:
         key = entry.ema_key if (ema and entry.ema_key) else entry.key
         if key not in state_dict:

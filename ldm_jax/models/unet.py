@@ -14,6 +14,7 @@ import math
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from ldm_jax.configs import UNetConfig
 from ldm_jax.models.attention import SpatialTransformer
@@ -23,8 +24,11 @@ from ldm_jax.models.layers import Dtype, GroupNorm, conv, dense, upsample_neares
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
     """Sinusoidal embedding of t [B] -> [B, dim] = cat[cos(t f_i), sin(t f_i)], f_i = exp(-ln(P) i / half)."""
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    # Constant frequencies: the fp32 exponent as torch forms it, exponentiated in float64 and rounded once
+    # (closer to torch's fp32 exp than XLA's; the error grows with t up to 999 in cos/sin arguments).
+    expo = (-math.log(max_period) * np.arange(half, dtype=np.float32) / half).astype(np.float32)
+    freqs = np.exp(expo.astype(np.float64)).astype(np.float32)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]  # [B, half]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 

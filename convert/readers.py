@@ -1,0 +1,74 @@
+"""Read a checkpoint file into a flat ``{name: np.ndarray}`` state dict, whatever its container format.
+
+Dispatch is on content first, then on the extension:
+
+* a zip archive (``PK\\x03\\x04``) is a ``torch.save`` checkpoint -> :func:`convert.ckpt_reader.read_ckpt`;
+* a file whose byte 8 is ``{`` (an 8-byte header size followed by a JSON object) -> safetensors;
+* otherwise the extension picks the reader that explains what is wrong: ``.ckpt``/``.pt``/``.pth``/``.bin``
+  (or a file starting with a pickle opcode) -> the ckpt reader, anything else -> the safetensors reader.
+
+Unwrapping policy for torch checkpoints (Lightning, CompVis): while the dict has a ``"state_dict"`` entry that is
+a dict, that entry *is* the model and its siblings (``global_step``, ``epoch``, ``callbacks``,
+``optimizer_states``, ``lr_schedulers``, ``hparams``, ``pytorch-lightning_version``, ...) are training state and
+are dropped; this repeats for nested ``{"state_dict": {"state_dict": ...}}``. A dict without ``"state_dict"``
+is itself the state dict. Inside the state dict every value must be an array: anything else (a string, a number,
+a nested dict) is a :class:`CheckpointError` naming the key, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from convert.ckpt_reader import read_ckpt
+from convert.errors import CheckpointError
+from convert.safetensors_io import read_safetensors
+
+CKPT_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
+SAFETENSORS_EXTENSIONS = (".safetensors",)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The flat ``{name: array}`` state dict of a .ckpt/.pt/.pth/.bin or .safetensors file (arrays may be
+    read-only memory-mapped views). Raises :class:`CheckpointError` with a one-line reason on any problem."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, expected a .ckpt or .safetensors file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
+    if not head:
+        raise CheckpointError(f"{path}: file is empty")
+
+    extension = os.path.splitext(path)[1].lower()
+    if head.startswith(b"PK\x03\x04"):
+        use_ckpt = True
+    elif head[8:9] == b"{":
+        use_ckpt = False
+    else:
+        use_ckpt = extension in CKPT_EXTENSIONS or (extension not in SAFETENSORS_EXTENSIONS and head[:1] == b"\x80")
+    if not use_ckpt:
+        tensors, _metadata = read_safetensors(path)
+        return tensors
+    return _state_dict_of(path, read_ckpt(path))
+
+
+def _state_dict_of(path: str, obj: dict) -> dict[str, np.ndarray]:
+    """Unwrap (nested) Lightning ``state_dict`` levels, then check that every value is an array."""
+    depth = 0
+    while isinstance(obj.get("state_dict"), dict):
+        obj, depth = obj["state_dict"], depth + 1
+    where = "state_dict" + ".state_dict" * (depth - 1) if depth else "top-level dict"
+    state = {}
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: {where} has a non-string key {key!r}")
+        if not isinstance(value, np.ndarray):
+            raise CheckpointError(f"{path}: {where}[{key!r}] is a {type(value).__name__}, expected a tensor")
+        state[key] = value
+    return state

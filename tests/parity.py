@@ -1,0 +1,43 @@
+"""Helpers for the parity tests: perturbed torch weights -> Flax params through the real mapping code."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import torch
+
+from convert.mapping import state_dict_to_params
+
+
+def rel_err(a, b) -> float:
+    """max|a - b| / max|b|, the parity measure of DESIGN.md §5."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def perturb_(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+    """Add noise to every tensor so norm scales, biases and zero-inits all take part."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(module.state_dict().items()):
+            if p.is_floating_point():
+                p.add_(scale * max(float(p.abs().mean()), 0.02) * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+def flax_params_for(torch_module: torch.nn.Module, flax_module, *example_inputs):
+    """The Flax params of `flax_module` from `torch_module`'s own state dict (no prefix), strictly:
+    every torch tensor must map to exactly one Flax parameter of the right shape."""
+    abstract = jax.eval_shape(flax_module.init, jax.random.key(0), *example_inputs)["params"]
+    sd = {k: v.detach().numpy() for k, v in torch_module.state_dict().items() if "position_ids" not in k}
+    params, report = state_dict_to_params(sd, {"block": abstract}, prefixes={"block": ""})
+    assert not report.unexpected and len(report.mapped) == len(sd)
+    return params["block"]
+
+
+def nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def nhwc(t: torch.Tensor) -> np.ndarray:
+    return t.detach().permute(0, 2, 3, 1).numpy()
