@@ -23,10 +23,9 @@ def detect_kind(sd: Mapping[str, object]) -> str:
     keys = sd.keys()
     if any(k.startswith("conditioner.embedders.") for k in keys):
         raise CheckpointError("SDXL checkpoints are not supported yet")
-    k_attn = U + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    k_attn2 = U + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
-    ctx = next((sd[k].shape[-1] for k in (k_attn2, k_attn) if k in sd and hasattr(sd[k], "shape")), None)
-    if any(k.startswith("cond_stage_model.model.") for k in keys) or ctx == 1024:
+    ctx = {sd[k].shape[-1] for k in keys if k.startswith(U) and k.endswith("attn2.to_k.weight")
+           and hasattr(sd[k], "shape")}
+    if any(k.startswith("cond_stage_model.model.") for k in keys) or 1024 in ctx:
         raise CheckpointError("SD 2.x checkpoints are not supported yet")
     first = U + "input_blocks.0.0.weight"
     if first not in sd or not any(k.startswith(V) for k in keys):

@@ -1,0 +1,5 @@
+import sys
+
+from ldm_jax.cli.main import main
+
+sys.exit(main())

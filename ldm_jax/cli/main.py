@@ -1,0 +1,71 @@
+"""`ldm-jax` entry point: dispatch to sub-commands; user errors become one line and a non-zero exit.
+
+Each sub-command module defines `add_parser(subparsers, name, help)` (which sets `func=...`) and the
+function it points to, `(args) -> int`.
+Modules are imported lazily by name so that `ldm-jax --help` stays fast and optional extras (torch) are
+only needed by the commands that use them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (command, module, one-line help)
+COMMANDS = [
+    ("convert", "cmd_convert", "convert a CompVis .ckpt/.safetensors into an ldm-jax (orbax) directory"),
+    ("export", "cmd_export", "write a converted directory back to a CompVis-layout .safetensors"),
+    ("verify", "cmd_verify", "check a checkpoint's Flax outputs against the torch reference"),
+    ("random-checkpoint", "cmd_random", "write a random-weight CompVis checkpoint of a preset (demos, benchmarks)"),
+    ("txt2img", "cmd_sample", "generate images from text prompts"),
+    ("img2img", "cmd_sample", "transform an init image guided by a prompt"),
+    ("inpaint", "cmd_sample", "repaint the masked region of an image"),
+    ("train", "cmd_train", "fine-tune / train the latent U-Net on a folder of captioned images"),
+    ("bench", "cmd_bench", "benchmark U-Net, VAE and end-to-end sampling (optionally against torch)"),
+]
+
+
+def _available():
+    for name, module, help_ in COMMANDS:
+        try:
+            yield name, importlib.import_module(f"ldm_jax.cli.{module}"), help_
+        except ModuleNotFoundError as e:
+            if e.name != f"ldm_jax.cli.{module}":
+                raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ldm-jax", description="Stable Diffusion in JAX/Flax: convert, verify, sample, train, benchmark.")
+    from ldm_jax import __version__
+
+    parser.add_argument("--version", action="version", version=f"ldm-jax {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module, help_ in _available():
+        module.add_parser(sub, name, help_)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from convert.errors import CheckpointError
+    from ldm_jax.errors import UserError
+
+    return (UserError, CheckpointError, OSError)  # OSError: missing files, permissions, disk full
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as e:
+        msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
+        print(f"ldm-jax {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ldm-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

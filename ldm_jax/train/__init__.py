@@ -1,0 +1,1 @@
+"""Training: data loading, train step, checkpoints."""

@@ -1,0 +1,343 @@
+"""Captioned-image folders for fine-tuning: scanning, decoding and deterministic, resumable, shardable batches.
+
+Two folder layouts (`scan_dataset`):
+
+- caption files: `name.png|jpg|jpeg|webp|bmp` with `name.txt` next to it, searched recursively (hidden files and
+  folders are ignored), sorted by relative path;
+- the Hugging Face `imagefolder` convention (https://huggingface.co/docs/datasets/image_dataset): a `metadata.jsonl`
+  at the root with one `{"file_name": ..., "text": ...}` object per line (`caption` is accepted for `text`),
+  `file_name` relative to the root; kept in file order. When present it wins over caption files.
+
+Preprocessing follows diffusers' `examples/text_to_image/train_text_to_image(_flax).py`: `Resize(resolution,
+BILINEAR)` of the shorter side (PIL's bilinear filter is antialiased when downscaling; the long side is truncated as
+torchvision does), `CenterCrop` (or `RandomCrop`), optional `RandomHorizontalFlip`, then `Normalize([0.5], [0.5])`,
+i.e. `x / 127.5 - 1`. Images are made RGB first: EXIF orientation applied, transparency composited on white, 16-bit
+grayscale scaled to 8 bits.
+
+Order (`batches`): the global sample order is the concatenation of the permutations
+`np.random.default_rng([seed, epoch]).permutation(n)` for epoch = epoch_start, epoch_start + 1, ...; `position`
+counts samples consumed in that order, so a run resumes exactly by passing back `stats.position`. Crop offsets and
+flips come from `np.random.default_rng([seed, epoch, index])`. A global batch is `batch_size * num_shards` consecutive
+samples; host `shard_index` gets rows `shard_index * batch_size : (shard_index + 1) * batch_size`. An unreadable image
+is replaced by a readable one drawn deterministically from `[seed, epoch, offset, attempt]`, so every host reaches the
+same decision without communication and positions never depend on which files are broken. Decoding runs on a thread
+pool but results are gathered in submission order, so nothing depends on thread timing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ldm_jax.errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+METADATA_FILE = "metadata.jsonl"
+CAPTION_COLUMNS = ("text", "caption")
+RESAMPLE = Image.Resampling.BILINEAR  # as diffusers' train_text_to_image
+MAX_REPLACEMENT_TRIES = 64
+_EMPTY_HINT = "pass allow_empty_captions (--allow-empty-captions) to train with empty captions"
+
+
+class UnreadableImage(Exception):
+    """PIL could not decode an image file (corrupt, truncated, not an image)."""
+
+
+class SmallImageWarning(UserWarning):
+    """An image smaller than the training resolution was upscaled."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Image paths and their captions (same length, same order) found under `root`."""
+
+    paths: tuple[str, ...]
+    captions: tuple[str, ...]
+    root: str
+
+    def __post_init__(self):
+        if len(self.paths) != len(self.captions):
+            raise ValueError(f"{len(self.paths)} paths but {len(self.captions)} captions")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def scan_dataset(root, *, allow_empty_captions: bool = False) -> Dataset:
+    """Find the captioned images under `root` (see the module docstring); raises UserError on bad input."""
+    root_path = Path(root)
+    if not root_path.exists():
+        raise UserError(f"data directory not found: {root}")
+    if not root_path.is_dir():
+        raise UserError(f"data path is not a directory: {root}")
+    metadata = root_path / METADATA_FILE
+    if metadata.is_file():
+        pairs = _read_metadata(metadata, root_path, allow_empty_captions)
+    else:
+        pairs = _read_caption_files(root_path, allow_empty_captions)
+    if not pairs:
+        raise UserError(f"empty data directory: no images ({', '.join(IMAGE_EXTENSIONS)}) found in {root}")
+    paths, captions = zip(*pairs)
+    return Dataset(paths=tuple(paths), captions=tuple(captions), root=str(root_path))
+
+
+def _read_metadata(metadata: Path, root: Path, allow_empty: bool) -> list[tuple[str, str]]:
+    pairs = []
+    try:
+        lines = metadata.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{metadata}: not UTF-8 text") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{metadata}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: malformed JSON line ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise UserError(f'{where}: expected a JSON object with a "file_name" string')
+        caption = next((row[c] for c in CAPTION_COLUMNS if c in row), None)
+        if caption is not None and not isinstance(caption, str):
+            raise UserError(f'{where}: the caption of {row["file_name"]} is not a string')
+        path = root / row["file_name"]
+        if not path.is_file():
+            raise UserError(f"{where}: image file not found: {path}")
+        caption = (caption or "").strip()
+        if not caption and not allow_empty:
+            raise UserError(f'{where}: no caption ("text" or "caption") for {row["file_name"]}; {_EMPTY_HINT}')
+        pairs.append((str(path), caption))
+    return pairs
+
+
+def _read_caption_files(root: Path, allow_empty: bool) -> list[tuple[str, str]]:
+    def visible_image(p: Path) -> bool:
+        rel = p.relative_to(root)
+        return p.suffix.lower() in IMAGE_EXTENSIONS and not any(s.startswith(".") for s in rel.parts) and p.is_file()
+
+    images = sorted((p for p in root.rglob("*") if visible_image(p)), key=lambda p: p.relative_to(root).as_posix())
+    pairs, missing = [], []
+    for image in images:
+        caption_file = image.with_suffix(".txt")
+        caption = ""
+        if caption_file.is_file():
+            try:
+                caption = caption_file.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError:
+                raise UserError(f"{caption_file}: not UTF-8 text") from None
+        if not caption:
+            missing.append(image)
+        pairs.append((str(image), caption))
+    if missing and not allow_empty:
+        more = f" (and {len(missing) - 1} more images)" if len(missing) > 1 else ""
+        raise UserError(f"missing or empty caption for {missing[0]}: expected {missing[0].with_suffix('.txt').name} "
+                        f"next to it{more}; {_EMPTY_HINT}")
+    return pairs
+
+
+def _decode_rgb(path: str) -> Image.Image:
+    """Open, apply EXIF orientation and convert to RGB (transparency on white); UnreadableImage on any failure."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+        if img.mode.startswith("I;16"):  # 16-bit grayscale: PIL's convert() would clip instead of scale
+            img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).round().astype(np.uint8), "L")
+        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+            rgba = img.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        return img.convert("RGB")
+    except Exception as e:  # PIL raises many types (OSError, ValueError, SyntaxError, DecompressionBombError...)
+        raise UnreadableImage(f"{path}: {type(e).__name__}: {e}") from e
+
+
+def _load(path, resolution: int, center_crop: bool, random_flip: bool, rng) -> tuple[np.ndarray, tuple[int, int]]:
+    img = _decode_rgb(path)
+    original_size = img.size
+    w, h = img.size
+    if min(w, h) != resolution:  # torchvision Resize(int): shorter side -> resolution, longer side truncated
+        size = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
+        img = img.resize(size, RESAMPLE)
+        w, h = img.size
+    if rng is None and (random_flip or not center_crop):
+        rng = np.random.default_rng()
+    if center_crop:  # torchvision CenterCrop rounding
+        left, top = int(round((w - resolution) / 2.0)), int(round((h - resolution) / 2.0))
+    else:
+        top, left = int(rng.integers(0, h - resolution + 1)), int(rng.integers(0, w - resolution + 1))
+    pixels = np.asarray(img.crop((left, top, left + resolution, top + resolution)), dtype=np.float32)
+    if random_flip and rng.random() < 0.5:
+        pixels = pixels[:, ::-1]
+    return np.ascontiguousarray(pixels / 127.5 - 1.0), original_size
+
+
+def load_image(path, resolution: int, *, center_crop: bool = True, random_flip: bool = False,
+               rng: np.random.Generator | None = None) -> np.ndarray:
+    """float32 [resolution, resolution, 3] in [-1, 1]; `rng` drives the random crop and flip (fresh if None).
+
+    Raises UnreadableImage if PIL cannot decode the file; warns (SmallImageWarning) when the image is upscaled.
+    """
+    pixels, (w, h) = _load(path, resolution, center_crop, random_flip, rng)
+    if min(w, h) < resolution:
+        warnings.warn(f"{path}: {w}x{h} is smaller than resolution {resolution}; upscaled", SmallImageWarning)
+    return pixels
+
+
+@dataclasses.dataclass
+class DataStats:
+    """Progress and problems. `position`: samples consumed since the start of the global order (resume token)."""
+
+    position: int = 0
+    epoch: int = 0  # absolute epoch of the next sample
+    batches: int = 0
+    skipped: int = 0  # sample loads replaced because the image was unreadable
+    upscaled: int = 0  # sample loads of images smaller than the resolution
+    skipped_files: set = dataclasses.field(default_factory=set)
+    upscaled_files: set = dataclasses.field(default_factory=set)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"position": self.position, "epoch": self.epoch, "batches": self.batches, "skipped": self.skipped,
+                "upscaled": self.upscaled, "skipped_files": len(self.skipped_files),
+                "upscaled_files": len(self.upscaled_files)}
+
+
+class _Deferred:
+    """A future-like call for num_workers=0."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def result(self):
+        return self.fn(*self.args)
+
+
+class BatchIterator:
+    """Infinite iterator of {"images": float32 [B, H, W, 3], "captions": list[str], "indices": int64 [B]}.
+
+    Use `batches(...)` to build one. `stats` reflects the batches returned so far; one batch is prefetched.
+    """
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, resolution: int, seed: int, epoch_start: int = 0,
+                 position: int = 0, random_flip: bool = False, center_crop: bool = True, drop_last: bool = True,
+                 shard_index: int = 0, num_shards: int = 1, num_workers: int = 2):
+        if batch_size < 1 or resolution < 1 or num_shards < 1 or not 0 <= shard_index < num_shards:
+            raise ValueError("need batch_size >= 1, resolution >= 1 and 0 <= shard_index < num_shards")
+        if seed < 0 or epoch_start < 0 or position < 0:
+            raise ValueError("seed, epoch_start and position must be non-negative")
+        self.dataset, self.batch_size, self.resolution, self.seed = dataset, batch_size, resolution, seed
+        self.epoch_start, self.random_flip, self.center_crop = epoch_start, random_flip, center_crop
+        self.drop_last, self.shard_index, self.global_batch = drop_last, shard_index, batch_size * num_shards
+        n = len(dataset)
+        if n == 0:
+            raise UserError("empty dataset")
+        if drop_last and self.global_batch > n:
+            raise UserError(f"the dataset has {n} images, fewer than the global batch size {self.global_batch}; "
+                            "lower the batch size or disable drop_last")
+        self.stats = DataStats(position=position, epoch=epoch_start + self._batch_start(position) // n)
+        self._cursor = position  # next position to submit (runs one batch ahead of stats.position)
+        self._perms: dict[int, np.ndarray] = {}
+        self._bad: dict[int, str] = {}  # index -> reason; shared by threads, a file's fate never depends on timing
+        self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="ldm-data") if num_workers > 0 else None
+        self._pending = None
+
+    def __iter__(self):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._pending, self._cursor = None, None, self.stats.position  # later batches: no threads
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 4:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+        return self._perms[epoch]
+
+    def _batch_start(self, position: int) -> int:
+        n = len(self.dataset)
+        if self.drop_last and position % n + self.global_batch > n:  # drop the epoch's remainder
+            position = (position // n + 1) * n
+        return position
+
+    def _load_row(self, epoch: int, offset: int, index: int) -> tuple[Any, ...]:
+        n, failures = len(self.dataset), []
+        for attempt in range(MAX_REPLACEMENT_TRIES + 1):
+            if attempt:  # replacement for an unreadable image, same for every host and thread timing
+                index = int(np.random.default_rng([self.seed, epoch, offset, attempt]).integers(n))
+            if index in self._bad:
+                failures.append((index, self._bad[index]))
+                continue
+            rng = np.random.default_rng([self.seed, epoch, index])
+            try:
+                pixels, size = _load(self.dataset.paths[index], self.resolution, self.center_crop,
+                                     self.random_flip, rng)
+                return pixels, index, size, failures
+            except UnreadableImage as e:
+                self._bad[index] = str(e)
+                failures.append((index, str(e)))
+        raise UserError(f"no readable image found in {MAX_REPLACEMENT_TRIES} tries; {len(self._bad)} of {n} images "
+                        f"are unreadable (last: {failures[-1][1]})")
+
+    def _submit(self):
+        start = self._batch_start(self._cursor)
+        n, first = len(self.dataset), start + self.shard_index * self.batch_size
+        jobs = []
+        for position in range(first, first + self.batch_size):
+            epoch = self.epoch_start + position // n
+            args = (epoch, position % n, int(self._permutation(epoch)[position % n]))
+            jobs.append(self._pool.submit(self._load_row, *args) if self._pool else _Deferred(self._load_row, *args))
+        self._cursor = start + self.global_batch
+        return jobs, self._cursor
+
+    def __next__(self) -> dict[str, Any]:
+        if self._pending is None:
+            self._pending = self._submit()
+        jobs, end = self._pending
+        self._pending = self._submit()  # prefetch the next batch while this one is gathered
+        rows = [job.result() for job in jobs]
+        for pixels, index, (w, h), failures in rows:
+            for bad_index, reason in failures:
+                self.stats.skipped += 1
+                if self.dataset.paths[bad_index] not in self.stats.skipped_files:
+                    self.stats.skipped_files.add(self.dataset.paths[bad_index])
+                    warnings.warn(f"skipping unreadable image {reason}")
+            if min(w, h) < self.resolution:
+                self.stats.upscaled += 1
+                path = self.dataset.paths[index]
+                if path not in self.stats.upscaled_files:
+                    self.stats.upscaled_files.add(path)
+                    warnings.warn(f"{path}: {w}x{h} is smaller than resolution {self.resolution}; upscaled",
+                                  SmallImageWarning)
+        self.stats.position, self.stats.batches = end, self.stats.batches + 1
+        self.stats.epoch = self.epoch_start + self._batch_start(end) // len(self.dataset)
+        return {"images": np.stack([r[0] for r in rows]), "captions": [self.dataset.captions[r[1]] for r in rows],
+                "indices": np.array([r[1] for r in rows], dtype=np.int64)}
+
+
+def batches(dataset: Dataset, *, batch_size: int, resolution: int, seed: int, epoch_start: int = 0, position: int = 0,
+            random_flip: bool = False, center_crop: bool = True, drop_last: bool = True, shard_index: int = 0,
+            num_shards: int = 1, num_workers: int = 2) -> BatchIterator:
+    """Infinite, deterministic batches of this host's rows (see the module docstring and `BatchIterator`).
+
+    `batch_size` is per host. drop_last=True: batches stay inside an epoch and each epoch's last
+    `n % (batch_size * num_shards)` samples are skipped; False: the order runs on across epochs, every sample is used.
+    Resume with the same arguments and `position=stats.position`.
+    """
+    return BatchIterator(dataset, batch_size=batch_size, resolution=resolution, seed=seed, epoch_start=epoch_start,
+                         position=position, random_flip=random_flip, center_crop=center_crop, drop_last=drop_last,
+                         shard_index=shard_index, num_shards=num_shards, num_workers=num_workers)
