@@ -42,6 +42,11 @@ class StableDiffusion:
 
         return ClipTokenizer(max_length=self.config.text.max_length, pad_token_id=self.config.text.pad_token_id)
 
+    @cached_property
+    def cache(self) -> dict:
+        """Compiled programs and device-placed params of this instance (filled by the pipelines)."""
+        return {}
+
     def replace(self, **changes) -> "StableDiffusion":
         """A copy with other fields, e.g. `sd.replace(dtype=jnp.bfloat16)` or new params."""
         return dataclasses.replace(self, **changes)

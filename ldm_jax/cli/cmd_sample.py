@@ -1,0 +1,99 @@
+"""`ldm-jax txt2img | img2img | inpaint`: generate images and save them as PNGs with their parameters.
+
+Each image is saved as OUT/<seed>-<index>.png with the prompt, negative prompt, seed, sampler, steps, scale
+(and strength) in PNG text chunks; with --n > 1 a grid image is saved too. Progress is shown for loading,
+compiling, every sampling step and decoding. Multi-host: set LDM_JAX_COORDINATOR, LDM_JAX_NUM_PROCESSES and
+LDM_JAX_PROCESS_ID (or --coordinator/--num-processes/--process-id); each host saves its own share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import time
+
+from ldm_jax.errors import UserError
+
+SAMPLER_NAMES = ("ddim", "ddpm", "plms", "dpmpp_2m", "euler_a")
+
+
+def add_parser(sub, name, help_):
+    p = sub.add_parser(name, help=help_, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="CompVis .ckpt/.safetensors or a converted directory")
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (default: none)")
+    p.add_argument("--n", type=int, default=1, help="number of images (default: 1)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
+    p.add_argument("--sampler", default="ddim", choices=SAMPLER_NAMES, help="sampler (default: ddim)")
+    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM/Euler-a noise (default: the sampler's own)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; image i uses fold_in(seed, i) (default: 0)")
+    if name == "txt2img":
+        p.add_argument("--height", type=int, default=512, help="image height, a multiple of 8 (default: 512)")
+        p.add_argument("--width", type=int, default=512, help="image width, a multiple of 8 (default: 512)")
+    else:
+        p.add_argument("--init", required=True, metavar="IMG", help="init image (its size must be a multiple of 8)")
+        p.add_argument("--strength", type=float, default=0.75 if name == "img2img" else 1.0,
+                       help="how much to change the init image, 0..1 (default: %(default)s)")
+    if name == "inpaint":
+        p.add_argument("--mask", required=True, metavar="IMG", help="mask image: white = repaint, black = keep")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype (default: float32; bfloat16 is faster on GPU/TPU)")
+    p.add_argument("--coordinator", help="multi-host: coordinator address host:port")
+    p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    p.add_argument("--process-id", type=int, help="multi-host: this process's id")
+    p.set_defaults(func=run, mode=name)
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:limit] or "image"
+
+
+def run(args) -> int:
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    from ldm_jax import images as imio
+    from ldm_jax import parallel
+
+    multi = parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
+    import ldm_jax
+    from ldm_jax.pipelines.generate import Timings, generate
+
+    t0 = time.perf_counter()
+    print(f"loading {args.checkpoint} ...", flush=True)
+    sd = ldm_jax.load(args.checkpoint, dtype=args.dtype, progress=True)
+    print(f"loaded {sd.config.name} in {time.perf_counter() - t0:.1f}s", flush=True)
+    kw = {}
+    if args.mode == "txt2img":
+        kw.update(height=args.height, width=args.width)
+    else:
+        init = imio.read_image(args.init)
+        kw.update(init_images=init, strength=args.strength)
+        if args.mode == "inpaint":
+            kw.update(masks=imio.read_mask(args.mask))
+            if kw["masks"].shape != init.shape[:2]:
+                raise UserError(f"the mask is {kw['masks'].shape[0]}x{kw['masks'].shape[1]} but the image is "
+                                f"{init.shape[0]}x{init.shape[1]}")
+    timings = Timings()
+    images = generate(sd, args.mode, [args.prompt] * args.n, negative_prompts=[args.negative_prompt] * args.n,
+                      steps=args.steps, sampler=args.sampler, guidance_scale=args.scale, eta=args.eta,
+                      seed=args.seed, progress=True, timings=timings, **kw)
+    print(f"sampled {args.n} image(s) in {timings.run:.1f}s (compile {timings.compile:.1f}s)", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt or None, "seed": args.seed,
+            "sampler": args.sampler, "steps": args.steps, "scale": args.scale, "eta": args.eta,
+            "mode": args.mode, "strength": getattr(args, "strength", None),
+            "checkpoint": os.path.basename(os.path.normpath(args.checkpoint)), "generator": "ldm-jax"}
+    plan = parallel.plan_batch(args.n)
+    indices = [i for i in plan.local_indices if i < args.n]
+    for i, image in zip(indices, images):
+        path = os.path.join(args.out, f"{args.seed}-{i:04d}-{_slug(args.prompt)}.png")
+        imio.save_png(path, image, dict(meta, index=i))
+        print(f"saved {path}")
+    if args.n > 1 and not multi:
+        path = os.path.join(args.out, f"{args.seed}-grid-{_slug(args.prompt)}.png")
+        imio.save_png(path, imio.grid(images), meta)
+        print(f"saved {path}")
+    return 0

@@ -1,0 +1,106 @@
+"""Data parallelism over every device of every host: a 1-D "data" mesh, replicated params, sharded batches.
+
+One jit-compiled program runs on 1 or N devices alike (XLA SPMD partitions the batch axis). With several
+processes (`jax.distributed`), every process holds the devices of its slice of the mesh and supplies only its
+own rows of each global batch; the result comes back per process. Randomness never depends on the split:
+image i of a request always uses `fold_in(key(seed), i)`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> bool:
+    """Join a multi-host run when asked to (arguments, or LDM_JAX_COORDINATOR / LDM_JAX_NUM_PROCESSES /
+    LDM_JAX_PROCESS_ID, or a cluster JAX auto-detects). Returns True when running multi-process."""
+    coordinator = coordinator or os.environ.get("LDM_JAX_COORDINATOR")
+    if num_processes is None and "LDM_JAX_NUM_PROCESSES" in os.environ:
+        num_processes = int(os.environ["LDM_JAX_NUM_PROCESSES"])
+    if process_id is None and "LDM_JAX_PROCESS_ID" in os.environ:
+        process_id = int(os.environ["LDM_JAX_PROCESS_ID"])
+    if coordinator or num_processes or process_id is not None:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+    return jax.process_count() > 1
+
+
+@lru_cache(maxsize=None)
+def data_mesh() -> Mesh:
+    """All devices of all processes on one "data" axis, process-major (each process's devices contiguous)."""
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh | None = None) -> NamedSharding:
+    return NamedSharding(mesh or data_mesh(), P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh | None = None) -> NamedSharding:
+    return NamedSharding(mesh or data_mesh(), P())
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a request for n images is split: padded to a multiple of the device count; rows [start, stop) of
+    the padded global batch belong to this process; rows >= n are padding, dropped from the output."""
+
+    n: int
+    padded: int
+    start: int
+    stop: int
+
+    @property
+    def local_indices(self) -> np.ndarray:
+        return np.arange(self.start, self.stop)
+
+    @property
+    def local_valid(self) -> np.ndarray:
+        """Mask over this process's rows: True for real images, False for padding."""
+        return self.local_indices < self.n
+
+
+def plan_batch(n: int, mesh: Mesh | None = None) -> BatchPlan:
+    mesh = mesh or data_mesh()
+    n_dev = mesh.devices.size
+    padded = math.ceil(n / n_dev) * n_dev
+    per_process = padded // jax.process_count()
+    start = jax.process_index() * per_process
+    return BatchPlan(n, padded, start, start + per_process)
+
+
+def shard_rows(local: np.ndarray, mesh: Mesh | None = None) -> jax.Array:
+    """This process's rows -> one global array sharded over the data axis."""
+    sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(local, sharding)
+    return jax.make_array_from_process_local_data(sharding, np.asarray(local))
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """The rows of a batch-sharded global array that live on this process's devices, in order."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    seen, rows = set(), []
+    for s in shards:  # replicas of the same rows (if any) appear once
+        start = s.index[0].start or 0
+        if start not in seen:
+            seen.add(start)
+            rows.append(np.asarray(s.data))
+    return np.concatenate(rows)
+
+
+def replicate(tree, mesh: Mesh | None = None):
+    """Put a parameter tree on every device of the mesh (a no-op copy on one device)."""
+    return jax.device_put(tree, replicated(mesh))

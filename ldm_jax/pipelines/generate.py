@@ -1,0 +1,240 @@
+"""txt2img, img2img and inpaint: validate the request, split it over every device (and host), run the
+compiled program (`program.py`), return uint8 images (or final latents).
+
+Randomness: image i of a request uses `fold_in(key(seed), i)` whatever the device count or batch split, so
+the same seed gives the same images on 1 or 8 devices, and on 1 or 2 hosts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from ldm_jax import parallel, samplers
+from ldm_jax.compile_cache import enable_compilation_cache
+from ldm_jax.errors import UserError
+from ldm_jax.images import to_unit_range
+from ldm_jax.pipelines.program import build_program
+
+OUTPUTS = ("images", "latents")
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds of the phases of the last request (filled when `timings=` is passed)."""
+
+    compile: float = 0.0
+    run: float = 0.0
+    cached: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _as_list(prompts, what: str) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise UserError(f"{what}: the list of prompts is empty")
+    if not all(isinstance(p, str) for p in prompts):
+        raise UserError(f"{what}: prompts must be strings")
+    return prompts
+
+
+def _check_common(sd, sampler, steps, output, eta):
+    if sampler not in samplers.SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}; choose from {', '.join(samplers.SAMPLERS)}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise UserError(f"steps must be an integer >= 1, got {steps!r}")
+    if steps > sd.config.schedule.n_steps:
+        raise UserError(f"steps must be <= {sd.config.schedule.n_steps}, got {steps}")
+    if output not in OUTPUTS:
+        raise UserError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+    if eta is not None and sampler in samplers.NO_ETA and float(eta) != 0.0:
+        raise UserError(f"sampler {sampler!r} has no eta; leave it unset (got {eta})")
+    if eta is not None and float(eta) < 0:
+        raise UserError(f"eta must be >= 0, got {eta}")
+
+
+def _check_size(height, width, factor: int):
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < factor or v % 8 or v % factor:
+            raise UserError(f"{name} must be a positive multiple of {max(8, factor)}, got {v!r}")
+
+
+def _broadcast_rows(a: np.ndarray, n: int, what: str) -> np.ndarray:
+    """[H, W, C] or [1 | n, H, W, C] -> [n, H, W, C]."""
+    if a.ndim == 3:
+        a = a[None]
+    if a.ndim != 4 or a.shape[0] not in (1, n):
+        raise UserError(f"{what}: expected [H, W, C] or [{n}, H, W, C], got shape {a.shape}")
+    return np.broadcast_to(a, (n,) + a.shape[1:])
+
+
+def _mask_rows(masks, n: int, hw: tuple[int, int]) -> np.ndarray:
+    """[H, W], [H, W, 1], [B, H, W] or [B, H, W, 1]; uint8 0..255 or float 0..1 -> float [n, H, W, 1]."""
+    if masks is None:
+        raise UserError("inpaint needs a mask")
+    raw = np.asarray(masks)
+    m = raw.astype(np.float32) / (255.0 if raw.dtype == np.uint8 else 1.0)
+    if m.ndim == 2 or (m.ndim == 3 and m.shape[-1] == 1 and m.shape[:2] == tuple(hw)):
+        m = m.reshape(m.shape[:2] + (1,))
+    elif m.ndim == 3:
+        m = m[..., None]
+    m = _broadcast_rows(m, n, "mask")
+    if m.shape[1:3] != tuple(hw):
+        raise UserError(f"the mask is {m.shape[1]}x{m.shape[2]} but the image is {hw[0]}x{hw[1]}")
+    if m.min() < 0 or m.max() > 1:
+        raise UserError("mask values must be in [0, 1] (or uint8 0..255)")
+    return m
+
+
+def _pad_rows(rows: list, plan: parallel.BatchPlan) -> list:
+    """This process's rows of the padded global batch (padding repeats the last real row)."""
+    return [rows[min(i, plan.n - 1)] for i in plan.local_indices]
+
+
+def _key_data(seed: int, indices: np.ndarray) -> np.ndarray:
+    base = jax.random.key(int(seed))
+    return np.asarray(jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(base, i)))(jnp.asarray(indices)))
+
+
+def _cached(sd, key, build):
+    cache = sd.cache
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
+
+
+class _StepBar:
+    """Per-step progress from inside the compiled loop (`jax.debug.callback`), shown with tqdm."""
+
+    active: tqdm | None = None
+
+    @classmethod
+    def step(cls, i: int) -> None:
+        """i >= 0: loop step i done; -1: sampling finished, decoding."""
+        if cls.active is not None:
+            if i < 0:
+                cls.active.set_description("decoding")
+            else:
+                cls.active.update(1)
+
+
+def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler="ddim", guidance_scale=7.5,
+             eta=None, height=512, width=512, seed=0, latents=None, init_images=None, masks=None, strength=1.0,
+             output="images", progress=False, timings: Timings | None = None) -> np.ndarray:
+    """The shared implementation of txt2img / img2img / inpaint (see those for the arguments)."""
+    prompts = _as_list(prompts, "prompts")
+    n = len(prompts)
+    negatives = [""] * n if negative_prompts is None else _as_list(negative_prompts, "negative_prompts")
+    if len(negatives) == 1 and n > 1:
+        negatives = negatives * n
+    if len(negatives) != n:
+        raise UserError(f"{len(negatives)} negative prompts for {n} prompts")
+    _check_common(sd, sampler, steps, output, eta)
+    f = sd.latent_factor
+    init = mask = None
+    if mode in ("img2img", "inpaint"):
+        if init_images is None:
+            raise UserError(f"{mode} needs an init image")
+        init = _broadcast_rows(to_unit_range(init_images), n, "init image")
+        height, width = init.shape[1:3]
+        if not 0.0 <= float(strength) <= 1.0:
+            raise UserError(f"strength must be in [0, 1], got {strength}")
+    _check_size(height, width, f)
+    if mode == "inpaint":
+        mask = _mask_rows(masks, n, init.shape[1:3])
+    h, w = height // f, width // f
+    c = sd.config.unet.out_channels
+    if latents is not None:
+        latents = _broadcast_rows(np.asarray(latents, np.float32), n, "latents")
+        if latents.shape[1:] != (h, w, c):
+            raise UserError(f"latents must have shape [{n}, {h}, {w}, {c}], got {latents.shape}")
+
+    enable_compilation_cache()
+    mesh = parallel.data_mesh()
+    plan = parallel.plan_batch(n, mesh)
+    rows = lambda a: parallel.shard_rows(np.stack(_pad_rows(list(a), plan)), mesh) if a is not None else None
+    ids = rows(sd.tokenize(_pad_rows(prompts, plan)))
+    uncond = rows(sd.tokenize(_pad_rows(negatives, plan)))
+    keys = parallel.shard_rows(_key_data(seed, np.minimum(plan.local_indices, 2**31 - 1)), mesh)
+    init_x, mask_x, lat_x = rows(init), rows(mask), rows(latents)
+    start = samplers.start_step_for_strength(steps, strength) if mode != "txt2img" else 0
+    eta_value = samplers.default_eta(sampler) if eta is None else float(eta)
+    scalars = [jax.device_put(jnp.asarray(v, dt), parallel.replicated(mesh))
+               for v, dt in ((guidance_scale, jnp.float32), (0.0 if eta_value is None else eta_value, jnp.float32),
+                             (start, jnp.int32))]
+    params = _cached(sd, ("params", id(mesh)), lambda: parallel.replicate(sd.params, mesh))
+
+    static = dict(mode=mode, sampler=sampler, steps=int(steps), output=output, latent_hw=(h, w),
+                  given_latents=latents is not None, progress=_StepBar.step if progress else None)
+    args = (params, ids, uncond, keys, lat_x, init_x, mask_x, *scalars)
+    shapes = tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args[1:7]))
+    key = ("program", tuple(sorted((k, v) for k, v in static.items() if k != "progress")), bool(progress), shapes)
+    t0 = time.perf_counter()
+    was_cached = key in sd.cache
+
+    def compile_():
+        run = build_program(sd, **static)
+        return jax.jit(run, out_shardings=parallel.batch_sharding(mesh)).lower(*args).compile()
+
+    if progress and not was_cached:
+        print(f"compiling the {mode} program ({sampler}, {steps} steps, batch {plan.padded}, {height}x{width}) ...",
+              flush=True)
+    compiled = _cached(sd, key, compile_)
+    t1 = time.perf_counter()
+    n_loop = samplers.n_loop_steps(sampler, sd.config.schedule.n_steps, int(steps)) - start
+    with tqdm(total=max(n_loop, 0), desc=mode, unit="step", disable=not progress, leave=False) as bar:
+        _StepBar.active = bar if progress else None
+        try:
+            out = compiled(*args)
+            out = parallel.local_rows(out)
+        finally:
+            _StepBar.active = None
+    t2 = time.perf_counter()
+    if timings is not None:
+        timings.compile, timings.run, timings.cached = t1 - t0, t2 - t1, was_cached
+    return out[plan.local_valid]
+
+
+def txt2img(sd, prompts: str | Sequence[str], *, negative_prompts=None, steps: int = 50, sampler: str = "ddim",
+            guidance_scale: float = 7.5, eta: float | None = None, height: int = 512, width: int = 512,
+            seed: int = 0, latents=None, output: str = "images", progress: bool = False,
+            timings: Timings | None = None) -> np.ndarray:
+    """Text to image. Returns uint8 [B, height, width, 3] (B = len(prompts)), or with output="latents" the
+    final latents [B, height/8, width/8, 4] before decoding. `latents` gives x_T explicitly ([B, h, w, 4]).
+    eta: None = the sampler's default (0 for DDIM: deterministic; 1 for Euler ancestral).
+    Guidance scale, eta and seed never trigger recompilation; steps, batch and size do (then cached)."""
+    return generate(sd, "txt2img", prompts, negative_prompts=negative_prompts, steps=steps, sampler=sampler,
+                    guidance_scale=guidance_scale, eta=eta, height=height, width=width, seed=seed, latents=latents,
+                    output=output, progress=progress, timings=timings)
+
+
+def img2img(sd, prompts: str | Sequence[str], init_images, *, strength: float = 0.75, negative_prompts=None,
+            steps: int = 50, sampler: str = "ddim", guidance_scale: float = 7.5, eta: float | None = None,
+            seed: int = 0, latents=None, output: str = "images", progress: bool = False,
+            timings: Timings | None = None) -> np.ndarray:
+    """Image to image (SDEdit, Meng et al. 2022): the init image's latents are noised to the level of step
+    steps - int(strength * steps) and denoised from there. init_images: uint8 [H, W, 3] / [B, H, W, 3] or
+    float in [-1, 1]; H, W multiples of 8. strength 0 returns the (VAE round-tripped) init image."""
+    return generate(sd, "img2img", prompts, init_images=init_images, strength=strength,
+                    negative_prompts=negative_prompts, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
+                    eta=eta, seed=seed, latents=latents, output=output, progress=progress, timings=timings)
+
+
+def inpaint(sd, prompts: str | Sequence[str], init_images, masks, *, strength: float = 1.0, negative_prompts=None,
+            steps: int = 50, sampler: str = "ddim", guidance_scale: float = 7.5, eta: float | None = None,
+            seed: int = 0, latents=None, output: str = "images", progress: bool = False,
+            timings: Timings | None = None) -> np.ndarray:
+    """Repaint where `masks` is white (1), keep the rest. With an ordinary U-Net: mask-blend painting (the
+    known region is re-noised to each step's level and pasted in, as labml/CompVis); with the 9-channel
+    inpainting U-Net: its mask and masked-image conditioning. Pixels outside the mask are the original's."""
+    return generate(sd, "inpaint", prompts, init_images=init_images, masks=masks, strength=strength,
+                    negative_prompts=negative_prompts, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
+                    eta=eta, seed=seed, latents=latents, output=output, progress=progress, timings=timings)

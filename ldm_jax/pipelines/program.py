@@ -1,0 +1,111 @@
+"""One compiled program per request shape: text encoding, the whole sampling loop with classifier-free
+guidance, and VAE decoding, as a single `jax.jit` (no host round-trips inside).
+
+Static (a new program): mode, sampler, steps, output kind, batch and image size. Traced (never recompile):
+guidance scale, eta, img2img strength (as the loop's start step) and the seed (per-image key data).
+
+Guidance (Ho & Salimans 2022): eps = eps_u + s (eps_c - eps_u), with the unconditional and conditional
+rows interleaved ([x_0, x_0, x_1, x_1, ...]) so that a batch shard stays on its device.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from ldm_jax import samplers
+from ldm_jax.schedules import make_schedule
+
+# Per-image key streams: fold_in(image_key, stream) for these purposes.
+INIT_NOISE, SAMPLER_NOISE, INIT_IMAGE_NOISE = 0, 1, 2
+
+
+def guided_eps_fn(sd, params, ctx, uncond_ctx, guidance, extra_channels=None):
+    """eps(x, t) with classifier-free guidance; `extra_channels` [B, h, w, k] are concatenated to x
+    (the inpainting U-Net's mask and masked-image latents)."""
+
+    def eps_fn(x, t):
+        xin = x if extra_channels is None else jnp.concatenate([x, extra_channels.astype(x.dtype)], axis=-1)
+        b = x.shape[0]
+        x2 = jnp.stack([xin, xin], axis=1).reshape((2 * b,) + xin.shape[1:])  # [u0, c0, u1, c1, ...]
+        c2 = jnp.stack([uncond_ctx, ctx], axis=1).reshape((2 * b,) + ctx.shape[1:])
+        t2 = jnp.repeat(t, 2)
+        eps = sd.predict_noise(params, x2, t2, c2).reshape((b, 2) + x.shape[1:])
+        eps_u, eps_c = eps[:, 0], eps[:, 1]
+        return eps_u + guidance * (eps_c - eps_u)
+
+    return eps_fn
+
+
+def _streams(key_data):
+    keys = jax.random.wrap_key_data(key_data)  # [B] typed keys, one per image
+    return {s: jax.vmap(lambda k, s=s: jax.random.fold_in(k, s))(keys)
+            for s in (INIT_NOISE, SAMPLER_NOISE, INIT_IMAGE_NOISE)}
+
+
+def _normal(keys, shape):
+    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+
+
+def build_program(sd, *, mode: str, sampler: str, steps: int, output: str, latent_hw: tuple[int, int],
+                  given_latents: bool, progress: Callable[[int], None] | None) -> Callable:
+    """The function to jit:
+    run(params, ids, uncond_ids, key_data, latents, init, mask, guidance, eta, start_step) -> images | latents.
+
+    ids/uncond_ids int32 [B, L]; key_data uint32 [B, 2]; latents [B, h, w, 4] (x_T, used if given_latents);
+    init [B, H, W, 3] in [-1, 1] (img2img, inpaint); mask [B, H, W, 1], 1 = repaint (inpaint).
+    """
+    schedule = make_schedule(sd.config.schedule)
+    f = sd.latent_factor
+    inpaint_unet = sd.config.is_inpainting
+    if mode != "inpaint" and inpaint_unet:
+        raise ValueError("this is an inpainting U-Net (9 input channels): use inpaint()")
+
+    def run(params, ids, uncond_ids, key_data, latents, init, mask, guidance, eta, start_step):
+        streams = _streams(key_data)
+        ctx = sd.encode_text(params, ids)
+        uncond_ctx = sd.encode_text(params, uncond_ids)
+        h, w = latent_hw
+        c = sd.config.unet.out_channels
+        noise = latents.astype(jnp.float32) if given_latents else _normal(streams[INIT_NOISE], (h, w, c))
+        extra, known = None, None
+        if mode == "txt2img":
+            x_T, start = noise, 0
+        else:
+            z0 = sd.encode_image(params, init)  # posterior mean, scaled  [B, h, w, 4]
+            if mode == "img2img":
+                x_T = samplers.noise_to_start(sampler, schedule, z0, noise, steps, start_step)
+                start = start_step
+            else:
+                m_lat = _downsample_mask(mask, f)  # [B, h, w, 1], 1 = repaint
+                if inpaint_unet:  # conditioning channels: latent mask and the masked image's latents
+                    extra = jnp.concatenate([m_lat, sd.encode_image(params, init * (mask < 0.5))], axis=-1)
+                else:  # mask-blend painting: the known region follows x0 noised to each step's level
+                    known = samplers.Known(z0, 1.0 - m_lat, _normal(streams[INIT_IMAGE_NOISE], (h, w, c)))
+                x_T = samplers.noise_to_start(sampler, schedule, z0, noise, steps, start_step)
+                start = start_step
+        eps_fn = guided_eps_fn(sd, params, ctx, uncond_ctx, guidance, extra)
+        z = samplers.sample(sampler, eps_fn, x_T, schedule, streams[SAMPLER_NOISE], steps=steps, eta=eta,
+                            start_step=start, progress=progress, known=known)
+        if known is not None:
+            z = known.keep * known.x0 + (1.0 - known.keep) * z
+        if output == "latents":
+            return z
+        if progress is not None:  # after the loop (data dependence on z): the decode starts
+            jax.debug.callback(lambda _: progress(-1), z[0, 0, 0, 0])
+        img = sd.decode_latents(params, z)
+        if mode == "inpaint":  # paste the original pixels outside the mask (A1111 "overlay")
+            img = jnp.where(mask >= 0.5, img, init)
+        return jnp.clip(jnp.round((img + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+    return run
+
+
+def _downsample_mask(mask, f: int):
+    """[B, H, W, 1] pixel mask -> [B, H/f, W/f, 1] latent mask (max-pool: any repainted pixel repaints its
+    latent cell, so the kept region never bleeds into the hole)."""
+    b, hh, ww, _ = mask.shape
+    m = mask.reshape(b, hh // f, f, ww // f, f, 1).max(axis=(2, 4))
+    return (m >= 0.5).astype(jnp.float32)
