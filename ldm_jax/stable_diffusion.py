@@ -51,6 +51,17 @@ class StableDiffusion:
         """A copy with other fields, e.g. `sd.replace(dtype=jnp.bfloat16)` or new params."""
         return dataclasses.replace(self, **changes)
 
+    def cast_params(self, params):
+        """Kernels in the compute dtype: what every Dense/Conv would cast them to on each call, done once (e.g.
+        before a sampling loop instead of in every step). Embeddings, norms and biases stay fp32."""
+        if jnp.dtype(self.dtype) == jnp.float32:
+            return params
+
+        def cast(path, x):
+            return x.astype(self.dtype) if path[-1].key == "kernel" else x
+
+        return jax.tree_util.tree_map_with_path(cast, params)
+
     def tokenize(self, prompts) -> np.ndarray:
         """CLIP BPE ids int32 [B, max_length]: BOS, tokens, EOS, padded with pad_token_id."""
         return self._tokenizer(prompts)

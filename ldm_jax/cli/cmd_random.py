@@ -1,15 +1,14 @@
 """`ldm-jax random-checkpoint`: a CompVis-layout .safetensors with random weights of a preset.
 
-For demos, benchmarks and `ldm-jax verify` without downloading weights. Weights are Flax's initialisers
-with every tensor perturbed (so norm scales, biases and zero-initialised layers are not trivial). The
-config is stored in the file's metadata, so `ldm_jax.load` needs no `--preset` to read it back.
+For demos, benchmarks and `ldm-jax verify` without downloading weights (`ldm_jax.models.build.random_params`:
+LeCun-normal kernels, unit norm scales, zero biases, every tensor perturbed). The config is stored in the
+file's metadata, so `ldm_jax.load` needs no `--preset` to read it back.
 """
 
 from __future__ import annotations
 
 import argparse
 
-import jax
 import numpy as np
 
 from convert.mapping import params_to_state_dict
@@ -17,7 +16,7 @@ from convert.safetensors_io import write_safetensors
 from ldm_jax.configs import PRESETS, preset
 from ldm_jax.errors import UserError
 from ldm_jax.loading import CONFIG_METADATA_KEY
-from ldm_jax.models.build import init_params
+from ldm_jax.models.build import random_params
 
 _STORE = {"fp32": np.float32, "fp16": np.float16}
 
@@ -29,18 +28,6 @@ def add_parser(sub, name, help_):
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--dtype", default="fp32", choices=sorted(_STORE), help="stored dtype (default: fp32)")
     p.set_defaults(func=run)
-
-
-def random_params(config, seed: int, perturb: float = 0.05):
-    """Flax-initialised params with every leaf perturbed by perturb * max(mean|w|, 0.02) * N(0, 1)."""
-    params = init_params(config, jax.random.key(seed))
-    rng = np.random.default_rng(seed)
-
-    def jitter(w):
-        w = np.asarray(w)
-        return (w + perturb * max(float(np.abs(w).mean()), 0.02) * rng.standard_normal(w.shape)).astype(np.float32)
-
-    return jax.tree_util.tree_map(jitter, params)
 
 
 def run(args) -> int:

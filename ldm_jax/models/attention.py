@@ -41,8 +41,13 @@ def attention(q, k, v, *, scale: float, causal: bool = False, impl: str = "auto"
     """
     if impl not in ("auto", "xla", "cudnn"):
         raise ValueError(f"unknown attention implementation {impl!r}")
-    if impl == "cudnn" or (impl == "auto" and _cudnn_ok(q, k)):
+    if impl == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, implementation="cudnn")
+    if impl == "auto" and _cudnn_ok(q, k):
+        try:  # shapes cuDNN's fused kernel rejects are reported at trace time: fall back to XLA
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError):
+            pass
     b, l_q, h, _ = q.shape
     chunk = _chunk_len(l_q, b * h * k.shape[1])
     if chunk == l_q or causal:

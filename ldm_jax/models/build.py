@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ldm_jax.configs import ModelConfig
 from ldm_jax.models.autoencoder import Autoencoder
@@ -43,3 +44,23 @@ def abstract_params(config: ModelConfig, components=COMPONENTS):
     """Parameter shapes only (jax.ShapeDtypeStruct leaves), computed without running the model."""
     mods, inputs = modules(config), _init_inputs(config)
     return {c: jax.eval_shape(mods[c].init, jax.random.key(0), *inputs[c])["params"] for c in components}
+
+
+def random_params(config: ModelConfig, seed: int = 0, components=COMPONENTS, perturb: float = 0.05):
+    """Random fp32 numpy parameters without compiling anything (fast even at full size): kernels and
+    embeddings N(0, 1/fan_in) (LeCun), norm scales 1 and biases 0, then every tensor perturbed by
+    `perturb` so that no scale, bias or zero-init is trivial. For benchmarks, demos and random checkpoints."""
+    rng = np.random.default_rng(seed)
+    shapes = abstract_params(config, components)
+
+    def leaf(path, s):
+        name = path[-1].key
+        if name in ("kernel", "embedding"):
+            fan_in = int(np.prod(s.shape[:-1])) if name == "kernel" else s.shape[-1]
+            w = rng.standard_normal(s.shape, np.float32) / np.float32(np.sqrt(fan_in))
+        else:
+            w = np.full(s.shape, 1.0 if name == "scale" else 0.0, np.float32)
+        scale = perturb * max(float(np.abs(w).mean()), 0.02)
+        return w + np.float32(scale) * rng.standard_normal(s.shape, np.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)

@@ -64,6 +64,7 @@ def build_program(sd, *, mode: str, sampler: str, steps: int, output: str, laten
         raise ValueError("this is an inpainting U-Net (9 input channels): use inpaint()")
 
     def run(params, ids, uncond_ids, key_data, latents, init, mask, guidance, eta, start_step):
+        params = sd.cast_params(params)  # bf16 kernels once, not in every step of the loop
         streams = _streams(key_data)
         ctx = sd.encode_text(params, ids)
         uncond_ctx = sd.encode_text(params, uncond_ids)

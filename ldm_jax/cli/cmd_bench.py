@@ -1,0 +1,63 @@
+"""`ldm-jax bench`: benchmark with random weights of a preset (SD 1.x by default; no download needed).
+
+Times the U-Net step with classifier-free guidance (1 and 8 images), the VAE decode, end-to-end txt2img
+(50 DDIM steps, CFG 7.5) and, with --cold-warm, a new process's first image with a cold and a warm
+persistent compilation cache. --torch also times labml's torch U-Net in the same process on the same
+device and prints the ratio. Prints a table and writes JSON (--json). Defaults: bf16 at 512x512 with
+1 and 8 images on GPU/TPU; fp32, one image at 256x256 (32x32 latents), no end-to-end run on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ldm_jax.errors import UserError
+
+
+def add_parser(sub, name, help_):
+    p = sub.add_parser(name, help=help_, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="sd1", help="model preset (default: sd1)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="compute dtype (default: bf16 on "
+                   "GPU/TPU, fp32 on CPU)")
+    p.add_argument("--images", help="comma-separated image counts (default: 1,8 on GPU/TPU, 1 on CPU)")
+    p.add_argument("--size", type=int, help="image side in pixels (default: 512 on GPU/TPU, 256 on CPU)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps for end-to-end runs (default: 50)")
+    p.add_argument("--iters", type=int, default=5, help="timed repetitions (median; default: 5)")
+    p.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=None,
+                   help="end-to-end txt2img timing (default: on for GPU/TPU, off on CPU)")
+    p.add_argument("--torch", action="store_true", help="also time labml's torch U-Net on the same device")
+    p.add_argument("--cold-warm", action="store_true", help="time a new process's first image, cold and warm cache")
+    p.add_argument("--json", metavar="FILE", help="write the rows as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import jax
+
+    from ldm_jax.bench import format_rows, rows_as_dicts, run_bench
+    from ldm_jax.configs import PRESETS
+
+    if args.preset not in PRESETS:
+        raise UserError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+    accel = jax.default_backend() != "cpu"
+    try:
+        images = tuple(int(v) for v in (args.images or ("1,8" if accel else "1")).split(","))
+    except ValueError:
+        raise UserError(f"--images must be comma-separated integers, got {args.images!r}") from None
+    size = args.size or (512 if accel else 256)
+    if size % 64 or min(images) < 1 or args.steps < 1 or args.iters < 1:
+        raise UserError("--size must be a multiple of 64; --images, --steps and --iters must be >= 1")
+    rows = run_bench(preset_name=args.preset, dtype=args.dtype or ("bfloat16" if accel else "float32"),
+                     images=images, size=size, steps=args.steps, iters=args.iters,
+                     e2e=accel if args.e2e is None else args.e2e, torch_ref=args.torch, cold_warm=args.cold_warm)
+    print(format_rows(rows))
+    ours = {r.images: r.seconds for r in rows if r.what == "unet_step_cfg" and r.impl == "ldm-jax"}
+    for r in rows:
+        if r.impl == "labml-torch" and r.images in ours:
+            print(f"U-Net step, {r.images} image(s): ldm-jax / labml torch = {ours[r.images] / r.seconds:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows_as_dicts(rows), f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
