@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from convert.errors import CheckpointError
+from convert.readers import release_pages
 from convert.keys import PREFIXES, Entry, key_table, to_compvis_layout, to_flax_layout
 
 # Schedule buffers CompVis' DDPM registers (recomputed from the config instead).
@@ -135,6 +136,7 @@ def state_dict_to_params(state_dict: Mapping[str, object], abstract_params: Mapp
             raise CheckpointError(f"missing tensor {key}" + (" (EMA copy of " + entry.key + ")" if key != entry.key
                                                             else ""))
         value = _convert_one(entry, key, state_dict[key], dtype, allow_nonfinite)
+        release_pages(state_dict[key])  # converted: its file pages need not stay in our resident set
         _set(params.setdefault(entry.component, {}), entry.flax_path, place(value) if place else value)
         used.add(key)
         report.mapped.append(key)

@@ -17,6 +17,7 @@ a nested dict) is a :class:`CheckpointError` naming the key, never silently drop
 
 from __future__ import annotations
 
+import mmap
 import os
 
 import numpy as np
@@ -72,3 +73,29 @@ def _state_dict_of(path: str, obj: dict) -> dict[str, np.ndarray]:
             raise CheckpointError(f"{path}: {where}[{key!r}] is a {type(value).__name__}, expected a tensor")
         state[key] = value
     return state
+
+
+def _mmap_of(array):
+    """The mmap an array is a view of (following .base / memoryview.obj), or None."""
+    obj = array
+    while obj is not None and not isinstance(obj, mmap.mmap):
+        obj = obj.obj if isinstance(obj, memoryview) else getattr(obj, "base", None)
+    return obj
+
+
+def release_pages(array) -> None:
+    """Drop the pages of a read-only file-mapped array from this process's resident set (MADV_DONTNEED).
+
+    The data stay in the page cache and are re-read on the next access, so this only lowers the peak RSS of a
+    pass that reads every tensor once. No-op for arrays that are not mmap views or where madvise is missing.
+    """
+    mm = _mmap_of(array) if isinstance(array, np.ndarray) else None
+    if mm is None or not hasattr(mmap, "MADV_DONTNEED") or array.nbytes == 0 or len(mm) == 0:
+        return
+    start = array.ctypes.data - np.frombuffer(mm, np.uint8, count=1).ctypes.data
+    begin = start - start % mmap.PAGESIZE
+    end = min(len(mm), start + array.nbytes)
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+    except (OSError, ValueError):
+        pass

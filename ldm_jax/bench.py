@@ -127,7 +127,8 @@ def bench_torch_unet(cfg, images: int, latent: int, iters: int, factor: int = 8)
     c = torch.randn(b, 77, cfg.unet.d_cond, device=dev, dtype=dt)
 
     def step():
-        with torch.inference_mode():
+        # labml builds its time embedding in fp32: autocast feeds fp16 to the fp16 layers on CUDA.
+        with torch.inference_mode(), torch.autocast(dev, dtype=dt, enabled=dev == "cuda"):
             m(x, t, c)
         if dev == "cuda":
             torch.cuda.synchronize()

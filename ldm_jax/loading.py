@@ -38,7 +38,7 @@ def as_dtype(name_or_dtype) -> Any:
     return jnp.dtype(name_or_dtype).type
 
 
-def _file_config(path: str) -> ModelConfig | None:
+def file_config(path: str) -> ModelConfig | None:
     """The config an ldm-jax export stored in the safetensors header, if any."""
     if not path.endswith(".safetensors"):
         return None
@@ -82,7 +82,7 @@ def load(path: str | os.PathLike, ema: bool | None = None, *, param_dtype="float
         return read_converted(path, ema=ema, param_dtype=param_dtype, dtype=dtype, attention_impl=attention_impl)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
-    config = config or _file_config(path)
+    config = config or file_config(path)
     state_dict = read_state_dict(path)
     config, params, report = load_state_dict_model(
         state_dict, config=config, ema=ema, param_dtype=param_dtype, allow_unexpected=allow_unexpected,

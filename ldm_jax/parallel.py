@@ -102,5 +102,15 @@ def local_rows(x: jax.Array) -> np.ndarray:
 
 
 def replicate(tree, mesh: Mesh | None = None):
-    """Put a parameter tree on every device of the mesh (a no-op copy on one device)."""
-    return jax.device_put(tree, replicated(mesh))
+    """Put a tree (params, scalars) on every device of the mesh. With several processes each one places its
+    own copy on its own devices: `device_put` would first check across hosts that the copies are equal,
+    a collective that CPU runs lack (and that costs a transfer of every parameter on GPU/TPU)."""
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def one(x):
+        shards = [jax.device_put(x, d) for d in sorted(sharding.addressable_devices, key=lambda d: d.id)]
+        return jax.make_array_from_single_device_arrays(np.shape(x), sharding, shards)
+
+    return jax.tree_util.tree_map(one, tree)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,8 +42,10 @@ def init_params(config: ModelConfig, key, components=COMPONENTS):
     return {c: jax.jit(mods[c].init)(keys[c], *inputs[c])["params"] for c in components}
 
 
+@functools.lru_cache(maxsize=None)
 def abstract_params(config: ModelConfig, components=COMPONENTS):
-    """Parameter shapes only (jax.ShapeDtypeStruct leaves), computed without running the model."""
+    """Parameter shapes only (jax.ShapeDtypeStruct leaves), computed without running the model (cached per
+    config: tracing the full-size model takes seconds; callers must not mutate the result)."""
     mods, inputs = modules(config), _init_inputs(config)
     return {c: jax.eval_shape(mods[c].init, jax.random.key(0), *inputs[c])["params"] for c in components}
 

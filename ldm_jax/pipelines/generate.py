@@ -94,8 +94,8 @@ def _mask_rows(masks, n: int, hw: tuple[int, int]) -> np.ndarray:
     return m
 
 
-def _pad_rows(rows: list, plan: parallel.BatchPlan) -> list:
-    """This process's rows of the padded global batch (padding repeats the last real row)."""
+def _pad_rows(rows, plan: parallel.BatchPlan) -> list:
+    """This process's rows of the padded global batch, from all n rows (padding repeats the last row)."""
     return [rows[min(i, plan.n - 1)] for i in plan.local_indices]
 
 
@@ -160,16 +160,16 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
     enable_compilation_cache()
     mesh = parallel.data_mesh()
     plan = parallel.plan_batch(n, mesh)
-    rows = lambda a: parallel.shard_rows(np.stack(_pad_rows(list(a), plan)), mesh) if a is not None else None
-    ids = rows(sd.tokenize(_pad_rows(prompts, plan)))
-    uncond = rows(sd.tokenize(_pad_rows(negatives, plan)))
-    keys = parallel.shard_rows(_key_data(seed, np.minimum(plan.local_indices, 2**31 - 1)), mesh)
-    init_x, mask_x, lat_x = rows(init), rows(mask), rows(latents)
+    put = lambda local: parallel.shard_rows(np.stack(local), mesh)  # this process's rows -> global array
+    ids = put(sd.tokenize(_pad_rows(prompts, plan)))
+    uncond = put(sd.tokenize(_pad_rows(negatives, plan)))
+    keys = put(_key_data(seed, plan.local_indices))
+    init_x, mask_x, lat_x = (None if a is None else put(_pad_rows(a, plan)) for a in (init, mask, latents))
     start = samplers.start_step_for_strength(steps, strength) if mode != "txt2img" else 0
     eta_value = samplers.default_eta(sampler) if eta is None else float(eta)
-    scalars = [jax.device_put(jnp.asarray(v, dt), parallel.replicated(mesh))
-               for v, dt in ((guidance_scale, jnp.float32), (0.0 if eta_value is None else eta_value, jnp.float32),
-                             (start, jnp.int32))]
+    scalars = parallel.replicate([np.asarray(guidance_scale, np.float32),
+                                  np.asarray(0.0 if eta_value is None else eta_value, np.float32),
+                                  np.asarray(start, np.int32)], mesh)
     params = _cached(sd, ("params", id(mesh)), lambda: parallel.replicate(sd.params, mesh))
 
     static = dict(mode=mode, sampler=sampler, steps=int(steps), output=output, latent_hw=(h, w),
