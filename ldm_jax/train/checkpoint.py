@@ -1,0 +1,181 @@
+"""Training checkpoints: an `orbax.checkpoint.CheckpointManager` over RUN_DIR/checkpoints.
+
+Each step directory `checkpoints/<step>/` holds two items:
+
+    state/   the TrainState as a tree (StandardSave): step, U-Net params, EMA params, optimiser state
+    meta/    JSON: format, step, seed, data position/epoch, model config, optimiser/step/run settings, base model
+
+Saves are asynchronous (the step loop continues while tensorstore writes) and atomic: orbax writes
+`<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` only after everything is written (and a commit marker),
+so a process killed mid-save leaves the previous checkpoint as the latest loadable one; leftover temporary
+directories are removed the next time the manager opens the directory. Only the last `keep` checkpoints stay
+(`LatestN`); older ones are deleted after a newer one is complete. A failed write (disk full, permissions) becomes a
+`UserError` that names the step and the previous, intact checkpoint.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+
+from ldm_jax.errors import UserError
+
+FORMAT = "ldm-jax-train"
+FORMAT_VERSION = 1
+MODEL_KEYS = ("unet", "vae", "text")  # config sections that must match to resume
+
+
+def _ocp():
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError that caused `e` (searching the cause/context chain), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    os_err = _os_error(e)
+    if os_err is not None and os_err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(e) or "Disk quota exceeded" in str(e)
+
+
+class Checkpoints:
+    """Save / restore TrainStates and their metadata in `directory` (see the module docstring)."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True):
+        ocp = _ocp()
+        self.directory = os.path.abspath(os.fspath(directory))
+        if keep < 1:
+            raise UserError(f"--keep must be >= 1, got {keep}")
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(keep), create=True, cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        except OSError as e:
+            raise UserError(f"cannot open the checkpoint directory {self.directory}: {e.strerror or e}") from e
+        self._pending: int | None = None  # step being written asynchronously
+
+    # ------------------------------------------------------------------------------------------- queries
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def read_meta(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise UserError(f"no checkpoint in {self.directory}")
+        ocp = _ocp()
+        out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
+    # ------------------------------------------------------------------------------------------- saving
+
+    def save(self, step: int, state_tree: dict, meta: dict) -> None:
+        """Start writing checkpoint `step` (returns before the arrays are on disk; `wait()` to finish)."""
+        ocp = _ocp()
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "step": int(step)}
+        self._check(self.wait)
+        previous = self.latest_step()
+        try:
+            self._manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree),
+                                                                  meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as e:  # noqa: BLE001 - becomes a UserError when it is an I/O failure
+            self._failed(e, int(step), previous)
+        self._pending = int(step)
+
+    def wait(self) -> None:
+        """Block until the pending save (if any) is complete; I/O failures become a UserError."""
+        self._check(self._manager.wait_until_finished)
+
+    def _check(self, fn) -> None:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            step, self._pending = self._pending, None
+            self._failed(e, step, self._previous_of(step))
+        else:
+            self._pending = None
+
+    def _previous_of(self, step: int | None) -> int | None:
+        done = [s for s in self.all_steps() if step is None or s < step]
+        return done[-1] if done else None
+
+    def _failed(self, e: BaseException, step: int | None, previous: int | None) -> None:
+        if jax.process_index() == 0 and step is not None:  # drop the partial step directory (never the last one)
+            for name in os.listdir(self.directory) if os.path.isdir(self.directory) else ():
+                if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        intact = (f"the previous checkpoint (step {previous}) is intact" if previous is not None
+                  else "no earlier checkpoint exists")
+        if _is_disk_full(e):
+            raise UserError(f"disk full while saving checkpoint step {step} to {self.directory}; {intact}") from e
+        os_err = _os_error(e)
+        if os_err is not None:
+            raise UserError(f"cannot save checkpoint step {step} to {self.directory}: "
+                            f"{os_err.strerror or os_err}; {intact}") from e
+        raise e
+
+    # ------------------------------------------------------------------------------------------- restoring
+
+    def restore(self, abstract_tree: dict, step: int | None = None) -> tuple[dict, dict]:
+        """(state tree, meta) of `step` (default: the latest). `abstract_tree` gives shapes, dtypes and shardings."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise UserError(f"no checkpoint to resume from in {self.directory}")
+        ocp = _ocp()
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_tree),
+                                                                      meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            detail = (str(e).splitlines() or [""])[0][:300]
+            raise UserError(f"cannot restore checkpoint step {step} from {self.directory}: "
+                            f"{type(e).__name__}: {detail}") from e
+        return out["state"], dict(out["meta"])
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def check_same_model(meta: dict, config_dict: dict[str, Any], where: str) -> None:
+    """Refuse to resume a run whose checkpoint holds a different architecture than the model given now."""
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{where}: not an ldm-jax training checkpoint")
+    saved = meta.get("config") or {}
+    config_dict = json.loads(json.dumps(config_dict))  # tuples -> lists, as stored
+    diffs = [k for k in MODEL_KEYS if saved.get(k) != config_dict.get(k)]
+    if diffs:
+        def describe(d):
+            u = d.get("unet") or {}
+            return f"{d.get('name', '?')} (U-Net channels {u.get('channels')}, multipliers {u.get('channel_multipliers')})"
+
+        raise UserError(f"{where}: the checkpoint was trained with a different model size: {describe(saved)} vs "
+                        f"{describe(config_dict)} now (differs in {', '.join(diffs)}); use the same --checkpoint/"
+                        "--preset as the original run, or a new --out directory")

@@ -1,0 +1,77 @@
+"""The latent-diffusion training objective and its per-example randomness.
+
+Rombach et al. 2022 ("High-Resolution Image Synthesis with Latent Diffusion Models"), eq. 2 with the conditioning
+of eq. 3 — Ho et al. 2020's L_simple applied to latents of a frozen autoencoder:
+
+    L_LDM = E_{z_0 = E(x), c, eps ~ N(0, I), t ~ U{0..T-1}} || eps - eps_theta(sqrt(ab_t) z_0 + sqrt(1 - ab_t) eps, t, tau(c)) ||^2
+
+as fine-tuned by diffusers' `examples/text_to_image/train_text_to_image_flax.py` (the use case): the loss is the
+mean over batch and latent elements (`F.mse_loss(..., reduction="mean")`), z_0 is a *sample* of the autoencoder
+posterior q(z|x) times the latent scale (diffusers: `latent_dist.sample(rng) * scaling_factor`; CompVis samples too),
+t is uniform over the T table indices, the text encoder is frozen, and with probability `caption_dropout` the
+context is replaced by the empty-prompt embedding (the SD 1.x/2.x recipe that makes classifier-free guidance work;
+diffusers' `--proportion_empty_prompts`).
+
+Randomness is explicit and independent of how the batch is split over devices and hosts: example i of a step uses
+`fold_in(step_key, i)` with i its index in the step's global batch (micro-batch k of a K-step accumulation uses
+i = k * B + row), and splits that key into (t, noise, posterior sample, caption dropout).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ldm_jax.schedules import Schedule, q_sample
+
+
+class Draws(NamedTuple):
+    """The random inputs of a batch: t int32 [B], noise [B, h, w, C], posterior eps [B, h, w, C], drop bool [B]."""
+
+    t: jax.Array
+    noise: jax.Array
+    posterior_eps: jax.Array
+    drop: jax.Array
+
+
+def example_keys(step_key: jax.Array, indices: jax.Array) -> jax.Array:
+    """Per-example keys `fold_in(step_key, i)` for global example indices `indices` [B]."""
+    return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.asarray(indices, jnp.uint32))
+
+
+def draw(keys: jax.Array, latent_shape: tuple[int, ...], n_steps: int, caption_dropout: float) -> Draws:
+    """Draw t ~ U{0..n_steps-1}, eps ~ N(0, I), the posterior's eps and the dropout coin for every example."""
+
+    def one(key):
+        k_t, k_noise, k_post, k_drop = jax.random.split(key, 4)
+        return Draws(t=jax.random.randint(k_t, (), 0, n_steps, jnp.int32),
+                     noise=jax.random.normal(k_noise, latent_shape, jnp.float32),
+                     posterior_eps=jax.random.normal(k_post, latent_shape, jnp.float32),
+                     drop=jax.random.uniform(k_drop, ()) < caption_dropout)
+
+    return jax.vmap(one)(keys)
+
+
+def posterior_sample(moments: jax.Array, eps: jax.Array, latent_scale: float) -> jax.Array:
+    """z_0 = (mean + exp(logvar / 2) eps) * scale from posterior moments [B, h, w, 2C] (CompVis
+    DiagonalGaussianDistribution: logvar clipped to [-30, 20])."""
+    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
+    std = jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
+    return (mean + std * eps) * latent_scale
+
+
+def drop_captions(ctx: jax.Array, uncond: jax.Array, drop: jax.Array) -> jax.Array:
+    """ctx [B, S, d] with the rows where `drop` is set replaced by the empty-prompt embedding uncond [1 | B, S, d]."""
+    return jnp.where(drop[:, None, None], jnp.broadcast_to(uncond, ctx.shape).astype(ctx.dtype), ctx)
+
+
+def diffusion_loss(eps_fn: Callable, schedule: Schedule, z0: jax.Array, t: jax.Array, noise: jax.Array,
+                   ctx: jax.Array) -> jax.Array:
+    """mean || noise - eps_fn(q_sample(z0, t, noise), t, ctx) ||^2 in fp32 (the L_simple of the module docstring).
+
+    eps_fn(x_t, t, ctx) -> predicted noise; z0, noise [B, h, w, C]; t int32 [B]; ctx [B, S, d]."""
+    x_t = q_sample(schedule, z0, t, noise)
+    pred = eps_fn(x_t, t, ctx).astype(jnp.float32)
+    return jnp.mean(jnp.square(noise.astype(jnp.float32) - pred))

@@ -1,0 +1,124 @@
+"""Training state, optimiser and EMA for the latent U-Net (the trainable part of Stable Diffusion).
+
+    TrainState(step, params, ema_params, opt_state)   # a pytree: jit, sharding and orbax take it directly
+
+- Optimiser: optax `clip_by_global_norm(clip)` then `adamw(lr_schedule, b1, b2, eps, weight_decay)`, the recipe of
+  diffusers' `examples/text_to_image/train_text_to_image_flax.py` (defaults lr 1e-4, betas (0.9, 0.999), eps 1e-8,
+  weight decay 1e-2, max grad norm 1.0). optax's AdamW is torch.optim.AdamW's update (decoupled weight decay,
+  bias-corrected moments, eps added to sqrt(v_hat)); clipping differs from torch's `clip_grad_norm_` only when it
+  triggers (torch divides by norm + 1e-6).
+- Learning rate: linear warmup from 0 over `warmup` steps, then cosine decay to `lr * min_lr_ratio` at `total_steps`
+  ("cosine"), or constant after the warmup ("constant"; diffusers' default schedule).
+- EMA of the U-Net params after every optimiser step, as CompVis `ldm/modules/ema.py` (LitEma):
+  decay_n = min(decay, (1 + n) / (10 + n)) for the n-th update (`ema_warmup`), ema <- ema - (1 - decay_n)(ema - p).
+- Params are the fp32 master copy; compute precision is the U-Net module's dtype (bf16 casts each kernel on use,
+  gradients come back fp32). Gradient accumulation happens in `step.py` (mean of K micro-batch gradients, then one
+  update), so `step` counts optimiser updates.
+
+Only the U-Net trains. Extension point for issue 7 (training the autoencoder or text encoder separately): a
+`TrainState` is generic over the tree in `params`; a trainer for another component builds its own loss and passes
+that component's params here (see `init_state`), nothing in this file is U-Net specific.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser, schedule and EMA hyper-parameters (JSON-serialisable, stored with every checkpoint)."""
+
+    lr: float = 1e-4
+    warmup: int = 0
+    schedule: str = "cosine"
+    total_steps: int = 1000  # where the cosine reaches lr * min_lr_ratio
+    min_lr_ratio: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+    clip: float | None = 1.0  # global-norm clipping; None or 0: off
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown lr schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if self.lr <= 0 or self.warmup < 0 or self.total_steps < 1 or not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError("need lr > 0, warmup >= 0, total_steps >= 1 and 0 <= ema_decay < 1")
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimiser updates done
+    params: Any  # trainable tree (the U-Net), fp32 master copy
+    ema_params: Any
+    opt_state: Any
+
+    def as_dict(self) -> dict:
+        return {"step": self.step, "params": self.params, "ema_params": self.ema_params, "opt_state": self.opt_state}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainState":
+        return cls(step=d["step"], params=d["params"], ema_params=d["ema_params"], opt_state=d["opt_state"])
+
+
+def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
+    """step -> learning rate: linear warmup 0 -> lr, then cosine to lr * min_lr_ratio (or constant)."""
+    warmup = optax.linear_schedule(0.0, cfg.lr, cfg.warmup) if cfg.warmup else None
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(cfg.lr)
+    else:
+        decay_steps = max(cfg.total_steps - cfg.warmup, 1)
+        after = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)
+    if warmup is None:
+        return after
+    return optax.join_schedules([warmup, after], [cfg.warmup])
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    adamw = optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip), adamw) if cfg.clip else adamw
+
+
+def init_state(params, cfg: OptimConfig) -> TrainState:
+    """A fresh state at step 0: EMA starts as a copy of the params (separate buffers, so the state can be donated)."""
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+    ema = jax.tree_util.tree_map(jnp.copy, params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema,
+                      opt_state=make_optimizer(cfg).init(params))
+
+
+def abstract_state(abstract_params, cfg: OptimConfig) -> TrainState:
+    """The state's shapes and dtypes (jax.ShapeDtypeStruct leaves) without allocating anything."""
+    return jax.eval_shape(lambda p: init_state(p, cfg), abstract_params)
+
+
+def ema_decay_at(cfg: OptimConfig, n) -> jax.Array:
+    """The decay used by the n-th EMA update (n >= 1), CompVis LitEma."""
+    decay = jnp.float32(cfg.ema_decay)
+    if cfg.ema_warmup:
+        n = jnp.asarray(n, jnp.float32)
+        decay = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+    return decay
+
+
+def apply_gradients(state: TrainState, grads, cfg: OptimConfig) -> tuple[TrainState, dict]:
+    """One optimiser update and one EMA update; returns the new state and {"grad_norm", "lr", "ema_decay"}."""
+    tx = make_optimizer(cfg)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step = state.step + 1
+    decay = ema_decay_at(cfg, step)
+    ema = jax.tree_util.tree_map(lambda e, p: e - (1.0 - decay) * (e - p), state.ema_params, params)
+    info = {"grad_norm": optax.global_norm(grads), "lr": lr_schedule(cfg)(state.step), "ema_decay": decay}
+    return TrainState(step=step, params=params, ema_params=ema, opt_state=opt_state), info

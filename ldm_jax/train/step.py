@@ -1,0 +1,149 @@
+"""The train step: a pure function `(state, batch, key, frozen) -> (state, metrics)`, jit-compiled data-parallel.
+
+One step = one optimiser update from K micro-batches (gradient accumulation, `lax.scan`, mean of the K gradients):
+
+    batch  = {"images": f32 [K, B, H, W, 3] in [-1, 1], "ids": int32 [K, B, S]}          # encoded in the step, or
+             {"moments": f32 [K, B, h, w, 2C], "ctx": f32 [K, B, S, d]}                  # precomputed (latent_cache)
+    key    = uint32 key data of `jax.random.key(seed)`: the step uses fold_in(key, state.step) and example i of the
+             step's global batch fold_in(step_key, i) (loss.py), so nothing depends on the device or host count
+    frozen = {"vae": params, "text_encoder": params, "uncond_ids": int32 [1, S]}  (never differentiated)
+
+The loss is `loss.diffusion_loss` (Rombach et al. 2022 eq. 2; Ho et al. 2020 L_simple) on z_0 sampled from the frozen
+autoencoder's posterior, as diffusers' `train_text_to_image_flax.py`. Data parallelism (`compile_step`): the state
+and `frozen` are replicated over the "data" mesh, the batch is sharded on its B axis; the mean over the global batch
+makes XLA insert the gradient all-reduce (on every device of every host). The state is donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ldm_jax import parallel
+from ldm_jax.configs import ModelConfig
+from ldm_jax.models.build import modules
+from ldm_jax.schedules import make_schedule
+from ldm_jax.train import loss as L
+from ldm_jax.train.state import OptimConfig, TrainState, apply_gradients
+
+DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What the compiled step computes (besides the optimiser): JSON-serialisable."""
+
+    caption_dropout: float = 0.1
+    grad_accum: int = 1  # K micro-batches per optimiser update
+    precision: str = "fp32"  # compute dtype: "fp32" or "bf16" (params stay fp32)
+    remat: bool = False  # rematerialise U-Net ResBlocks / transformers in the backward pass
+    attention_impl: str = "auto"
+
+    def __post_init__(self):
+        if self.precision not in DTYPES:
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if not 0.0 <= self.caption_dropout <= 1.0 or self.grad_accum < 1:
+            raise ValueError("need 0 <= caption_dropout <= 1 and grad_accum >= 1")
+
+    @property
+    def dtype(self):
+        return DTYPES[self.precision]
+
+
+def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfig):
+    """The pure step function for this model and these hyper-parameters (see the module docstring)."""
+    mods = modules(config, step_cfg.dtype, step_cfg.attention_impl, remat=step_cfg.remat)
+    unet, vae, text = mods["unet"], mods["vae"], mods["text_encoder"]
+    schedule = make_schedule(config.schedule)
+    n_steps = config.schedule.n_steps
+
+    def inputs(frozen, micro, uncond, keys):
+        """A micro-batch -> (z_0, t, noise, ctx) with the frozen encoders (no gradients flow into them)."""
+        if "moments" in micro:
+            moments = micro["moments"]
+        else:
+            moments = vae.apply({"params": frozen["vae"]}, micro["images"], method="encode")
+        if "ctx" in micro:
+            ctx = micro["ctx"]
+        else:
+            ctx = text.apply({"params": frozen["text_encoder"]}, micro["ids"])
+        c = moments.shape[-1] // 2
+        d = L.draw(keys, moments.shape[1:-1] + (c,), n_steps, step_cfg.caption_dropout)
+        z0 = L.posterior_sample(moments, d.posterior_eps, config.latent_scale)
+        ctx = L.drop_captions(ctx.astype(jnp.float32), uncond, d.drop)
+        return jax.lax.stop_gradient((z0, d.t, d.noise, ctx))
+
+    def micro_loss(params, z0, t, noise, ctx):
+        eps_fn = lambda x, tt, c: unet.apply({"params": params}, x, tt, c)  # noqa: E731
+        return L.diffusion_loss(eps_fn, schedule, z0, t, noise, ctx)
+
+    grad_fn = jax.value_and_grad(micro_loss)
+
+    def train_step(state: TrainState, batch: dict, key, frozen: dict):
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(key), state.step)
+        uncond = text.apply({"params": frozen["text_encoder"]}, frozen["uncond_ids"])
+        k, b = jax.tree_util.tree_leaves(batch)[0].shape[:2]
+
+        def one(i, micro):
+            keys = L.example_keys(step_key, i * b + jnp.arange(b))
+            return grad_fn(state.params, *inputs(frozen, micro, uncond, keys))
+
+        if k == 1:
+            loss, grads = one(0, jax.tree_util.tree_map(lambda x: x[0], batch))
+        else:
+            def body(carry, xs):
+                loss_i, grads_i = one(*xs)
+                return jax.tree_util.tree_map(jnp.add, carry, (loss_i, grads_i)), None
+
+            zero = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, state.params))
+            (loss, grads), _ = jax.lax.scan(body, zero, (jnp.arange(k), batch))
+            loss, grads = jax.tree_util.tree_map(lambda x: x / k, (loss, grads))
+        new_state, info = apply_gradients(state, grads, optim)
+        return new_state, {"loss": loss, **info}
+
+    return train_step
+
+
+# ------------------------------------------------------------------------------------------------ sharding
+
+
+def batch_sharding(mesh=None) -> NamedSharding:
+    """[K, B, ...] arrays: B split over the data axis."""
+    return NamedSharding(mesh or parallel.data_mesh(), P(None, parallel.DATA_AXIS))
+
+
+def shard_batch(local: dict, mesh=None) -> dict:
+    """This process's rows {name: [K, b_local, ...]} -> global arrays [K, b_local * processes, ...] sharded on B."""
+    sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:
+        return {k: jax.device_put(np.asarray(v), sharding) for k, v in local.items()}
+    out = {}
+    for name, v in local.items():
+        v = np.asarray(v)
+        shape = (v.shape[0], v.shape[1] * jax.process_count()) + v.shape[2:]
+        out[name] = jax.make_array_from_process_local_data(sharding, v, shape)
+    return out
+
+
+def key_data(seed: int) -> np.ndarray:
+    """uint32 key data of `jax.random.key(seed)` (what the step's `key` argument takes)."""
+    return np.asarray(jax.random.key_data(jax.random.key(int(seed))))
+
+
+def compile_step(step_fn, mesh=None, donate: bool = True):
+    """jit with replicated state / key / frozen and a B-sharded batch; the state is donated."""
+    mesh = mesh or parallel.data_mesh()
+    rep = parallel.replicated(mesh)
+    return jax.jit(step_fn, in_shardings=(rep, batch_sharding(mesh), rep, rep), out_shardings=(rep, rep),
+                   donate_argnums=(0,) if donate else ())
+
+
+def frozen_inputs(params: dict, uncond_ids, mesh=None) -> dict:
+    """The replicated frozen inputs of the step from a model's params and the tokenized empty prompt [1, S]."""
+    tree = {"vae": params["vae"], "text_encoder": params["text_encoder"],
+            "uncond_ids": np.asarray(uncond_ids, np.int32).reshape(1, -1)}
+    return parallel.replicate(tree, mesh)
