@@ -71,3 +71,21 @@ def test_full_text_encoder():
     err = rel_err(jax.jit(model.encode_text)(model.params, ids), want)
     print(f"full CLIP text encoder rel err {err:.2e}")
     assert err <= TOL
+
+
+def test_full_ddim_txt2img_10_steps_matches_labml():
+    """DDIM (eta 0), CFG 7.5, 10 steps from the same x_T at full SD 1.x size: final latents <= 1e-3."""
+    from tests.test_pipelines import PROMPTS, labml_ddim
+
+    unet_ref, unet = load_component("unet", seed=13)
+    clip_ref, clip = load_component("text_encoder", seed=14)
+    model = StableDiffusion(CFG, {**unet.params, **clip.params})
+    x_T = np.random.default_rng(2).standard_normal((2, 8, 16, 4)).astype(np.float32)
+    import ldm_jax
+
+    got = ldm_jax.txt2img(model, PROMPTS, steps=10, guidance_scale=7.5, height=64, width=128, latents=x_T,
+                          output="latents")
+    want = labml_ddim({"unet": unet_ref, "text_encoder": clip_ref}, model, PROMPTS, x_T, steps=10, scale=7.5)
+    err = rel_err(got, want)
+    print(f"full-size DDIM 10 steps rel err {err:.2e}")
+    assert err <= 1e-3

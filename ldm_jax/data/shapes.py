@@ -40,7 +40,7 @@ from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {  # saturated, >= 100 apart in RGB, >= 110 from the gray axis
-    "red": (220, 20, 20), "orange": (255, 140, 0), "yellow": (250, 225, 20),
+    "red": (220, 20, 20), "orange": (255, 128, 0), "yellow": (250, 230, 30),
     "green": (25, 165, 35), "blue": (25, 65, 230), "purple": (155, 35, 200),
 }
 BACKGROUNDS = {"white": (255, 255, 255), "gray": (128, 128, 128), "black": (0, 0, 0)}
@@ -56,7 +56,7 @@ _LONG_POSITION = {
     "left": "on the left", "center": "in the center", "right": "on the right",
     "bottom left": "in the bottom left corner", "bottom": "at the bottom", "bottom right": "in the bottom right corner",
 }
-_SYNONYMS = {"grey": "gray", "violet": "purple", "big": "large", "tiny": "small", "little": "small",
+_SYNONYMS = {"grey": "gray", "violet": "purple", "big": "large", "huge": "large", "tiny": "small", "little": "small",
              "upper": "top", "lower": "bottom", "centre": "center", "middle": "center", "centered": "center",
              "circles": "circle", "disc": "circle", "disk": "circle", "squares": "square", "triangles": "triangle"}
 
@@ -162,8 +162,7 @@ def parse_caption(text: str) -> Attributes:
         position = " ".join(w for w in (vertical, horizontal) if w)
     else:
         position = "center" if "center" in words else None
-    size = first(SIZES) or ("large" if "huge" in words else None)
-    return Attributes(first(SHAPES), first(COLORS), position, size, background)
+    return Attributes(first(SHAPES), first(COLORS), position, first(SIZES), background)
 
 
 def _cell_center(position: str, size: int) -> tuple[float, float]:
@@ -253,6 +252,8 @@ def held_out_prompts(n: int, seed: int = 0) -> list[tuple[str, Attributes]]:
 def write_dataset(out_dir, n: int, seed: int, size: int = 64, *, overwrite: bool = False) -> Path:
     """Write n PNGs and `metadata.jsonl` ({"file_name", "text", "attributes"} per line, the imagefolder layout
     `ldm_jax.train.data.scan_dataset` reads) into a temporary folder next to `out_dir`, then rename it into place."""
+    if n < 1 or size < 16:
+        raise ValueError(f"need n >= 1 and size >= 16, got n={n}, size={size}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
@@ -287,7 +288,10 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    out = write_dataset(args.out_dir, args.n, args.seed, args.size, overwrite=args.overwrite)
+    try:
+        out = write_dataset(args.out_dir, args.n, args.seed, args.size, overwrite=args.overwrite)
+    except (FileExistsError, ValueError) as e:
+        parser.error(str(e))
     print(f"wrote {args.n} images to {out}")
 
 

@@ -1,18 +1,22 @@
 """Prompt adherence of shapes images by plain pixel analysis (numpy + PIL, no learned classifier).
 
 `analyse` relies on the vocabulary of `ldm_jax.data.shapes`: backgrounds are achromatic, objects are saturated.
+Images larger than 128 pixels are box-filtered down to 128 first (everything is measured relative to the image).
 
-1. Denoise with a 3x3 median filter.
-2. Background: the pixels of a border ring that are near the gray axis; each is named by its brightness (nearest of
-   white, gray, black); the majority name of the top part and of the bottom part give the background ((top,) if
-   they agree, else (top, bottom)). Their mean chromatic offset is the tint (a global colour cast) to remove.
-3. Object: "chroma" is the distance of a tint-corrected pixel from the gray axis, so it ignores brightness (and
-   the blend along a two-tone split). The object is the largest 8-connected component of chroma > 45; a soft mask
-   (chroma / the object's typical chroma, in [0, 1]) measures its area and centroid without caring about blur.
-4. Colour: the nearest palette colour to the median of the object's most saturated pixels (tint removed).
-   Position: the 3x3 cell of the soft centroid. Size: the longer side of the half-chroma bounding box.
-   Shape: "taper" (soft width at 1/4 of the box height / width at 3/4) is ~1/3 for an upward triangle and ~1 for
-   the others; "fill" (soft area / box area) is ~1 for a square and ~pi/4 for a circle.
+1. Background: the pixels of a border ring near the gray axis (after a 3x3 median filter); each is named by its
+   brightness (nearest of white, gray, black); the majority of the top part and of the bottom part give the
+   background ((top,) if they agree, else (top, bottom)). Their mean chromatic offset is the tint (a colour cast).
+2. Object: "chroma", the distance of a tint-corrected pixel from the gray axis, ignores brightness and the blend
+   along a two-tone split; the object is the largest 8-connected component with chroma > 45 (none: not found).
+3. Colour: every saturated pixel of the object votes for the palette colour c whose blend segment
+   [its row's background, c] passes nearest to it, so blur and anti-aliasing (which mix the object with the
+   background) do not pull dark yellow towards orange; the majority wins.
+4. Coverage: each pixel near the object is unmixed linearly between its row's background (measured on the left
+   and right border strips) and the object colour; this soft mask is linear in the pixels, so noise averages out
+   and blur only moves mass around. Position: the 3x3 cell of its centroid.
+5. Shape and size: each shape's template, sized from the soft area and blurred by the gaussian whose variance
+   makes up the difference to the soft mask's (blur adds sigma^2 to the variance), is fitted to the soft mask
+   over a few sizes with a free amplitude; the smallest squared error names the shape, its side the size.
 
 `degrade` imitates the blur, noise, compression and colour cast of generated images, to test the analysis.
 """
@@ -29,9 +33,10 @@ from ldm_jax.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, Attribut
 
 CHROMA_THRESHOLD = 45.0  # background tints/noise stay below, every palette colour is >= 110
 MIN_AREA_FRACTION = 0.004  # smaller components are noise, not an object
-BORDER_FRACTION = 0.06
+BORDER_FRACTION = 0.06  # width of the border ring that shows the background
+MAX_RESOLUTION = 128
 LARGE_SIDE_FRACTION = 0.26  # between the small (<= 0.216) and large (>= 0.313) sides of `shapes`
-SIDE_SCALES = (0.8, 0.87, 0.93, 1.0, 1.07, 1.15, 1.25)
+SIDE_SCALES = (0.8, 0.87, 0.93, 1.0, 1.07, 1.15, 1.25)  # template sides tried, relative to the soft area's
 REGION_RADIUS = 4  # pixels around the object's component that its blurred edge may reach
 _FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}  # area / bounding-box area
 ATTRIBUTES = ("shape", "color", "position", "size", "background")
@@ -187,9 +192,13 @@ def analyse(image: np.ndarray) -> Analysis:
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"expected an RGB image [H, W, 3], got shape {image.shape}")
-    h, w, _ = image.shape
-    raw = image.astype(np.float64)
-    img = np.asarray(Image.fromarray(image.astype(np.uint8)).filter(ImageFilter.MedianFilter(3)), np.float64)
+    pil = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+    if min(pil.size) > MAX_RESOLUTION:
+        scale = MAX_RESOLUTION / min(pil.size)
+        pil = pil.resize((round(pil.width * scale), round(pil.height * scale)), Image.Resampling.BOX)
+    raw = np.asarray(pil, np.float64)
+    h, w, _ = raw.shape
+    img = np.asarray(pil.filter(ImageFilter.MedianFilter(3)), np.float64)
     achromatic = _gray_axis_distance(img) < 2 * CHROMA_THRESHOLD
     background, tint = _background(img, achromatic)
     chroma = _gray_axis_distance(img - tint)
@@ -205,7 +214,9 @@ def analyse(image: np.ndarray) -> Analysis:
     alpha = ((raw - row_bg[:, None]) * towards[:, None]).sum(-1) / np.maximum((towards ** 2).sum(-1), 1e-9)[:, None]
     region = _dilate(component, REGION_RADIUS)
     soft = np.where(region, np.clip(alpha, -1.0, 1.5), 0.0)
-    area = max(soft.sum(), 1e-9)
+    area = soft.sum()
+    if area < 0.5 * MIN_AREA_FRACTION * h * w:
+        return Analysis(found=False, background=background)
     ys, xs = np.mgrid[:h, :w]
     cx, cy = float((soft * (xs + 0.5)).sum() / area), float((soft * (ys + 0.5)).sum() / area)
     col, row = min(max(int(3 * cx / w), 0), 2), min(max(int(3 * cy / h), 0), 2)
@@ -236,7 +247,8 @@ def matches(analysis: Analysis, attrs: Attributes) -> dict[str, bool]:
 
 def adherence(images, attrs_list) -> dict:
     """Accuracy per attribute (over the images whose attrs name it), `found` rate, and `all`: the fraction of images
-    whose colour, position and background all match (`all_with_shape` adds the shape)."""
+    whose colour, position and background all match (`all_with_shape` adds the shape); `per_image`: the `matches`
+    dict of each image. An image where no object is found fails every attribute, background included."""
     images, attrs_list = list(images), list(attrs_list)
     if len(images) != len(attrs_list):
         raise ValueError(f"{len(images)} images but {len(attrs_list)} attribute sets")
