@@ -57,7 +57,8 @@ def load_state_dict_model(state_dict, *, config: ModelConfig | None = None, ema:
     config = config or infer_config(state_dict)
     shapes = abstract_params(config)
     total = len(jax.tree_util.tree_leaves(shapes))
-    with tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress, leave=False) as bar:
+    # disable=None: bars only on a terminal (no progress noise in logs or in one-line errors)
+    with tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress or None, leave=False) as bar:
         params, report = state_dict_to_params(
             state_dict, shapes, ema=ema, dtype=np.dtype(as_dtype(param_dtype)), allow_unexpected=allow_unexpected,
             allow_nonfinite=allow_nonfinite, place=jnp.asarray, progress=lambda _: bar.update())

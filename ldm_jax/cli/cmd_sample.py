@@ -52,19 +52,23 @@ def _slug(text: str, limit: int = 40) -> str:
 
 
 def run(args) -> int:
+    from ldm_jax.pipelines.generate import Timings, check_size, check_steps, check_strength, generate
+
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
+    check_steps(args.steps)  # fail before loading gigabytes; generate() checks again with the model's factor
+    if args.mode == "txt2img":
+        check_size(args.height, args.width)
+    else:
+        check_strength(args.strength)
+    if args.eta is not None and args.eta < 0:
+        raise UserError(f"--eta must be >= 0, got {args.eta}")
     from ldm_jax import images as imio
     from ldm_jax import parallel
 
     multi = parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
     import ldm_jax
-    from ldm_jax.pipelines.generate import Timings, generate
 
-    t0 = time.perf_counter()
-    print(f"loading {args.checkpoint} ...", flush=True)
-    sd = ldm_jax.load(args.checkpoint, dtype=args.dtype, progress=True)
-    print(f"loaded {sd.config.name} in {time.perf_counter() - t0:.1f}s", flush=True)
     kw = {}
     if args.mode == "txt2img":
         kw.update(height=args.height, width=args.width)
@@ -76,6 +80,10 @@ def run(args) -> int:
             if kw["masks"].shape != init.shape[:2]:
                 raise UserError(f"the mask is {kw['masks'].shape[0]}x{kw['masks'].shape[1]} but the image is "
                                 f"{init.shape[0]}x{init.shape[1]}")
+    t0 = time.perf_counter()
+    print(f"loading {args.checkpoint} ...", flush=True)
+    sd = ldm_jax.load(args.checkpoint, dtype=args.dtype, progress=True)
+    print(f"loaded {sd.config.name} in {time.perf_counter() - t0:.1f}s", flush=True)
     timings = Timings()
     images = generate(sd, args.mode, [args.prompt] * args.n, negative_prompts=[args.negative_prompt] * args.n,
                       steps=args.steps, sampler=args.sampler, guidance_scale=args.scale, eta=args.eta,

@@ -35,8 +35,15 @@ def _available():
                 raise
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the full usage is in --help), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ldm-jax", description="Stable Diffusion in JAX/Flax: convert, verify, sample, train, benchmark.")
     from ldm_jax import __version__
 

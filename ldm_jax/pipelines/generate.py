@@ -46,11 +46,20 @@ def _as_list(prompts, what: str) -> list[str]:
     return prompts
 
 
+def check_steps(steps) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise UserError(f"steps must be an integer >= 1, got {steps!r}")
+
+
+def check_strength(strength) -> None:
+    if not 0.0 <= float(strength) <= 1.0:
+        raise UserError(f"strength must be in [0, 1], got {strength}")
+
+
 def _check_common(sd, sampler, steps, output, eta):
     if sampler not in samplers.SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; choose from {', '.join(samplers.SAMPLERS)}")
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise UserError(f"steps must be an integer >= 1, got {steps!r}")
+    check_steps(steps)
     if steps > sd.config.schedule.n_steps:
         raise UserError(f"steps must be <= {sd.config.schedule.n_steps}, got {steps}")
     if output not in OUTPUTS:
@@ -61,7 +70,7 @@ def _check_common(sd, sampler, steps, output, eta):
         raise UserError(f"eta must be >= 0, got {eta}")
 
 
-def _check_size(height, width, factor: int):
+def check_size(height, width, factor: int = 8) -> None:
     for name, v in (("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < factor or v % 8 or v % factor:
             raise UserError(f"{name} must be a positive multiple of {max(8, factor)}, got {v!r}")
@@ -145,9 +154,8 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
             raise UserError(f"{mode} needs an init image")
         init = _broadcast_rows(to_unit_range(init_images), n, "init image")
         height, width = init.shape[1:3]
-        if not 0.0 <= float(strength) <= 1.0:
-            raise UserError(f"strength must be in [0, 1], got {strength}")
-    _check_size(height, width, f)
+        check_strength(strength)
+    check_size(height, width, f)
     if mode == "inpaint":
         mask = _mask_rows(masks, n, init.shape[1:3])
     h, w = height // f, width // f
@@ -190,7 +198,7 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
     compiled = _cached(sd, key, compile_)
     t1 = time.perf_counter()
     n_loop = samplers.n_loop_steps(sampler, sd.config.schedule.n_steps, int(steps)) - start
-    with tqdm(total=max(n_loop, 0), desc=mode, unit="step", disable=not progress, leave=False) as bar:
+    with tqdm(total=max(n_loop, 0), desc=mode, unit="step", disable=not progress or None, leave=False) as bar:
         _StepBar.active = bar if progress else None
         try:
             out = compiled(*args)
