@@ -104,6 +104,7 @@ class ModelConfig:
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     latent_scale: float = 0.18215
+    image_size: int = 512  # the resolution the model was trained at (the default height and width)
 
     @property
     def is_inpainting(self) -> bool:
@@ -125,6 +126,7 @@ class ModelConfig:
             text=TextEncoderConfig(**_tuples(d["text"])),
             schedule=ScheduleConfig(**d.get("schedule", {})),
             latent_scale=d.get("latent_scale", 0.18215),
+            image_size=d.get("image_size", 512),
         )
 
     @classmethod
@@ -153,7 +155,21 @@ def tiny() -> ModelConfig:
     )
 
 
-PRESETS = {"sd1": sd1, "sd1-inpaint": sd1_inpaint, "tiny": tiny}
+def shapes() -> ModelConfig:
+    """The small text-to-image model ldm-jax trains itself and ships (64x64 images of coloured shapes, see
+    `scripts/train_shapes_model.py`): a KL-f4 autoencoder, a 3-level U-Net and a 2-layer CLIP-architecture text
+    encoder with the real CLIP tokenizer (frozen at its random initialisation). latent_scale is set by training."""
+    return ModelConfig(
+        name="shapes",
+        unet=UNetConfig(channels=64, channel_multipliers=(1, 1, 2), n_res_blocks=1, attention_levels=(1, 2),
+                        n_heads=4, d_cond=64),
+        vae=AutoencoderConfig(channels=32, channel_multipliers=(1, 2, 2), n_resnet_blocks=1),
+        text=TextEncoderConfig(hidden_size=64, intermediate_size=256, num_layers=2, num_heads=1),
+        image_size=64,
+    )
+
+
+PRESETS = {"sd1": sd1, "sd1-inpaint": sd1_inpaint, "tiny": tiny, "shapes": shapes}
 
 
 def preset(name: str) -> ModelConfig:

@@ -24,6 +24,8 @@ from ldm_jax.models.build import abstract_params
 from ldm_jax.stable_diffusion import StableDiffusion
 
 CONFIG_METADATA_KEY = "ldm_jax.config"  # safetensors __metadata__ entry written by `ldm-jax export`
+# The small model ldm-jax trains and ships (scripts/train_shapes_model.py), used when no checkpoint is given.
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes", "model.safetensors")
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
            "float16": jnp.float16, "fp16": jnp.float16}
@@ -65,17 +67,22 @@ def load_state_dict_model(state_dict, *, config: ModelConfig | None = None, ema:
     return config, params, report
 
 
-def load(path: str | os.PathLike, ema: bool | None = None, *, param_dtype="float32", dtype="float32",
+def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, param_dtype="float32", dtype="float32",
          config: ModelConfig | None = None, attention_impl: str = "auto", allow_unexpected: bool = False,
          allow_nonfinite: bool = False, progress: bool = False) -> StableDiffusion:
     """Load Stable Diffusion weights.
 
-    path: a CompVis `.ckpt` / `.safetensors` file, or a directory written by `ldm-jax convert`.
+    path: a CompVis `.ckpt` / `.safetensors` file, or a directory written by `ldm-jax convert`; None: the small
+        bundled model (64x64 coloured shapes, trained by ldm-jax itself).
     ema: use the EMA U-Net weights (default: when the checkpoint has them, as CompVis does).
     param_dtype: dtype of the loaded parameters (fp16/bf16 files are upcast; default fp32).
     dtype: compute dtype of the modules (e.g. "bfloat16" on GPU/TPU).
     config: override the architecture inferred from tensor shapes (e.g. the tiny test preset).
     """
+    if path is None:
+        if not os.path.exists(DEFAULT_MODEL):
+            raise CheckpointError("the bundled default model is missing from this install; pass a checkpoint path")
+        path = DEFAULT_MODEL
     path = os.fspath(path)
     if os.path.isdir(path):
         from convert.orbax_io import read_converted

@@ -20,7 +20,8 @@ SAMPLER_NAMES = ("ddim", "ddpm", "plms", "dpmpp_2m", "euler_a")
 
 def add_parser(sub, name, help_):
     p = sub.add_parser(name, help=help_, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="CompVis .ckpt/.safetensors or a converted directory")
+    p.add_argument("--checkpoint", help="CompVis .ckpt/.safetensors or a converted directory (default: the small "
+                   "bundled model of coloured shapes, 64x64)")
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: none)")
     p.add_argument("--n", type=int, default=1, help="number of images (default: 1)")
@@ -30,8 +31,9 @@ def add_parser(sub, name, help_):
     p.add_argument("--eta", type=float, default=None, help="DDIM/Euler-a noise (default: the sampler's own)")
     p.add_argument("--seed", type=int, default=0, help="random seed; image i uses fold_in(seed, i) (default: 0)")
     if name == "txt2img":
-        p.add_argument("--height", type=int, default=512, help="image height, a multiple of 8 (default: 512)")
-        p.add_argument("--width", type=int, default=512, help="image width, a multiple of 8 (default: 512)")
+        p.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's own, 512 "
+                       "for SD 1.x)")
+        p.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the model's own)")
     else:
         p.add_argument("--init", required=True, metavar="IMG", help="init image (its size must be a multiple of 8)")
         p.add_argument("--strength", type=float, default=0.75 if name == "img2img" else 1.0,
@@ -58,7 +60,7 @@ def run(args) -> int:
         raise UserError(f"--n must be >= 1, got {args.n}")
     check_steps(args.steps)  # fail before loading gigabytes; generate() checks again with the model's factor
     if args.mode == "txt2img":
-        check_size(args.height, args.width)
+        check_size(8 if args.height is None else args.height, 8 if args.width is None else args.width)
     else:
         check_strength(args.strength)
     if args.eta is not None and args.eta < 0:
@@ -68,11 +70,10 @@ def run(args) -> int:
 
     multi = parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
     import ldm_jax
+    from ldm_jax.loading import DEFAULT_MODEL
 
     kw = {}
-    if args.mode == "txt2img":
-        kw.update(height=args.height, width=args.width)
-    else:
+    if args.mode != "txt2img":
         init = imio.read_image(args.init)
         kw.update(init_images=init, strength=args.strength)
         if args.mode == "inpaint":
@@ -81,9 +82,11 @@ def run(args) -> int:
                 raise UserError(f"the mask is {kw['masks'].shape[0]}x{kw['masks'].shape[1]} but the image is "
                                 f"{init.shape[0]}x{init.shape[1]}")
     t0 = time.perf_counter()
-    print(f"loading {args.checkpoint} ...", flush=True)
+    print(f"loading {args.checkpoint or 'the bundled model'} ...", flush=True)
     sd = ldm_jax.load(args.checkpoint, dtype=args.dtype, progress=True)
     print(f"loaded {sd.config.name} in {time.perf_counter() - t0:.1f}s", flush=True)
+    if args.mode == "txt2img":
+        kw.update(height=args.height, width=args.width)  # None: the model's own size
     timings = Timings()
     images = generate(sd, args.mode, [args.prompt] * args.n, negative_prompts=[args.negative_prompt] * args.n,
                       steps=args.steps, sampler=args.sampler, guidance_scale=args.scale, eta=args.eta,
@@ -93,7 +96,8 @@ def run(args) -> int:
     meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt or None, "seed": args.seed,
             "sampler": args.sampler, "steps": args.steps, "scale": args.scale, "eta": args.eta,
             "mode": args.mode, "strength": getattr(args, "strength", None),
-            "checkpoint": os.path.basename(os.path.normpath(args.checkpoint)), "generator": "ldm-jax"}
+            "checkpoint": os.path.basename(os.path.normpath(args.checkpoint or DEFAULT_MODEL)),
+            "generator": "ldm-jax"}
     plan = parallel.plan_batch(args.n)
     indices = [i for i in plan.local_indices if i < args.n]
     for i, image in zip(indices, images):

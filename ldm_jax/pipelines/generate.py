@@ -136,7 +136,7 @@ class _StepBar:
 
 
 def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler="ddim", guidance_scale=7.5,
-             eta=None, height=512, width=512, seed=0, latents=None, init_images=None, masks=None, strength=1.0,
+             eta=None, height=None, width=None, seed=0, latents=None, init_images=None, masks=None, strength=1.0,
              output="images", progress=False, timings: Timings | None = None) -> np.ndarray:
     """The shared implementation of txt2img / img2img / inpaint (see those for the arguments)."""
     prompts = _as_list(prompts, "prompts")
@@ -155,6 +155,8 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
         init = _broadcast_rows(to_unit_range(init_images), n, "init image")
         height, width = init.shape[1:3]
         check_strength(strength)
+    height = sd.config.image_size if height is None else height
+    width = sd.config.image_size if width is None else width
     check_size(height, width, f)
     if mode == "inpaint":
         mask = _mask_rows(masks, n, init.shape[1:3])
@@ -212,10 +214,11 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
 
 
 def txt2img(sd, prompts: str | Sequence[str], *, negative_prompts=None, steps: int = 50, sampler: str = "ddim",
-            guidance_scale: float = 7.5, eta: float | None = None, height: int = 512, width: int = 512,
+            guidance_scale: float = 7.5, eta: float | None = None, height: int | None = None, width: int | None = None,
             seed: int = 0, latents=None, output: str = "images", progress: bool = False,
             timings: Timings | None = None) -> np.ndarray:
-    """Text to image. Returns uint8 [B, height, width, 3] (B = len(prompts)), or with output="latents" the
+    """Text to image. Returns uint8 [B, height, width, 3] (B = len(prompts); height and width default to the
+    model's own resolution, `sd.config.image_size`: 512 for SD 1.x), or with output="latents" the
     final latents [B, height/8, width/8, 4] before decoding. `latents` gives x_T explicitly ([B, h, w, 4]).
     eta: None = the sampler's default (0 for DDIM: deterministic; 1 for Euler ancestral).
     Guidance scale, eta and seed never trigger recompilation; steps, batch and size do (then cached)."""

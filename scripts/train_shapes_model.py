@@ -1,0 +1,112 @@
+"""Retrain the small text-to-image model that ldm-jax ships as its default (`ldm_jax/assets/shapes/`).
+
+    python scripts/train_shapes_model.py --work runs/shapes            # everything, then installs the weights
+
+1. Generates the procedural captioned data set (`ldm_jax.data.shapes`, 64x64, held-out combinations excluded).
+2. Trains the KL-f4 autoencoder (`ldm_jax.train.autoencoder`; L1 + L2 + small KL) and sets the latent scale to
+   1 / std of the latents.
+3. Writes a base checkpoint: trained autoencoder, U-Net and CLIP-architecture text encoder at random init. The
+   text encoder stays frozen at that init: prompts still map to distinct contexts (token embeddings, positions
+   and two random transformer layers), all learning happens in the U-Net's cross-attention, and the trainer
+   users run for fine-tuning Stable Diffusion (frozen text encoder) is reused unchanged.
+4. Trains the U-Net with `ldm-jax train` (the same code users run; latents precomputed once).
+5. Exports the EMA weights as fp16 CompVis .safetensors (config in the header) to ldm_jax/assets/shapes/.
+6. Measures prompt adherence on held-out prompts with `ldm_jax.data.shapes_eval` (pixel analysis).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+ASSET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ldm_jax", "assets", "shapes",
+                     "model.safetensors")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="runs/shapes", help="working directory (data, checkpoints, logs)")
+    ap.add_argument("--n", type=int, default=20000, help="training images")
+    ap.add_argument("--vae-images", type=int, default=4000, help="images (in memory) for the autoencoder")
+    ap.add_argument("--vae-steps", type=int, default=1200)
+    ap.add_argument("--vae-batch-size", type=int, default=16)
+    ap.add_argument("--unet-steps", type=int, default=4000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-install", action="store_true", help="do not copy the result into ldm_jax/assets")
+    a = ap.parse_args()
+
+    import dataclasses
+
+    from convert.mapping import params_to_state_dict
+    from convert.safetensors_io import write_safetensors
+    from ldm_jax.cli.main import main as cli
+    from ldm_jax.configs import shapes
+    from ldm_jax.data.shapes import make_dataset, write_dataset
+    from ldm_jax.loading import CONFIG_METADATA_KEY
+    from ldm_jax.models.build import random_params
+    from ldm_jax.train.autoencoder import latent_scale, train_autoencoder
+
+    os.makedirs(a.work, exist_ok=True)
+    t0 = time.time()
+    data_dir = os.path.join(a.work, "data")
+    if not os.path.exists(os.path.join(data_dir, "metadata.jsonl")):
+        print(f"writing {a.n} images to {data_dir} ...", flush=True)
+        write_dataset(data_dir, a.n, a.seed, size=64)
+
+    base = os.path.join(a.work, "base.safetensors")
+    if not os.path.exists(base):
+        config = shapes()
+        images = np.stack([im for im, _, _ in make_dataset(a.vae_images, a.seed + 1, size=64)])
+        images = images.astype(np.float32) / 127.5 - 1.0
+        vae, metrics = train_autoencoder(config, images, steps=a.vae_steps, batch_size=a.vae_batch_size,
+                                         seed=a.seed)
+        scale = latent_scale(config, vae, images[:1024])
+        config = dataclasses.replace(config, latent_scale=round(scale, 5))
+        print(f"autoencoder: {metrics}, latent scale {config.latent_scale}", flush=True)
+        params = random_params(config, a.seed + 2, components=("unet", "text_encoder"))
+        params["vae"] = vae
+        write_safetensors(base, params_to_state_dict(params), {CONFIG_METADATA_KEY: config.to_json()})
+        print(f"wrote {base} ({time.time() - t0:.0f}s so far)", flush=True)
+
+    run = os.path.join(a.work, "run")
+    resume = ["--resume"] if os.path.isdir(os.path.join(run, "checkpoints")) else []
+    rc = cli(["train", "--checkpoint", base, "--data", data_dir, "--out", run, "--steps", str(a.unet_steps),
+              "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--warmup", "300", "--min-lr-ratio", "0.05",
+              "--ema-decay", "0.999", "--resolution", "64", "--precompute-latents", "--save-every", "500",
+              "--sample-every", "1000", "--sample-prompt", "a red circle in the top left corner on a white background",
+              "--sample-prompt", "a blue square in the center on a black background", "--seed", str(a.seed), *resume])
+    if rc:
+        raise SystemExit(rc)
+    out = os.path.join(a.work, "model.safetensors")
+    if cli(["export", os.path.join(run, "model"), out, "--dtype", "fp16"]):
+        raise SystemExit("export failed")
+    print(f"exported {out}: {os.path.getsize(out) / 2**20:.1f} MiB; total {(time.time() - t0) / 60:.0f} min")
+    if not a.no_install:
+        os.makedirs(os.path.dirname(ASSET), exist_ok=True)
+        os.replace(out, ASSET)
+        out = ASSET
+        print(f"installed {ASSET}")
+    evaluate(out)
+
+
+def evaluate(path: str, n: int = 60, seed: int = 0) -> dict:
+    """Prompt adherence of `path` on n held-out prompts (see tests/test_default_model.py for the threshold)."""
+    import ldm_jax
+    from ldm_jax.data.shapes import held_out_prompts
+    from ldm_jax.data.shapes_eval import adherence
+
+    sd = ldm_jax.load(path)
+    prompts = held_out_prompts(n, seed)
+    images = ldm_jax.txt2img(sd, [p for p, _ in prompts], steps=30, seed=seed, height=64, width=64)
+    result = adherence(images, [attrs for _, attrs in prompts])
+    print({k: v for k, v in result.items() if k != "per_image"})
+    return result
+
+
+if __name__ == "__main__":
+    main()
