@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ldm_jax.configs import preset
 from ldm_jax.models.build import random_params
@@ -144,6 +145,82 @@ def bench_torch_unet(cfg, images: int, latent: int, iters: int, factor: int = 8)
                statistics.median(ts), size=latent * factor, extra={"threads": torch.get_num_threads()})
 
 
+def bench_train(preset_name: str, batch: int, size: int, iters: int, dtype="float32", remat: bool = False,
+                grad_accum: int = 1, optim=None, step_cfg=None, seed: int = 0) -> Row:
+    """One optimiser step of `ldm-jax train` (frozen VAE encode + text encode, U-Net forward/backward, AdamW, EMA)
+    on random weights and random images, data-parallel over every device: median seconds per step, images/s and
+    the compiled step's peak memory (XLA memory_analysis; params, EMA, optimiser state, batch and temporaries).
+    `optim` / `step_cfg` (state.OptimConfig / step.StepConfig) default to the training defaults. The step is
+    compiled from shapes alone; on the CPU it only runs when that peak fits in the available host memory
+    (otherwise seconds is NaN and extra["skipped"] says why)."""
+    from ldm_jax import parallel
+    from ldm_jax.errors import UserError
+    from ldm_jax.models.build import abstract_params
+    from ldm_jax.train.loop import check_resolution
+    from ldm_jax.train.state import OptimConfig, abstract_state, init_state
+    from ldm_jax.train.step import StepConfig, frozen_inputs, jitted_train_step, key_data, shard_batch
+
+    cfg = preset(preset_name)
+    check_resolution(cfg, size)
+    mesh = parallel.data_mesh()
+    if batch % mesh.devices.size:
+        raise UserError(f"the batch ({batch}) must be a multiple of the device count ({mesh.devices.size})")
+    prec = {"bfloat16": "bf16", "float32": "fp32"}.get(jnp.dtype(dtype).name)
+    if prec is None:
+        raise UserError(f"training runs in float32 or bfloat16 (fp32 master params), not {jnp.dtype(dtype).name}")
+    optim = optim or OptimConfig()
+    step_cfg = step_cfg or StepConfig(grad_accum=grad_accum, precision=prec, remat=remat)
+    k, text = step_cfg.grad_accum, cfg.text
+    rep, rows = parallel.replicated(mesh), NamedSharding(mesh, P(None, parallel.DATA_AXIS))
+    shape = lambda tree, sharding: jax.tree_util.tree_map(  # noqa: E731
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
+    abstract = abstract_params(cfg)
+    args = (shape(abstract_state(abstract["unet"], optim), rep),
+            {"images": jax.ShapeDtypeStruct((k, batch, size, size, 3), jnp.float32, sharding=rows),
+             "ids": jax.ShapeDtypeStruct((k, batch, text.max_length), jnp.int32, sharding=rows)},
+            jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
+            shape({"vae": abstract["vae"], "text_encoder": abstract["text_encoder"],
+                   "uncond_ids": jax.ShapeDtypeStruct((1, text.max_length), jnp.int32)}, rep))
+    t0 = time.perf_counter()
+    compiled = jitted_train_step(cfg, optim, step_cfg, mesh).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    images, mem = batch * k, _mem_mb(compiled)
+    extra = {"grad_accum": k, "compile_s": round(compile_s, 2), "program_mb": mem}
+    label = step_cfg.precision + ("+remat" if step_cfg.remat else "")
+    available = _available_mb()
+    if jax.default_backend() == "cpu" and mem and available and mem > 0.9 * available:
+        extra["skipped"] = f"needs ~{mem / 1024:.1f} GiB, {available / 1024:.1f} GiB available"
+        return Row("train_step", "ldm-jax", device_name(), label, batch, images, float("nan"), size=size, extra=extra)
+    params = jax.device_put(random_params(cfg, seed))
+    state = init_state(parallel.replicate(params["unet"], mesh), optim, rep)
+    sd = StableDiffusion(cfg, {c: params[c] for c in ("vae", "text_encoder")})
+    frozen = frozen_inputs(sd.params, sd.tokenize([""]), mesh)
+    del params
+    key = parallel.replicate(key_data(seed), mesh)
+    rng = np.random.default_rng(seed)
+    ids = sd.tokenize(["a photograph of an astronaut riding a horse"] * images)
+    data = shard_batch({"images": rng.uniform(-1, 1, (k, batch, size, size, 3)).astype(np.float32),
+                        "ids": ids.reshape(k, batch, -1)}, mesh)
+    ts = []
+    for _ in range(iters + 1):  # the first run is a warm-up
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, data, key, frozen)
+        jax.block_until_ready((state, metrics))
+        ts.append(time.perf_counter() - t0)
+    s = statistics.median(ts[1:])
+    extra["images_per_s"] = round(images / s, 2)
+    return Row("train_step", "ldm-jax", device_name(), label, batch, images, s, size=size, extra=extra)
+
+
+def _available_mb() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def first_image_seconds(preset_name: str, dtype: str, size: int, steps: int, cache: str) -> float:
     """Wall time of a fresh process from start to its first image (zero weights: values don't change time)."""
     code = (f"import time; t0 = time.perf_counter(); import jax, jax.numpy as jnp; from ldm_jax.configs import preset;"
@@ -163,7 +240,13 @@ def first_image_seconds(preset_name: str, dtype: str, size: int, steps: int, cac
 
 
 def run_bench(*, preset_name="sd1", dtype="bfloat16", images=(1, 8), size=512, steps=50, iters=5,
-              e2e=True, torch_ref=False, cold_warm=False, log=print) -> list[Row]:
+              e2e=True, torch_ref=False, cold_warm=False, train=False, remat=False, log=print) -> list[Row]:
+    if train:  # training throughput only: one row per batch size
+        rows = []
+        for n in images:
+            log(f"train step, batch {n}, {size}x{size}{' (remat)' if remat else ''} ...")
+            rows.append(bench_train(preset_name, n, size, iters, dtype, remat=remat))
+        return rows
     dt = jnp.dtype(dtype).type
     prec = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}[jnp.dtype(dtype).name]
     log(f"building random {preset_name} weights ...")

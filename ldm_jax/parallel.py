@@ -30,6 +30,9 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
     if process_id is None and "LDM_JAX_PROCESS_ID" in os.environ:
         process_id = int(os.environ["LDM_JAX_PROCESS_ID"])
     if coordinator or num_processes or process_id is not None:
+        # CPU runs have cross-process collectives (gradient all-reduce, orbax's multi-host barriers) only with
+        # gloo; it must be set before the backend starts and has no effect on GPU/TPU.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id)
     return jax.process_count() > 1

@@ -3,8 +3,11 @@
 Times the U-Net step with classifier-free guidance (1 and 8 images), the VAE decode, end-to-end txt2img
 (50 DDIM steps, CFG 7.5) and, with --cold-warm, a new process's first image with a cold and a warm
 persistent compilation cache. --torch also times labml's torch U-Net in the same process on the same
-device and prints the ratio. Prints a table and writes JSON (--json). Defaults: bf16 at 512x512 with
-1 and 8 images on GPU/TPU; fp32, one image at 256x256 (32x32 latents), no end-to-end run on CPU.
+device and prints the ratio. --train times one optimiser step of `ldm-jax train` instead (images/s and the
+compiled step's peak memory; --images are global batch sizes, --remat rematerialises U-Net blocks; on the CPU a
+step whose peak exceeds the free memory is compiled and reported but not run). Prints a table and writes JSON
+(--json). Defaults: bf16 at 512x512 with 1 and 8 images on GPU/TPU; fp32, one image at 256x256 (32x32 latents),
+no end-to-end run on CPU.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ def add_parser(sub, name, help_):
                    help="end-to-end txt2img timing (default: on for GPU/TPU, off on CPU)")
     p.add_argument("--torch", action="store_true", help="also time labml's torch U-Net on the same device")
     p.add_argument("--cold-warm", action="store_true", help="time a new process's first image, cold and warm cache")
+    p.add_argument("--train", action="store_true", help="time the training step instead (images/s, peak memory; "
+                   "--images are global batch sizes)")
+    p.add_argument("--remat", action="store_true", help="with --train: rematerialise U-Net blocks")
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     p.set_defaults(func=run)
 
@@ -46,11 +52,12 @@ def run(args) -> int:
     except ValueError:
         raise UserError(f"--images must be comma-separated integers, got {args.images!r}") from None
     size = args.size or (512 if accel else 256)
-    if size % 64 or min(images) < 1 or args.steps < 1 or args.iters < 1:
+    if (size % 64 and not args.train) or min(images) < 1 or args.steps < 1 or args.iters < 1:
         raise UserError("--size must be a multiple of 64; --images, --steps and --iters must be >= 1")
     rows = run_bench(preset_name=args.preset, dtype=args.dtype or ("bfloat16" if accel else "float32"),
                      images=images, size=size, steps=args.steps, iters=args.iters,
-                     e2e=accel if args.e2e is None else args.e2e, torch_ref=args.torch, cold_warm=args.cold_warm)
+                     e2e=accel if args.e2e is None else args.e2e, torch_ref=args.torch, cold_warm=args.cold_warm,
+                     train=args.train, remat=args.remat)
     print(format_rows(rows))
     ours = {r.images: r.seconds for r in rows if r.what == "unet_step_cfg" and r.impl == "ldm-jax"}
     for r in rows:

@@ -6,11 +6,11 @@ Each step directory `checkpoints/<step>/` holds two items:
     meta/    JSON: format, step, seed, data position/epoch, model config, optimiser/step/run settings, base model
 
 Saves are asynchronous (the step loop continues while tensorstore writes) and atomic: orbax writes
-`<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` only after everything is written (and a commit marker),
+`<step>.orbax-checkpoint-tmp*` and renames it to `<step>` only after everything is written (and a commit marker),
 so a process killed mid-save leaves the previous checkpoint as the latest loadable one; leftover temporary
-directories are removed the next time the manager opens the directory. Only the last `keep` checkpoints stay
-(`LatestN`); older ones are deleted after a newer one is complete. A failed write (disk full, permissions) becomes a
-`UserError` that names the step and the previous, intact checkpoint.
+directories are removed (synchronously) the next time `Checkpoints` opens the directory. Only the last `keep`
+checkpoints stay (`LatestN`); older ones are deleted after a newer one is complete. A failed write (disk full,
+permissions) becomes a `UserError` that names the step and the previous, intact checkpoint.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from ldm_jax.errors import UserError
 FORMAT = "ldm-jax-train"
 FORMAT_VERSION = 1
 MODEL_KEYS = ("unet", "vae", "text")  # config sections that must match to resume
+TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's name for a step directory being written
 
 
 def _ocp():
@@ -62,14 +63,26 @@ class Checkpoints:
         self.directory = os.path.abspath(os.fspath(directory))
         if keep < 1:
             raise UserError(f"--keep must be >= 1, got {keep}")
+        self._remove_partial()
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.LatestN(keep), create=True, cleanup_tmp_directories=True,
+            preservation_policy=ocp.checkpoint_managers.LatestN(keep), create=True,
             enable_async_checkpointing=async_save)
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
         except OSError as e:
             raise UserError(f"cannot open the checkpoint directory {self.directory}: {e.strerror or e}") from e
         self._pending: int | None = None  # step being written asynchronously
+        self._reported = False  # a failed save was reported: closing must not raise it again
+
+    def _remove_partial(self, step: int | None = None) -> None:
+        """Delete unfinished `<step>.orbax-checkpoint-tmp*` directories (of one step, or all), on process 0 only,
+        synchronously (orbax's own clean-up runs in the background)."""
+        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+            return
+        for name in os.listdir(self.directory):
+            head, sep, _ = name.partition(TMP_MARK)
+            if sep and head.isdigit() and (step is None or int(head) == step):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------- queries
 
@@ -93,7 +106,7 @@ class Checkpoints:
         """Start writing checkpoint `step` (returns before the arrays are on disk; `wait()` to finish)."""
         ocp = _ocp()
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "step": int(step)}
-        self._check(self.wait)
+        self.wait()
         previous = self.latest_step()
         try:
             self._manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree),
@@ -104,26 +117,21 @@ class Checkpoints:
 
     def wait(self) -> None:
         """Block until the pending save (if any) is complete; I/O failures become a UserError."""
-        self._check(self._manager.wait_until_finished)
-
-    def _check(self, fn) -> None:
         try:
-            fn()
+            self._manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
             step, self._pending = self._pending, None
             self._failed(e, step, self._previous_of(step))
-        else:
-            self._pending = None
+        self._pending = None
 
     def _previous_of(self, step: int | None) -> int | None:
         done = [s for s in self.all_steps() if step is None or s < step]
         return done[-1] if done else None
 
     def _failed(self, e: BaseException, step: int | None, previous: int | None) -> None:
-        if jax.process_index() == 0 and step is not None:  # drop the partial step directory (never the last one)
-            for name in os.listdir(self.directory) if os.path.isdir(self.directory) else ():
-                if name.startswith(f"{step}.orbax-checkpoint-tmp"):
-                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        self._reported = True
+        if step is not None:
+            self._remove_partial(step)  # the failed step's partial directory, never a finished checkpoint
         intact = (f"the previous checkpoint (step {previous}) is intact" if previous is not None
                   else "no earlier checkpoint exists")
         if _is_disk_full(e):
@@ -136,8 +144,9 @@ class Checkpoints:
 
     # ------------------------------------------------------------------------------------------- restoring
 
-    def restore(self, abstract_tree: dict, step: int | None = None) -> tuple[dict, dict]:
-        """(state tree, meta) of `step` (default: the latest). `abstract_tree` gives shapes, dtypes and shardings."""
+    def restore(self, abstract_tree: dict | None, step: int | None = None) -> tuple[dict, dict]:
+        """(state tree, meta) of `step` (default: the latest). `abstract_tree` gives shapes, dtypes and shardings
+        (None: the stored tree as it is, for inspection)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise UserError(f"no checkpoint to resume from in {self.directory}")
@@ -154,8 +163,15 @@ class Checkpoints:
     def close(self) -> None:
         try:
             self.wait()
+        except Exception:  # noqa: BLE001
+            if not self._reported:
+                raise
         finally:
-            self._manager.close()
+            try:
+                self._manager.close()
+            except Exception:  # noqa: BLE001 - orbax re-raises the failure it already reported
+                if not self._reported:
+                    raise
 
     def __enter__(self):
         return self
@@ -174,7 +190,8 @@ def check_same_model(meta: dict, config_dict: dict[str, Any], where: str) -> Non
     if diffs:
         def describe(d):
             u = d.get("unet") or {}
-            return f"{d.get('name', '?')} (U-Net channels {u.get('channels')}, multipliers {u.get('channel_multipliers')})"
+            return (f"{d.get('name', '?')} (U-Net channels {u.get('channels')}, "
+                    f"multipliers {u.get('channel_multipliers')})")
 
         raise UserError(f"{where}: the checkpoint was trained with a different model size: {describe(saved)} vs "
                         f"{describe(config_dict)} now (differs in {', '.join(diffs)}); use the same --checkpoint/"

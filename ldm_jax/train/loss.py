@@ -3,7 +3,8 @@
 Rombach et al. 2022 ("High-Resolution Image Synthesis with Latent Diffusion Models"), eq. 2 with the conditioning
 of eq. 3 — Ho et al. 2020's L_simple applied to latents of a frozen autoencoder:
 
-    L_LDM = E_{z_0 = E(x), c, eps ~ N(0, I), t ~ U{0..T-1}} || eps - eps_theta(sqrt(ab_t) z_0 + sqrt(1 - ab_t) eps, t, tau(c)) ||^2
+    L_LDM = E_{z_0 = E(x), c, eps ~ N(0, I), t ~ U{0..T-1}} || eps - eps_theta(z_t, t, tau(c)) ||^2,
+    z_t = sqrt(ab_t) z_0 + sqrt(1 - ab_t) eps      (ab_t = alpha_bar_t, `schedules.q_sample`)
 
 as fine-tuned by diffusers' `examples/text_to_image/train_text_to_image_flax.py` (the use case): the loss is the
 mean over batch and latent elements (`F.mse_loss(..., reduction="mean")`), z_0 is a *sample* of the autoencoder

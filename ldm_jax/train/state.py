@@ -23,6 +23,7 @@ that component's params here (see `init_state`), nothing in this file is U-Net s
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -90,17 +91,30 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(cfg.clip), adamw) if cfg.clip else adamw
 
 
-def init_state(params, cfg: OptimConfig) -> TrainState:
-    """A fresh state at step 0: EMA starts as a copy of the params (separate buffers, so the state can be donated)."""
-    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
-    ema = jax.tree_util.tree_map(jnp.copy, params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema,
-                      opt_state=make_optimizer(cfg).init(params))
+def init_state(params, cfg: OptimConfig, sharding=None) -> TrainState:
+    """A fresh state at step 0, made by one compiled program on the devices of `params` (or placed by `sharding`,
+    e.g. `parallel.replicated(mesh)`): fp32 copies of the params and of the EMA (new buffers, never the caller's, so
+    the state can be donated) and the optimiser state. No host copies: at SD 1.x size the state is 4 x 3.4 GB."""
+    return _jitted_init(cfg, sharding)(params)
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_init(cfg: OptimConfig, sharding):
+    tx = make_optimizer(cfg)
+
+    def init(params):
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+        ema = jax.tree_util.tree_map(lambda x: x * 1.0, params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema, opt_state=tx.init(params))
+
+    return jax.jit(init, out_shardings=sharding)
 
 
 def abstract_state(abstract_params, cfg: OptimConfig) -> TrainState:
     """The state's shapes and dtypes (jax.ShapeDtypeStruct leaves) without allocating anything."""
-    return jax.eval_shape(lambda p: init_state(p, cfg), abstract_params)
+    shapes = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), abstract_params)
+    return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=shapes, ema_params=shapes,
+                      opt_state=jax.eval_shape(make_optimizer(cfg).init, shapes))
 
 
 def ema_decay_at(cfg: OptimConfig, n) -> jax.Array:
@@ -120,5 +134,5 @@ def apply_gradients(state: TrainState, grads, cfg: OptimConfig) -> tuple[TrainSt
     step = state.step + 1
     decay = ema_decay_at(cfg, step)
     ema = jax.tree_util.tree_map(lambda e, p: e - (1.0 - decay) * (e - p), state.ema_params, params)
-    info = {"grad_norm": optax.global_norm(grads), "lr": lr_schedule(cfg)(state.step), "ema_decay": decay}
+    info = {"grad_norm": optax.tree.norm(grads), "lr": lr_schedule(cfg)(state.step), "ema_decay": decay}
     return TrainState(step=step, params=params, ema_params=ema, opt_state=opt_state), info

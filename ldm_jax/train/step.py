@@ -17,6 +17,7 @@ makes XLA insert the gradient all-reduce (on every device of every host). The st
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -136,10 +137,26 @@ def key_data(seed: int) -> np.ndarray:
 
 def compile_step(step_fn, mesh=None, donate: bool = True):
     """jit with replicated state / key / frozen and a B-sharded batch; the state is donated."""
+    from ldm_jax.compile_cache import enable_compilation_cache
+
+    enable_compilation_cache()  # a new process (a resumed run, another host) reuses the compiled step from disk
     mesh = mesh or parallel.data_mesh()
     rep = parallel.replicated(mesh)
     return jax.jit(step_fn, in_shardings=(rep, batch_sharding(mesh), rep, rep), out_shardings=(rep, rep),
                    donate_argnums=(0,) if donate else ())
+
+
+def jitted_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfig, mesh=None):
+    """`compile_step(make_train_step(...))`, memoised per (model, hyper-parameters, mesh): runs in one process that
+    use the same settings (a resumed run, tests) share one traced and compiled program."""
+    if optim.schedule == "constant":  # the run length does not enter the program
+        optim = dataclasses.replace(optim, total_steps=1, min_lr_ratio=0.0)
+    return _jitted_train_step(config, optim, step_cfg, mesh or parallel.data_mesh())
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_train_step(config, optim, step_cfg, mesh):
+    return compile_step(make_train_step(config, optim, step_cfg), mesh)
 
 
 def frozen_inputs(params: dict, uncond_ids, mesh=None) -> dict:

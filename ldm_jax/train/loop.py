@@ -1,0 +1,344 @@
+"""The training loop: captioned images -> (latents, text embeddings) -> train steps -> metrics, checkpoints, samples,
+and at the end the trained model as a converted directory (RUN_DIR/model, readable by `ldm_jax.load` and
+`ldm-jax export`).
+
+The use case is diffusers' `examples/text_to_image/train_text_to_image_flax.py` (fine-tune the U-Net of a Stable
+Diffusion checkpoint on a folder of captioned images); the objective is Rombach et al. 2022 eq. 2 (`loss.py`). Runs
+on every device of every host (`parallel.data_mesh()`): `batch_size` is the global micro-batch, each host loads its
+rows (`data.batches(shard_index=process, num_shards=processes)`), K = `grad_accum` micro-batches make one update.
+
+RUN_DIR layout: checkpoints/<step>/ (orbax, `checkpoint.py`), metrics.jsonl (one JSON object per step), samples/
+(PNG with prompt/seed/step metadata), model/ (converted directory of the EMA U-Net, or the raw one), latent_cache/.
+
+Exact resume: the state (params, EMA, optimiser), the step (which fixes every random key), the seed and the data
+position are checkpointed; resuming with the same settings continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from ldm_jax import parallel
+from ldm_jax.errors import UserError
+from ldm_jax.train import data as D
+from ldm_jax.train.checkpoint import Checkpoints, check_same_model
+from ldm_jax.train.state import OptimConfig, TrainState, abstract_state, init_state
+from ldm_jax.train.step import StepConfig, frozen_inputs, jitted_train_step, key_data, shard_batch
+
+EXPORTS = ("ema", "raw", "none")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    data: str
+    out: str
+    checkpoint: str | None = None  # anything ldm_jax.load reads ...
+    preset: str | None = None  # ... or random weights of a preset (training from scratch)
+    steps: int = 1000
+    batch_size: int = 1  # global micro-batch (all devices, all hosts)
+    resolution: int | None = None  # default: the model's own image size (512 for SD 1.x)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    step: StepConfig = dataclasses.field(default_factory=StepConfig)
+    random_flip: bool = False
+    allow_empty_captions: bool = False
+    seed: int = 0
+    resume: bool = False
+    save_every: int = 500
+    keep: int = 3
+    sample_every: int = 0
+    sample_prompts: tuple[str, ...] = ()
+    sample_steps: int = 20
+    sample_scale: float = 7.5
+    precompute_latents: bool = False
+    export: str = "ema"  # which U-Net RUN_DIR/model gets at the end
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this invocation
+    num_workers: int = 2
+    progress: bool = True
+
+
+def load_base(checkpoint: str | None, preset_name: str | None, seed: int = 0):
+    """The starting model: `ldm_jax.load(checkpoint)`, or random weights of a preset (U-Net, VAE and text encoder
+    at random init; the text encoder stays frozen there)."""
+    if (checkpoint is None) == (preset_name is None):
+        raise UserError("give exactly one of --checkpoint BASE or --preset NAME")
+    if preset_name is not None:
+        import jax.numpy as jnp
+
+        from ldm_jax.configs import preset
+        from ldm_jax.models.build import random_params
+        from ldm_jax.stable_diffusion import StableDiffusion
+
+        try:
+            config = preset(preset_name)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        params = jax.tree_util.tree_map(jnp.asarray, random_params(config, seed))
+        return StableDiffusion(config, params, metadata={"source": f"preset:{preset_name}", "seed": seed})
+    import ldm_jax
+
+    return ldm_jax.load(checkpoint)
+
+
+def base_info(cfg: TrainConfig) -> dict:
+    return {"checkpoint": cfg.checkpoint and os.path.abspath(cfg.checkpoint), "preset": cfg.preset}
+
+
+def check_resolution(config, resolution: int) -> None:
+    levels = len(config.unet.channel_multipliers)
+    multiple = config.vae.downsample_factor * 2 ** (levels - 1)
+    if resolution < multiple or resolution % multiple:
+        raise UserError(f"--resolution must be a positive multiple of {multiple} for this model, got {resolution}")
+
+
+def _state_shapes(config, optim: OptimConfig, mesh):
+    from ldm_jax.models.build import abstract_params
+
+    rep = parallel.replicated(mesh)
+    shapes = abstract_state(abstract_params(config, ("unet",))["unet"], optim).as_dict()
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
+
+
+def export_model(out_dir: str, sd, state: TrainState, *, ema: bool, meta: dict, resolution: int | None = None):
+    """Write the trained model (U-Net from `state`, frozen VAE and text encoder of `sd`) as a converted directory;
+    its config's `image_size` (the default sampling size) becomes the training resolution."""
+    from convert.orbax_io import write_converted
+
+    unet = state.ema_params if ema else state.params
+    params = {"unet": unet, "vae": sd.params["vae"], "text_encoder": sd.params["text_encoder"]}
+    metadata = {"source": f"ldm-jax train {meta.get('run_dir')} step {meta.get('step')}", "kind": sd.config.name,
+                "ema": bool(ema), "ema_available": True, "train": meta}
+    config = dataclasses.replace(sd.config, image_size=int(resolution)) if resolution else sd.config
+    write_converted(out_dir, config, params, metadata, overwrite=True)
+
+
+class _Metrics:
+    """metrics.jsonl (process 0 only) and TensorBoard when `tensorboardX` is importable."""
+
+    def __init__(self, run_dir: str, enabled: bool):
+        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") if enabled else None
+        self.tb = None
+        if enabled:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, row: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _sample(sd, frozen, state, cfg: TrainConfig, res: int, step: int, run_dir: str, mesh) -> None:
+    """Sample images at the fixed prompts with the EMA U-Net (one compiled program, reused across calls)."""
+    from ldm_jax.images import save_png
+    from ldm_jax.pipelines.generate import txt2img
+
+    sd.params.update({"unet": state.ema_params, "vae": frozen["vae"], "text_encoder": frozen["text_encoder"]})
+    sd.cache[("params", id(mesh))] = sd.params  # already replicated on the mesh: no copy (see generate.py)
+    images = txt2img(sd, list(cfg.sample_prompts), steps=cfg.sample_steps, guidance_scale=cfg.sample_scale,
+                     height=res, width=res, seed=cfg.seed)
+    sd.cache.pop(("params", id(mesh)))  # the state is donated to the next step
+    if jax.process_index() == 0:
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+        for i, (img, prompt) in enumerate(zip(images, cfg.sample_prompts)):
+            save_png(os.path.join(run_dir, "samples", f"step{step:07d}-{i:02d}.png"), img,
+                     {"prompt": prompt, "seed": cfg.seed, "index": i, "step": step, "sampler": "ddim",
+                      "steps": cfg.sample_steps, "scale": cfg.sample_scale, "unet": "ema"})
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Run (or resume) training as configured; returns {"step", "loss", "run_dir", "model_dir"}."""
+    from ldm_jax.compile_cache import enable_compilation_cache
+
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.save_every < 1:
+        raise UserError("--steps, --batch-size and --save-every must be >= 1")
+    if cfg.export not in EXPORTS:
+        raise UserError(f"export must be one of {', '.join(EXPORTS)}, got {cfg.export!r}")
+    if cfg.sample_every and not cfg.sample_prompts:
+        raise UserError("--sample-every needs at least one --sample-prompt")
+    dataset = D.scan_dataset(cfg.data, allow_empty_captions=cfg.allow_empty_captions)
+    run_dir = os.path.abspath(cfg.out)
+    os.makedirs(run_dir, exist_ok=True)
+    enable_compilation_cache()
+    ck = Checkpoints(os.path.join(run_dir, "checkpoints"), keep=cfg.keep)
+    try:
+        return _train(cfg, dataset, run_dir, ck, log)
+    finally:
+        ck.close()
+
+
+def _train(cfg, dataset, run_dir, ck, log):
+    latest = ck.latest_step()
+    if latest is not None and not cfg.resume:
+        raise UserError(f"{run_dir} already holds checkpoints (latest step {latest}); pass --resume to continue "
+                        "or choose a new --out directory")
+    if cfg.resume and latest is None:
+        raise UserError(f"--resume: no checkpoint in {ck.directory}")
+    meta = ck.read_meta(latest) if latest is not None else None
+    seed = int(meta["seed"]) if meta else cfg.seed
+    sd = load_base(cfg.checkpoint, cfg.preset, seed)
+    config_dict = sd.config.to_dict()
+    if meta:
+        check_same_model(meta, config_dict, f"--resume {run_dir}")
+    res = cfg.resolution or sd.config.image_size
+    check_resolution(sd.config, res)
+    mesh, n_proc = parallel.data_mesh(), jax.process_count()
+    if cfg.batch_size % mesh.devices.size:
+        raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of the device count {mesh.devices.size}")
+    k = cfg.step.grad_accum
+    if meta:
+        state = TrainState.from_dict(ck.restore(_state_shapes(sd.config, cfg.optim, mesh), latest)[0])
+        log(f"resuming {run_dir} at step {latest} (data position {meta['data']['position']})")
+        now = json.loads(json.dumps({"optim": dataclasses.asdict(cfg.optim),
+                                     "step_config": dataclasses.asdict(cfg.step)}))
+        changed = [f"{g}.{k}" for g in now for k in now[g] if (meta.get(g) or {}).get(k) != now[g][k]]
+        if changed:
+            log(f"note: settings differ from the checkpoint's ({', '.join(changed)}); the run continues with the new "
+                "ones (not a bit-exact continuation)")
+    else:
+        rep = parallel.replicated(mesh)
+        state = init_state(parallel.replicate(sd.params["unet"], mesh), cfg.optim, rep)
+    sd = sd.replace(params={c: v for c, v in sd.params.items() if c != "unet"})  # the state holds the U-Net now
+    start = int(np.asarray(state.step.addressable_data(0)))
+    position = int(meta["data"]["position"]) if meta else 0
+    frozen = frozen_inputs(sd.params, sd.tokenize([""]), mesh)
+    key = parallel.replicate(key_data(seed), mesh)
+    loader_kw = dict(batch_size=cfg.batch_size // n_proc, resolution=res, seed=seed, position=position,
+                     random_flip=cfg.random_flip, shard_index=jax.process_index(), num_shards=n_proc,
+                     num_workers=cfg.num_workers)
+    if cfg.precompute_latents:
+        from ldm_jax.train import latent_cache
+
+        cache = latent_cache.build(sd, dataset, res, cfg.random_flip, os.path.join(run_dir, "latent_cache"),
+                                   cfg.step.dtype, log=log)
+        loader = latent_cache.cached_batches(cache, dataset, **loader_kw)
+    else:
+        loader = D.batches(dataset, **loader_kw)
+    step_fn = jitted_train_step(sd.config, cfg.optim, cfg.step, mesh)
+    sampler_sd = sd.replace(params={}, dtype=cfg.step.dtype)
+    metrics = _Metrics(run_dir, jax.process_index() == 0)
+    run_meta = {"seed": seed, "config": config_dict, "optim": dataclasses.asdict(cfg.optim),
+                "step_config": dataclasses.asdict(cfg.step), "base": base_info(cfg), "run_dir": run_dir,
+                "run": {"batch_size": cfg.batch_size, "resolution": res, "random_flip": cfg.random_flip,
+                        "steps": cfg.steps, "processes": n_proc, "devices": int(mesh.devices.size)}}
+
+    def checkpoint(step, data):
+        ck.save(step, state.as_dict(), {**run_meta, "data": {"position": data["position"], "epoch": data["epoch"]}})
+
+    def next_batch():
+        rows = [next(loader) for _ in range(k)]
+        if "images" in rows[0]:
+            local = {"images": np.stack([r["images"] for r in rows]),
+                     "ids": np.stack([sd.tokenize(r["captions"]) for r in rows])}
+        else:
+            local = {name: np.stack([r[name] for r in rows]) for name in ("moments", "ctx")}
+        st = loader.stats  # the data consumed up to and including this step (the resume position)
+        return shard_batch(local, mesh), {"position": st.position, "epoch": st.epoch, "skipped": st.skipped,
+                                          "upscaled": st.upscaled}
+
+    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
+    images_per_step = cfg.batch_size * k
+    last, pending, loss, bar, t_prev = start, None, float("nan"), None, 0.0
+
+    def flush(pending):  # metrics of a finished step (read one step late, so the device never waits for us)
+        nonlocal t_prev, loss
+        step, m, data = pending
+        row = {"step": step, **{n: float(np.asarray(v.addressable_data(0))) for n, v in m.items()}}
+        now = time.perf_counter()
+        row.update(seconds=now - t_prev, images_per_s=images_per_step / max(now - t_prev, 1e-9), **data)
+        t_prev, loss = now, row["loss"]
+        metrics.write(row)
+        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{row['images_per_s']:.2f}", refresh=False)
+        bar.update(1)
+
+    try:
+        with loader:
+            if start < end:
+                batch, data = next_batch()
+                log(f"compiling the train step (global batch {cfg.batch_size} x {k}, {res}x{res}, "
+                    f"{cfg.step.precision}{', remat' if cfg.step.remat else ''}, {mesh.devices.size} device(s)) ...")
+            for step in range(start + 1, end + 1):
+                state, m = step_fn(state, batch, key, frozen)
+                if bar is None:  # after the first step: compiled (or loaded from the cache)
+                    jax.block_until_ready(m)
+                    quiet = not cfg.progress or jax.process_index() != 0
+                    bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="train", dynamic_ncols=True,
+                               disable=True if quiet else None)  # None: only on a terminal
+                    t_prev = time.perf_counter()
+                if pending is not None:
+                    flush(pending)
+                pending, last = (step, m, data), step
+                if step % cfg.save_every == 0 or step == end:
+                    checkpoint(step, data)
+                if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
+                    _sample(sampler_sd, frozen, state, cfg, res, step, run_dir, mesh)
+                if step < end:
+                    batch, data = next_batch()
+            if pending is not None:
+                flush(pending)
+    except KeyboardInterrupt:
+        if pending is not None and ck.latest_step() != last:
+            log(f"interrupted: saving a checkpoint at step {last} ...")
+            try:
+                checkpoint(last, pending[2])
+                ck.wait()
+            except Exception as e:  # noqa: BLE001 - e.g. interrupted inside the step: its input state is gone
+                log(f"could not save step {last} ({type(e).__name__}); the last checkpoint is {ck.latest_step()}")
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics.close()
+    ck.wait()
+    model_dir = None
+    if last >= cfg.steps and cfg.export != "none":
+        model_dir = os.path.join(run_dir, "model")
+        if n_proc == 1:
+            export_model(model_dir, sd, state, ema=cfg.export == "ema", meta={"run_dir": run_dir, "step": last},
+                         resolution=res)
+            log(f"wrote the trained model ({cfg.export} U-Net) to {model_dir}")
+        else:
+            model_dir = None
+            log(f"multi-host run: export with `ldm-jax train --export-only --out {run_dir} ...` on one host")
+    return {"step": last, "loss": loss, "run_dir": run_dir, "model_dir": model_dir}
+
+
+def export_run(run_dir: str, checkpoint: str | None, preset_name: str | None, *, ema: bool = True,
+               out_dir: str | None = None, log=print) -> str:
+    """Export the latest checkpoint of RUN_DIR (on demand) as a converted directory (default RUN_DIR/model)."""
+    run_dir = os.path.abspath(run_dir)
+    with Checkpoints(os.path.join(run_dir, "checkpoints")) as ck:
+        step = ck.latest_step()
+        if step is None:
+            raise UserError(f"no checkpoint in {ck.directory}")
+        meta = ck.read_meta(step)
+        sd = load_base(checkpoint, preset_name, int(meta["seed"]))
+        check_same_model(meta, sd.config.to_dict(), f"export {run_dir}")
+        optim = OptimConfig(**meta["optim"])
+        tree, _ = ck.restore(_state_shapes(sd.config, optim, parallel.data_mesh()), step)
+    out_dir = out_dir or os.path.join(run_dir, "model")
+    export_model(out_dir, sd, TrainState.from_dict(tree), ema=ema, meta={"run_dir": run_dir, "step": step},
+                 resolution=meta.get("run", {}).get("resolution"))
+    log(f"wrote step {step} ({'ema' if ema else 'raw'} U-Net) to {out_dir}")
+    return out_dir

@@ -1,0 +1,174 @@
+"""Training state that survives processes: exact resume (4 steps == 2 + resume + 2, bitwise), a process killed
+in the middle of a checkpoint save, and the same parameters on 1 device, on 8 simulated devices in 2 processes
+(localhost `jax.distributed`, gloo collectives on CPU) with the same global batch, and with gradient accumulation."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ldm_jax.cli.main import main
+from tests.parity import rel_err
+from tests.train_worker import COMMON, make_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("resume") / "squares")
+
+
+def _train(data, out, *extra) -> None:
+    assert main(["train", *COMMON, "--data", data, "--out", str(out), *extra]) == 0
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    """4 steps in one go, a checkpoint after every step."""
+    run = tmp_path_factory.mktemp("resume") / "straight"
+    _train(data, run, "--steps", "4", "--save-every", "1", "--keep", "10")
+    return run
+
+
+def _state(run, step):
+    """(state tree as numpy, meta) of checkpoint `step`, restored onto this process's device."""
+    from ldm_jax import configs, parallel
+    from ldm_jax.train.checkpoint import Checkpoints
+    from ldm_jax.train.loop import _state_shapes
+    from ldm_jax.train.state import OptimConfig
+
+    with Checkpoints(os.path.join(run, "checkpoints")) as ck:
+        meta = ck.read_meta(step)
+        target = _state_shapes(configs.tiny(), OptimConfig(**meta["optim"]), parallel.data_mesh())
+        tree, meta = ck.restore(target, step)
+    return jax.tree_util.tree_map(np.asarray, tree), meta
+
+
+def _bitwise_equal(a, b) -> bool:
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    return len(la) == len(lb) and all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+def test_exact_resume(straight, data, tmp_path):
+    run = tmp_path / "split"
+    _train(data, run, "--steps", "4", "--save-every", "1", "--keep", "10", "--stop-after", "2")
+    first, meta2 = _state(run, 2)
+    assert meta2["step"] == 2 and meta2["data"]["position"] == 16
+    _train(data, run, "--steps", "4", "--save-every", "1", "--keep", "10", "--resume")
+    for step in (2, 4):
+        ours, meta = _state(run, step)
+        ref, ref_meta = _state(straight, step)
+        assert _bitwise_equal(ours, ref), step  # params, EMA, optimiser state, step
+        assert meta["data"] == ref_meta["data"] and meta["seed"] == ref_meta["seed"]
+    assert not _bitwise_equal(_state(straight, 2)[0]["params"], _state(straight, 4)[0]["params"])
+
+
+def _env(devices: int, fast_compile: bool = False, **extra) -> dict:
+    # fast_compile: LLVM -O0 for programs compared to float rounding only (compiles ~30% faster on 2 CPU cores)
+    flags = f"--xla_force_host_platform_device_count={devices}"
+    flags += " --xla_backend_optimization_level=0" if fast_compile else ""
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _worker(args, devices=1, fast_compile=False, **env):
+    return subprocess.Popen([sys.executable, "-m", "tests.train_worker", *COMMON, *args], cwd=ROOT,
+                            env=_env(devices, fast_compile, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _wait(proc):
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    return out
+
+
+def test_killed_while_saving(straight, data, tmp_path):
+    """SIGKILL while checkpoint 2 is being finalised (all files written to its temporary directory, not yet
+    renamed): checkpoint 1 stays the latest, loads, and resuming reproduces the uninterrupted run bit for bit."""
+    from ldm_jax.train.checkpoint import Checkpoints
+
+    run = tmp_path / "killed"
+    proc = _worker(["--data", data, "--out", str(run), "--steps", "3", "--save-every", "1"],
+                   LDM_JAX_TEST_HANG_FINALIZE=2)
+    lines = []
+    for line in proc.stdout:  # wait for the hook's marker
+        lines.append(line)
+        if line.startswith("FINALIZING 2 "):
+            break
+    else:
+        pytest.fail("the worker ended before saving step 2:\n" + "".join(lines))
+    partial = line.split()[2]
+    assert os.path.isdir(partial) and os.listdir(partial)  # a real, half-committed save
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc.stdout.close()
+    assert os.path.isdir(partial)  # the kill left the temporary directory behind ...
+    with Checkpoints(run / "checkpoints") as ck:
+        assert ck.all_steps() == [1]  # ... which is never taken for a checkpoint
+        assert not os.path.exists(partial)  # and is removed when the directory is opened again
+    state1, _ = _state(run, 1)
+    assert _bitwise_equal(state1, _state(straight, 1)[0])
+    _train(data, run, "--steps", "3", "--save-every", "1", "--resume")
+    assert _bitwise_equal(_state(run, 3)[0], _state(straight, 3)[0])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def parallel_run(data, tmp_path_factory):
+    """3 steps, global batch 8, on 8 simulated devices in 2 processes (4 devices and 4 rows each; the gradient
+    mean is a cross-process all-reduce, over gloo on CPU). Started first, in the background, so that its
+    compilation overlaps the in-process tests; `test_same_params_on_8_devices_in_2_processes` waits for it.
+    (One run covers both invariances: 8 devices instead of 1, 2 processes instead of 1; it costs two compilations
+    of the step on the 2 CPU cores the whole suite has, a separate 8-device single-process run a third.)"""
+    root = tmp_path_factory.mktemp("parallel")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--data", data, "--steps", "3", "--save-every", "3"]
+    procs = [_worker([*args, "--out", str(root / "hosts2")], devices=4, fast_compile=True, LDM_JAX_PROCESS_ID=i,
+                     LDM_JAX_COORDINATOR=f"127.0.0.1:{port}", LDM_JAX_NUM_PROCESSES=2) for i in range(2)]
+    # the same 8 images per update as 2 accumulated micro-batches of 4, with rematerialised U-Net blocks
+    procs.append(_worker([*args, "--out", str(root / "accum"), "--batch-size", "4", "--grad-accum", "2", "--remat"],
+                         fast_compile=True))
+    yield root, procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+@pytest.mark.parametrize("name, devices, processes", [("hosts2", 8, 2), ("accum", 1, 1)])
+def test_same_params_on_8_devices_in_2_processes_and_with_accumulation(straight, parallel_run, name, devices,
+                                                                        processes):
+    """Against the 1-device run with one batch of 8 per update, to float rounding: the 8-device, 2-process run,
+    and the 1-device run accumulating 2 micro-batches of 4 with remat (the same examples, example keys
+    fold_in(step_key, k * 4 + row) = the same draws, the mean of the two micro-batch gradients)."""
+    root, procs = parallel_run
+    for p in procs:
+        _wait(p)
+    ref, ref_meta = _state(straight, 3)
+    ours, meta = _state(root / name, 3)
+    assert meta["run"]["devices"] == devices and meta["run"]["processes"] == processes
+    assert meta["data"] == ref_meta["data"]
+    assert int(ours["step"]) == 3
+    for part in ("params", "ema_params", "mu", "nu"):  # Adam's moments each on their own scale
+        a, b = _flat(ours, part), _flat(ref, part)
+        assert a.size > 0 and rel_err(a, b) <= 1e-5, (part, rel_err(a, b))
+
+
+def _flat(state: dict, part: str) -> np.ndarray:
+    """The leaves of state[part] (params, ema_params) or of the optimiser state's `mu` / `nu`, concatenated."""
+    if part in state:
+        leaves = jax.tree_util.tree_leaves(state[part])
+    else:
+        leaves = [x for path, x in jax.tree_util.tree_leaves_with_path(state["opt_state"])
+                  if any(getattr(k, "key", getattr(k, "name", None)) == part for k in path)]
+    return np.concatenate([np.ravel(x) for x in leaves])
