@@ -74,7 +74,8 @@ def main() -> None:
         print(f"wrote {base} ({time.time() - t0:.0f}s so far)", flush=True)
 
     run = os.path.join(a.work, "run")
-    resume = ["--resume"] if os.path.isdir(os.path.join(run, "checkpoints")) else []
+    ckpts = os.path.join(run, "checkpoints")
+    resume = ["--resume"] if os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)) else []
     rc = cli(["train", "--checkpoint", base, "--data", data_dir, "--out", run, "--steps", str(a.unet_steps),
               "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--warmup", "300", "--min-lr-ratio", "0.05",
               "--ema-decay", "0.999", "--resolution", "64", "--precompute-latents", "--save-every", "500",

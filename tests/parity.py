@@ -7,12 +7,7 @@ import numpy as np
 import torch
 
 from convert.mapping import state_dict_to_params
-
-
-def rel_err(a, b) -> float:
-    """max|a - b| / max|b|, the parity measure of DESIGN.md §5."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
+from convert.verify import rel_err  # noqa: F401 - the parity measure, shared with `ldm-jax verify`
 
 
 def perturb_(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:

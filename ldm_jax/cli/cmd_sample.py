@@ -40,7 +40,7 @@ def add_parser(sub, name, help_):
                        help="how much to change the init image, 0..1 (default: %(default)s)")
     if name == "inpaint":
         p.add_argument("--mask", required=True, metavar="IMG", help="mask image: white = repaint, black = keep")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--out", default=f"outputs/{name}", metavar="DIR", help="output directory (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default: float32; bfloat16 is faster on GPU/TPU)")
     p.add_argument("--coordinator", help="multi-host: coordinator address host:port")

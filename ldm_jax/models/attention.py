@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.models.layers import Dtype, GroupNorm, conv, dense
+from ldm_jax.models.layers import Dtype, GroupNorm, LayerNorm, conv, dense
 
 # Above this many logits per attention call (B * heads * L_q * L_k), queries are processed in chunks so that
 # the [L_q, L_k] matrix is never materialised whole (the VAE's 64x64 mid-block attention is 4096 x 4096).
@@ -77,24 +77,6 @@ class CrossAttention(nn.Module):
         out = attention(heads(q), heads(k), heads(v), scale=self.d_head**-0.5, impl=self.attention_impl)
         out = out.reshape(x.shape[:2] + (d_attn,))
         return dense(x.shape[-1], name="to_out_0", dtype=self.dtype)(out)
-
-
-class LayerNorm(nn.Module):
-    """torch.nn.LayerNorm over the last axis (two-pass fp32 statistics); params `scale`, `bias`."""
-
-    epsilon: float = 1e-5
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        d = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-        return y.astype(self.dtype)
 
 
 class GEGLU(nn.Module):

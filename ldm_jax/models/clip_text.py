@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.configs import TextEncoderConfig
-from ldm_jax.models.attention import LayerNorm, attention
-from ldm_jax.models.layers import Dtype, dense
+from ldm_jax.models.attention import attention
+from ldm_jax.models.layers import Dtype, LayerNorm, dense
 
 _ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),

@@ -16,11 +16,21 @@ import jax.numpy as jnp
 Dtype = Any
 
 
-class GroupNorm(nn.Module):
-    """torch.nn.GroupNorm on NHWC (or [B, L, C]) inputs; statistics always in fp32.
+def _normalize(module: nn.Module, x, axes, reshape, epsilon: float, dtype):
+    """(x - mean) / sqrt(var + eps) * scale + bias with two-pass fp32 statistics (biased variance, as torch)
+    over `axes` of x reshaped to `reshape`; params `scale` / `bias` are [C] (CompVis `weight` / `bias`)."""
+    c = x.shape[-1]
+    scale = module.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = module.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    g = x.astype(jnp.float32).reshape(reshape)
+    mean = g.mean(axis=axes, keepdims=True)
+    var = jnp.square(g - mean).mean(axis=axes, keepdims=True)
+    g = (g - mean) * jax.lax.rsqrt(var + epsilon)
+    return (g.reshape(x.shape) * scale + bias).astype(dtype)
 
-    Params `scale` and `bias` ([C]) are CompVis' `weight` and `bias`.
-    """
+
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm on NHWC (or [B, L, C]) inputs; statistics over (positions, channels of a group)."""
 
     num_groups: int = 32
     epsilon: float = 1e-5
@@ -29,15 +39,19 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        x32 = x.astype(jnp.float32)
-        g = x32.reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)  # [B, HW, G, C/G]
-        mean = g.mean(axis=(1, 3), keepdims=True)
-        var = jnp.square(g - mean).mean(axis=(1, 3), keepdims=True)  # biased, as torch
-        g = (g - mean) * jax.lax.rsqrt(var + self.epsilon)
-        y = g.reshape(x.shape) * scale + bias
-        return y.astype(self.dtype)
+        shape = (x.shape[0], -1, self.num_groups, c // self.num_groups)  # [B, HW, G, C/G]
+        return _normalize(self, x, (1, 3), shape, self.epsilon, self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """torch.nn.LayerNorm over the last axis."""
+
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return _normalize(self, x, (-1,), x.shape, self.epsilon, self.dtype)
 
 
 def conv(features: int, kernel: int, *, stride: int = 1, padding: int | tuple = 0, name: str, dtype: Dtype):
