@@ -48,6 +48,8 @@ def add_parser(sub, name, help_):
     p.add_argument("--resolution", type=int, help="training resolution (default: the model's image size, 512 for SD)")
     p.add_argument("--random-flip", action="store_true", help="random horizontal flips")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="probability of the empty caption (0.1)")
+    p.add_argument("--snr-gamma", type=float, help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the "
+                   "paper's value): faster convergence when training from scratch (default: off, plain L_simple)")
     p.add_argument("--allow-empty-captions", action="store_true", help="train images without captions as ''")
     p.add_argument("--precompute-latents", action="store_true", help="encode images/captions once, cache on disk")
     p.add_argument("--seed", type=int, default=0, help="seed of data order and all randomness (default: 0)")
@@ -122,7 +124,7 @@ def train_config(args):
                             eps=args.adam_eps, weight_decay=args.weight_decay, clip=args.clip or None,
                             ema_decay=args.ema_decay, ema_warmup=not args.no_ema_warmup)
         step = StepConfig(caption_dropout=args.caption_dropout, grad_accum=args.grad_accum, precision=precision,
-                          remat=args.remat)
+                          remat=args.remat, snr_gamma=args.snr_gamma)
     except ValueError as e:
         raise UserError(str(e)) from None
     return loop.TrainConfig(

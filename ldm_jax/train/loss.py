@@ -68,11 +68,26 @@ def drop_captions(ctx: jax.Array, uncond: jax.Array, drop: jax.Array) -> jax.Arr
     return jnp.where(drop[:, None, None], jnp.broadcast_to(uncond, ctx.shape).astype(ctx.dtype), ctx)
 
 
+def min_snr_weight(schedule: Schedule, t: jax.Array, gamma: float) -> jax.Array:
+    """Min-SNR-gamma loss weight of an eps-prediction loss, min(SNR_t, gamma) / SNR_t [B] (Hang et al. 2023,
+    "Efficient Diffusion Training via Min-SNR Weighting Strategy", eq. 7 with the eps target; diffusers'
+    `--snr_gamma`). SNR_t = alpha_bar_t / (1 - alpha_bar_t). Nearly noise-free steps (SNR_t > gamma), whose large
+    and noisy eps errors otherwise dominate the gradient, are down-weighted; noisy steps (layout, colour: where the
+    caption matters) keep weight 1."""
+    ab = schedule.alpha_bar[t].astype(jnp.float32)
+    snr = ab / (1.0 - ab)
+    return jnp.minimum(snr, gamma) / snr
+
+
 def diffusion_loss(eps_fn: Callable, schedule: Schedule, z0: jax.Array, t: jax.Array, noise: jax.Array,
-                   ctx: jax.Array) -> jax.Array:
-    """mean || noise - eps_fn(q_sample(z0, t, noise), t, ctx) ||^2 in fp32 (the L_simple of the module docstring).
+                   ctx: jax.Array, snr_gamma: float | None = None) -> jax.Array:
+    """mean || noise - eps_fn(q_sample(z0, t, noise), t, ctx) ||^2 in fp32 (the L_simple of the module docstring);
+    with `snr_gamma` each example's mean squared error is weighted by `min_snr_weight` first.
 
     eps_fn(x_t, t, ctx) -> predicted noise; z0, noise [B, h, w, C]; t int32 [B]; ctx [B, S, d]."""
     x_t = q_sample(schedule, z0, t, noise)
     pred = eps_fn(x_t, t, ctx).astype(jnp.float32)
-    return jnp.mean(jnp.square(noise.astype(jnp.float32) - pred))
+    per_example = jnp.mean(jnp.square(noise.astype(jnp.float32) - pred), axis=tuple(range(1, pred.ndim)))  # [B]
+    if snr_gamma:
+        per_example = per_example * min_snr_weight(schedule, t, snr_gamma)
+    return jnp.mean(per_example)

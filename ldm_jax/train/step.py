@@ -43,12 +43,15 @@ class StepConfig:
     precision: str = "fp32"  # compute dtype: "fp32" or "bf16" (params stay fp32)
     remat: bool = False  # rematerialise U-Net ResBlocks / transformers in the backward pass
     attention_impl: str = "auto"
+    snr_gamma: float | None = None  # min-SNR-gamma loss weighting (loss.min_snr_weight); None: plain L_simple
 
     def __post_init__(self):
         if self.precision not in DTYPES:
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if not 0.0 <= self.caption_dropout <= 1.0 or self.grad_accum < 1:
             raise ValueError("need 0 <= caption_dropout <= 1 and grad_accum >= 1")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise ValueError(f"snr_gamma must be > 0, got {self.snr_gamma}")
 
     @property
     def dtype(self):
@@ -80,7 +83,7 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
 
     def micro_loss(params, z0, t, noise, ctx):
         eps_fn = lambda x, tt, c: unet.apply({"params": params}, x, tt, c)  # noqa: E731
-        return L.diffusion_loss(eps_fn, schedule, z0, t, noise, ctx)
+        return L.diffusion_loss(eps_fn, schedule, z0, t, noise, ctx, step_cfg.snr_gamma)
 
     grad_fn = jax.value_and_grad(micro_loss)
 
