@@ -42,7 +42,7 @@ class Row:
 
     @property
     def images_per_s(self) -> float | None:
-        return self.images / self.seconds if self.seconds > 0 and self.what.startswith("txt2img") else None
+        return self.images / self.seconds if self.seconds > 0 and self.what == "txt2img" else None
 
 
 def device_name() -> str:
@@ -212,6 +212,34 @@ def bench_train(preset_name: str, batch: int, size: int, iters: int, dtype="floa
     return Row("train_step", "ldm-jax", device_name(), label, batch, images, s, size=size, extra=extra)
 
 
+def txt2img_program_memory(preset_name: str, images: int, size: int, steps: int, dtype="bfloat16") -> Row:
+    """XLA's peak memory of the whole txt2img program (text encoding, `steps` DDIM steps with CFG, decode) for
+    `images` images, compiled from shapes alone on the default device (no weights, nothing runs): arguments (fp32
+    params, inputs) + outputs + temporaries, per device. seconds is the compile time."""
+    from ldm_jax import parallel
+    from ldm_jax.models.build import abstract_params
+    from ldm_jax.pipelines.program import build_program
+
+    cfg = preset(preset_name)
+    mesh = parallel.data_mesh()
+    plan = parallel.plan_batch(images, mesh)
+    rep, rows = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    sd = StableDiffusion(cfg, {}, dtype=jnp.dtype(dtype).type)
+    b, f, length = plan.padded, sd.latent_factor, cfg.text.max_length
+    spec = lambda shape, dt, sharding=rows: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)  # noqa: E731
+    params = jax.tree_util.tree_map(lambda s: spec(s.shape, s.dtype, rep), abstract_params(cfg))
+    scalars = [spec((), jnp.float32, rep), spec((), jnp.float32, rep), spec((), jnp.int32, rep)]
+    args = (params, spec((b, length), jnp.int32), spec((b, length), jnp.int32), spec((b, 2), jnp.uint32),
+            None, None, None, *scalars)
+    run = build_program(sd, mode="txt2img", sampler="ddim", steps=steps, output="images",
+                        latent_hw=(size // f, size // f), given_latents=False, progress=None)
+    t0 = time.perf_counter()
+    compiled = jax.jit(run, out_shardings=rows).lower(*args).compile()
+    prec = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}[jnp.dtype(dtype).name]
+    return Row("txt2img_program_memory", "ldm-jax", device_name(), prec, 2 * images, images,
+               time.perf_counter() - t0, steps, size, extra={"program_mb": _mem_mb(compiled), "compiled_only": True})
+
+
 def _available_mb() -> float | None:
     try:
         with open("/proc/meminfo") as f:
@@ -240,7 +268,14 @@ def first_image_seconds(preset_name: str, dtype: str, size: int, steps: int, cac
 
 
 def run_bench(*, preset_name="sd1", dtype="bfloat16", images=(1, 8), size=512, steps=50, iters=5,
-              e2e=True, torch_ref=False, cold_warm=False, train=False, remat=False, log=print) -> list[Row]:
+              e2e=True, torch_ref=False, cold_warm=False, train=False, remat=False, memory=False,
+              log=print) -> list[Row]:
+    if memory:  # compile-only peak memory of the txt2img program: one row per image count
+        rows = []
+        for n in images:
+            log(f"compiling txt2img for {n} image(s), {steps} steps, {size}x{size} (memory only) ...")
+            rows.append(txt2img_program_memory(preset_name, n, size, steps, dtype))
+        return rows
     if train:  # training throughput only: one row per batch size
         rows = []
         for n in images:

@@ -72,6 +72,7 @@ def test_verify_passes_on_a_good_checkpoint(ckpt, capsys):
     (["txt2img", "--height", "20"], "height must be a positive multiple of 8"),
     (["txt2img", "--n", "0"], "--n must be >= 1"),
     (["txt2img", "--steps", "0"], "steps must be an integer >= 1"),
+    (["txt2img", "--steps", "3"], "3 DDIM/PLMS steps do not fit T=1000"),
     (["txt2img", "--sampler", "heun"], "invalid choice: 'heun'"),
     (["img2img", "--init", "missing.png"], "missing.png: no such image file"),
     (["img2img", "--init", "{init}", "--strength", "1.5"], "strength must be in [0, 1]"),

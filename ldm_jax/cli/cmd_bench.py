@@ -6,7 +6,8 @@ persistent compilation cache. --torch also times labml's torch U-Net in the same
 device and prints the ratio. --train times one optimiser step of `ldm-jax train` instead (images/s and the
 compiled step's peak memory; --images are global batch sizes, --remat rematerialises U-Net blocks; on the CPU a
 step whose peak exceeds the free memory is compiled and reported but not run). Prints a table and writes JSON
-(--json). Defaults: bf16 at 512x512 with 1 and 8 images on GPU/TPU; fp32, one image at 256x256 (32x32 latents),
+(--json). --memory compiles the txt2img program for each --images count from shapes alone (no weights, no
+run) and reports XLA's peak memory for it: how many images fit on a device, even one that could not run them. Defaults: bf16 at 512x512 with 1 and 8 images on GPU/TPU; fp32, one image at 256x256 (32x32 latents),
 no end-to-end run on CPU.
 """
 
@@ -33,6 +34,8 @@ def add_parser(sub, name, help_):
     p.add_argument("--cold-warm", action="store_true", help="time a new process's first image, cold and warm cache")
     p.add_argument("--train", action="store_true", help="time the training step instead (images/s, peak memory; "
                    "--images are global batch sizes)")
+    p.add_argument("--memory", action="store_true", help="compile-only peak memory of the txt2img program per "
+                   "--images count (no weights, no run)")
     p.add_argument("--remat", action="store_true", help="with --train: rematerialise U-Net blocks")
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     p.set_defaults(func=run)
@@ -57,7 +60,7 @@ def run(args) -> int:
     rows = run_bench(preset_name=args.preset, dtype=args.dtype or ("bfloat16" if accel else "float32"),
                      images=images, size=size, steps=args.steps, iters=args.iters,
                      e2e=accel if args.e2e is None else args.e2e, torch_ref=args.torch, cold_warm=args.cold_warm,
-                     train=args.train, remat=args.remat)
+                     train=args.train, remat=args.remat, memory=args.memory)
     print(format_rows(rows))
     ours = {r.images: r.seconds for r in rows if r.what == "unet_step_cfg" and r.impl == "ldm-jax"}
     for r in rows:

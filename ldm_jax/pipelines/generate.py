@@ -62,6 +62,10 @@ def _check_common(sd, sampler, steps, output, eta):
     check_steps(steps)
     if steps > sd.config.schedule.n_steps:
         raise UserError(f"steps must be <= {sd.config.schedule.n_steps}, got {steps}")
+    try:  # the sampler's own time-step table: e.g. DDIM's CompVis discretisation cannot do 3 steps of T=1000
+        samplers.n_loop_steps(sampler, sd.config.schedule.n_steps, int(steps))
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if output not in OUTPUTS:
         raise UserError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
     if eta is not None and sampler in samplers.NO_ETA and float(eta) != 0.0:

@@ -39,8 +39,9 @@ def ddim_timesteps(n_steps_train: int, steps: int, discretize: str = "uniform") 
     else:
         raise ValueError(f"unknown DDIM discretize {discretize!r}; choose 'uniform' or 'quad'")
     if tau[-1] >= n_steps_train:
-        raise ValueError(f"{steps} DDIM steps are too many for T={n_steps_train} with {discretize!r} "
-                         f"discretisation (the last time step would be {tau[-1]}); use at most {n_steps_train // 2}")
+        raise ValueError(f"{steps} DDIM/PLMS steps do not fit T={n_steps_train} with CompVis' {discretize!r} "
+                         f"discretisation (its last time step would be {tau[-1]}, past the schedule); "
+                         f"use another step count (at most {n_steps_train // 2})")
     return tau.astype(np.int32)
 
 
