@@ -1,0 +1,40 @@
+"""The bundled model (ldm_jax/assets/shapes, trained by scripts/train_shapes_model.py) draws what it is asked.
+
+Prompt adherence by plain pixel analysis (ldm_jax.data.shapes_eval, no learned classifier) on 60 held-out prompts,
+combinations of attributes the model never saw in training. The shipped model (11000 steps on a 2-core CPU)
+measures colour 91.7%, position 83.3%, background 68.3%, all three 56.7% (CPU, jax 0.10). The issue's target is
+>= 90% for all three together, NOT met yet (see README "The bundled model"); the thresholds below guard the
+measured level with a margin for other jax versions and backends: raise them when a better model ships."""
+
+import numpy as np
+
+import ldm_jax
+from ldm_jax.data.shapes import held_out_prompts, is_held_out
+from ldm_jax.data.shapes_eval import adherence
+
+N = 60
+
+
+def test_prompt_adherence_on_held_out_prompts():
+    prompts = held_out_prompts(N, seed=0)
+    assert len(prompts) == N and all(is_held_out(a) for _, a in prompts)
+    sd = ldm_jax.load()
+    images = ldm_jax.txt2img(sd, [p for p, _ in prompts], steps=30, seed=0)
+    assert images.shape == (N, 64, 64, 3)
+    result = adherence(images, [a for _, a in prompts])
+    print({k: v for k, v in result.items() if k != "per_image"})
+    assert result["color"] >= 0.8 and result["position"] >= 0.7 and result["background"] >= 0.55
+    assert result["all"] >= 0.45
+
+
+def test_cli_default_model(tmp_path):
+    from ldm_jax.cli.main import main
+
+    assert main(["txt2img", "--prompt", "a blue square", "--n", "2", "--steps", "10", "--out", str(tmp_path)]) == 0
+    pngs = sorted(p for p in tmp_path.iterdir() if p.suffix == ".png")
+    assert len(pngs) == 3  # two images and a grid
+    from PIL import Image
+
+    with Image.open(pngs[0]) as im:
+        assert im.size == (64, 64) and im.text["prompt"] == "a blue square"
+        assert np.asarray(im).std() > 5  # not a blank image
