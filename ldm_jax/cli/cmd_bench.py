@@ -7,8 +7,9 @@ device and prints the ratio. --train times one optimiser step of `ldm-jax train`
 compiled step's peak memory; --images are global batch sizes, --remat rematerialises U-Net blocks; on the CPU a
 step whose peak exceeds the free memory is compiled and reported but not run). Prints a table and writes JSON
 (--json). --memory compiles the txt2img program for each --images count from shapes alone (no weights, no
-run) and reports XLA's peak memory for it: how many images fit on a device, even one that could not run them. Defaults: bf16 at 512x512 with 1 and 8 images on GPU/TPU; fp32, one image at 256x256 (32x32 latents),
-no end-to-end run on CPU.
+run) and reports XLA's peak memory for it: how many images fit on a device, even one that could not run them.
+Defaults: bf16 at 512x512 with 1 and 8 images on GPU/TPU; fp32, one image at 256x256 (32x32 latents), no
+end-to-end run on CPU.
 """
 
 from __future__ import annotations
