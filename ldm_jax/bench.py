@@ -20,11 +20,18 @@ from dataclasses import asdict, dataclass, field
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ldm_jax.configs import preset
 from ldm_jax.models.build import random_params
 from ldm_jax.stable_diffusion import StableDiffusion
+
+
+PRECISION = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}  # dtype name -> the tables' label
+
+
+def _abstract(tree, sharding):
+    """ShapeDtypeStruct leaves with `sharding`, for compiling from shapes alone."""
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
 
 
 @dataclass
@@ -158,29 +165,27 @@ def bench_train(preset_name: str, batch: int, size: int, iters: int, dtype="floa
     from ldm_jax.models.build import abstract_params
     from ldm_jax.train.loop import check_resolution
     from ldm_jax.train.state import OptimConfig, abstract_state, init_state
-    from ldm_jax.train.step import StepConfig, frozen_inputs, jitted_train_step, key_data, shard_batch
+    from ldm_jax.train.step import StepConfig, batch_sharding, frozen_inputs, jitted_train_step, key_data, shard_batch
 
     cfg = preset(preset_name)
     check_resolution(cfg, size)
     mesh = parallel.data_mesh()
     if batch % mesh.devices.size:
         raise UserError(f"the batch ({batch}) must be a multiple of the device count ({mesh.devices.size})")
-    prec = {"bfloat16": "bf16", "float32": "fp32"}.get(jnp.dtype(dtype).name)
-    if prec is None:
+    prec = PRECISION.get(jnp.dtype(dtype).name)
+    if prec not in ("bf16", "fp32"):
         raise UserError(f"training runs in float32 or bfloat16 (fp32 master params), not {jnp.dtype(dtype).name}")
     optim = optim or OptimConfig()
     step_cfg = step_cfg or StepConfig(grad_accum=grad_accum, precision=prec, remat=remat)
     k, text = step_cfg.grad_accum, cfg.text
-    rep, rows = parallel.replicated(mesh), NamedSharding(mesh, P(None, parallel.DATA_AXIS))
-    shape = lambda tree, sharding: jax.tree_util.tree_map(  # noqa: E731
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
+    rep, rows = parallel.replicated(mesh), batch_sharding(mesh)
     abstract = abstract_params(cfg)
-    args = (shape(abstract_state(abstract["unet"], optim), rep),
+    args = (_abstract(abstract_state(abstract["unet"], optim), rep),
             {"images": jax.ShapeDtypeStruct((k, batch, size, size, 3), jnp.float32, sharding=rows),
              "ids": jax.ShapeDtypeStruct((k, batch, text.max_length), jnp.int32, sharding=rows)},
             jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
-            shape({"vae": abstract["vae"], "text_encoder": abstract["text_encoder"],
-                   "uncond_ids": jax.ShapeDtypeStruct((1, text.max_length), jnp.int32)}, rep))
+            _abstract({"vae": abstract["vae"], "text_encoder": abstract["text_encoder"],
+                       "uncond_ids": jax.ShapeDtypeStruct((1, text.max_length), jnp.int32)}, rep))
     t0 = time.perf_counter()
     compiled = jitted_train_step(cfg, optim, step_cfg, mesh).lower(*args).compile()
     compile_s = time.perf_counter() - t0
@@ -227,15 +232,14 @@ def txt2img_program_memory(preset_name: str, images: int, size: int, steps: int,
     sd = StableDiffusion(cfg, {}, dtype=jnp.dtype(dtype).type)
     b, f, length = plan.padded, sd.latent_factor, cfg.text.max_length
     spec = lambda shape, dt, sharding=rows: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)  # noqa: E731
-    params = jax.tree_util.tree_map(lambda s: spec(s.shape, s.dtype, rep), abstract_params(cfg))
     scalars = [spec((), jnp.float32, rep), spec((), jnp.float32, rep), spec((), jnp.int32, rep)]
-    args = (params, spec((b, length), jnp.int32), spec((b, length), jnp.int32), spec((b, 2), jnp.uint32),
-            None, None, None, *scalars)
+    args = (_abstract(abstract_params(cfg), rep), spec((b, length), jnp.int32), spec((b, length), jnp.int32),
+            spec((b, 2), jnp.uint32), None, None, None, *scalars)
     run = build_program(sd, mode="txt2img", sampler="ddim", steps=steps, output="images",
                         latent_hw=(size // f, size // f), given_latents=False, progress=None)
     t0 = time.perf_counter()
     compiled = jax.jit(run, out_shardings=rows).lower(*args).compile()
-    prec = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}[jnp.dtype(dtype).name]
+    prec = PRECISION[jnp.dtype(dtype).name]
     return Row("txt2img_program_memory", "ldm-jax", device_name(), prec, 2 * images, images,
                time.perf_counter() - t0, steps, size, extra={"program_mb": _mem_mb(compiled), "compiled_only": True})
 
@@ -283,7 +287,7 @@ def run_bench(*, preset_name="sd1", dtype="bfloat16", images=(1, 8), size=512, s
             rows.append(bench_train(preset_name, n, size, iters, dtype, remat=remat))
         return rows
     dt = jnp.dtype(dtype).type
-    prec = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}[jnp.dtype(dtype).name]
+    prec = PRECISION[jnp.dtype(dtype).name]
     log(f"building random {preset_name} weights ...")
     sd = make_model(preset_name, dt)
     latent = size // sd.latent_factor

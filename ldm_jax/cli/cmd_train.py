@@ -16,7 +16,6 @@ text encoder stay frozen. --batch-size is the global batch over all devices and 
 from __future__ import annotations
 
 import argparse
-import os
 
 from ldm_jax.errors import UserError
 
@@ -71,19 +70,6 @@ def add_parser(sub, name, help_):
     p.set_defaults(func=run)
 
 
-def _init_distributed(args) -> None:
-    """Join a multi-host run. Gradient averaging across processes needs cross-process collectives, which the CPU
-    backend only has with gloo (set before the backend starts; it does not affect GPU/TPU collectives)."""
-    import jax
-
-    from ldm_jax import parallel
-
-    multi = args.coordinator or args.num_processes or os.environ.get("LDM_JAX_COORDINATOR")
-    if multi:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
-
-
 def run(args) -> int:
     if not args.checkpoint and not args.preset:
         raise UserError("give the starting model: --checkpoint BASE or --preset NAME")
@@ -101,7 +87,9 @@ def run(args) -> int:
 
     # orbax logs through absl, with tracebacks on a failed save; the failures reach the user as one UserError line.
     logging.getLogger("absl").setLevel(logging.CRITICAL)
-    _init_distributed(args)
+    from ldm_jax import parallel
+
+    parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)  # gloo on CPU multi-process
     cfg = train_config(args)
     result = loop.train(cfg)
     print(f"trained to step {result['step']} (loss {result['loss']:.4f}); run directory {result['run_dir']}"
