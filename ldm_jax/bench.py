@@ -29,11 +29,6 @@ from ldm_jax.stable_diffusion import StableDiffusion
 PRECISION = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}  # dtype name -> the tables' label
 
 
-def _abstract(tree, sharding):
-    """ShapeDtypeStruct leaves with `sharding`, for compiling from shapes alone."""
-    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
-
-
 @dataclass
 class Row:
     what: str
@@ -180,12 +175,12 @@ def bench_train(preset_name: str, batch: int, size: int, iters: int, dtype="floa
     k, text = step_cfg.grad_accum, cfg.text
     rep, rows = parallel.replicated(mesh), batch_sharding(mesh)
     abstract = abstract_params(cfg)
-    args = (_abstract(abstract_state(abstract["unet"], optim), rep),
+    args = (parallel.abstract_like(abstract_state(abstract["unet"], optim), rep),
             {"images": jax.ShapeDtypeStruct((k, batch, size, size, 3), jnp.float32, sharding=rows),
              "ids": jax.ShapeDtypeStruct((k, batch, text.max_length), jnp.int32, sharding=rows)},
             jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
-            _abstract({"vae": abstract["vae"], "text_encoder": abstract["text_encoder"],
-                       "uncond_ids": jax.ShapeDtypeStruct((1, text.max_length), jnp.int32)}, rep))
+            parallel.abstract_like({"vae": abstract["vae"], "text_encoder": abstract["text_encoder"],
+                                    "uncond_ids": jax.ShapeDtypeStruct((1, text.max_length), jnp.int32)}, rep))
     t0 = time.perf_counter()
     compiled = jitted_train_step(cfg, optim, step_cfg, mesh).lower(*args).compile()
     compile_s = time.perf_counter() - t0
@@ -233,8 +228,9 @@ def txt2img_program_memory(preset_name: str, images: int, size: int, steps: int,
     b, f, length = plan.padded, sd.latent_factor, cfg.text.max_length
     spec = lambda shape, dt, sharding=rows: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)  # noqa: E731
     scalars = [spec((), jnp.float32, rep), spec((), jnp.float32, rep), spec((), jnp.int32, rep)]
-    args = (_abstract(abstract_params(cfg), rep), spec((b, length), jnp.int32), spec((b, length), jnp.int32),
-            spec((b, 2), jnp.uint32), None, None, None, *scalars)
+    ids = spec((b, length), jnp.int32)
+    args = (parallel.abstract_like(abstract_params(cfg), rep), ids, ids, spec((b, 2), jnp.uint32), None, None, None,
+            *scalars)
     run = build_program(sd, mode="txt2img", sampler="ddim", steps=steps, output="images",
                         latent_hw=(size // f, size // f), given_latents=False, progress=None)
     t0 = time.perf_counter()

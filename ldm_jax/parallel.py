@@ -53,6 +53,12 @@ def replicated(mesh: Mesh | None = None) -> NamedSharding:
     return NamedSharding(mesh or data_mesh(), P())
 
 
+def abstract_like(tree, sharding):
+    """ShapeDtypeStruct leaves (shape and dtype of `tree`'s leaves) placed by `sharding`: what `jit(...).lower`
+    and orbax's restore take to compile or load without allocating anything."""
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     """How a request for n images is split: padded to a multiple of the device count; rows [start, stop) of

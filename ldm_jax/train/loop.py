@@ -100,9 +100,8 @@ def check_resolution(config, resolution: int) -> None:
 def _state_shapes(config, optim: OptimConfig, mesh):
     from ldm_jax.models.build import abstract_params
 
-    rep = parallel.replicated(mesh)
     shapes = abstract_state(abstract_params(config, ("unet",))["unet"], optim).as_dict()
-    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
+    return parallel.abstract_like(shapes, parallel.replicated(mesh))
 
 
 def export_model(out_dir: str, sd, state: TrainState, *, ema: bool, meta: dict, resolution: int | None = None):
