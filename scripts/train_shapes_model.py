@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--unet-steps", type=int, default=4000, help="phase 1: plain L_simple")
     ap.add_argument("--total-steps", default="8000,11000", help="phase 2 (min-SNR-5) continues up to each of "
                     "these in turn, each a resume with its own cosine length (default: 8000,11000)")
+    ap.add_argument("--joint-steps", type=int, default=6000, help="phase 3: U-Net and text encoder trained "
+                    "jointly (--train-text-encoder, min-SNR-5), from phase 2's EMA model (0: skip)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
@@ -104,10 +106,25 @@ def main() -> None:
         if (latest() or 0) < total and cli([*common, "--steps", str(total), "--snr-gamma", "5", "--resume",
                                             "--export", "none"]):
             raise SystemExit("training (phase 2) failed")
-    if cli(["train", "--export-only", "--out", run, "--checkpoint", base]):  # RUN_DIR/model: the EMA U-Net
+    phase2 = os.path.join(run, "model")  # the EMA U-Net of phase 2, with the frozen text encoder
+    if not os.path.exists(os.path.join(phase2, "metadata.json")) and cli(
+            ["train", "--export-only", "--out", run, "--checkpoint", base]):
         raise SystemExit("exporting the trained model failed")
+    final = phase2
+    if a.joint_steps:
+        joint, ckpts = os.path.join(a.work, "joint"), os.path.join(a.work, "joint", "checkpoints")
+        common[common.index("--checkpoint") + 1] = phase2
+        common[common.index("--out") + 1] = joint
+        if (latest() or 0) < a.joint_steps:
+            resume = ["--resume"] if latest() is not None else []
+            if cli([*common, "--steps", str(a.joint_steps), "--snr-gamma", "5", "--train-text-encoder", "--export",
+                    "ema", *resume]):
+                raise SystemExit("training (phase 3) failed")
+        elif cli(["train", "--export-only", "--out", joint, "--checkpoint", phase2]):
+            raise SystemExit("exporting the trained model failed")
+        final = os.path.join(joint, "model")
     out = os.path.join(a.work, "model.safetensors")
-    if cli(["export", os.path.join(run, "model"), out, "--dtype", "fp16"]):
+    if cli(["export", final, out, "--dtype", "fp16"]):
         raise SystemExit("export failed")
     print(f"exported {out}: {os.path.getsize(out) / 2**20:.1f} MiB; total {(time.time() - t0) / 60:.0f} min")
     if not a.no_install:

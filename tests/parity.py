@@ -36,3 +36,14 @@ def nchw(x: np.ndarray) -> torch.Tensor:
 
 def nhwc(t: torch.Tensor) -> np.ndarray:
     return t.detach().permute(0, 2, 3, 1).numpy()
+
+
+def torch_q_sample(z0: np.ndarray, noise: np.ndarray, t: np.ndarray):
+    """(x_t, eps, t) as NCHW / int64 torch tensors: z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps with
+    labml's alpha_bar (SD's scaled-linear betas in float64, cumprod in float64, then float32)."""
+    beta = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1.0 - beta, dim=0).to(torch.float32)
+    t = torch.from_numpy(np.asarray(t, np.int64))
+    x0, eps = (torch.from_numpy(np.asarray(a).transpose(0, 3, 1, 2).copy()) for a in (z0, noise))
+    ab = alpha_bar[t].view(-1, 1, 1, 1)
+    return ab**0.5 * x0 + (1 - ab) ** 0.5 * eps, eps, t

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ldm_jax.cli.main import build_parser, main
-from tests.parity import rel_err
+from tests.parity import rel_err, torch_q_sample
 from tests.train_worker import COMMON, make_dataset
 
 
@@ -100,12 +100,7 @@ def test_one_step_matches_torch(data, tmp_path):
 
     # torch: labml U-Net, labml's alpha_bar (float64 betas -> float32), F.mse_loss, clip_grad_norm_, AdamW.
     model = build(cfg, params_to_state_dict({"unet": params0}), ("unet",))["unet"]
-    beta = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    alpha_bar = torch.cumprod(1.0 - beta, dim=0).to(torch.float32)
-    t = torch.from_numpy(np.asarray(d.t, np.int64))
-    x0, eps = (torch.from_numpy(np.asarray(a).transpose(0, 3, 1, 2).copy()) for a in (z0, d.noise))
-    ab = alpha_bar[t].view(-1, 1, 1, 1)
-    x_t = ab**0.5 * x0 + (1 - ab) ** 0.5 * eps
+    x_t, eps, t = torch_q_sample(z0, d.noise, d.t)
     loss = torch.nn.functional.mse_loss(eps, model(x_t, t, torch.from_numpy(np.array(ctx))))
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.optim.clip)

@@ -8,8 +8,8 @@
 
 The data folder holds `name.png` + `name.txt` pairs or a Hugging Face `metadata.jsonl` (file_name, text). Writes
 RUN_DIR/checkpoints (orbax; every --save-every steps, last --keep kept), metrics.jsonl, samples/ and at the end
-RUN_DIR/model, a converted directory (`ldm_jax.load`, `ldm-jax export RUN_DIR/model out.safetensors`). The VAE and
-text encoder stay frozen. --batch-size is the global batch over all devices and hosts; one update averages
+RUN_DIR/model, a converted directory (`ldm_jax.load`, `ldm-jax export RUN_DIR/model out.safetensors`). The VAE
+stays frozen; the text encoder too, unless --train-text-encoder. --batch-size is the global batch over all devices and hosts; one update averages
 --grad-accum batches. Multi-host: LDM_JAX_COORDINATOR / LDM_JAX_NUM_PROCESSES / LDM_JAX_PROCESS_ID (or the flags).
 """
 
@@ -39,7 +39,7 @@ def add_parser(sub, name, help_):
     p.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"))
     p.add_argument("--adam-eps", type=float, default=1e-8)
     p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip, 0 = off (default: 1.0)")
-    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of the U-Net (default: 0.9999)")
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of the trained weights (default: 0.9999)")
     p.add_argument("--no-ema-warmup", action="store_true", help="no (1+n)/(10+n) EMA warmup (CompVis LitEma)")
     p.add_argument("--precision", choices=("bf16", "fp32"), help="compute precision; params stay fp32 "
                    "(default: bf16 on GPU/TPU, fp32 on CPU)")
@@ -49,6 +49,8 @@ def add_parser(sub, name, help_):
     p.add_argument("--caption-dropout", type=float, default=0.1, help="probability of the empty caption (0.1)")
     p.add_argument("--snr-gamma", type=float, help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the "
                    "paper's value): faster convergence when training from scratch (default: off, plain L_simple)")
+    p.add_argument("--train-text-encoder", action="store_true", help="train the CLIP text encoder jointly with the "
+                   "U-Net (same lr; for small models trained from scratch; default: frozen, as SD fine-tuning)")
     p.add_argument("--allow-empty-captions", action="store_true", help="train images without captions as ''")
     p.add_argument("--precompute-latents", action="store_true", help="encode images/captions once, cache on disk")
     p.add_argument("--seed", type=int, default=0, help="seed of data order and all randomness (default: 0)")
@@ -60,7 +62,7 @@ def add_parser(sub, name, help_):
     p.add_argument("--sample-prompt", action="append", default=[], metavar="TEXT", help="sample prompt (repeat)")
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the samples (default: 20)")
     p.add_argument("--export", choices=("ema", "raw", "none"), default="ema",
-                   help="U-Net written to RUN_DIR/model at the end (default: ema)")
+                   help="trained weights written to RUN_DIR/model at the end (default: ema)")
     p.add_argument("--export-only", action="store_true", help="only export RUN_DIR's latest checkpoint")
     p.add_argument("--num-workers", type=int, default=2, help="image decoding threads (default: 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -112,7 +114,7 @@ def train_config(args):
                             eps=args.adam_eps, weight_decay=args.weight_decay, clip=args.clip or None,
                             ema_decay=args.ema_decay, ema_warmup=not args.no_ema_warmup)
         step = StepConfig(caption_dropout=args.caption_dropout, grad_accum=args.grad_accum, precision=precision,
-                          remat=args.remat, snr_gamma=args.snr_gamma)
+                          remat=args.remat, snr_gamma=args.snr_gamma, train_text_encoder=args.train_text_encoder)
     except ValueError as e:
         raise UserError(str(e)) from None
     return loop.TrainConfig(

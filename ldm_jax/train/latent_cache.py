@@ -8,7 +8,7 @@ cache the objective is the same (Rombach et al. 2022 eq. 2; diffusers' `train_te
 fly). With `--random-flip` the mirrored image's moments are cached as well.
 
 Files in the cache directory (float32 `.npy`, memory-mapped when read): `moments.npy` [n, F, h, w, 2C] (F = 2 with
-flips, else 1), `ctx.npy` [n, S, d], `ok.npy` bool [n] (False: unreadable image) and `fingerprint.json`: the dataset
+flips, else 1), `ctx.npy` [n, S, d] (not when the text encoder trains: `text=False`), `ok.npy` bool [n] (False: unreadable image) and `fingerprint.json`: the dataset
 (paths, sizes, mtimes, captions), resolution, flip, model config, base weights and compute dtype; a cache with another
 fingerprint is rebuilt. Files are written under temporary names and renamed. Batches come from the same
 `data.BatchIterator` order (seed, epoch permutations, flip decisions, replacement of unreadable images), so positions
@@ -32,22 +32,23 @@ from ldm_jax.train import data as D
 BATCH = 8
 
 
-def fingerprint(sd, dataset: D.Dataset, resolution: int, random_flip: bool, dtype) -> str:
+def fingerprint(sd, dataset: D.Dataset, resolution: int, random_flip: bool, dtype, text: bool = True) -> str:
     h = hashlib.sha256()
     for path, caption in zip(dataset.paths, dataset.captions):
         st = os.stat(path)
         h.update(json.dumps([path, caption, st.st_size, st.st_mtime_ns]).encode())
-    leaves = jax.tree_util.tree_leaves({c: sd.params[c] for c in ("vae", "text_encoder")})
+    leaves = jax.tree_util.tree_leaves({c: sd.params[c] for c in ("vae", "text_encoder")[:1 + text]})
     probe = [float(np.asarray(x).reshape(-1)[:4].astype(np.float64).sum()) for x in leaves[:64]]
     h.update(json.dumps([resolution, random_flip, jnp.dtype(dtype).name, sd.config.to_dict(), probe,
-                         sd.metadata.get("source")], default=str).encode())
+                         sd.metadata.get("source"), text], default=str).encode())
     return h.hexdigest()
 
 
 def build(sd, dataset: D.Dataset, resolution: int, random_flip: bool, cache_dir: str, dtype=jnp.float32,
-          log=print) -> dict:
-    """Encode every image (and its mirror with random_flip) and caption once; returns the memory-mapped arrays."""
-    fp = fingerprint(sd, dataset, resolution, random_flip, dtype)
+          log=print, text: bool = True) -> dict:
+    """Encode every image (and its mirror with random_flip) and, with `text`, its caption once; returns the
+    memory-mapped arrays."""
+    fp = fingerprint(sd, dataset, resolution, random_flip, dtype, text)
     meta_file = os.path.join(cache_dir, "fingerprint.json")
     try:
         with open(meta_file, encoding="utf-8") as f:
@@ -58,9 +59,9 @@ def build(sd, dataset: D.Dataset, resolution: int, random_flip: bool, cache_dir:
     os.makedirs(cache_dir, exist_ok=True)
     enc = sd.replace(dtype=dtype)
     encode = jax.jit(lambda p, x: enc.encode_moments(p, x))
-    text = jax.jit(lambda p, ids: enc.encode_text(p, ids))
+    encode_text = jax.jit(lambda p, ids: enc.encode_text(p, ids))
     n, flips = len(dataset), 2 if random_flip else 1
-    log(f"pre-computing latents and text embeddings of {n} images into {cache_dir} ...")
+    log(f"pre-computing latents{' and text embeddings' if text else ''} of {n} images into {cache_dir} ...")
     arrays, ok = {}, np.zeros(n, bool)
     for start in range(0, n, BATCH):
         idx = list(range(start, min(start + BATCH, n)))
@@ -76,14 +77,18 @@ def build(sd, dataset: D.Dataset, resolution: int, random_flip: bool, cache_dir:
         x = np.stack(pixels)
         views = [x, x[:, :, ::-1]] if random_flip else [x]
         moments = np.stack([np.asarray(encode(sd.params, np.ascontiguousarray(v))) for v in views], axis=1)
-        ctx = np.asarray(text(sd.params, sd.tokenize([dataset.captions[i] for i in idx])))
-        for name, value in (("moments", moments), ("ctx", ctx)):
+        outputs = [("moments", moments)]
+        if text:
+            outputs.append(("ctx", np.asarray(encode_text(sd.params, sd.tokenize([dataset.captions[i] for i in idx])))))
+        for name, value in outputs:
             if name not in arrays:
                 arrays[name] = np.lib.format.open_memmap(os.path.join(cache_dir, f".{name}.tmp.npy"), "w+",
                                                          np.float32, (n,) + value.shape[1:])
             arrays[name][start:start + len(idx)] = value
     if not ok.any():
         raise UserError(f"no readable image in {dataset.root}")
+    if not text and os.path.exists(os.path.join(cache_dir, "ctx.npy")):
+        os.remove(os.path.join(cache_dir, "ctx.npy"))  # from an earlier cache of this directory
     for name, a in arrays.items():
         a.flush()
         del a
@@ -97,12 +102,13 @@ def build(sd, dataset: D.Dataset, resolution: int, random_flip: bool, cache_dir:
 
 def _open(cache_dir: str) -> dict:
     return {name: np.load(os.path.join(cache_dir, f"{name}.npy"), mmap_mode="r" if name != "ok" else None)
-            for name in ("moments", "ctx", "ok")}
+            for name in ("moments", "ctx", "ok") if os.path.exists(os.path.join(cache_dir, f"{name}.npy"))}
 
 
 class CachedBatchIterator(D.BatchIterator):
     """`data.BatchIterator` whose rows are cached (moments, ctx) instead of decoded images: same order, same flips,
-    same replacement of unreadable images, same positions. Yields {"moments", "ctx", "captions", "indices"}."""
+    same replacement of unreadable images, same positions. Yields {"moments", "ctx" (if cached), "captions",
+    "indices"}."""
 
     def __init__(self, cache: dict, dataset: D.Dataset, **kw):
         super().__init__(dataset, center_crop=True, **kw)
@@ -116,8 +122,8 @@ class CachedBatchIterator(D.BatchIterator):
             if self.cache["ok"][index]:
                 rng = np.random.default_rng([self.seed, epoch, index])  # the flip decision of data._load
                 flip = int(self.random_flip and rng.random() < 0.5)
-                row = np.concatenate([np.asarray(self.cache["moments"][index, flip]).reshape(-1),
-                                      np.asarray(self.cache["ctx"][index]).reshape(-1)])
+                parts = [self.cache["moments"][index, flip]] + ([self.cache["ctx"][index]] if "ctx" in self.cache else [])
+                row = np.concatenate([np.asarray(a).reshape(-1) for a in parts])
                 return row, index, (self.resolution, self.resolution), failures
             failures.append((index, f"{self.dataset.paths[index]}: unreadable"))
         raise UserError(f"no readable image found in {D.MAX_REPLACEMENT_TRIES} tries")
@@ -125,10 +131,11 @@ class CachedBatchIterator(D.BatchIterator):
     def __next__(self) -> dict:
         out = super().__next__()
         rows = out.pop("images")  # [B, moments.size + ctx.size]: one flat float32 row per sample, split here
-        m_shape, c_shape = self.cache["moments"].shape[2:], self.cache["ctx"].shape[1:]
+        m_shape = self.cache["moments"].shape[2:]
         m_size = int(np.prod(m_shape))
         out["moments"] = rows[:, :m_size].reshape((-1,) + m_shape)
-        out["ctx"] = rows[:, m_size:].reshape((-1,) + c_shape)
+        if "ctx" in self.cache:
+            out["ctx"] = rows[:, m_size:].reshape((-1,) + self.cache["ctx"].shape[1:])
         return out
 
 

@@ -8,7 +8,8 @@ on every device of every host (`parallel.data_mesh()`): `batch_size` is the glob
 rows (`data.batches(shard_index=process, num_shards=processes)`), K = `grad_accum` micro-batches make one update.
 
 RUN_DIR layout: checkpoints/<step>/ (orbax, `checkpoint.py`), metrics.jsonl (one JSON object per step), samples/
-(PNG with prompt/seed/step metadata), model/ (converted directory of the EMA U-Net, or the raw one), latent_cache/.
+(PNG with prompt/seed/step metadata), model/ (converted directory with the EMA weights, or the raw ones),
+latent_cache/. The trained components are the U-Net, and the text encoder with `StepConfig.train_text_encoder`.
 
 Exact resume: the state (params, EMA, optimiser), the step (which fixes every random key), the seed and the data
 position are checkpointed; resuming with the same settings continues bit for bit.
@@ -30,7 +31,8 @@ from ldm_jax.errors import UserError
 from ldm_jax.train import data as D
 from ldm_jax.train.checkpoint import Checkpoints, check_same_model
 from ldm_jax.train.state import OptimConfig, TrainState, abstract_state, init_state
-from ldm_jax.train.step import StepConfig, frozen_inputs, jitted_train_step, key_data, shard_batch
+from ldm_jax.train.step import (StepConfig, components, frozen_inputs, jitted_train_step, key_data, shard_batch,
+                                 trainable)
 
 EXPORTS = ("ema", "raw", "none")
 
@@ -57,7 +59,7 @@ class TrainConfig:
     sample_steps: int = 20
     sample_scale: float = 7.5
     precompute_latents: bool = False
-    export: str = "ema"  # which U-Net RUN_DIR/model gets at the end
+    export: str = "ema"  # which weights (EMA or raw) RUN_DIR/model gets at the end
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this invocation
     num_workers: int = 2
     progress: bool = True
@@ -97,20 +99,21 @@ def check_resolution(config, resolution: int) -> None:
         raise UserError(f"--resolution must be a positive multiple of {multiple} for this model, got {resolution}")
 
 
-def _state_shapes(config, optim: OptimConfig, mesh):
+def _state_shapes(config, optim: OptimConfig, step_cfg: StepConfig, mesh):
     from ldm_jax.models.build import abstract_params
 
-    shapes = abstract_state(abstract_params(config, ("unet",))["unet"], optim).as_dict()
+    shapes = abstract_state(trainable(abstract_params(config, step_cfg.trained), step_cfg), optim).as_dict()
     return parallel.abstract_like(shapes, parallel.replicated(mesh))
 
 
-def export_model(out_dir: str, sd, state: TrainState, *, ema: bool, meta: dict, resolution: int | None = None):
-    """Write the trained model (U-Net from `state`, frozen VAE and text encoder of `sd`) as a converted directory;
-    its config's `image_size` (the default sampling size) becomes the training resolution."""
+def export_model(out_dir: str, sd, state: TrainState, step_cfg: StepConfig, *, ema: bool, meta: dict,
+                 resolution: int | None = None):
+    """Write the trained model (the trained components from `state`, the frozen ones from `sd`) as a converted
+    directory; its config's `image_size` (the default sampling size) becomes the training resolution."""
     from convert.orbax_io import write_converted
 
-    unet = state.ema_params if ema else state.params
-    params = {"unet": unet, "vae": sd.params["vae"], "text_encoder": sd.params["text_encoder"]}
+    params = {"vae": sd.params["vae"], "text_encoder": sd.params.get("text_encoder"),
+              **components(state.ema_params if ema else state.params, step_cfg)}
     metadata = {"source": f"ldm-jax train {meta.get('run_dir')} step {meta.get('step')}", "kind": sd.config.name,
                 "ema": bool(ema), "ema_available": True, "train": meta}
     config = dataclasses.replace(sd.config, image_size=int(resolution)) if resolution else sd.config
@@ -149,11 +152,12 @@ class _Metrics:
 
 
 def _sample(sd, frozen, state, cfg: TrainConfig, res: int, step: int, run_dir: str, mesh) -> None:
-    """Sample images at the fixed prompts with the EMA U-Net (one compiled program, reused across calls)."""
+    """Sample images at the fixed prompts with the EMA weights (one compiled program, reused across calls)."""
     from ldm_jax.images import save_png
     from ldm_jax.pipelines.generate import txt2img
 
-    sd.params.update({"unet": state.ema_params, "vae": frozen["vae"], "text_encoder": frozen["text_encoder"]})
+    sd.params.update({c: frozen[c] for c in ("vae", "text_encoder") if c in frozen})
+    sd.params.update(components(state.ema_params, cfg.step))
     sd.cache[("params", id(mesh))] = sd.params  # already replicated on the mesh: no copy (see generate.py)
     images = txt2img(sd, list(cfg.sample_prompts), steps=cfg.sample_steps, guidance_scale=cfg.sample_scale,
                      height=res, width=res, seed=cfg.seed)
@@ -206,8 +210,11 @@ def _train(cfg, dataset, run_dir, ck, log):
     if cfg.batch_size % mesh.devices.size:
         raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of the device count {mesh.devices.size}")
     k = cfg.step.grad_accum
+    if meta and bool((meta.get("step_config") or {}).get("train_text_encoder")) != cfg.step.train_text_encoder:
+        was = "with" if cfg.step.train_text_encoder is False else "without"
+        raise UserError(f"--resume {run_dir}: the run was started {was} --train-text-encoder; resume it the same way")
     if meta:
-        state = TrainState.from_dict(ck.restore(_state_shapes(sd.config, cfg.optim, mesh), latest)[0])
+        state = TrainState.from_dict(ck.restore(_state_shapes(sd.config, cfg.optim, cfg.step, mesh), latest)[0])
         log(f"resuming {run_dir} at step {latest} (data position {meta['data']['position']})")
         now = json.loads(json.dumps({"optim": dataclasses.asdict(cfg.optim),
                                      "step_config": dataclasses.asdict(cfg.step)}))
@@ -217,8 +224,8 @@ def _train(cfg, dataset, run_dir, ck, log):
                 "ones (not a bit-exact continuation)")
     else:
         rep = parallel.replicated(mesh)
-        state = init_state(parallel.replicate(sd.params["unet"], mesh), cfg.optim, rep)
-    sd = sd.replace(params={c: v for c, v in sd.params.items() if c != "unet"})  # the state holds the U-Net now
+        state = init_state(parallel.replicate(trainable(sd.params, cfg.step), mesh), cfg.optim, rep)
+    sd = sd.replace(params={c: v for c, v in sd.params.items() if c not in cfg.step.trained})  # the state has them
     start = int(np.asarray(state.step.addressable_data(0)))
     position = int(meta["data"]["position"]) if meta else 0
     frozen = frozen_inputs(sd.params, sd.tokenize([""]), mesh)
@@ -230,7 +237,7 @@ def _train(cfg, dataset, run_dir, ck, log):
         from ldm_jax.train import latent_cache
 
         cache = latent_cache.build(sd, dataset, res, cfg.random_flip, os.path.join(run_dir, "latent_cache"),
-                                   cfg.step.dtype, log=log)
+                                   cfg.step.dtype, log=log, text="text_encoder" in sd.params)
         loader = latent_cache.cached_batches(cache, dataset, **loader_kw)
     else:
         loader = D.batches(dataset, **loader_kw)
@@ -249,6 +256,9 @@ def _train(cfg, dataset, run_dir, ck, log):
         rows = [next(loader) for _ in range(k)]
         if "images" in rows[0]:
             local = {"images": np.stack([r["images"] for r in rows]),
+                     "ids": np.stack([sd.tokenize(r["captions"]) for r in rows])}
+        elif cfg.step.train_text_encoder:
+            local = {"moments": np.stack([r["moments"] for r in rows]),
                      "ids": np.stack([sd.tokenize(r["captions"]) for r in rows])}
         else:
             local = {name: np.stack([r[name] for r in rows]) for name in ("moments", "ctx")}
@@ -314,9 +324,9 @@ def _train(cfg, dataset, run_dir, ck, log):
     if last >= cfg.steps and cfg.export != "none":
         model_dir = os.path.join(run_dir, "model")
         if n_proc == 1:
-            export_model(model_dir, sd, state, ema=cfg.export == "ema", meta={"run_dir": run_dir, "step": last},
-                         resolution=res)
-            log(f"wrote the trained model ({cfg.export} U-Net) to {model_dir}")
+            export_model(model_dir, sd, state, cfg.step, ema=cfg.export == "ema",
+                         meta={"run_dir": run_dir, "step": last}, resolution=res)
+            log(f"wrote the trained model ({cfg.export} weights) to {model_dir}")
         else:
             model_dir = None
             log(f"multi-host run: export with `ldm-jax train --export-only --out {run_dir} ...` on one host")
@@ -334,10 +344,10 @@ def export_run(run_dir: str, checkpoint: str | None, preset_name: str | None, *,
         meta = ck.read_meta(step)
         sd = load_base(checkpoint, preset_name, int(meta["seed"]))
         check_same_model(meta, sd.config.to_dict(), f"export {run_dir}")
-        optim = OptimConfig(**meta["optim"])
-        tree, _ = ck.restore(_state_shapes(sd.config, optim, parallel.data_mesh()), step)
+        optim, step_cfg = OptimConfig(**meta["optim"]), StepConfig(**meta["step_config"])
+        tree, _ = ck.restore(_state_shapes(sd.config, optim, step_cfg, parallel.data_mesh()), step)
     out_dir = out_dir or os.path.join(run_dir, "model")
-    export_model(out_dir, sd, TrainState.from_dict(tree), ema=ema, meta={"run_dir": run_dir, "step": step},
-                 resolution=meta.get("run", {}).get("resolution"))
-    log(f"wrote step {step} ({'ema' if ema else 'raw'} U-Net) to {out_dir}")
+    export_model(out_dir, sd, TrainState.from_dict(tree), step_cfg, ema=ema,
+                 meta={"run_dir": run_dir, "step": step}, resolution=meta.get("run", {}).get("resolution"))
+    log(f"wrote step {step} ({'ema' if ema else 'raw'} weights) to {out_dir}")
     return out_dir

@@ -1,4 +1,4 @@
-"""Training state, optimiser and EMA for the latent U-Net (the trainable part of Stable Diffusion).
+"""Training state, optimiser and EMA of the trained parameters (the latent U-Net, optionally the text encoder).
 
     TrainState(step, params, ema_params, opt_state)   # a pytree: jit, sharding and orbax take it directly
 
@@ -9,15 +9,14 @@
   triggers (torch divides by norm + 1e-6).
 - Learning rate: linear warmup from 0 over `warmup` steps, then cosine decay to `lr * min_lr_ratio` at `total_steps`
   ("cosine"), or constant after the warmup ("constant"; diffusers' default schedule).
-- EMA of the U-Net params after every optimiser step, as CompVis `ldm/modules/ema.py` (LitEma):
+- EMA of the trained params after every optimiser step, as CompVis `ldm/modules/ema.py` (LitEma):
   decay_n = min(decay, (1 + n) / (10 + n)) for the n-th update (`ema_warmup`), ema <- ema - (1 - decay_n)(ema - p).
 - Params are the fp32 master copy; compute precision is the U-Net module's dtype (bf16 casts each kernel on use,
   gradients come back fp32). Gradient accumulation happens in `step.py` (mean of K micro-batch gradients, then one
   update), so `step` counts optimiser updates.
 
-Only the U-Net trains. Extension point for issue 7 (training the autoencoder or text encoder separately): a
-`TrainState` is generic over the tree in `params`; a trainer for another component builds its own loss and passes
-that component's params here (see `init_state`), nothing in this file is U-Net specific.
+`params` is whatever tree trains: the U-Net, or {"unet", "text_encoder"} with `StepConfig.train_text_encoder`
+(`step.trainable`), or the autoencoder (`autoencoder.py`); nothing in this file is U-Net specific.
 """
 
 from __future__ import annotations
@@ -61,7 +60,7 @@ class OptimConfig:
 @struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimiser updates done
-    params: Any  # trainable tree (the U-Net), fp32 master copy
+    params: Any  # trainable tree (the U-Net, or {"unet", "text_encoder"}), fp32 master copy
     ema_params: Any
     opt_state: Any
 

@@ -8,6 +8,11 @@ One step = one optimiser update from K micro-batches (gradient accumulation, `la
              step's global batch fold_in(step_key, i) (loss.py), so nothing depends on the device or host count
     frozen = {"vae": params, "text_encoder": params, "uncond_ids": int32 [1, S]}  (never differentiated)
 
+`state.params` is the U-Net's tree, or with `train_text_encoder` {"unet": ..., "text_encoder": ...} (`trainable`,
+`components`): the CLIP text encoder is then trained jointly, as the LDM paper trains tau_theta with eps_theta
+(eq. 3), the context (and the empty prompt's, for caption dropout) is computed from the ids inside the
+differentiated loss, and a precomputed batch carries {"moments", "ids"}.
+
 The loss is `loss.diffusion_loss` (Rombach et al. 2022 eq. 2; Ho et al. 2020 L_simple) on z_0 sampled from the frozen
 autoencoder's posterior, as diffusers' `train_text_to_image_flax.py`. Data parallelism (`compile_step`): the state
 and `frozen` are replicated over the "data" mesh, the batch is sharded on its B axis; the mean over the global batch
@@ -44,6 +49,7 @@ class StepConfig:
     remat: bool = False  # rematerialise U-Net ResBlocks / transformers in the backward pass
     attention_impl: str = "auto"
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting (loss.min_snr_weight); None: plain L_simple
+    train_text_encoder: bool = False  # train tau_theta jointly with the U-Net (else frozen, as SD fine-tuning)
 
     def __post_init__(self):
         if self.precision not in DTYPES:
@@ -57,6 +63,23 @@ class StepConfig:
     def dtype(self):
         return DTYPES[self.precision]
 
+    @property
+    def trained(self) -> tuple[str, ...]:
+        """The model components the step trains (the rest are in `frozen`)."""
+        return ("unet", "text_encoder") if self.train_text_encoder else ("unet",)
+
+
+def trainable(model_params: dict, step_cfg: StepConfig):
+    """{component: tree} of a model -> the step's `state.params` (the bare U-Net tree when only it trains)."""
+    if step_cfg.train_text_encoder:
+        return {c: model_params[c] for c in step_cfg.trained}
+    return model_params["unet"]
+
+
+def components(params, step_cfg: StepConfig) -> dict:
+    """The inverse of `trainable`: `state.params` (or its EMA) -> {component: tree}."""
+    return dict(params) if step_cfg.train_text_encoder else {"unet": params}
+
 
 def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfig):
     """The pure step function for this model and these hyper-parameters (see the module docstring)."""
@@ -65,36 +88,48 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
     schedule = make_schedule(config.schedule)
     n_steps = config.schedule.n_steps
 
-    def inputs(frozen, micro, uncond, keys):
-        """A micro-batch -> (z_0, t, noise, ctx) with the frozen encoders (no gradients flow into them)."""
+    def inputs(frozen, micro, keys):
+        """A micro-batch -> (z_0, t, noise, cond, drop): cond is the context from the frozen text encoder [B, S, d],
+        or the token ids [B, S] when it trains (no gradients flow into the frozen encoders)."""
         if "moments" in micro:
             moments = micro["moments"]
         else:
             moments = vae.apply({"params": frozen["vae"]}, micro["images"], method="encode")
-        if "ctx" in micro:
-            ctx = micro["ctx"]
+        if step_cfg.train_text_encoder:
+            cond = micro["ids"]
+        elif "ctx" in micro:
+            cond = micro["ctx"].astype(jnp.float32)
         else:
-            ctx = text.apply({"params": frozen["text_encoder"]}, micro["ids"])
+            cond = text.apply({"params": frozen["text_encoder"]}, micro["ids"]).astype(jnp.float32)
         c = moments.shape[-1] // 2
         d = L.draw(keys, moments.shape[1:-1] + (c,), n_steps, step_cfg.caption_dropout)
         z0 = L.posterior_sample(moments, d.posterior_eps, config.latent_scale)
-        ctx = L.drop_captions(ctx.astype(jnp.float32), uncond, d.drop)
-        return jax.lax.stop_gradient((z0, d.t, d.noise, ctx))
+        return jax.lax.stop_gradient((z0, d.t, d.noise, cond, d.drop))
 
-    def micro_loss(params, z0, t, noise, ctx):
-        eps_fn = lambda x, tt, c: unet.apply({"params": params}, x, tt, c)  # noqa: E731
-        return L.diffusion_loss(eps_fn, schedule, z0, t, noise, ctx, step_cfg.snr_gamma)
+    def context(params, frozen, cond, drop):
+        """tau_theta(y) [B, S, d] with the dropped captions' rows replaced by the empty prompt's context."""
+        if step_cfg.train_text_encoder:
+            encode = lambda ids: text.apply({"params": params["text_encoder"]}, ids)  # noqa: E731
+            ctx, uncond = encode(cond), encode(frozen["uncond_ids"])
+        else:
+            ctx, uncond = cond, text.apply({"params": frozen["text_encoder"]}, frozen["uncond_ids"])
+        return L.drop_captions(ctx.astype(jnp.float32), uncond, drop)
+
+    def micro_loss(params, frozen, z0, t, noise, cond, drop):
+        unet_params = params["unet"] if step_cfg.train_text_encoder else params
+        eps_fn = lambda x, tt, c: unet.apply({"params": unet_params}, x, tt, c)  # noqa: E731
+        return L.diffusion_loss(eps_fn, schedule, z0, t, noise, context(params, frozen, cond, drop),
+                                step_cfg.snr_gamma)
 
     grad_fn = jax.value_and_grad(micro_loss)
 
     def train_step(state: TrainState, batch: dict, key, frozen: dict):
         step_key = jax.random.fold_in(jax.random.wrap_key_data(key), state.step)
-        uncond = text.apply({"params": frozen["text_encoder"]}, frozen["uncond_ids"])
         k, b = jax.tree_util.tree_leaves(batch)[0].shape[:2]
 
         def one(i, micro):
             keys = L.example_keys(step_key, i * b + jnp.arange(b))
-            return grad_fn(state.params, *inputs(frozen, micro, uncond, keys))
+            return grad_fn(state.params, frozen, *inputs(frozen, micro, keys))
 
         if k == 1:
             loss, grads = one(0, jax.tree_util.tree_map(lambda x: x[0], batch))
@@ -163,7 +198,8 @@ def _jitted_train_step(config, optim, step_cfg, mesh):
 
 
 def frozen_inputs(params: dict, uncond_ids, mesh=None) -> dict:
-    """The replicated frozen inputs of the step from a model's params and the tokenized empty prompt [1, S]."""
-    tree = {"vae": params["vae"], "text_encoder": params["text_encoder"],
-            "uncond_ids": np.asarray(uncond_ids, np.int32).reshape(1, -1)}
+    """The replicated frozen inputs of the step from a model's params (the VAE, and the text encoder unless it
+    trains: whichever `params` holds) and the tokenized empty prompt [1, S]."""
+    tree = {c: params[c] for c in ("vae", "text_encoder") if c in params}
+    tree["uncond_ids"] = np.asarray(uncond_ids, np.int32).reshape(1, -1)
     return parallel.replicate(tree, mesh)
