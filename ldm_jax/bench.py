@@ -218,7 +218,7 @@ def txt2img_program_memory(preset_name: str, images: int, size: int, steps: int,
     params, inputs) + outputs + temporaries, per device. seconds is the compile time."""
     from ldm_jax import parallel
     from ldm_jax.models.build import abstract_params
-    from ldm_jax.pipelines.program import build_program
+    from ldm_jax.pipelines.program import build_program, program_args
 
     cfg = preset(preset_name)
     mesh = parallel.data_mesh()
@@ -227,10 +227,10 @@ def txt2img_program_memory(preset_name: str, images: int, size: int, steps: int,
     sd = StableDiffusion(cfg, {}, dtype=jnp.dtype(dtype).type)
     b, f, length = plan.padded, sd.latent_factor, cfg.text.max_length
     spec = lambda shape, dt, sharding=rows: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)  # noqa: E731
-    scalars = [spec((), jnp.float32, rep), spec((), jnp.float32, rep), spec((), jnp.int32, rep)]
     ids = spec((b, length), jnp.int32)
-    args = (parallel.abstract_like(abstract_params(cfg), rep), ids, ids, spec((b, 2), jnp.uint32), None, None, None,
-            *scalars)
+    args = program_args(params=parallel.abstract_like(abstract_params(cfg), rep), ids=ids, uncond_ids=ids,
+                        key_data=spec((b, 2), jnp.uint32), guidance=spec((), jnp.float32, rep),
+                        eta=spec((), jnp.float32, rep), start_step=spec((), jnp.int32, rep))
     run = build_program(sd, mode="txt2img", sampler="ddim", steps=steps, output="images",
                         latent_hw=(size // f, size // f), given_latents=False, progress=None)
     t0 = time.perf_counter()

@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--unet-steps", type=int, default=4000, help="phase 1: plain L_simple")
     ap.add_argument("--total-steps", default="8000,11000", help="phase 2 (min-SNR-5) continues up to each of "
                     "these in turn, each a resume with its own cosine length (default: 8000,11000)")
-    ap.add_argument("--joint-steps", type=int, default=6000, help="phase 3: U-Net and text encoder trained "
+    ap.add_argument("--joint-steps", type=int, default=10000, help="phase 3: U-Net and text encoder trained "
                     "jointly (--train-text-encoder, min-SNR-5), from phase 2's EMA model (0: skip)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-4)

@@ -20,7 +20,7 @@ from ldm_jax import parallel, samplers
 from ldm_jax.compile_cache import enable_compilation_cache
 from ldm_jax.errors import UserError
 from ldm_jax.images import to_unit_range
-from ldm_jax.pipelines.program import build_program
+from ldm_jax.pipelines.program import build_program, program_args
 
 OUTPUTS = ("images", "latents")
 
@@ -188,7 +188,9 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
 
     static = dict(mode=mode, sampler=sampler, steps=int(steps), output=output, latent_hw=(h, w),
                   given_latents=latents is not None, progress=_StepBar.step if progress else None)
-    args = (params, ids, uncond, keys, lat_x, init_x, mask_x, *scalars)
+    guidance, eta_arg, start_arg = scalars
+    args = program_args(params=params, ids=ids, uncond_ids=uncond, key_data=keys, latents=lat_x, init=init_x,
+                        mask=mask_x, guidance=guidance, eta=eta_arg, start_step=start_arg)
     shapes = tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args[1:7]))
     key = ("program", tuple(sorted((k, v) for k, v in static.items() if k != "progress")), bool(progress), shapes)
     t0 = time.perf_counter()

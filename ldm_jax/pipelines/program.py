@@ -49,6 +49,13 @@ def _normal(keys, shape):
     return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
 
 
+def program_args(*, params, ids, uncond_ids, key_data, latents=None, init=None, mask=None, guidance, eta,
+                 start_step) -> tuple:
+    """The positional arguments of `build_program`'s `run`, in its order: arrays to call or lower it with, or
+    `jax.ShapeDtypeStruct`s to compile it from shapes alone (`bench.txt2img_program_memory`)."""
+    return (params, ids, uncond_ids, key_data, latents, init, mask, guidance, eta, start_step)
+
+
 def build_program(sd, *, mode: str, sampler: str, steps: int, output: str, latent_hw: tuple[int, int],
                   given_latents: bool, progress: Callable[[int], None] | None) -> Callable:
     """The function to jit:
