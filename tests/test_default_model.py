@@ -1,8 +1,9 @@
 """The bundled model (ldm_jax/assets/shapes, trained by scripts/train_shapes_model.py) draws what it is asked.
 
 Prompt adherence by plain pixel analysis (ldm_jax.data.shapes_eval, no learned classifier) on 60 held-out prompts,
-combinations of attributes the model never saw in training. The shipped model (11000 steps on a 2-core CPU)
-measures colour 91.7%, position 83.3%, background 68.3%, all three 56.7% (CPU, jax 0.10). The issue's target is
+combinations of attributes the model never saw in training. The shipped model (11000 U-Net steps, then 7000 steps
+with the text encoder trained jointly, on a 2-core CPU) measures colour 100%, position 100%, background 83.3%, all
+three 83.3% (CPU, jax 0.10); every miss is a two-tone background drawn in the wrong order. The issue's target is
 >= 90% for all three together, NOT met yet (see README "The bundled model"); the thresholds below guard the
 measured level with a margin for other jax versions and backends: raise them when a better model ships."""
 
@@ -23,8 +24,8 @@ def test_prompt_adherence_on_held_out_prompts():
     assert images.shape == (N, 64, 64, 3)
     result = adherence(images, [a for _, a in prompts])
     print({k: v for k, v in result.items() if k != "per_image"})
-    assert result["color"] >= 0.8 and result["position"] >= 0.7 and result["background"] >= 0.55
-    assert result["all"] >= 0.45
+    assert result["color"] >= 0.9 and result["position"] >= 0.9 and result["background"] >= 0.75
+    assert result["all"] >= 0.75
 
 
 def test_cli_default_model(tmp_path):
