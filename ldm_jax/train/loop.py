@@ -218,7 +218,9 @@ def _train(cfg, dataset, run_dir, ck, log):
         log(f"resuming {run_dir} at step {latest} (data position {meta['data']['position']})")
         now = json.loads(json.dumps({"optim": dataclasses.asdict(cfg.optim),
                                      "step_config": dataclasses.asdict(cfg.step)}))
-        changed = [f"{g}.{k}" for g in now for k in now[g] if (meta.get(g) or {}).get(k) != now[g][k]]
+        default = json.loads(json.dumps({"optim": dataclasses.asdict(OptimConfig()),  # for keys older runs lack
+                                         "step_config": dataclasses.asdict(StepConfig())}))
+        changed = [f"{g}.{k}" for g in now for k in now[g] if (meta.get(g) or {}).get(k, default[g][k]) != now[g][k]]
         if changed:
             log(f"note: settings differ from the checkpoint's ({', '.join(changed)}); the run continues with the new "
                 "ones (not a bit-exact continuation)")
