@@ -8,11 +8,12 @@ cache the objective is the same (Rombach et al. 2022 eq. 2; diffusers' `train_te
 fly). With `--random-flip` the mirrored image's moments are cached as well.
 
 Files in the cache directory (float32 `.npy`, memory-mapped when read): `moments.npy` [n, F, h, w, 2C] (F = 2 with
-flips, else 1), `ctx.npy` [n, S, d] (not when the text encoder trains: `text=False`), `ok.npy` bool [n] (False: unreadable image) and `fingerprint.json`: the dataset
-(paths, sizes, mtimes, captions), resolution, flip, model config, base weights and compute dtype; a cache with another
-fingerprint is rebuilt. Files are written under temporary names and renamed. Batches come from the same
-`data.BatchIterator` order (seed, epoch permutations, flip decisions, replacement of unreadable images), so positions
-and resume work exactly as without the cache. Every process builds (or reads) the cache on its own local device.
+flips, else 1), `ctx.npy` [n, S, d] (not when the text encoder trains: `text=False`), `ok.npy` bool [n] (False:
+unreadable image) and `fingerprint.json`: the dataset (paths, sizes, mtimes, captions), resolution, flip, model
+config, base weights and compute dtype; a cache with another fingerprint is rebuilt. Files are written under
+temporary names and renamed. Batches come from the same `data.BatchIterator` order (seed, epoch permutations, flip
+decisions, replacement of unreadable images), so positions and resume work exactly as without the cache. Every
+process builds (or reads) the cache on its own local device.
 """
 
 from __future__ import annotations
@@ -122,7 +123,9 @@ class CachedBatchIterator(D.BatchIterator):
             if self.cache["ok"][index]:
                 rng = np.random.default_rng([self.seed, epoch, index])  # the flip decision of data._load
                 flip = int(self.random_flip and rng.random() < 0.5)
-                parts = [self.cache["moments"][index, flip]] + ([self.cache["ctx"][index]] if "ctx" in self.cache else [])
+                parts = [self.cache["moments"][index, flip]]
+                if "ctx" in self.cache:
+                    parts.append(self.cache["ctx"][index])
                 row = np.concatenate([np.asarray(a).reshape(-1) for a in parts])
                 return row, index, (self.resolution, self.resolution), failures
             failures.append((index, f"{self.dataset.paths[index]}: unreadable"))

@@ -106,30 +106,32 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
         z0 = L.posterior_sample(moments, d.posterior_eps, config.latent_scale)
         return jax.lax.stop_gradient((z0, d.t, d.noise, cond, d.drop))
 
-    def context(params, frozen, cond, drop):
-        """tau_theta(y) [B, S, d] with the dropped captions' rows replaced by the empty prompt's context."""
+    def context(params, cond, uncond, drop):
+        """tau_theta(y) [B, S, d] with the dropped captions' rows replaced by the empty prompt's context; cond and
+        uncond are contexts (frozen encoder) or token ids that the trained encoder encodes here."""
         if step_cfg.train_text_encoder:
             encode = lambda ids: text.apply({"params": params["text_encoder"]}, ids)  # noqa: E731
-            ctx, uncond = encode(cond), encode(frozen["uncond_ids"])
-        else:
-            ctx, uncond = cond, text.apply({"params": frozen["text_encoder"]}, frozen["uncond_ids"])
-        return L.drop_captions(ctx.astype(jnp.float32), uncond, drop)
+            cond, uncond = encode(cond), encode(uncond)
+        return L.drop_captions(cond.astype(jnp.float32), uncond, drop)
 
-    def micro_loss(params, frozen, z0, t, noise, cond, drop):
+    def micro_loss(params, uncond, z0, t, noise, cond, drop):
         unet_params = params["unet"] if step_cfg.train_text_encoder else params
         eps_fn = lambda x, tt, c: unet.apply({"params": unet_params}, x, tt, c)  # noqa: E731
-        return L.diffusion_loss(eps_fn, schedule, z0, t, noise, context(params, frozen, cond, drop),
+        return L.diffusion_loss(eps_fn, schedule, z0, t, noise, context(params, cond, uncond, drop),
                                 step_cfg.snr_gamma)
 
     grad_fn = jax.value_and_grad(micro_loss)
 
     def train_step(state: TrainState, batch: dict, key, frozen: dict):
         step_key = jax.random.fold_in(jax.random.wrap_key_data(key), state.step)
+        uncond = frozen["uncond_ids"]  # the empty prompt: its ids, or its context once per step when frozen
+        if not step_cfg.train_text_encoder:
+            uncond = text.apply({"params": frozen["text_encoder"]}, uncond)
         k, b = jax.tree_util.tree_leaves(batch)[0].shape[:2]
 
         def one(i, micro):
             keys = L.example_keys(step_key, i * b + jnp.arange(b))
-            return grad_fn(state.params, frozen, *inputs(frozen, micro, keys))
+            return grad_fn(state.params, uncond, *inputs(frozen, micro, keys))
 
         if k == 1:
             loss, grads = one(0, jax.tree_util.tree_map(lambda x: x[0], batch))
