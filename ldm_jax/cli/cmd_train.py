@@ -50,6 +50,12 @@ def add_parser(sub, name, help_):
     p.add_argument("--caption-dropout", type=float, default=0.1, help="probability of the empty caption (0.1)")
     p.add_argument("--snr-gamma", type=float, help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the "
                    "paper's value): faster convergence when training from scratch (default: off, plain L_simple)")
+    p.add_argument("--debiased-loss", action="store_true", help="also weight the loss by 1/sqrt(SNR_t) (Yu et al. "
+                   "2024; kohya's --debiased_estimation_loss): more weight on the noisy steps that decide layout")
+    p.add_argument("--multires-noise", type=float, default=0.0, metavar="DISCOUNT", help="multi-resolution noise "
+                   "(Whitaker 2023; kohya's --multires_noise_discount): adds DISCOUNT^i-weighted noise at 1/2^i "
+                   "resolution, so less of the coarse layout can be read off z_t and more must come from the "
+                   "caption (e.g. 0.8; default: 0, white noise)")
     p.add_argument("--train-text-encoder", action="store_true", help="train the CLIP text encoder jointly with the "
                    "U-Net (same lr; for small models trained from scratch; default: frozen, as SD fine-tuning)")
     p.add_argument("--allow-empty-captions", action="store_true", help="train images without captions as ''")
@@ -115,7 +121,8 @@ def train_config(args):
                             eps=args.adam_eps, weight_decay=args.weight_decay, clip=args.clip or None,
                             ema_decay=args.ema_decay, ema_warmup=not args.no_ema_warmup)
         step = StepConfig(caption_dropout=args.caption_dropout, grad_accum=args.grad_accum, precision=precision,
-                          remat=args.remat, snr_gamma=args.snr_gamma, train_text_encoder=args.train_text_encoder)
+                          remat=args.remat, snr_gamma=args.snr_gamma, train_text_encoder=args.train_text_encoder,
+                          multires_noise=args.multires_noise, debiased_loss=args.debiased_loss)
     except ValueError as e:
         raise UserError(str(e)) from None
     return loop.TrainConfig(

@@ -42,13 +42,41 @@ def example_keys(step_key: jax.Array, indices: jax.Array) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.asarray(indices, jnp.uint32))
 
 
-def draw(keys: jax.Array, latent_shape: tuple[int, ...], n_steps: int, caption_dropout: float) -> Draws:
-    """Draw t ~ U{0..n_steps-1}, eps ~ N(0, I), the posterior's eps and the dropout coin for every example."""
+def multires_noise(key: jax.Array, shape: tuple[int, ...], discount: float) -> jax.Array:
+    """Multi-resolution ("pyramid") noise [h, w, C]: white noise plus discount^i times white noise drawn at 1/2^i of
+    the resolution and resized up bilinearly (i = 1 .. log2(min(h, w)); the last level is one value per channel,
+    i.e. offset noise), rescaled to unit standard deviation (J. Whitaker 2023, "Multi-Resolution Noise for
+    Diffusion Model Training"; kohya sd-scripts' --multires_noise_discount).
+
+    Why: SD's schedule keeps sqrt(alpha_bar_T) ~ 0.07 of the image in z_T, so with white noise a model can read the
+    coarse layout (which half of the background is light) off z_t in training, never learns it from the caption,
+    and at sampling follows whatever the fresh noise's low frequencies say (Lin et al. 2024, "Common Diffusion Noise
+    Schedules and Sample Steps are Flawed"). Low-frequency noise weakens that leak: with discount 0.8 the top-minus-
+    bottom mean of a 16x16 latent is 3x noisier than with white noise (docs/notes.md: not enough, alone, to make the
+    bundled model learn the order of its two-tone backgrounds)."""
+    h, w, c = shape
+    levels = max(int(min(h, w)).bit_length() - 1, 0)
+    keys = jax.random.split(key, levels + 1)
+    noise = jax.random.normal(keys[0], shape, jnp.float32)
+    for i in range(1, levels + 1):
+        coarse = jax.random.normal(keys[i], (max(h >> i, 1), max(w >> i, 1), c), jnp.float32)
+        noise = noise + discount ** i * jax.image.resize(coarse, shape, "linear")
+    return noise / jnp.std(noise)
+
+
+def draw(keys: jax.Array, latent_shape: tuple[int, ...], n_steps: int, caption_dropout: float,
+         multires_discount: float = 0.0) -> Draws:
+    """Draw t ~ U{0..n_steps-1}, eps ~ N(0, I) (or `multires_noise` when `multires_discount` > 0), the posterior's eps
+    and the dropout coin for every example."""
 
     def one(key):
         k_t, k_noise, k_post, k_drop = jax.random.split(key, 4)
+        if multires_discount > 0:
+            noise = multires_noise(k_noise, latent_shape, multires_discount)
+        else:
+            noise = jax.random.normal(k_noise, latent_shape, jnp.float32)
         return Draws(t=jax.random.randint(k_t, (), 0, n_steps, jnp.int32),
-                     noise=jax.random.normal(k_noise, latent_shape, jnp.float32),
+                     noise=noise,
                      posterior_eps=jax.random.normal(k_post, latent_shape, jnp.float32),
                      drop=jax.random.uniform(k_drop, ()) < caption_dropout)
 
@@ -79,10 +107,19 @@ def min_snr_weight(schedule: Schedule, t: jax.Array, gamma: float) -> jax.Array:
     return jnp.minimum(snr, gamma) / snr
 
 
+def debiased_weight(schedule: Schedule, t: jax.Array) -> jax.Array:
+    """1 / sqrt(SNR_t) [B], SNR_t capped at 1000 (Yu et al. 2024, "Debias the Training of Diffusion Models"; kohya
+    sd-scripts' --debiased_estimation_loss): up-weights the noisy steps, where the caption decides the layout that
+    nearly clean steps only copy from z_t (x 14.6 at t = 999 of SD's schedule, 1 at SNR 1)."""
+    ab = schedule.alpha_bar[t].astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.minimum(ab / (1.0 - ab), 1000.0))
+
+
 def diffusion_loss(eps_fn: Callable, schedule: Schedule, z0: jax.Array, t: jax.Array, noise: jax.Array,
-                   ctx: jax.Array, snr_gamma: float | None = None) -> jax.Array:
+                   ctx: jax.Array, snr_gamma: float | None = None, debiased: bool = False) -> jax.Array:
     """mean || noise - eps_fn(q_sample(z0, t, noise), t, ctx) ||^2 in fp32 (the L_simple of the module docstring);
-    with `snr_gamma` each example's mean squared error is weighted by `min_snr_weight` first.
+    with `snr_gamma` each example's mean squared error is weighted by `min_snr_weight` first, with `debiased` (also)
+    by `debiased_weight`.
 
     eps_fn(x_t, t, ctx) -> predicted noise; z0, noise [B, h, w, C]; t int32 [B]; ctx [B, S, d]."""
     x_t = q_sample(schedule, z0, t, noise)
@@ -90,4 +127,6 @@ def diffusion_loss(eps_fn: Callable, schedule: Schedule, z0: jax.Array, t: jax.A
     per_example = jnp.mean(jnp.square(noise.astype(jnp.float32) - pred), axis=tuple(range(1, pred.ndim)))  # [B]
     if snr_gamma:
         per_example = per_example * min_snr_weight(schedule, t, snr_gamma)
+    if debiased:
+        per_example = per_example * debiased_weight(schedule, t)
     return jnp.mean(per_example)

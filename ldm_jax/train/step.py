@@ -50,6 +50,8 @@ class StepConfig:
     attention_impl: str = "auto"
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting (loss.min_snr_weight); None: plain L_simple
     train_text_encoder: bool = False  # train tau_theta jointly with the U-Net (else frozen, as SD fine-tuning)
+    debiased_loss: bool = False  # also weight the loss by 1 / sqrt(SNR_t) (loss.debiased_weight)
+    multires_noise: float = 0.0  # > 0: the diffusion noise is loss.multires_noise with this discount (0: white)
 
     def __post_init__(self):
         if self.precision not in DTYPES:
@@ -58,6 +60,8 @@ class StepConfig:
             raise ValueError("need 0 <= caption_dropout <= 1 and grad_accum >= 1")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise ValueError(f"snr_gamma must be > 0, got {self.snr_gamma}")
+        if not 0.0 <= self.multires_noise < 1.0:
+            raise ValueError(f"multires_noise (a discount) must be in [0, 1), got {self.multires_noise}")
 
     @property
     def dtype(self):
@@ -102,7 +106,7 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
         else:
             cond = text.apply({"params": frozen["text_encoder"]}, micro["ids"]).astype(jnp.float32)
         c = moments.shape[-1] // 2
-        d = L.draw(keys, moments.shape[1:-1] + (c,), n_steps, step_cfg.caption_dropout)
+        d = L.draw(keys, moments.shape[1:-1] + (c,), n_steps, step_cfg.caption_dropout, step_cfg.multires_noise)
         z0 = L.posterior_sample(moments, d.posterior_eps, config.latent_scale)
         return jax.lax.stop_gradient((z0, d.t, d.noise, cond, d.drop))
 
@@ -118,7 +122,7 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
         unet_params = params["unet"] if step_cfg.train_text_encoder else params
         eps_fn = lambda x, tt, c: unet.apply({"params": unet_params}, x, tt, c)  # noqa: E731
         return L.diffusion_loss(eps_fn, schedule, z0, t, noise, context(params, cond, uncond, drop),
-                                step_cfg.snr_gamma)
+                                step_cfg.snr_gamma, step_cfg.debiased_loss)
 
     grad_fn = jax.value_and_grad(micro_loss)
 
