@@ -158,7 +158,8 @@ def tiny() -> ModelConfig:
 def shapes() -> ModelConfig:
     """The small text-to-image model ldm-jax trains itself and ships (64x64 images of coloured shapes, see
     `scripts/train_shapes_model.py`): a KL-f4 autoencoder, a 3-level U-Net and a 2-layer CLIP-architecture text
-    encoder with the real CLIP tokenizer (trained jointly in the last phase). latent_scale is set by training."""
+    encoder with the real CLIP tokenizer (trained jointly in the later phases). latent_scale is set by training; the
+    last phase moves the schedule's beta_end to 0.02 (the shipped model's config says so), see the script."""
     return ModelConfig(
         name="shapes",
         unet=UNetConfig(channels=64, channel_multipliers=(1, 1, 2), n_res_blocks=1, attention_levels=(1, 2),
