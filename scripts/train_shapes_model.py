@@ -162,7 +162,8 @@ def fix_order(a, phase3: str, common: list[str], cli) -> str:
     """Phase 4: phase 3's model with its schedule moved to --beta-end, trained jointly with multi-resolution noise
     and the debiased weight on top of min-SNR-5 (see the module docstring); returns the exported EMA model."""
     rescheduled = os.path.join(a.work, "joint_rescheduled")  # phase 3's weights; config.json's schedule changed
-    if not os.path.exists(rescheduled):
+    if not os.path.exists(rescheduled):  # made once: delete it (and WORK/multires) if phase 3 is extended
+        shutil.rmtree(rescheduled + ".tmp", ignore_errors=True)
         shutil.copytree(phase3, rescheduled + ".tmp")
         with open(os.path.join(phase3, "config.json"), encoding="utf-8") as f:
             cfg = json.load(f)
