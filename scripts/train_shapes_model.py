@@ -109,22 +109,18 @@ def main() -> None:
     run = os.path.join(a.work, "run")
     ckpts = os.path.join(run, "checkpoints")
 
-    def latest():
-        steps = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
-        return max(steps, default=None)
-
     common = ["train", "--checkpoint", base, "--data", data_dir, "--out", run, "--batch-size", str(a.batch_size),
               "--lr", str(a.lr), "--warmup", "300", "--min-lr-ratio", "0.05", "--ema-decay", "0.999",
               "--resolution", "64", "--precompute-latents", "--save-every", "500", "--sample-every", "1000",
               "--sample-prompt", "a red circle in the top left corner on a white background",
               "--sample-prompt", "a blue square in the center on a black background", "--seed", str(a.seed)]
-    if (latest() or 0) < a.unet_steps:
-        resume = ["--resume"] if latest() is not None else []
+    if (latest_step(ckpts) or 0) < a.unet_steps:
+        resume = ["--resume"] if latest_step(ckpts) is not None else []
         if cli([*common, "--steps", str(a.unet_steps), "--export", "none", *resume]):
             raise SystemExit("training (phase 1) failed")
     for total in (int(v) for v in a.total_steps.split(",")):
-        if (latest() or 0) < total and cli([*common, "--steps", str(total), "--snr-gamma", "5", "--resume",
-                                            "--export", "none"]):
+        if (latest_step(ckpts) or 0) < total and cli([*common, "--steps", str(total), "--snr-gamma", "5",
+                                                      "--resume", "--export", "none"]):
             raise SystemExit("training (phase 2) failed")
     phase2 = os.path.join(run, "model")  # the EMA U-Net of phase 2, with the frozen text encoder
     if not os.path.exists(os.path.join(phase2, "metadata.json")) and cli(
@@ -136,9 +132,10 @@ def main() -> None:
         common[common.index("--checkpoint") + 1] = phase2
         common[common.index("--out") + 1] = joint
         stop = min(a.joint_stop_at or a.joint_steps, a.joint_steps)
-        if (latest() or 0) < stop:
-            resume = ["--resume"] if latest() is not None else []
-            if cli([*common, "--steps", str(a.joint_steps), "--stop-after", str(stop - (latest() or 0)),
+        latest = latest_step(ckpts)
+        if (latest or 0) < stop:
+            resume = ["--resume"] if latest is not None else []
+            if cli([*common, "--steps", str(a.joint_steps), "--stop-after", str(stop - (latest or 0)),
                     "--snr-gamma", "5", "--train-text-encoder", *resume]):
                 raise SystemExit("training (phase 3) failed")
         if cli(["train", "--export-only", "--out", joint, "--checkpoint", phase2]):  # the latest checkpoint's EMA
@@ -156,6 +153,12 @@ def main() -> None:
         out = ASSET
         print(f"installed {ASSET}")
     evaluate(out, grid_path=a.grid)
+
+
+def latest_step(ckpts: str) -> int | None:
+    """The newest checkpoint's step in a run's checkpoints directory (None: no checkpoint yet)."""
+    steps = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
+    return max(steps, default=None)
 
 
 def fix_order(a, phase3: str, common: list[str], cli) -> str:
@@ -178,20 +181,21 @@ def fix_order(a, phase3: str, common: list[str], cli) -> str:
     common[common.index("--out") + 1] = run
     for part in a.fix_order_steps.split(","):
         stop, cosine = (int(v) for v in part.split("/"))
-        steps = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
-        done = max(steps, default=0)
+        latest = latest_step(ckpts)
+        done = latest or 0
         if done < stop and cli([*common, "--steps", str(cosine), "--stop-after", str(stop - done), "--snr-gamma",
                                 "5", "--debiased-loss", "--multires-noise", "0.8", "--train-text-encoder",
-                                *(["--resume"] if steps else [])]):
+                                *(["--resume"] if latest is not None else [])]):
             raise SystemExit("training (phase 4) failed")
     if cli(["train", "--export-only", "--out", run, "--checkpoint", rescheduled]):
         raise SystemExit("exporting the trained model failed")
     return os.path.join(run, "model")
 
 
-def evaluate(path: str, n: int = 60, seed: int = 0, grid_path: str | None = None) -> dict:
-    """Prompt adherence of `path` on n held-out prompts (see tests/test_default_model.py for the threshold);
-    with grid_path, the first 16 images as a 4x4 grid (2x nearest upscale) and their prompts next to it (.txt)."""
+def evaluate(path: str | None, n: int = 60, seed: int = 0, grid_path: str | None = None) -> dict:
+    """Prompt adherence of `path` (None: the bundled model) on n held-out prompts (see tests/test_default_model.py
+    for the threshold); with grid_path, the first 16 images as a 4x4 grid (2x nearest upscale) and their prompts next
+    to it (.txt)."""
     import ldm_jax
     from ldm_jax.data.shapes import held_out_prompts
     from ldm_jax.data.shapes_eval import adherence

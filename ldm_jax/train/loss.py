@@ -96,23 +96,27 @@ def drop_captions(ctx: jax.Array, uncond: jax.Array, drop: jax.Array) -> jax.Arr
     return jnp.where(drop[:, None, None], jnp.broadcast_to(uncond, ctx.shape).astype(ctx.dtype), ctx)
 
 
+def snr(schedule: Schedule, t: jax.Array) -> jax.Array:
+    """SNR_t = alpha_bar_t / (1 - alpha_bar_t) [B] in fp32."""
+    ab = schedule.alpha_bar[t].astype(jnp.float32)
+    return ab / (1.0 - ab)
+
+
 def min_snr_weight(schedule: Schedule, t: jax.Array, gamma: float) -> jax.Array:
     """Min-SNR-gamma loss weight of an eps-prediction loss, min(SNR_t, gamma) / SNR_t [B] (Hang et al. 2023,
     "Efficient Diffusion Training via Min-SNR Weighting Strategy", eq. 7 with the eps target; diffusers'
     `--snr_gamma`). SNR_t = alpha_bar_t / (1 - alpha_bar_t). Nearly noise-free steps (SNR_t > gamma), whose large
     and noisy eps errors otherwise dominate the gradient, are down-weighted; noisy steps (layout, colour: where the
     caption matters) keep weight 1."""
-    ab = schedule.alpha_bar[t].astype(jnp.float32)
-    snr = ab / (1.0 - ab)
-    return jnp.minimum(snr, gamma) / snr
+    snr_t = snr(schedule, t)
+    return jnp.minimum(snr_t, gamma) / snr_t
 
 
 def debiased_weight(schedule: Schedule, t: jax.Array) -> jax.Array:
     """1 / sqrt(SNR_t) [B], SNR_t capped at 1000 (Yu et al. 2024, "Debias the Training of Diffusion Models"; kohya
     sd-scripts' --debiased_estimation_loss): up-weights the noisy steps, where the caption decides the layout that
     nearly clean steps only copy from z_t (x 14.6 at t = 999 of SD's schedule, 1 at SNR 1)."""
-    ab = schedule.alpha_bar[t].astype(jnp.float32)
-    return jax.lax.rsqrt(jnp.minimum(ab / (1.0 - ab), 1000.0))
+    return jax.lax.rsqrt(jnp.minimum(snr(schedule, t), 1000.0))
 
 
 def diffusion_loss(eps_fn: Callable, schedule: Schedule, z0: jax.Array, t: jax.Array, noise: jax.Array,
