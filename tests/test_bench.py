@@ -20,6 +20,7 @@ def test_bench_unet_vae_and_torch_ratio(tmp_path, capsys):
     assert set(rows) == {("unet_step_cfg", "ldm-jax"), ("unet_step_cfg", "labml-torch"), ("vae_decode", "ldm-jax")}
     assert all(r["seconds"] > 0 for r in rows.values())
     assert rows[("unet_step_cfg", "ldm-jax")]["batch"] == 2  # one image with classifier-free guidance
+    assert rows[("unet_step_cfg", "ldm-jax")]["extra"]["cudnn_attention"] == 0  # XLA attention on the CPU
 
 
 def test_bench_memory_is_compile_only_and_grows_with_the_batch(tmp_path):
