@@ -1,6 +1,10 @@
 """`ldm-jax bench` on the tiny preset: the rows it prints and writes, the torch ratio, compile-only memory."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -32,3 +36,18 @@ def test_bench_memory_is_compile_only_and_grows_with_the_batch(tmp_path):
     param_mb = sum(np.prod(s.shape) * 4 for s in jax.tree_util.tree_leaves(abstract_params(preset("tiny")))) / 2**20
     one, four = (r["extra"]["program_mb"] for r in rows)
     assert param_mb < one < four  # the fp32 params are arguments of the program; activations grow with the batch
+
+
+def test_gpu_ab_script_runs_its_variants_on_the_cpu(tmp_path):
+    """scripts/gpu_ab.py (run by hand on a GPU) must not rot between device sessions: two variants, tiny preset."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ab.json"
+    p = subprocess.run([sys.executable, str(root / "scripts" / "gpu_ab.py"), "--out", str(out), "--preset", "tiny",
+                        "--size", "64", "--steps", "2", "--iters", "1", "--variants", "baseline,norm_one_pass"],
+                       capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(out.read_text())
+    base, one_pass = res["variants"]["baseline"], res["variants"]["norm_one_pass"]
+    assert base["1"]["seconds"] > 0 and base["8"]["cudnn_attention"] == 0 and one_pass["8"]["seconds"] > 0
+    assert abs(one_pass["8"]["image_mean"] - base["8"]["image_mean"]) < 1.0  # same images up to rounding
+    assert res["first_image_warm_cache_s"] > 0

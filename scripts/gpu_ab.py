@@ -1,0 +1,194 @@
+"""A/B of the speed options for issue 6 in one device call: end-to-end txt2img (bf16, 50 DDIM steps, CFG 7.5)
+per variant, each in a fresh process (XLA flags are read once per process), highest priority first, within a
+wall-clock budget so that a call never runs past its limit. Results go to --out after every variant.
+
+    PYTHONPATH=. python scripts/gpu_ab.py --out $OUT/ab.json --budget 480          # on the GPU machine
+    PYTHONPATH=. python scripts/gpu_ab.py --out ab.json --preset tiny --size 64 --steps 4 --variants baseline
+
+Variants (see VARIANTS): the default build; the cuDNN head-dim limit of the previous release (128: SD 1.x's
+160-wide heads on XLA); XLA attention everywhere; one-pass GroupNorm/LayerNorm statistics; XLA flags for
+command buffers (CUDA graphs) around the sampling loop, without command buffers, without Triton GEMMs, with the
+latency-hiding scheduler; 16 images (memory); and, after the default build, a new process's first image from the cache it left.
+Random SD 1.x weights are drawn once (numpy, ~20 s) and every worker maps them from one .npy file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+CMD_BUFFER_ALL = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+# name -> (XLA_FLAGS, in-process options, image counts); the order is the priority.
+VARIANTS = {
+    "baseline": ("", {}, (1, 8)),
+    "cudnn_head_dim_128": ("", {"cudnn_head_dim": 128}, (8,)),
+    "command_buffer_while": (f"--xla_gpu_enable_command_buffer={CMD_BUFFER_ALL}", {}, (1, 8)),
+    "norm_one_pass": ("", {"one_pass_norm": True}, (8,)),
+    "no_triton_gemm": ("--xla_gpu_enable_triton_gemm=false", {}, (8,)),
+    "attention_xla": ("", {"attention": "xla"}, (8,)),
+    "batch_16": ("", {}, (16,)),  # the issue's memory report: program and peak memory at 16 images
+    "no_command_buffer": ("--xla_gpu_enable_command_buffer=", {}, (1,)),
+    "latency_hiding": ("--xla_gpu_enable_latency_hiding_scheduler=true", {}, (8,)),
+}
+
+
+def _one_pass_normalize(module, x, axes, reshape, epsilon, dtype):
+    """layers._normalize with E[x^2] - E[x]^2 (one multi-output reduction instead of two passes)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    c = x.shape[-1]
+    scale = module.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = module.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    g = x.astype(jnp.float32).reshape(reshape)
+    mean = g.mean(axis=axes, keepdims=True)
+    var = jnp.maximum(jnp.square(g).mean(axis=axes, keepdims=True) - jnp.square(mean), 0.0)
+    g = (g - mean) * jax.lax.rsqrt(var + epsilon)
+    return (g.reshape(x.shape) * scale + bias).astype(dtype)
+
+
+def worker(spec: dict) -> dict:
+    """One variant in this process: load the weights, compile and time txt2img for each image count."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ldm_jax.bench import _mem_mb, device_name, fused_attention_calls
+    from ldm_jax.configs import preset
+    from ldm_jax.models import attention, layers
+    from ldm_jax.models.build import abstract_params
+    from ldm_jax.pipelines import Timings, txt2img
+    from ldm_jax.stable_diffusion import StableDiffusion
+
+    opts = spec["options"]
+    if "cudnn_head_dim" in opts:
+        attention._max_cudnn_head_dim = lambda: opts["cudnn_head_dim"]
+    if opts.get("one_pass_norm"):
+        layers._normalize = _one_pass_normalize
+    cfg = preset(spec["preset"])
+    shapes, treedef = jax.tree_util.tree_flatten(abstract_params(cfg))
+    flat = np.load(spec["params"], mmap_mode="r")
+    offsets = np.cumsum([0] + [int(np.prod(s.shape)) for s in shapes])
+    params = jax.tree_util.tree_unflatten(treedef, [jax.device_put(np.asarray(flat[a:b]).reshape(s.shape))
+                                                    for s, a, b in zip(shapes, offsets[:-1], offsets[1:])])
+    sd = StableDiffusion(cfg, params, dtype=jnp.bfloat16, attention_impl=opts.get("attention", "auto"))
+    out = {"device": device_name()}
+    prompt = "a photograph of an astronaut riding a horse"
+    size, steps = spec["size"], spec["steps"]
+    for n in spec["images"]:
+        tm, ts = Timings(), []
+        first = txt2img(sd, [prompt] * n, steps=steps, height=size, width=size, seed=0, timings=tm)
+        compile_s = tm.compile
+        for i in range(spec["iters"]):
+            txt2img(sd, [prompt] * n, steps=steps, height=size, width=size, seed=i + 1, timings=tm)
+            ts.append(tm.run)
+        prog = [v for k, v in sd.cache.items() if k[0] == "program"][-1]
+        out[str(n)] = {"seconds": round(float(np.median(ts)), 4), "all_s": [round(t, 4) for t in ts],
+                       "compile_s": round(compile_s, 2), "program_mb": _mem_mb(prog),
+                       "cudnn_attention": fused_attention_calls(prog), "image_mean": float(first.mean())}
+    stats = jax.devices()[0].memory_stats() or {}
+    out["peak_bytes_in_use_mb"] = round(stats.get("peak_bytes_in_use", 0) / 2**20, 1)
+    return out
+
+
+def _save_params(preset_name: str, path: str) -> None:
+    import jax
+    import numpy as np
+
+    from ldm_jax.configs import preset
+    from ldm_jax.models.build import random_params
+
+    leaves = jax.tree_util.tree_leaves(random_params(preset(preset_name), 0))
+    np.save(path, np.concatenate([a.ravel() for a in leaves]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="JSON file, rewritten after every variant")
+    ap.add_argument("--budget", type=float, default=480, help="seconds for the whole run (default 480)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset, in priority order")
+    ap.add_argument("--preset", default="sd1")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        print("RESULT " + json.dumps(worker(json.loads(a.worker))), flush=True)
+        return 0
+    names = a.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        print(f"error: unknown variants {unknown}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    deadline = time.monotonic() + a.budget
+    res = {"budget_s": a.budget, "variants": {}}
+
+    def save():
+        tmp = a.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(tmp, a.out)
+
+    with tempfile.TemporaryDirectory() as work:
+        t0 = time.monotonic()
+        params_path = os.path.join(work, "params.npy")
+        _save_params(a.preset, params_path)
+        res["random_params_s"] = round(time.monotonic() - t0, 1)
+        cache = os.path.join(work, "cache")  # shared: XLA flags are part of the cache key, autotuning is reused
+        est = None  # seconds of the last finished variant per image count, to skip what cannot finish in time
+        for name in names:
+            flags, options, images = VARIANTS[name]
+            left = deadline - time.monotonic()
+            if est is not None and est * len(images) > left:
+                res["variants"][name] = {"skipped": f"{left:.0f} s left, ~{est * len(images):.0f} s needed"}
+                save()
+                continue
+            spec = dict(options=options, preset=a.preset, params=params_path, size=a.size, steps=a.steps,
+                        iters=a.iters, images=images)
+            env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip(),
+                       LDM_JAX_CACHE_DIR=cache)
+            t1 = time.monotonic()
+            try:
+                p = subprocess.run([sys.executable, __file__, "--out", a.out, "--worker", json.dumps(spec)],
+                                   env=env, capture_output=True, text=True, timeout=max(left, 1))
+                lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+                entry = json.loads(lines[-1][7:]) if lines else {"error": (p.stderr.strip().splitlines()
+                                                                           or ["no output"])[-1][-400:]}
+            except subprocess.TimeoutExpired:
+                entry = {"error": "timed out (budget)"}
+            wall = time.monotonic() - t1
+            entry.update(xla_flags=flags, options=options, wall_s=round(wall, 1))
+            res["variants"][name] = entry
+            if "error" not in entry:
+                est = wall / len(images)
+            save()
+            print(name, json.dumps(entry), flush=True)
+            if name == "baseline" and "error" not in entry and deadline - time.monotonic() > 60:
+                from ldm_jax.bench import first_image_seconds
+
+                try:  # a new process, the cache the baseline left: import, weights (zeros), load, one image
+                    res["first_image_warm_cache_s"] = round(first_image_seconds(
+                        a.preset, "bfloat16", a.size, a.steps, cache), 2)
+                except RuntimeError as e:
+                    res["first_image_warm_cache_s"] = f"failed: {e}"
+                save()
+                print("first image, warm cache:", res["first_image_warm_cache_s"], flush=True)
+    base = res["variants"].get("baseline", {})
+    for name, v in res["variants"].items():
+        cells = [f"{n} img {v[n]['seconds']:.3f} s ({v[n]['seconds'] / base[n]['seconds']:.3f}x)"
+                 if n in v and n in base else (f"{n} img {v[n]['seconds']:.3f} s" if n in v else "")
+                 for n in ("1", "8", "16")]
+        print(f"{name:<22}" + "  ".join(c for c in cells if c) + (f"  {v.get('error') or v.get('skipped')}"
+                                                                   if "error" in v or "skipped" in v else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
