@@ -128,37 +128,6 @@ def bench_txt2img(sd, images: int, size: int, steps: int, iters: int, prec: str)
                       "cudnn_attention": fused_attention_calls(prog)})
 
 
-def bench_torch_unet(cfg, images: int, latent: int, iters: int, factor: int = 8) -> Row:
-    """labml's U-Net (the parity reference) on the same device: fp16 on CUDA, fp32 on CPU."""
-    from convert.torch_reference import build_unet, import_torch
-
-    torch = import_torch()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dt = torch.float16 if dev == "cuda" else torch.float32
-    m = build_unet(cfg).to(dev, dt).eval()
-    b = 2 * images
-    x = torch.randn(b, 4, latent, latent, device=dev, dtype=dt)
-    t = torch.full((b,), 500, device=dev)
-    c = torch.randn(b, 77, cfg.unet.d_cond, device=dev, dtype=dt)
-
-    def step():
-        # labml builds its time embedding in fp32: autocast feeds fp16 to the fp16 layers on CUDA.
-        with torch.inference_mode(), torch.autocast(dev, dtype=dt, enabled=dev == "cuda"):
-            m(x, t, c)
-        if dev == "cuda":
-            torch.cuda.synchronize()
-
-    step()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        ts.append(time.perf_counter() - t0)
-    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-    return Row("unet_step_cfg", "labml-torch", f"torch:{name}", "fp16" if dev == "cuda" else "fp32", b, images,
-               statistics.median(ts), size=latent * factor, extra={"threads": torch.get_num_threads()})
-
-
 def bench_train(preset_name: str, batch: int, size: int, iters: int, dtype="float32", remat: bool = False,
                 grad_accum: int = 1, optim=None, step_cfg=None, seed: int = 0) -> Row:
     """One optimiser step of `ldm-jax train` (frozen VAE encode + text encode, U-Net forward/backward, AdamW, EMA)
@@ -300,13 +269,21 @@ def run_bench(*, preset_name="sd1", dtype="bfloat16", images=(1, 8), size=512, s
     sd = make_model(preset_name, dt)
     latent = size // sd.latent_factor
     rows = []
+    if torch_ref:  # torch lives in the convert package: ldm_jax itself never imports it
+        from convert import torch_bench
+        with_diffusers = torch_bench.diffusers_available()
     for n in images:
         log(f"U-Net step, {n} image(s) + CFG ...")
         rows.append(bench_unet(sd, n, latent, iters, prec))
         if torch_ref:
-            rows.append(bench_torch_unet(sd.config, n, latent, iters, sd.latent_factor))
+            rows.append(torch_bench.bench_labml_unet(sd.config, n, latent, iters, sd.latent_factor))
+            if with_diffusers:
+                rows += torch_bench.bench_diffusers(sd.config, n, latent, iters, sd.latent_factor,
+                                                    vae=n == max(images))
     log(f"VAE decode, {max(images)} image(s) ...")
     rows.append(bench_vae(sd, max(images), latent, iters, prec))
+    if torch_ref:
+        rows.append(torch_bench.bench_labml_vae(sd.config, max(images), latent, iters, sd.latent_factor))
     if e2e:
         for n in images:
             log(f"txt2img {n} image(s), {steps} DDIM steps, {size}x{size} ...")

@@ -19,9 +19,11 @@ def test_bench_unet_vae_and_torch_ratio(tmp_path, capsys):
     assert main(["bench", "--preset", "tiny", "--size", "64", "--images", "1", "--iters", "2", "--torch",
                  "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "ldm-jax / labml torch = " in printed
+    assert "U-Net step, 1 image(s): ldm-jax / labml torch = " in printed
+    assert "VAE decode, 1 image(s): ldm-jax / diffusers torch = " in printed  # diffusers is in the torch extra
     rows = {(r["what"], r["impl"]): r for r in json.loads(out.read_text())}
-    assert set(rows) == {("unet_step_cfg", "ldm-jax"), ("unet_step_cfg", "labml-torch"), ("vae_decode", "ldm-jax")}
+    assert set(rows) == {(what, impl) for what in ("unet_step_cfg", "vae_decode")
+                         for impl in ("ldm-jax", "labml-torch", "diffusers")}
     assert all(r["seconds"] > 0 for r in rows.values())
     assert rows[("unet_step_cfg", "ldm-jax")]["batch"] == 2  # one image with classifier-free guidance
     assert rows[("unet_step_cfg", "ldm-jax")]["extra"]["cudnn_attention"] == 0  # XLA attention on the CPU
@@ -51,3 +53,15 @@ def test_gpu_ab_script_runs_its_variants_on_the_cpu(tmp_path):
     assert base["1"]["seconds"] > 0 and base["8"]["cudnn_attention"] == 0 and one_pass["8"]["seconds"] > 0
     assert abs(one_pass["8"]["image_mean"] - base["8"]["image_mean"]) < 1.0  # same images up to rounding
     assert res["first_image_warm_cache_s"] > 0
+
+
+def test_diffusers_peer_has_the_presets_architecture():
+    """The diffusers timing peer is built from the preset: same parameter count as ours, U-Net and VAE."""
+    from convert.torch_bench import diffusers_models
+
+    cfg = preset("tiny")
+    ours = abstract_params(cfg)
+    count = lambda tree: sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(tree))  # noqa: E731
+    unet, vae = diffusers_models(cfg)
+    assert sum(p.numel() for p in unet.parameters()) == count(ours["unet"])
+    assert sum(p.numel() for p in vae.parameters()) == count(ours["vae"])

@@ -62,8 +62,12 @@ def test_downsample_upsample():
     check(perturb_(tunet.UpSample(32)), unet.Upsample(), (nchw(x),), (x,))
 
 
+@pytest.mark.parametrize("per_head", [False, True], ids=["batched", "per-head"])
 @pytest.mark.parametrize("self_attention", [True, False])
-def test_cross_attention(self_attention):
+def test_cross_attention(self_attention, per_head, monkeypatch):
+    """per-head: the CPU's head-by-head path (used above _CPU_PER_HEAD_LOGITS) forced on at this small size."""
+    if per_head:
+        monkeypatch.setattr(attn, "_CPU_PER_HEAD_LOGITS", 0)
     x, cond = randn(2, 24, 64), randn(2, 77, 48)
     d_cond = 64 if self_attention else 48
     tm = perturb_(tattn.CrossAttention(64, d_cond, n_heads=4, d_head=16, is_inplace=False))
@@ -102,6 +106,14 @@ def test_vae_attn_block():
 def test_vae_attn_block_chunked(monkeypatch):
     """The memory-efficient (query-chunked) path gives the same result as torch."""
     monkeypatch.setattr(attn, "_MAX_LOGITS", 2 * 48 * 12)  # forces 4 chunks of 12 queries
+    x = randn(2, 8, 6, 32)
+    check(perturb_(tae.AttnBlock(32)), vae.AttnBlock(), (nchw(x),), (x,))
+
+
+def test_vae_attn_block_per_head_chunked(monkeypatch):
+    """The CPU's head-by-head path with its queries chunked within a head gives the same result as torch."""
+    monkeypatch.setattr(attn, "_CPU_PER_HEAD_LOGITS", 0)
+    monkeypatch.setattr(attn, "_MAX_LOGITS", 48 * 12)  # per head: 4 chunks of 12 queries
     x = randn(2, 8, 6, 32)
     check(perturb_(tae.AttnBlock(32)), vae.AttnBlock(), (nchw(x),), (x,))
 

@@ -2,10 +2,11 @@
 
 Times the U-Net step with classifier-free guidance (1 and 8 images), the VAE decode, end-to-end txt2img
 (50 DDIM steps, CFG 7.5) and, with --cold-warm, a new process's first image with a cold and a warm
-persistent compilation cache. --torch also times labml's torch U-Net in the same process on the same
-device and prints the ratio. --train times one optimiser step of `ldm-jax train` instead (images/s and the
-compiled step's peak memory; --images are global batch sizes, --remat rematerialises U-Net blocks; on the CPU a
-step whose peak exceeds the free memory is compiled and reported but not run). Prints a table and writes JSON
+persistent compilation cache. --torch also times labml's torch U-Net and VAE decoder (and diffusers', if
+installed) in the same process on the same device (fp16 on CUDA, fp32 on CPU) and prints the ratios.
+--train times one optimiser step of `ldm-jax train` instead (images/s and the compiled step's peak memory;
+--images are global batch sizes, --remat rematerialises U-Net blocks; on the CPU a step whose peak exceeds the
+free memory is compiled and reported but not run). Prints a table and writes JSON
 (--json). --memory compiles the txt2img program for each --images count from shapes alone (no weights, no
 run) and reports XLA's peak memory for it: how many images fit on a device, even one that could not run them.
 Defaults: bf16 at 512x512 with 1 and 8 images on GPU/TPU; fp32, one image at 256x256 (32x32 latents), no
@@ -31,7 +32,8 @@ def add_parser(sub, name, help_):
     p.add_argument("--iters", type=int, default=5, help="timed repetitions (median; default: 5)")
     p.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=None,
                    help="end-to-end txt2img timing (default: on for GPU/TPU, off on CPU)")
-    p.add_argument("--torch", action="store_true", help="also time labml's torch U-Net on the same device")
+    p.add_argument("--torch", action="store_true", help="also time labml's torch U-Net and VAE decoder (and "
+                   "diffusers', if installed) on the same device")
     p.add_argument("--cold-warm", action="store_true", help="time a new process's first image, cold and warm cache")
     p.add_argument("--train", action="store_true", help="time the training step instead (images/s, peak memory; "
                    "--images are global batch sizes)")
@@ -40,6 +42,18 @@ def add_parser(sub, name, help_):
     p.add_argument("--remat", action="store_true", help="with --train: rematerialise U-Net blocks")
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     p.set_defaults(func=run)
+
+
+_WHAT = {"unet_step_cfg": "U-Net step", "vae_decode": "VAE decode"}
+_PEER = {"labml-torch": "labml torch", "diffusers": "diffusers torch"}
+
+
+def ratio_lines(rows) -> list[str]:
+    """'U-Net step, 1 image(s): ldm-jax / labml torch = 0.76x' for every torch row with an ldm-jax twin."""
+    ours = {(r.what, r.images): r.seconds for r in rows if r.impl == "ldm-jax"}
+    return [f"{_WHAT[r.what]}, {r.images} image(s): ldm-jax / {_PEER[r.impl]} = "
+            f"{ours[r.what, r.images] / r.seconds:.2f}x"
+            for r in rows if r.impl in _PEER and (r.what, r.images) in ours]
 
 
 def run(args) -> int:
@@ -63,10 +77,8 @@ def run(args) -> int:
                      e2e=accel if args.e2e is None else args.e2e, torch_ref=args.torch, cold_warm=args.cold_warm,
                      train=args.train, remat=args.remat, memory=args.memory)
     print(format_rows(rows))
-    ours = {r.images: r.seconds for r in rows if r.what == "unet_step_cfg" and r.impl == "ldm-jax"}
-    for r in rows:
-        if r.impl == "labml-torch" and r.images in ours:
-            print(f"U-Net step, {r.images} image(s): ldm-jax / labml torch = {ours[r.images] / r.seconds:.2f}x")
+    for line in ratio_lines(rows):
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows_as_dicts(rows), f, indent=1)
