@@ -132,7 +132,6 @@ def convert_checkpoint(src, out_dir, *, ema: bool | None = None, dtype: str = "f
     digest = sha256_file(src, show)
 
     ema_available = has_ema(state_dict)
-    use_ema = ema_available if ema is None else bool(ema)
     shapes = abstract_params(config)
     cpu = jax.devices("cpu")[0]
     with tqdm(total=len(jax.tree_util.tree_leaves(shapes)), desc="converting", unit="tensor", disable=not show,
