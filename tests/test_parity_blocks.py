@@ -4,6 +4,7 @@ fp32 on CPU, highest matmul precision; measure max|jax - torch| / max|torch| <= 
 Weights: torch's random init, every tensor perturbed, passed through the real key table and layout rules.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from labml_nn.diffusion.stable_diffusion.model import unet_attention as tattn
 from ldm_jax.configs import TextEncoderConfig
 from ldm_jax.models import attention as attn
 from ldm_jax.models import autoencoder as vae
-from ldm_jax.models import clip_text, unet
+from ldm_jax.models import clip_text, layers, unet
 from tests.parity import flax_params_for, nchw, nhwc, perturb_, rel_err
 
 TOL = 1e-5
@@ -60,6 +61,29 @@ def test_downsample_upsample():
     x = randn(2, 8, 6, 32)
     check(perturb_(tunet.DownSample(32)), unet.Downsample(), (nchw(x),), (x,))
     check(perturb_(tunet.UpSample(32)), unet.Upsample(), (nchw(x),), (x,))
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 1), (2, ((0, 1), (0, 1)))])
+@pytest.mark.parametrize("positions", ["im2col", "xla"])
+def test_conv_paths_match_torch(stride, padding, positions):
+    """Conv2d's CPU im2col path (few output positions, >= 256 input channels) and XLA's convolution both equal
+    torch's Conv2d; the compiled program shows which one ran."""
+    hw = 5 if positions == "im2col" else 24  # 2 x 5 x 5 = 50 positions; 2 x 24 x 24 = 1152 > 256
+    x = randn(2, hw, hw, 256)
+    tm = perturb_(torch.nn.Conv2d(256, 32, 3, stride=stride))
+    fm = layers.conv(32, 3, stride=stride, padding=padding, name="c", dtype=jnp.float32)
+    tx = nchw(x)
+    if padding == 1:
+        tm.padding = (1, 1)
+    else:
+        tx = torch.nn.functional.pad(tx, (0, 1, 0, 1))
+    params = flax_params_for(tm, fm, x)
+    with torch.no_grad():
+        ref = nhwc(tm(tx))
+    out = fm.apply({"params": params}, x)
+    assert out.shape == ref.shape and rel_err(out, ref) <= TOL
+    hlo = jax.jit(fm.apply).lower({"params": params}, x).compile().as_text()
+    assert ("convolution(" in hlo) == (positions == "xla")
 
 
 @pytest.mark.parametrize("per_head", [False, True], ids=["batched", "per-head"])

@@ -54,11 +54,60 @@ class LayerNorm(nn.Module):
         return _normalize(self, x, (-1,), x.shape, self.epsilon, self.dtype)
 
 
+# On the CPU, a k x k convolution with at most this many output positions (batch x height x width) and at least
+# _IM2COL_MIN_CHANNELS input channels runs as one matmul over unfolded neighbourhoods (Conv2d docstring).
+_IM2COL_MAX_POSITIONS = 256
+_IM2COL_MIN_CHANNELS = 256
+
+
+def _conv_im2col(x, kernel, stride: int, padding):
+    """The convolution as [B*oh*ow, kh*kw*C_in] @ [kh*kw*C_in, C_out]: the kh*kw shifted (strided) views of the
+    padded input, concatenated on channels in HWIO order, against the kernel reshaped."""
+    kh, kw, c_in, c_out = kernel.shape
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    oh, ow = (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1
+    cols = jnp.concatenate([xp[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride]
+                            for i in range(kh) for j in range(kw)], axis=-1)  # [B, oh, ow, kh*kw*C_in]
+    out = cols.reshape(-1, kh * kw * c_in) @ kernel.reshape(kh * kw * c_in, c_out)
+    return out.reshape(x.shape[0], oh, ow, c_out)
+
+
+class Conv2d(nn.Module):
+    """nn.Conv2d in NHWC with explicit padding; the parameters of flax.linen.Conv (`kernel` [kh, kw, C_in, C_out],
+    LeCun-normal init; `bias` [C_out], zeros).
+
+    On the CPU, small-spatial convolutions with wide inputs (<= 256 output positions, >= 256 input channels: SD
+    1.x's 8x8 and 4x4 levels at 256x256) run as one matmul over unfolded neighbourhoods (im2col), 2-2.5x faster
+    than XLA's CPU convolution there (8x8, 1280 -> 1280 channels, batch 2, 2 cores: 22 ms against 55 ms; torch
+    35 ms); elsewhere XLA's convolution wins and is used, as on every other backend (cuDNN on GPU)."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: tuple = ((0, 0), (0, 0))
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+        positions = x.shape[0] * ((x.shape[1] + sum(self.padding[0]) - k) // self.stride + 1) * (
+            (x.shape[2] + sum(self.padding[1]) - k) // self.stride + 1)
+        if (k > 1 and jax.default_backend() == "cpu" and positions <= _IM2COL_MAX_POSITIONS
+                and x.shape[-1] >= _IM2COL_MIN_CHANNELS):
+            y = _conv_im2col(x, kernel, self.stride, self.padding)
+        else:
+            y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), self.padding,
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias
+
+
 def conv(features: int, kernel: int, *, stride: int = 1, padding: int | tuple = 0, name: str, dtype: Dtype):
     """nn.Conv2d(k, stride, padding) in NHWC; `padding` an int (symmetric) or explicit pairs."""
-    pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad, dtype=dtype,
-                   param_dtype=jnp.float32, name=name)
+    pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else tuple(map(tuple, padding))
+    return Conv2d(features, kernel, stride=stride, padding=pad, dtype=dtype, name=name)
 
 
 def dense(features: int, *, use_bias: bool = True, name: str, dtype: Dtype):
