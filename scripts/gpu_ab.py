@@ -8,8 +8,8 @@ wall-clock budget so that a call never runs past its limit. Results go to --out 
 Variants (see VARIANTS): the default build; the cuDNN head-dim limit of the previous release (128: SD 1.x's
 160-wide heads on XLA); XLA attention everywhere; one-pass GroupNorm/LayerNorm statistics; XLA flags for
 command buffers (CUDA graphs) around the sampling loop, without command buffers, without Triton GEMMs, with the
-latency-hiding scheduler; 16 images (memory); and, after the default build, a new process's first image from the cache it left.
-Random SD 1.x weights are drawn once (numpy, ~20 s) and every worker maps them from one .npy file.
+latency-hiding scheduler; 16 images (memory); and, after the default build, a new process's first image from
+the cache it left. Random SD 1.x weights are drawn once (numpy, ~20 s) and every worker maps them from one .npy file.
 """
 
 from __future__ import annotations

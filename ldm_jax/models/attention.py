@@ -80,10 +80,9 @@ def attention(q, k, v, *, scale: float, causal: bool = False, impl: str = "auto"
     """softmax(q k^T * scale) v over heads.  q [B, L, H, D], k/v [B, S, H, D] -> [B, L, H, D].
 
     impl: "xla" (fp32 logits and softmax; query-chunked for long sequences; head by head for large calls on
-    the CPU), "cudnn" (fused flash
-    attention; GPU, fp16/bf16, d_head <= 128, or <= 256 on Hopper), or "auto" (cudnn where it applies, else
-    xla; a shape cuDNN rejects falls back to xla with a warning, and `bench` reports how many fused calls a
-    compiled program has).
+    the CPU), "cudnn" (fused flash attention; GPU, fp16/bf16, d_head <= 128, or <= 256 on Hopper), or "auto"
+    (cudnn where it applies, else xla; a shape cuDNN rejects falls back to xla with a warning, and `bench`
+    reports how many fused calls a compiled program has).
     """
     if impl not in ("auto", "xla", "cudnn"):
         raise ValueError(f"unknown attention implementation {impl!r}")

@@ -55,9 +55,9 @@ def random_params(config: ModelConfig, seed: int = 0, components=COMPONENTS, per
     embeddings N(0, 1/fan_in) (LeCun), norm scales 1 and biases 0, then every tensor perturbed by
     `perturb` so that no scale, bias or zero-init is trivial. For benchmarks, demos and random checkpoints.
 
-    A perturbed Gaussian kernel w + s n (w ~ N(0, 1/fan_in), n ~ N(0, 1), s = perturb * E|w|) is itself
-    Gaussian, so it is drawn once with std sqrt(1/fan_in + s^2), in place (E|w| = std * sqrt(2/pi)):
-    one normal per weight instead of two, ~3x faster at SD 1.x size (1.07e9 weights)."""
+    A perturbed Gaussian kernel w + s n (w ~ N(0, 1/fan_in), n ~ N(0, 1), s = perturb * max(E|w|, 0.02)) is
+    itself Gaussian, so it is drawn once with std sqrt(1/fan_in + s^2), in place (E|w| = sqrt(2 / (pi fan_in))):
+    one normal per weight instead of two (SD 1.x, 1.07e9 weights: 18 s instead of 30 s on 2 cores)."""
     rng = np.random.default_rng(seed)
     shapes = abstract_params(config, components)
 
@@ -74,4 +74,3 @@ def random_params(config: ModelConfig, seed: int = 0, components=COMPONENTS, per
         return w + np.float32(perturb * max(float(np.abs(w).mean()), 0.02)) * rng.standard_normal(s.shape, np.float32)
 
     return jax.tree_util.tree_map_with_path(leaf, shapes)
-
