@@ -189,3 +189,22 @@ def _takes_causal(layer) -> bool:
     import inspect
 
     return "causal_attention_mask" in inspect.signature(layer.forward).parameters
+
+
+def test_linear_and_conv_keep_flax_parameters_and_check_shapes():
+    """layers.Linear / Conv2d replace flax's Dense / Conv (whose per-trace shape check costs an eval_shape per
+    parameter): same parameter names, shapes and initial values, same outputs, and a wrong shape is an error
+    that names the parameter."""
+    import flax.linen as nn
+
+    x = jnp.asarray(randn(2, 6, 6, 16))
+    for ours, theirs in ((layers.Linear(8), nn.Dense(8)),
+                         (layers.Conv2d(8, 3, padding=((1, 1), (1, 1))), nn.Conv(8, (3, 3), padding=((1, 1), (1, 1))))):
+        p_ours, p_theirs = ours.init(jax.random.key(0), x), theirs.init(jax.random.key(0), x)
+        assert jax.tree_util.tree_structure(p_ours) == jax.tree_util.tree_structure(p_theirs)
+        for a, b in zip(jax.tree_util.tree_leaves(p_ours), jax.tree_util.tree_leaves(p_theirs)):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(ours.apply(p_ours, x), theirs.apply(p_theirs, x), rtol=1e-6, atol=1e-6)
+    bad = {"params": {"kernel": jnp.zeros((15, 8)), "bias": jnp.zeros((8,))}}
+    with pytest.raises(ValueError, match=r"kernel has shape \(15, 8\), the module needs \(16, 8\)"):
+        layers.Linear(8).apply(bad, x)

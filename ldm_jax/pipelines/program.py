@@ -73,8 +73,11 @@ def build_program(sd, *, mode: str, sampler: str, steps: int, output: str, laten
     def run(params, ids, uncond_ids, key_data, latents, init, mask, guidance, eta, start_step):
         params = sd.cast_params(params)  # bf16 kernels once, not in every step of the loop
         streams = _streams(key_data)
-        ctx = sd.encode_text(params, ids)
-        uncond_ctx = sd.encode_text(params, uncond_ids)
+        # one text-encoder pass over [c0, u0, c1, u1, ...] (rows interleaved so each shard stays on its device;
+        # one trace of CLIP instead of two: ~0.35 s less per new program at SD 1.x size)
+        both = sd.encode_text(params, jnp.stack([ids, uncond_ids], axis=1).reshape((-1,) + ids.shape[1:]))
+        both = both.reshape((ids.shape[0], 2) + both.shape[1:])
+        ctx, uncond_ctx = both[:, 0], both[:, 1]
         h, w = latent_hw
         c = sd.config.unet.out_channels
         noise = latents.astype(jnp.float32) if given_latents else _normal(streams[INIT_NOISE], (h, w, c))
