@@ -11,6 +11,7 @@ import numpy as np
 from ldm_jax.configs import ModelConfig
 from ldm_jax.models.autoencoder import Autoencoder
 from ldm_jax.models.clip_text import CLIPTextModel
+from ldm_jax.models.shape_cache import cached_shapes
 from ldm_jax.models.unet import UNetModel
 
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -45,9 +46,13 @@ def init_params(config: ModelConfig, key, components=COMPONENTS):
 @functools.lru_cache(maxsize=None)
 def abstract_params(config: ModelConfig, components=COMPONENTS):
     """Parameter shapes only (jax.ShapeDtypeStruct leaves), computed without running the model (cached per
-    config: tracing the full-size model takes seconds; callers must not mutate the result)."""
-    mods, inputs = modules(config), _init_inputs(config)
-    return {c: jax.eval_shape(mods[c].init, jax.random.key(0), *inputs[c])["params"] for c in components}
+    config, in memory and on disk (`shape_cache`): tracing the full-size model takes seconds; callers must not
+    mutate the result)."""
+    def compute():
+        mods, inputs = modules(config), _init_inputs(config)
+        return {c: jax.eval_shape(mods[c].init, jax.random.key(0), *inputs[c])["params"] for c in components}
+
+    return cached_shapes(config.to_json(), tuple(components), compute)
 
 
 def random_params(config: ModelConfig, seed: int = 0, components=COMPONENTS, perturb: float = 0.05):
