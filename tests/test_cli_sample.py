@@ -21,10 +21,10 @@ def ckpt(tmp_path_factory):
     return str(path)
 
 
-def run_cli(*args):
+def run_cli(*args, env=None):
     """A real process, as users run it: (exit code, stdout, stderr)."""
     p = subprocess.run([sys.executable, "-m", "ldm_jax", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+                       timeout=600, env=None if env is None else {**os.environ, **env})
     return p.returncode, p.stdout, p.stderr
 
 
@@ -43,6 +43,20 @@ def test_txt2img_writes_pngs_with_metadata_and_a_grid(ckpt, tmp_path):
     with Image.open(next(out / f for f in files if "-grid-" in f)) as grid:
         assert grid.size == (2 * 24, 2 * 16)
     assert not [f for f in files if f.startswith(".tmp")]
+
+
+def test_compiled_program_is_cached_across_processes_unless_step_progress(ckpt, tmp_path):
+    """By default (a small model) the CLI shows elapsed time, so the program has no host callback and JAX's
+    persistent cache keeps it for the next process; --step-progress's per-step callback keeps its program out."""
+    env = {"LDM_JAX_CACHE_DIR": str(tmp_path / "cache")}
+    programs = lambda: [f for f in os.listdir(tmp_path / "cache") if f.startswith("jit_run")]  # noqa: E731
+    args = ("txt2img", "--checkpoint", ckpt, "--prompt", "x", "--steps", "4", "--height", "32", "--width", "32")
+    code, _, err = run_cli(*args, "--out", tmp_path / "a", env=env)
+    assert code == 0, err
+    assert len(programs()) == 1
+    code, _, err = run_cli(*args, "--step-progress", "--out", tmp_path / "b", env=env)
+    assert code == 0, err
+    assert len(programs()) == 1 and len(os.listdir(tmp_path / "b")) == 1
 
 
 def test_img2img_and_inpaint(ckpt, tmp_path):

@@ -127,6 +127,7 @@ def test_inpainting_unet_conditioning(tmp_path):
     (dict(steps=0), "steps must be an integer >= 1"),
     (dict(eta=0.5, sampler="plms"), "has no eta"),
     (dict(output="pixels"), "output must be one of"),
+    (dict(progress="bar"), "progress must be one of"),
     (dict(latents=np.zeros((2, 3, 3, 4), np.float32)), "latents must have shape"),
 ])
 def test_txt2img_bad_input(tiny, kwargs, match):

@@ -139,10 +139,29 @@ class _StepBar:
                 cls.active.update(1)
 
 
+PROGRESS = (None, False, True, "steps", "elapsed")
+
+
+def _wait_showing_elapsed(out, desc: str) -> None:
+    """Block until `out` is computed, showing the elapsed time (a bar that needs no callback in the program)."""
+    leaves = jax.tree_util.tree_leaves(out)
+    with tqdm(desc=desc, bar_format="{desc}: {elapsed}", disable=None, leave=False) as bar:
+        while not all(a.is_ready() for a in leaves):
+            time.sleep(0.1)
+            bar.refresh()
+
+
 def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler="ddim", guidance_scale=7.5,
              eta=None, height=None, width=None, seed=0, latents=None, init_images=None, masks=None, strength=1.0,
              output="images", progress=False, timings: Timings | None = None) -> np.ndarray:
-    """The shared implementation of txt2img / img2img / inpaint (see those for the arguments)."""
+    """The shared implementation of txt2img / img2img / inpaint (see those for the arguments).
+
+    progress: False (or None); "steps" (or True), a bar advanced by every sampling step from inside the compiled loop (a
+    host callback, which keeps the program out of JAX's persistent compilation cache: every new process compiles
+    it again); or "elapsed", the elapsed time while the program runs (no callback, so the program is cached)."""
+    if progress not in PROGRESS:
+        raise UserError(f"progress must be one of {PROGRESS}, got {progress!r}")
+    step_bar = progress in (True, "steps")
     prompts = _as_list(prompts, "prompts")
     n = len(prompts)
     negatives = [""] * n if negative_prompts is None else _as_list(negative_prompts, "negative_prompts")
@@ -187,12 +206,12 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
     params = _cached(sd, ("params", id(mesh)), lambda: parallel.replicate(sd.params, mesh))
 
     static = dict(mode=mode, sampler=sampler, steps=int(steps), output=output, latent_hw=(h, w),
-                  given_latents=latents is not None, progress=_StepBar.step if progress else None)
+                  given_latents=latents is not None, progress=_StepBar.step if step_bar else None)
     guidance, eta_arg, start_arg = scalars
     args = program_args(params=params, ids=ids, uncond_ids=uncond, key_data=keys, latents=lat_x, init=init_x,
                         mask=mask_x, guidance=guidance, eta=eta_arg, start_step=start_arg)
     shapes = tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args[1:7]))
-    key = ("program", tuple(sorted((k, v) for k, v in static.items() if k != "progress")), bool(progress), shapes)
+    key = ("program", tuple(sorted((k, v) for k, v in static.items() if k != "progress")), step_bar, shapes)
     t0 = time.perf_counter()
     was_cached = key in sd.cache
 
@@ -206,10 +225,12 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
     compiled = _cached(sd, key, compile_)
     t1 = time.perf_counter()
     n_loop = samplers.n_loop_steps(sampler, sd.config.schedule.n_steps, int(steps)) - start
-    with tqdm(total=max(n_loop, 0), desc=mode, unit="step", disable=not progress or None, leave=False) as bar:
-        _StepBar.active = bar if progress else None
+    with tqdm(total=max(n_loop, 0), desc=mode, unit="step", disable=not step_bar or None, leave=False) as bar:
+        _StepBar.active = bar if step_bar else None
         try:
             out = compiled(*args)
+            if progress == "elapsed":
+                _wait_showing_elapsed(out, f"{mode}, {n_loop} steps")
             out = parallel.local_rows(out)
         finally:
             _StepBar.active = None
@@ -221,7 +242,7 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
 
 def txt2img(sd, prompts: str | Sequence[str], *, negative_prompts=None, steps: int = 50, sampler: str = "ddim",
             guidance_scale: float = 7.5, eta: float | None = None, height: int | None = None, width: int | None = None,
-            seed: int = 0, latents=None, output: str = "images", progress: bool = False,
+            seed: int = 0, latents=None, output: str = "images", progress: bool | str = False,
             timings: Timings | None = None) -> np.ndarray:
     """Text to image. Returns uint8 [B, height, width, 3] (B = len(prompts); height and width default to the
     model's own resolution, `sd.config.image_size`: 512 for SD 1.x), or with output="latents" the
@@ -235,7 +256,7 @@ def txt2img(sd, prompts: str | Sequence[str], *, negative_prompts=None, steps: i
 
 def img2img(sd, prompts: str | Sequence[str], init_images, *, strength: float = 0.75, negative_prompts=None,
             steps: int = 50, sampler: str = "ddim", guidance_scale: float = 7.5, eta: float | None = None,
-            seed: int = 0, latents=None, output: str = "images", progress: bool = False,
+            seed: int = 0, latents=None, output: str = "images", progress: bool | str = False,
             timings: Timings | None = None) -> np.ndarray:
     """Image to image (SDEdit, Meng et al. 2022): the init image's latents are noised to the level of step
     steps - int(strength * steps) and denoised from there. init_images: uint8 [H, W, 3] / [B, H, W, 3] or
@@ -247,7 +268,7 @@ def img2img(sd, prompts: str | Sequence[str], init_images, *, strength: float = 
 
 def inpaint(sd, prompts: str | Sequence[str], init_images, masks, *, strength: float = 1.0, negative_prompts=None,
             steps: int = 50, sampler: str = "ddim", guidance_scale: float = 7.5, eta: float | None = None,
-            seed: int = 0, latents=None, output: str = "images", progress: bool = False,
+            seed: int = 0, latents=None, output: str = "images", progress: bool | str = False,
             timings: Timings | None = None) -> np.ndarray:
     """Repaint where `masks` is white (1), keep the rest. With an ordinary U-Net: mask-blend painting (the
     known region is re-noised to each step's level and pasted in, as labml/CompVis); with the 9-channel
