@@ -118,9 +118,13 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--save-params", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         print("RESULT " + json.dumps(worker(json.loads(a.worker))), flush=True)
+        return 0
+    if a.save_params:
+        _save_params(a.preset, a.save_params)
         return 0
     names = a.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
@@ -139,7 +143,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as work:
         t0 = time.monotonic()
         params_path = os.path.join(work, "params.npy")
-        _save_params(a.preset, params_path)
+        # in a CPU-only process: this one must not hold the GPU (JAX would preallocate most of its memory here)
+        subprocess.run([sys.executable, __file__, "--out", a.out, "--preset", a.preset, "--save-params", params_path],
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), check=True)
         res["random_params_s"] = round(time.monotonic() - t0, 1)
         cache = os.path.join(work, "cache")  # shared: XLA flags are part of the cache key, autotuning is reused
         est = None  # seconds of the last finished variant per image count, to skip what cannot finish in time
