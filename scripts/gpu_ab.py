@@ -6,7 +6,8 @@ wall-clock budget so that a call never runs past its limit. Results go to --out 
     PYTHONPATH=. python scripts/gpu_ab.py --out ab.json --preset tiny --size 64 --steps 4 --variants baseline
 
 Variants (see VARIANTS): the default build; the cuDNN head-dim limit of the previous release (128: SD 1.x's
-160-wide heads on XLA); XLA attention everywhere; one-pass GroupNorm/LayerNorm statistics; XLA flags for
+160-wide heads on XLA); nearest upsampling before the 3x3 conv instead of the sub-pixel form (with the VAE
+decode timed alone); XLA attention everywhere; one-pass GroupNorm/LayerNorm statistics; XLA flags for
 command buffers (CUDA graphs) around the sampling loop, without command buffers, without Triton GEMMs, with the
 latency-hiding scheduler; 16 images (memory); and, after the default build, a new process's first image from
 the cache it left. Random SD 1.x weights are drawn once (numpy, ~20 s) and every worker maps them from one .npy file.
@@ -25,8 +26,9 @@ import time
 CMD_BUFFER_ALL = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
 # name -> (XLA_FLAGS, in-process options, image counts); the order is the priority.
 VARIANTS = {
-    "baseline": ("", {}, (1, 8)),
+    "baseline": ("", {"vae": True}, (1, 8)),
     "cudnn_head_dim_128": ("", {"cudnn_head_dim": 128}, (8,)),
+    "upsample_then_conv": ("", {"subpixel": False, "vae": True}, (8,)),
     "command_buffer_while": (f"--xla_gpu_enable_command_buffer={CMD_BUFFER_ALL}", {}, (1, 8)),
     "norm_one_pass": ("", {"one_pass_norm": True}, (8,)),
     "no_triton_gemm": ("--xla_gpu_enable_triton_gemm=false", {}, (8,)),
@@ -71,6 +73,8 @@ def worker(spec: dict) -> dict:
         attention._max_cudnn_head_dim = lambda: opts["cudnn_head_dim"]
     if opts.get("one_pass_norm"):
         layers._normalize = _one_pass_normalize
+    if opts.get("subpixel") is False:  # the previous release: nearest 2x upsampling, then the 3x3 conv
+        layers._SUBPIXEL_MIN_POSITIONS = 2**62
     cfg = preset(spec["preset"])
     shapes, treedef = jax.tree_util.tree_flatten(abstract_params(cfg))
     flat = np.load(spec["params"], mmap_mode="r")
@@ -92,6 +96,17 @@ def worker(spec: dict) -> dict:
         out[str(n)] = {"seconds": round(float(np.median(ts)), 4), "all_s": [round(t, 4) for t in ts],
                        "compile_s": round(compile_s, 2), "program_mb": _mem_mb(prog),
                        "cudnn_attention": fused_attention_calls(prog), "image_mean": float(first.mean())}
+    if opts.get("vae"):  # the VAE decode alone, 8 images (the sub-pixel upsampling is most of its change)
+        lat = size // sd.latent_factor
+        z = jnp.asarray(np.random.default_rng(0).standard_normal((8, lat, lat, 4)), jnp.float32)
+        dec = jax.jit(sd.decode_latents).lower(sd.params, z).compile()
+        jax.block_until_ready(dec(sd.params, z))
+        ts = []
+        for _ in range(spec["iters"]):
+            t0 = time.perf_counter()
+            jax.block_until_ready(dec(sd.params, z))
+            ts.append(time.perf_counter() - t0)
+        out["vae_decode_8_s"] = round(float(np.median(ts)), 5)
     stats = jax.devices()[0].memory_stats() or {}
     out["peak_bytes_in_use_mb"] = round(stats.get("peak_bytes_in_use", 0) / 2**20, 1)
     return out
@@ -191,6 +206,8 @@ def main() -> int:
         cells = [f"{n} img {v[n]['seconds']:.3f} s ({v[n]['seconds'] / base[n]['seconds']:.3f}x)"
                  if n in v and n in base else (f"{n} img {v[n]['seconds']:.3f} s" if n in v else "")
                  for n in ("1", "8", "16")]
+        if "vae_decode_8_s" in v:
+            cells.append(f"VAE decode 8 img {v['vae_decode_8_s'] * 1e3:.1f} ms")
         print(f"{name:<22}" + "  ".join(c for c in cells if c) + (f"  {v.get('error') or v.get('skipped')}"
                                                                    if "error" in v or "skipped" in v else ""))
     return 0

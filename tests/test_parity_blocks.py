@@ -146,13 +146,32 @@ def test_vae_down_up_sample():
     x = randn(2, 8, 6, 32)
     check(perturb_(tae.DownSample(32)), vae._ResampleConv(32, 2), (torch.nn.functional.pad(nchw(x), (0, 1, 0, 1)),),
           (np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))),))
-    ref_up = perturb_(tae.UpSample(32))
-    params = flax_params_for(ref_up, vae._ResampleConv(32, 1), x)
-    from ldm_jax.models.layers import upsample_nearest
+    x = randn(2, 8, 16, 32)  # 256 positions: the sub-pixel form
+    check(perturb_(tae.UpSample(32)), vae._ResampleConv(32, 1), (nchw(x),), (x,))
 
-    out = vae._ResampleConv(32, 1).apply({"params": params}, upsample_nearest(jnp.asarray(x)))
-    with torch.no_grad():
-        assert rel_err(out, nhwc(ref_up(nchw(x)))) <= TOL
+
+@pytest.mark.parametrize("hw", [(8, 16), (3, 5)], ids=["sub-pixel", "small-input"])
+@pytest.mark.parametrize("channels", [32, 256])
+def test_upsample_conv_matches_torch(channels, hw):
+    """Upsample's 2x path: from 256 input positions on (2 x 8 x 16) it never forms the upsampled input (four 2x2
+    convolutions of the input, interleaved; with 256 channels each takes the CPU's im2col path too); below, it
+    upsamples then convolves. The compiled program shows which."""
+    x = randn(2, *hw, channels)
+    check(perturb_(tunet.UpSample(channels)), unet.Upsample(), (nchw(x),), (x,))
+    up = unet.Upsample()
+    hlo = jax.jit(up.apply).lower(up.init(jax.random.key(0), x), x).as_text()
+    # XLA convolutions: 4 (one per output parity) in the sub-pixel form, 1 after upsampling; 0 on im2col paths
+    assert hlo.count("stablehlo.convolution") == (0 if channels == 256 else 4 if hw == (8, 16) else 1)
+
+
+def test_upsample_to_a_size_that_is_not_2x_uses_nearest_then_conv():
+    """Odd skip sizes (latents not divisible by 8): nearest to the skip's size, then the same 3x3 conv."""
+    x = jnp.asarray(randn(1, 3, 4, 16))
+    up = unet.Upsample()
+    params = up.init(jax.random.key(0), x)
+    conv = layers.conv(16, 3, padding=1, name="conv", dtype=jnp.float32)
+    want = conv.apply({"params": params["params"]["conv"]}, layers.upsample_nearest(x, (5, 7)))
+    np.testing.assert_allclose(up.apply(params, x, (5, 7)), want, rtol=1e-6, atol=1e-6)
 
 
 def test_upsample_to_odd_size_matches_torch_nearest():

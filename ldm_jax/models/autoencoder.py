@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from ldm_jax.configs import AutoencoderConfig
 from ldm_jax.models.attention import attention
-from ldm_jax.models.layers import Dtype, GroupNorm, conv, upsample_nearest
+from ldm_jax.models.layers import Dtype, GroupNorm, conv
 
 _EPS = 1e-6
 
@@ -84,12 +84,13 @@ class Level(nn.Module):
             x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))  # F.pad(x, (0, 1, 0, 1))
             x = _ResampleConv(c, 2, self.dtype, name="downsample")(x)
         elif self.resample == "up":
-            x = _ResampleConv(c, 1, self.dtype, name="upsample")(upsample_nearest(x))
+            x = _ResampleConv(c, 1, self.dtype, name="upsample")(x)  # 2x nearest, then the conv (one op)
         return x
 
 
 class _ResampleConv(nn.Module):
-    """`downsample.conv` (3x3, stride 2, VALID after padding) or `upsample.conv` (3x3, padding 1)."""
+    """`downsample.conv` (3x3, stride 2, VALID after padding) or `upsample.conv` (3x3, padding 1, of the 2x
+    nearest-upsampled input)."""
 
     features: int
     stride: int
@@ -98,7 +99,7 @@ class _ResampleConv(nn.Module):
     @nn.compact
     def __call__(self, x):
         return conv(self.features, 3, stride=self.stride, padding=0 if self.stride == 2 else 1, name="conv",
-                    dtype=self.dtype)(x)
+                    dtype=self.dtype, upsample=self.stride == 1)(x)
 
 
 class Encoder(nn.Module):

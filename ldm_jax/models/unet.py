@@ -69,6 +69,8 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x, size=None):
+        if size is None or tuple(size) == (2 * x.shape[1], 2 * x.shape[2]):  # exactly 2x: sub-pixel form
+            return conv(x.shape[-1], 3, padding=1, name="conv", dtype=self.dtype, upsample=True)(x)
         return conv(x.shape[-1], 3, padding=1, name="conv", dtype=self.dtype)(upsample_nearest(x, size))
 
 
