@@ -156,9 +156,9 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
              output="images", progress=False, timings: Timings | None = None) -> np.ndarray:
     """The shared implementation of txt2img / img2img / inpaint (see those for the arguments).
 
-    progress: False (or None); "steps" (or True), a bar advanced by every sampling step from inside the compiled loop (a
-    host callback, which keeps the program out of JAX's persistent compilation cache: every new process compiles
-    it again); or "elapsed", the elapsed time while the program runs (no callback, so the program is cached)."""
+    progress: False (or None); "steps" (or True), a bar advanced by every sampling step from inside the compiled
+    loop (a host callback, which keeps the program out of JAX's persistent compilation cache: every new process
+    compiles it again); or "elapsed", the elapsed time while the program runs (no callback: the program is cached)."""
     if progress not in PROGRESS:
         raise UserError(f"progress must be one of {PROGRESS}, got {progress!r}")
     step_bar = progress in (True, "steps")
