@@ -1,8 +1,8 @@
 """Parameter shapes on disk, in the compilation cache's directory, so that a new process skips tracing three model
 inits (`build.abstract_params`: ~1.8 s at SD 1.x size on 2 cores, the largest start-up cost after imports).
 
-The key hashes the config, the components, Flax's version and the source of every file in ldm_jax/models, so an
-edit to a model (or a Flax upgrade) can never be answered with stale shapes. LDM_JAX_NO_COMPILE_CACHE=1 turns it
+The key hashes the config, the components, Flax's version and the source of every file in ldm_jax/models and of
+configs.py, so an edit to a model (or a Flax upgrade) can never be answered with stale shapes. LDM_JAX_NO_COMPILE_CACHE=1 turns it
 off together with the compilation cache; an unwritable directory just means no cache.
 """
 
@@ -24,7 +24,8 @@ def _path(config_json: str, components: tuple[str, ...]) -> str | None:
     if os.environ.get("LDM_JAX_NO_COMPILE_CACHE") == "1":
         return None
     h = hashlib.sha256(json.dumps([config_json, list(components), flax.__version__]).encode())
-    for f in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "*.py"))):
+    here = os.path.dirname(__file__)
+    for f in sorted(glob.glob(os.path.join(here, "*.py"))) + [os.path.join(os.path.dirname(here), "configs.py")]:
         with open(f, "rb") as fh:
             h.update(fh.read())
     return os.path.join(cache_dir(), "shapes", h.hexdigest()[:40] + ".json")
