@@ -2,8 +2,9 @@
 inits (`build.abstract_params`: ~1.8 s at SD 1.x size on 2 cores, the largest start-up cost after imports).
 
 The key hashes the config, the components, Flax's version and the source of every file in ldm_jax/models and of
-configs.py, so an edit to a model (or a Flax upgrade) can never be answered with stale shapes. LDM_JAX_NO_COMPILE_CACHE=1 turns it
-off together with the compilation cache; an unwritable directory just means no cache.
+configs.py, so an edit to a model (or a Flax upgrade) can never be answered with stale shapes.
+LDM_JAX_NO_COMPILE_CACHE=1 turns it off together with the compilation cache; an unwritable directory just means
+no cache.
 """
 
 from __future__ import annotations
