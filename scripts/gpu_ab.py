@@ -61,7 +61,7 @@ def worker(spec: dict) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from ldm_jax.bench import _mem_mb, device_name, fused_attention_calls
+    from ldm_jax.bench import _mem_mb, bench_vae, device_name, fused_attention_calls
     from ldm_jax.configs import preset
     from ldm_jax.models import attention, layers
     from ldm_jax.models.build import abstract_params
@@ -97,16 +97,7 @@ def worker(spec: dict) -> dict:
                        "compile_s": round(compile_s, 2), "program_mb": _mem_mb(prog),
                        "cudnn_attention": fused_attention_calls(prog), "image_mean": float(first.mean())}
     if opts.get("vae"):  # the VAE decode alone, 8 images (the sub-pixel upsampling is most of its change)
-        lat = size // sd.latent_factor
-        z = jnp.asarray(np.random.default_rng(0).standard_normal((8, lat, lat, 4)), jnp.float32)
-        dec = jax.jit(sd.decode_latents).lower(sd.params, z).compile()
-        jax.block_until_ready(dec(sd.params, z))
-        ts = []
-        for _ in range(spec["iters"]):
-            t0 = time.perf_counter()
-            jax.block_until_ready(dec(sd.params, z))
-            ts.append(time.perf_counter() - t0)
-        out["vae_decode_8_s"] = round(float(np.median(ts)), 5)
+        out["vae_decode_8_s"] = round(bench_vae(sd, 8, size // sd.latent_factor, spec["iters"], "bf16").seconds, 5)
     stats = jax.devices()[0].memory_stats() or {}
     out["peak_bytes_in_use_mb"] = round(stats.get("peak_bytes_in_use", 0) / 2**20, 1)
     return out
