@@ -9,7 +9,7 @@ Variants (see VARIANTS): the default build; the cuDNN head-dim limit of the prev
 160-wide heads on XLA); nearest upsampling before the 3x3 conv instead of the sub-pixel form (with the VAE
 decode timed alone); XLA attention everywhere; one-pass GroupNorm/LayerNorm statistics; XLA flags for
 command buffers (CUDA graphs) around the sampling loop, without command buffers, without Triton GEMMs, with the
-latency-hiding scheduler; 16 images (memory); and, after the default build, a new process's first image from
+latency-hiding scheduler; 16 images (memory); bf16 vs fp32 images from the same x_T (PSNR); and, after the default build, a new process's first image from
 the cache it left. Random SD 1.x weights are drawn once (numpy, ~20 s) and every worker maps them from one .npy file.
 """
 
@@ -28,12 +28,13 @@ CMD_BUFFER_ALL = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
 VARIANTS = {
     "baseline": ("", {"vae": True}, (1, 8)),
     "cudnn_head_dim_128": ("", {"cudnn_head_dim": 128}, (8,)),
+    "batch_16": ("", {}, (16,)),  # the issue's memory report: program and peak memory at 16 images
     "upsample_then_conv": ("", {"subpixel": False, "vae": True}, (8,)),
+    "psnr_bf16_vs_fp32": ("", {"psnr": True}, (1,)),  # the issue's image-quality report, same x_T
     "command_buffer_while": (f"--xla_gpu_enable_command_buffer={CMD_BUFFER_ALL}", {}, (1, 8)),
     "norm_one_pass": ("", {"one_pass_norm": True}, (8,)),
     "no_triton_gemm": ("--xla_gpu_enable_triton_gemm=false", {}, (8,)),
     "attention_xla": ("", {"attention": "xla"}, (8,)),
-    "batch_16": ("", {}, (16,)),  # the issue's memory report: program and peak memory at 16 images
     "no_command_buffer": ("--xla_gpu_enable_command_buffer=", {}, (1,)),
     "latency_hiding": ("--xla_gpu_enable_latency_hiding_scheduler=true", {}, (8,)),
 }
@@ -53,6 +54,34 @@ def _one_pass_normalize(module, x, axes, reshape, epsilon, dtype):
     var = jnp.maximum(jnp.square(g).mean(axis=axes, keepdims=True) - jnp.square(mean), 0.0)
     g = (g - mean) * jax.lax.rsqrt(var + epsilon)
     return (g.reshape(x.shape) * scale + bias).astype(dtype)
+
+
+def psnr(a, b) -> float:
+    """Peak signal-to-noise ratio of two uint8 images, in dB."""
+    import numpy as np
+
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def _psnr_bf16_vs_fp32(params, cfg, prompt: str, size: int, steps: int) -> dict:
+    """txt2img in fp32 and in bf16 from the same x_T and the same weights: PSNR of the two images."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ldm_jax.pipelines import Timings, txt2img
+    from ldm_jax.stable_diffusion import StableDiffusion
+
+    lat = size // cfg.vae.downsample_factor
+    x_T = np.random.default_rng(0).standard_normal((1, lat, lat, 4)).astype(np.float32)
+    out, res = {}, {}
+    for name, dt in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
+        tm = Timings()
+        sd = StableDiffusion(cfg, params, dtype=dt)
+        out[name] = txt2img(sd, [prompt], steps=steps, latents=x_T, height=size, width=size, timings=tm)
+        res[f"txt2img_1_{name}_compile_s"] = round(tm.compile, 1)
+    res["psnr_db"] = round(psnr(out["bf16"], out["fp32"]), 2)
+    return res
 
 
 def worker(spec: dict) -> dict:
@@ -81,10 +110,12 @@ def worker(spec: dict) -> dict:
     offsets = np.cumsum([0] + [int(np.prod(s.shape)) for s in shapes])
     params = jax.tree_util.tree_unflatten(treedef, [jax.device_put(np.asarray(flat[a:b]).reshape(s.shape))
                                                     for s, a, b in zip(shapes, offsets[:-1], offsets[1:])])
-    sd = StableDiffusion(cfg, params, dtype=jnp.bfloat16, attention_impl=opts.get("attention", "auto"))
     out = {"device": device_name()}
     prompt = "a photograph of an astronaut riding a horse"
     size, steps = spec["size"], spec["steps"]
+    if opts.get("psnr"):
+        return {**out, **_psnr_bf16_vs_fp32(params, cfg, prompt, size, steps)}
+    sd = StableDiffusion(cfg, params, dtype=jnp.bfloat16, attention_impl=opts.get("attention", "auto"))
     for n in spec["images"]:
         tm, ts = Timings(), []
         first = txt2img(sd, [prompt] * n, steps=steps, height=size, width=size, seed=0, timings=tm)
@@ -178,7 +209,7 @@ def main() -> int:
             wall = time.monotonic() - t1
             entry.update(xla_flags=flags, options=options, wall_s=round(wall, 1))
             res["variants"][name] = entry
-            if "error" not in entry:
+            if "error" not in entry and not options.get("psnr"):  # two compiles at one image: no estimate
                 est = wall / len(images)
             save()
             print(name, json.dumps(entry), flush=True)
@@ -199,6 +230,8 @@ def main() -> int:
                  for n in ("1", "8", "16")]
         if "vae_decode_8_s" in v:
             cells.append(f"VAE decode 8 img {v['vae_decode_8_s'] * 1e3:.1f} ms")
+        if "psnr_db" in v:
+            cells.append(f"PSNR {v['psnr_db']} dB")
         print(f"{name:<22}" + "  ".join(c for c in cells if c) + (f"  {v.get('error') or v.get('skipped')}"
                                                                    if "error" in v or "skipped" in v else ""))
     return 0
