@@ -1,0 +1,156 @@
+"""Where the time goes, for issue 6, in one device call: (1) a new process's first image, cold then warm cache,
+phase by phase, with JAX's compile and cache-hit log of the warm run; (2) a kernel-time breakdown of the U-Net
+step (bf16, CFG) from a jax.profiler trace, summed by kernel name and by kind (GEMM/conv, attention, norm, ...).
+
+    PYTHONPATH=. python scripts/gpu_profile.py --out $OUT/profile.json            # on the GPU machine
+    PYTHONPATH=. python scripts/gpu_profile.py --out p.json --preset tiny --size 64 --steps 2 --images 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+# A new process, as a user runs it: import, weights (zeros: values don't change time), model, one image.
+_FIRST_IMAGE = """
+import time; t0 = time.perf_counter(); T = {{}}
+import jax, jax.numpy as jnp, numpy as np
+from ldm_jax.configs import preset
+from ldm_jax.models.build import abstract_params
+from ldm_jax.stable_diffusion import StableDiffusion
+from ldm_jax.pipelines import Timings, txt2img
+T["import"] = time.perf_counter() - t0; jax.devices(); T["backend_init"] = time.perf_counter() - t0
+cfg = preset({preset!r}); shapes = abstract_params(cfg); T["abstract_params"] = time.perf_counter() - t0
+p = jax.block_until_ready(jax.device_put(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)))
+T["weights_on_device"] = time.perf_counter() - t0
+sd = StableDiffusion(cfg, p, dtype=jnp.bfloat16); T["model"] = time.perf_counter() - t0
+tm = Timings(); txt2img(sd, "a cat", steps={steps}, height={size}, width={size}, timings=tm)
+T["first_image"] = time.perf_counter() - t0; T["compile_or_load"] = tm.compile; T["run"] = tm.run
+print("PHASES " + __import__("json").dumps({{k: round(v, 2) for k, v in T.items()}}), flush=True)
+"""
+
+
+def first_image(preset: str, size: int, steps: int, cache: str, log_compiles: bool) -> dict:
+    env = dict(os.environ, LDM_JAX_CACHE_DIR=cache)
+    if log_compiles:
+        env.update(JAX_LOG_COMPILES="1", JAX_EXPLAIN_CACHE_MISSES="1")
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", _FIRST_IMAGE.format(preset=preset, size=size, steps=steps)],
+                       env=env, capture_output=True, text=True)
+    res = {"wall_s": round(time.perf_counter() - t0, 2)}
+    phases = [ln for ln in p.stdout.splitlines() if ln.startswith("PHASES ")]
+    res["phases_s"] = json.loads(phases[-1][7:]) if phases else None
+    if p.returncode != 0:
+        res["error"] = (p.stderr.strip().splitlines() or ["?"])[-1][-400:]
+    if log_compiles:  # one line per compile / cache event, long keys cut
+        keep = ("cache hit", "CACHE MISS", "Finished XLA compilation", "Finished tracing", "Compiling",
+                "Not writing", "Writing")
+        lines = [ln[:240] for ln in p.stderr.splitlines() if any(k in ln for k in keep)]
+        res["n_xla_compiles"] = sum("Finished XLA compilation" in ln for ln in lines)
+        res["log"] = lines[-40:]
+    return res
+
+
+def _kind(name: str) -> str:
+    n = name.lower()
+    for kind, keys in (("attention(cudnn)", ("cudnn", "fmha", "flash")),
+                       ("conv", ("conv", "implicit_gemm", "xmma_fprop", "sm90_xmma", "cutlass", "dgrad", "wgrad")),
+                       ("gemm", ("gemm", "matmul", "dot", "cublas", "nvjet", "triton_gemm")),
+                       ("reduce/norm", ("reduce", "norm")),
+                       ("copy/transpose", ("copy", "transpose", "memcpy", "memset", "concatenate", "dynamic"))):
+        if any(k in n for k in keys):
+            return kind
+    return "fusion/other"
+
+
+def unet_step_profile(preset: str, images: int, size: int, iters: int, trace_dir: str) -> dict:
+    """Kernel times of `iters` U-Net steps (images + CFG rows, bf16), from the profiler's trace.json.gz."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ldm_jax.configs import preset as get_preset
+    from ldm_jax.models.build import abstract_params
+    from ldm_jax.stable_diffusion import StableDiffusion
+
+    cfg = get_preset(preset)
+    rng = np.random.default_rng(0)
+    params = jax.device_put(jax.tree_util.tree_map(
+        lambda s: (0.02 * rng.standard_normal(s.shape, np.float32)).astype(s.dtype), abstract_params(cfg)))
+    sd = StableDiffusion(cfg, params, dtype=jnp.bfloat16)
+    lat, b = size // sd.latent_factor, 2 * images
+    x = jnp.asarray(rng.standard_normal((b, lat, lat, cfg.unet.in_channels), np.float32))
+    t = jnp.full((b,), 500, jnp.int32)
+    ctx = jnp.asarray(rng.standard_normal((b, cfg.text.max_length, cfg.unet.d_cond), np.float32))
+    step = jax.jit(sd.predict_noise)
+    jax.block_until_ready(step(sd.params, x, t, ctx))
+    jax.block_until_ready(step(sd.params, x, t, ctx))
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        out = step(sd.params, x, t, ctx)
+    jax.block_until_ready(out)
+    wall_ms = (time.perf_counter() - t0) / iters * 1e3
+    with jax.profiler.trace(trace_dir):
+        for _ in range(iters):
+            out = step(sd.params, x, t, ctx)
+        jax.block_until_ready(out)
+    (path,) = glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz"))
+    with gzip.open(path, "rb") as f:
+        events = json.load(f)["traceEvents"]
+    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, name in procs.items() if "GPU" in name or "gpu" in name or "device:" in name.lower()}
+    by_name, by_kind = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
+            by_name[e["name"]] += e["dur"] / iters / 1e3  # ms per step
+            by_kind[_kind(e["name"])] += e["dur"] / iters / 1e3
+    return {"images": images, "batch": b, "wall_ms_per_step": round(wall_ms, 3),
+            "device_processes": sorted(procs[p] for p in gpu),
+            "kernel_ms_per_step": round(sum(by_kind.values()), 3),
+            "by_kind_ms": {k: round(v, 3) for k, v in by_kind.most_common()},
+            "top_kernels_ms": [[k[:160], round(v, 3)] for k, v in by_name.most_common(40)]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--preset", default="sd1")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--skip-first-image", action="store_true")
+    a = ap.parse_args()
+    res = {}
+
+    def save():
+        with open(a.out + ".tmp", "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(a.out + ".tmp", a.out)
+
+    with tempfile.TemporaryDirectory() as work:
+        if not a.skip_first_image:
+            cache = os.path.join(work, "cache")
+            for name, log in (("first_image_cold", False), ("first_image_warm", True)):
+                res[name] = first_image(a.preset, a.size, a.steps, cache, log)
+                save()
+                print(name, json.dumps(res[name], indent=1), flush=True)
+        try:
+            res["unet_step"] = unet_step_profile(a.preset, a.images, a.size, a.iters, os.path.join(work, "trace"))
+        except Exception as e:  # noqa: BLE001 - keep the first-image figures
+            res["unet_step"] = {"error": f"{type(e).__name__}: {e}"[:400]}
+        save()
+        print(json.dumps(res["unet_step"], indent=1), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
