@@ -80,7 +80,7 @@ def make_schedule(cfg: ScheduleConfig | None = None) -> Schedule:
     alphas = 1.0 - betas
     alpha_bar = np.cumprod(alphas)  # alpha_bar_t, float64
     sigmas = np.sqrt((1.0 - alpha_bar) / alpha_bar)
-    f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)  # noqa: E731
+    f32 = lambda a: jnp.asarray(np.asarray(a, np.float32))  # noqa: E731 - cast on the host: no eager XLA convert
     return Schedule(
         betas=f32(betas),
         alphas=f32(alphas),

@@ -80,6 +80,22 @@ def test_seed_and_batch_split_invariance(tiny):
     assert np.abs(other - two).max() > 1e-2
 
 
+@pytest.mark.parametrize("seed", [0, 5, 2**31 + 3, 2**32 - 1, 2**32 + 5, -1, 2**40 + 9])
+def test_image_keys_are_fold_in_of_the_seed_key_by_image_index(seed):
+    """The program derives image i's key from (seed mod 2^32, i); it must equal fold_in(key(seed), i) with
+    JAX's own seeding of a Python int, the contract users rely on to reproduce an image from its seed."""
+    import jax
+
+    from ldm_jax.pipelines.generate import _seed_rows
+    from ldm_jax.pipelines.program import INIT_NOISE, _streams
+
+    idx = np.array([0, 1, 6])
+    got = jax.random.key_data(_streams(jax.numpy.asarray(_seed_rows(seed, idx)))[INIT_NOISE])
+    want = [jax.random.key_data(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), INIT_NOISE))
+            for i in idx]
+    np.testing.assert_array_equal(np.asarray(got), np.stack(want))
+
+
 def test_img2img_strength_zero_returns_the_round_tripped_image(tiny):
     model, _ = tiny
     init = np.random.default_rng(1).integers(0, 256, (16, 24, 3), dtype=np.uint8)

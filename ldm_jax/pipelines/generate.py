@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -112,9 +111,9 @@ def _pad_rows(rows, plan: parallel.BatchPlan) -> list:
     return [rows[min(i, plan.n - 1)] for i in plan.local_indices]
 
 
-def _key_data(seed: int, indices: np.ndarray) -> np.ndarray:
-    base = jax.random.key(int(seed))
-    return np.asarray(jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(base, i)))(jnp.asarray(indices)))
+def _seed_rows(seed: int, indices: np.ndarray) -> np.ndarray:
+    """uint32 [B, 2]: (seed mod 2^32, image index) per row; the program derives fold_in(key(seed), index)."""
+    return np.stack([np.full(len(indices), int(seed) % 2**32), np.asarray(indices)], axis=1).astype(np.uint32)
 
 
 def _cached(sd, key, build):
@@ -196,7 +195,7 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
     put = lambda local: parallel.shard_rows(np.stack(local), mesh)  # this process's rows -> global array
     ids = put(sd.tokenize(_pad_rows(prompts, plan)))
     uncond = put(sd.tokenize(_pad_rows(negatives, plan)))
-    keys = put(_key_data(seed, plan.local_indices))
+    seeds = put(_seed_rows(seed, plan.local_indices))
     init_x, mask_x, lat_x = (None if a is None else put(_pad_rows(a, plan)) for a in (init, mask, latents))
     start = samplers.start_step_for_strength(steps, strength) if mode != "txt2img" else 0
     eta_value = samplers.default_eta(sampler) if eta is None else float(eta)
@@ -208,7 +207,7 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
     static = dict(mode=mode, sampler=sampler, steps=int(steps), output=output, latent_hw=(h, w),
                   given_latents=latents is not None, progress=_StepBar.step if step_bar else None)
     guidance, eta_arg, start_arg = scalars
-    args = program_args(params=params, ids=ids, uncond_ids=uncond, key_data=keys, latents=lat_x, init=init_x,
+    args = program_args(params=params, ids=ids, uncond_ids=uncond, seeds=seeds, latents=lat_x, init=init_x,
                         mask=mask_x, guidance=guidance, eta=eta_arg, start_step=start_arg)
     shapes = tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args[1:7]))
     key = ("program", tuple(sorted((k, v) for k, v in static.items() if k != "progress")), step_bar, shapes)

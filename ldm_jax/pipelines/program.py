@@ -47,8 +47,11 @@ def guided_eps_fn(sd, params, ctx, uncond_ctx, guidance, extra_channels=None):
     return eps_fn
 
 
-def _streams(key_data):
-    keys = jax.random.wrap_key_data(key_data)  # [B] typed keys, one per image
+def _streams(seeds):
+    """seeds uint32 [B, 2] = (seed mod 2^32, image index) -> the per-image key streams. key(seed) seeds like a
+    Python int seed (JAX keeps its low 32 bits), and fold_in(., index) gives image i its own stream; here
+    rather than on the host, where each step was a small eager program compiled in every new process."""
+    keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(r[0]), r[1]))(seeds)  # [B] typed keys
     return {s: jax.vmap(lambda k, s=s: jax.random.fold_in(k, s))(keys)
             for s in (INIT_NOISE, SAMPLER_NOISE, INIT_IMAGE_NOISE)}
 
@@ -57,19 +60,19 @@ def _normal(keys, shape):
     return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
 
 
-def program_args(*, params, ids, uncond_ids, key_data, latents=None, init=None, mask=None, guidance, eta,
+def program_args(*, params, ids, uncond_ids, seeds, latents=None, init=None, mask=None, guidance, eta,
                  start_step) -> tuple:
     """The positional arguments of `build_program`'s `run`, in its order: arrays to call or lower it with, or
     `jax.ShapeDtypeStruct`s to compile it from shapes alone (`bench.txt2img_program_memory`)."""
-    return (params, ids, uncond_ids, key_data, latents, init, mask, guidance, eta, start_step)
+    return (params, ids, uncond_ids, seeds, latents, init, mask, guidance, eta, start_step)
 
 
 def build_program(sd, *, mode: str, sampler: str, steps: int, output: str, latent_hw: tuple[int, int],
                   given_latents: bool, progress: Callable[[int], None] | None) -> Callable:
     """The function to jit:
-    run(params, ids, uncond_ids, key_data, latents, init, mask, guidance, eta, start_step) -> images | latents.
+    run(params, ids, uncond_ids, seeds, latents, init, mask, guidance, eta, start_step) -> images | latents.
 
-    ids/uncond_ids int32 [B, L]; key_data uint32 [B, 2]; latents [B, h, w, 4] (x_T, used if given_latents);
+    ids/uncond_ids int32 [B, L]; seeds uint32 [B, 2] (seed mod 2^32, image index); latents [B, h, w, 4] (x_T, used if given_latents);
     init [B, H, W, 3] in [-1, 1] (img2img, inpaint); mask [B, H, W, 1], 1 = repaint (inpaint).
     """
     schedule = make_schedule(sd.config.schedule)
@@ -78,9 +81,9 @@ def build_program(sd, *, mode: str, sampler: str, steps: int, output: str, laten
     if mode != "inpaint" and inpaint_unet:
         raise ValueError("this is an inpainting U-Net (9 input channels): use inpaint()")
 
-    def run(params, ids, uncond_ids, key_data, latents, init, mask, guidance, eta, start_step):
+    def run(params, ids, uncond_ids, seeds, latents, init, mask, guidance, eta, start_step):
         params = sd.cast_params(params)  # bf16 kernels once, not in every step of the loop
-        streams = _streams(key_data)
+        streams = _streams(seeds)
         # one text-encoder pass over [c0, u0, c1, u1, ...] (one trace of CLIP instead of two: ~0.35 s less per
         # new program at SD 1.x size)
         ctx, uncond_ctx = _split_pairs(sd.encode_text(params, _interleave(ids, uncond_ids)))
