@@ -60,15 +60,16 @@ def first_image(preset: str, size: int, steps: int, cache: str, log_compiles: bo
 
 
 def _kind(name: str) -> str:
+    """Kernel kind from its name (cuDNN's attention kernels say "sdpa ... fprop", its convolutions "fprop")."""
     n = name.lower()
-    for kind, keys in (("attention(cudnn)", ("cudnn", "fmha", "flash")),
-                       ("conv", ("conv", "implicit_gemm", "xmma_fprop", "sm90_xmma", "cutlass", "dgrad", "wgrad")),
-                       ("gemm", ("gemm", "matmul", "dot", "cublas", "nvjet", "triton_gemm")),
-                       ("reduce/norm", ("reduce", "norm")),
-                       ("copy/transpose", ("copy", "transpose", "memcpy", "memset", "concatenate", "dynamic"))):
+    for kind, keys in (("attention", ("sdpa", "fmha", "flash")),
+                       ("conv", ("fprop", "conv", "dgrad", "wgrad")),
+                       ("gemm", ("nvjet", "gemm", "matmul", "cublas", "cutlass")),
+                       ("transpose/copy", ("transpose", "copy", "memcpy", "memset", "concatenate", "dynamic")),
+                       ("reduce (norms)", ("reduce",))):
         if any(k in n for k in keys):
             return kind
-    return "fusion/other"
+    return "elementwise fusion/other"
 
 
 def unet_step_profile(preset: str, images: int, size: int, iters: int, trace_dir: str) -> dict:
