@@ -230,19 +230,32 @@ def _available_mb() -> float | None:
         return None
 
 
+# A new process as the CLI runs one: the program compiles (or comes from the cache) while the weights are put
+# on the device (zeros: values don't change time), then one image. Prints when the image exists.
+_FIRST_IMAGE_CHILD = """
+import jax, jax.numpy as jnp, numpy as np, time
+from ldm_jax.configs import preset
+from ldm_jax.models.build import abstract_params
+from ldm_jax.pipelines import txt2img
+from ldm_jax.stable_diffusion import StableDiffusion
+from ldm_jax.warm_start import compile_while
+cfg, dt = preset({preset!r}), jnp.dtype({dtype!r}).type
+zeros = lambda: jax.block_until_ready(jax.device_put(jax.tree_util.tree_map(
+    lambda s: np.zeros(s.shape, s.dtype), abstract_params(cfg))))
+request = dict(steps={steps}, height={size}, width={size})
+sd, _ = compile_while(lambda: StableDiffusion(cfg, zeros(), dtype=dt), cfg, "txt2img", "a cat", dtype=dt, **request)
+txt2img(sd, "a cat", **request)
+print("FIRST_IMAGE", time.time())
+"""
+
+
 def first_image_seconds(preset_name: str, dtype: str, size: int, steps: int, cache: str) -> float:
     """Wall time from launching a fresh process to its first image in memory (the process's own exit, ~1 s on a
-    GPU, is not counted). Zero weights: values don't change time. The zeros are numpy arrays put on the device
-    in one call: `jnp.zeros` per parameter would compile one small program per distinct shape (79 at SD 1.x
-    size, 3.6 s on 2 CPU cores), which loading a checkpoint never does."""
-    code = (f"import time; import jax, jax.numpy as jnp, numpy as np;"
-            f"from ldm_jax.configs import preset;"
-            f"from ldm_jax.models.build import abstract_params; from ldm_jax.stable_diffusion import StableDiffusion;"
-            f"from ldm_jax.pipelines import txt2img; cfg = preset({preset_name!r});"
-            f"p = jax.device_put(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(cfg)));"
-            f"sd = StableDiffusion(cfg, p, dtype=jnp.dtype({dtype!r}).type);"
-            f"txt2img(sd, 'a cat', steps={steps}, height={size}, width={size});"
-            f"print('FIRST_IMAGE', time.time())")
+    GPU, is not counted), the way the CLI does it: `warm_start.compile_while` puts the weights on the device
+    while the program compiles. The zero weights are numpy arrays put on the device in one call: `jnp.zeros` per
+    parameter would compile one small program per distinct shape (79 at SD 1.x size, 3.6 s on 2 CPU cores),
+    which loading a checkpoint never does."""
+    code = _FIRST_IMAGE_CHILD.format(preset=preset_name, dtype=dtype, size=size, steps=steps)
     env = dict(os.environ, LDM_JAX_CACHE_DIR=cache)
     t0 = time.time()  # wall clock on both sides: the child reports when its image exists
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)

@@ -61,6 +61,19 @@ def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:limit] or "image"
 
 
+def _step_bar(args, config) -> bool:
+    """--step-progress, or by default: per-step bars only where a step is slow enough to watch and compiling is
+    cheap by comparison (SD-sized U-Nets on a CPU)."""
+    if args.step_progress is not None:
+        return args.step_progress
+    import jax
+
+    from ldm_jax.models.build import abstract_params
+
+    unet = sum(x.size for x in jax.tree_util.tree_leaves(abstract_params(config)["unet"]))
+    return jax.default_backend() == "cpu" and unet >= STEP_BAR_MIN_UNET_PARAMS
+
+
 def run(args) -> int:
     from ldm_jax.pipelines.generate import Timings, check_size, check_steps, check_strength, generate
 
@@ -79,6 +92,7 @@ def run(args) -> int:
     multi = parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
     import ldm_jax
     from ldm_jax.loading import DEFAULT_MODEL
+    from ldm_jax.warm_start import load_while_compiling, peek_config
 
     kw = {}
     if args.mode != "txt2img":
@@ -89,22 +103,30 @@ def run(args) -> int:
             if kw["masks"].shape != init.shape[:2]:
                 raise UserError(f"the mask is {kw['masks'].shape[0]}x{kw['masks'].shape[1]} but the image is "
                                 f"{init.shape[0]}x{init.shape[1]}")
-    t0 = time.perf_counter()
-    print(f"loading {args.checkpoint or 'the bundled model'} ...", flush=True)
-    sd = ldm_jax.load(args.checkpoint, dtype=args.dtype, progress=True)
-    print(f"loaded {sd.config.name} in {time.perf_counter() - t0:.1f}s", flush=True)
     if args.mode == "txt2img":
         kw.update(height=args.height, width=args.width)  # None: the model's own size
+    request = dict(negative_prompts=[args.negative_prompt] * args.n, steps=args.steps, sampler=args.sampler,
+                   guidance_scale=args.scale, eta=args.eta, seed=args.seed, **kw)
+    prompts = [args.prompt] * args.n
+    name = args.checkpoint or "the bundled model"
+    config = peek_config(args.checkpoint)  # known before reading tensors: compile while they load
+    t0 = time.perf_counter()
+    if config is None:
+        print(f"loading {name} ...", flush=True)
+        sd = ldm_jax.load(args.checkpoint, dtype=args.dtype, progress=True)
+        ahead = None
+        print(f"loaded {sd.config.name} in {time.perf_counter() - t0:.1f}s", flush=True)
+    progress = "steps" if _step_bar(args, config or sd.config) else "elapsed"
+    if config is not None:
+        print(f"loading {name} while compiling the {args.mode} program ...", flush=True)
+        sd, ahead = load_while_compiling(args.checkpoint, args.mode, prompts, dtype=args.dtype, progress=progress,
+                                         **request)
+        print(f"loaded {sd.config.name} in {ahead.extra['load_s']:.1f}s; program ready in {ahead.compile:.1f}s "
+              f"(both done after {time.perf_counter() - t0:.1f}s)", flush=True)
     timings = Timings()
-    step_bar = args.step_progress
-    if step_bar is None:  # per-step bars only where a step is slow enough to watch and compiling is cheap by comparison
-        import jax
-
-        step_bar = jax.default_backend() == "cpu" and sd.num_params()["unet"] >= STEP_BAR_MIN_UNET_PARAMS
-    images = generate(sd, args.mode, [args.prompt] * args.n, negative_prompts=[args.negative_prompt] * args.n,
-                      steps=args.steps, sampler=args.sampler, guidance_scale=args.scale, eta=args.eta,
-                      seed=args.seed, progress="steps" if step_bar else "elapsed", timings=timings, **kw)
-    print(f"sampled {args.n} image(s) in {timings.run:.1f}s (compile {timings.compile:.1f}s)", flush=True)
+    images = generate(sd, args.mode, prompts, progress=progress, timings=timings, **request)
+    compile_s = timings.compile + (ahead.compile if ahead is not None else 0.0)
+    print(f"sampled {args.n} image(s) in {timings.run:.1f}s (compile {compile_s:.1f}s)", flush=True)
     os.makedirs(args.out, exist_ok=True)
     meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt or None, "seed": args.seed,
             "sampler": args.sampler, "steps": args.steps, "scale": args.scale, "eta": args.eta,

@@ -116,6 +116,11 @@ def _seed_rows(seed: int, indices: np.ndarray) -> np.ndarray:
     return np.stack([np.full(len(indices), int(seed) % 2**32), np.asarray(indices)], axis=1).astype(np.uint32)
 
 
+def _is_abstract(params) -> bool:
+    leaves = jax.tree_util.tree_leaves(params)
+    return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+
+
 def _cached(sd, key, build):
     cache = sd.cache
     if key not in cache:
@@ -152,12 +157,14 @@ def _wait_showing_elapsed(out, desc: str) -> None:
 
 def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler="ddim", guidance_scale=7.5,
              eta=None, height=None, width=None, seed=0, latents=None, init_images=None, masks=None, strength=1.0,
-             output="images", progress=False, timings: Timings | None = None) -> np.ndarray:
+             output="images", progress=False, timings: Timings | None = None, compile_only: bool = False):
     """The shared implementation of txt2img / img2img / inpaint (see those for the arguments).
 
     progress: False (or None); "steps" (or True), a bar advanced by every sampling step from inside the compiled
     loop (a host callback, which keeps the program out of JAX's persistent compilation cache: every new process
-    compiles it again); or "elapsed", the elapsed time while the program runs (no callback: the program is cached)."""
+    compiles it again); or "elapsed", the elapsed time while the program runs (no callback: the program is cached).
+    compile_only: compile (and cache on `sd`) the program for this request, run nothing, return None; `sd.params`
+    may then be shapes alone (`jax.ShapeDtypeStruct` leaves, e.g. `abstract_params(config)`): see `precompile`."""
     if progress not in PROGRESS:
         raise UserError(f"progress must be one of {PROGRESS}, got {progress!r}")
     step_bar = progress in (True, "steps")
@@ -202,7 +209,10 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
     scalars = parallel.replicate([np.asarray(guidance_scale, np.float32),
                                   np.asarray(0.0 if eta_value is None else eta_value, np.float32),
                                   np.asarray(start, np.int32)], mesh)
-    params = _cached(sd, ("params", id(mesh)), lambda: parallel.replicate(sd.params, mesh))
+    if _is_abstract(sd.params):  # shapes alone: compile for the replicated placement `replicate` gives the weights
+        params = parallel.abstract_like(sd.params, parallel.replicated(mesh))
+    else:
+        params = _cached(sd, ("params", id(mesh)), lambda: parallel.replicate(sd.params, mesh))
 
     static = dict(mode=mode, sampler=sampler, steps=int(steps), output=output, latent_hw=(h, w),
                   given_latents=latents is not None, progress=_StepBar.step if step_bar else None)
@@ -223,6 +233,10 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
               flush=True)
     compiled = _cached(sd, key, compile_)
     t1 = time.perf_counter()
+    if compile_only:
+        if timings is not None:
+            timings.compile, timings.run, timings.cached = t1 - t0, 0.0, was_cached
+        return None
     n_loop = samplers.n_loop_steps(sampler, sd.config.schedule.n_steps, int(steps)) - start
     with tqdm(total=max(n_loop, 0), desc=mode, unit="step", disable=not step_bar or None, leave=False) as bar:
         _StepBar.active = bar if step_bar else None
@@ -275,3 +289,28 @@ def inpaint(sd, prompts: str | Sequence[str], init_images, masks, *, strength: f
     return generate(sd, "inpaint", prompts, init_images=init_images, masks=masks, strength=strength,
                     negative_prompts=negative_prompts, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
                     eta=eta, seed=seed, latents=latents, output=output, progress=progress, timings=timings)
+
+
+def precompile(sd, mode: str, prompts, **request) -> Timings:
+    """Compile the program that `generate(sd, mode, prompts, **request)` would run, without running it, and keep
+    it on `sd`. `sd` may hold parameter shapes alone, so a program can compile while the weights load
+    (`warm_start.load_while_compiling`); `adopt_programs` hands it to the loaded model. Returns the timings."""
+    timings = Timings()
+    generate(sd, mode, prompts, **request, timings=timings, compile_only=True)
+    return timings
+
+
+def adopt_programs(dst, src) -> bool:
+    """Give `dst` the compiled programs of `src` when they were built for the same model: same config, compute
+    dtype, attention implementation, and parameters of the same tree, shapes and dtypes. Returns whether it did."""
+    import jax.numpy as jnp
+
+    def avals(params):
+        leaves, tree = jax.tree_util.tree_flatten(params)
+        return tree, [(tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves]
+
+    same = (dst.config == src.config and jnp.dtype(dst.dtype) == jnp.dtype(src.dtype)
+            and dst.attention_impl == src.attention_impl and avals(dst.params) == avals(src.params))
+    if same:
+        dst.cache.update({k: v for k, v in src.cache.items() if k[0] == "program"})
+    return same

@@ -1,0 +1,61 @@
+"""warm_start: the program compiled from parameter shapes while the weights load is the program the loaded model
+would compile (same images, nothing compiled again), and it is only handed over to the model it was built for."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ldm_jax
+from convert.safetensors_io import read_safetensors, write_safetensors
+from ldm_jax.cli.main import main
+from ldm_jax.pipelines import Timings, txt2img
+from ldm_jax.pipelines.generate import adopt_programs, precompile
+from ldm_jax.warm_start import load_while_compiling, peek_config
+
+PROMPTS = ["a red circle", "a blue square"]
+REQUEST = dict(steps=4, height=16, width=24, seed=11, negative_prompts=["blurry", ""])
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("warm") / "tiny.safetensors"
+    assert main(["random-checkpoint", str(path), "--preset", "tiny", "--seed", "5"]) == 0
+    return str(path)
+
+
+def test_program_compiled_while_loading_gives_the_same_images_and_is_not_compiled_again(ckpt):
+    sd, ahead = load_while_compiling(ckpt, "txt2img", PROMPTS, **REQUEST)
+    assert ahead.extra["overlapped"] and ahead.compile > 0 and ahead.extra["load_s"] > 0
+    tm = Timings()
+    got = txt2img(sd, PROMPTS, **REQUEST, timings=tm)
+    assert tm.cached  # the adopted program, not a new compile
+    want = txt2img(ldm_jax.load(ckpt), PROMPTS, **REQUEST)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_programs_go_only_to_the_model_they_were_built_for(ckpt):
+    from ldm_jax.models.build import abstract_params
+
+    sd = ldm_jax.load(ckpt)
+    for other in (sd.replace(params=abstract_params(sd.config), dtype=jnp.bfloat16),  # another compute dtype
+                  sd.replace(params=abstract_params(sd.config), attention_impl="xla")):
+        precompile(other, "txt2img", PROMPTS, **REQUEST)
+        assert any(k[0] == "program" for k in other.cache)
+        assert not adopt_programs(sd, other) and not any(k[0] == "program" for k in sd.cache)
+    fp16_params = sd.replace(params=ldm_jax.load(ckpt, param_dtype="float16").params)
+    assert not adopt_programs(fp16_params, sd.replace(params=abstract_params(sd.config)))
+
+
+def test_peek_config_reads_the_declared_architecture_only(ckpt, tmp_path):
+    want = ldm_jax.load(ckpt).config
+    assert peek_config(ckpt) == want
+    assert peek_config(None).name == "shapes"  # the bundled model
+    tensors, _ = read_safetensors(ckpt)
+    bare = tmp_path / "bare.safetensors"  # no config in the header: the architecture comes from the tensors
+    write_safetensors(bare, dict(tensors))
+    assert peek_config(str(bare)) is None and peek_config(str(tmp_path / "missing.safetensors")) is None
+    sd, ahead = load_while_compiling(str(bare), "txt2img", PROMPTS, load_kwargs={"config": want}, **REQUEST)
+    assert not ahead.extra["overlapped"] and sd.config == want
+    out = tmp_path / "converted"
+    assert main(["convert", ckpt, str(out)]) == 0
+    assert peek_config(str(out)) == want and peek_config(str(tmp_path)) is None
