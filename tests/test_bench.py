@@ -55,6 +55,21 @@ def test_gpu_ab_script_runs_its_variants_on_the_cpu(tmp_path):
     assert res["first_image_warm_cache_s"] > 0
 
 
+def test_gpu_profile_script_runs_on_the_cpu(tmp_path):
+    """scripts/gpu_profile.py (run by hand on a GPU): first-image phases from a cold and a warm cache, and a U-Net
+    step profile (no device kernels on a CPU, so only its wall time is checked here)."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "profile.json"
+    p = subprocess.run([sys.executable, str(root / "scripts" / "gpu_profile.py"), "--out", str(out), "--preset",
+                        "tiny", "--size", "64", "--steps", "2", "--images", "1", "--iters", "1"],
+                       capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(out.read_text())
+    cold, warm = res["first_image_cold"]["phases_s"], res["first_image_warm"]["phases_s"]
+    assert warm["first_image"] > warm["weights_and_program"] > warm["import"] > 0 and cold["program_alone"] > 0
+    assert res["first_image_warm"]["n_xla_compiles"] >= 1 and res["unet_step_1"]["wall_ms_per_step"] > 0
+
+
 def test_diffusers_peer_has_the_presets_architecture():
     """The diffusers timing peer is built from the preset: same parameter count as ours, U-Net and VAE."""
     from convert.torch_bench import diffusers_models
