@@ -1,16 +1,17 @@
-"""A/B of the speed options for issue 6 in one device call: end-to-end txt2img (bf16, 50 DDIM steps, CFG 7.5)
-per variant, each in a fresh process (XLA flags are read once per process), highest priority first, within a
-wall-clock budget so that a call never runs past its limit. Results go to --out after every variant.
+"""A/B of the speed options for issue 6 in one device call: end-to-end txt2img (bf16, 50 DDIM steps, CFG 7.5) per
+variant, each in a fresh process (XLA flags are read once per process), highest priority first, within a wall-clock
+budget so that a call never runs past its limit. Results go to --out after every variant.
 
     PYTHONPATH=. python scripts/gpu_ab.py --out $OUT/ab.json --budget 480          # on the GPU machine
     PYTHONPATH=. python scripts/gpu_ab.py --out ab.json --preset tiny --size 64 --steps 4 --variants baseline
 
-Variants (see VARIANTS): the default build; the cuDNN head-dim limit of the previous release (128: SD 1.x's
-160-wide heads on XLA); nearest upsampling before the 3x3 conv instead of the sub-pixel form (with the VAE
-decode timed alone); XLA attention everywhere; one-pass GroupNorm/LayerNorm statistics; XLA flags for
-command buffers (CUDA graphs) around the sampling loop, without command buffers, without Triton GEMMs, with the
-latency-hiding scheduler; 16 images (memory); bf16 vs fp32 images from the same x_T (PSNR); and, after the default build, a new process's first image from
-the cache it left. Random SD 1.x weights are drawn once (numpy, ~20 s) and every worker maps them from one .npy file.
+Variants (see VARIANTS): the default build; the cuDNN head-dim limit of the previous release (128: SD 1.x's 160-wide
+heads on XLA); nearest upsampling before the 3x3 conv instead of the sub-pixel form (with the VAE decode timed
+alone); XLA attention everywhere; one-pass GroupNorm/LayerNorm statistics; XLA flags for command buffers (CUDA
+graphs) around the sampling loop, without command buffers, without Triton GEMMs, with the latency-hiding scheduler;
+16 images (memory); bf16 vs fp32 images from the same x_T (PSNR); and, after the default build, a new process's
+first image from the cache it left. Random SD 1.x weights are drawn once (numpy, ~20 s) and every worker maps them
+from one .npy file.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Where the time goes, for issue 6, in one device call: (1) a new process's first image, cold then warm cache,
-phase by phase (the CLI's path: weights loading while the program compiles), with JAX's compile and cache-hit log of the warm run; (2) a kernel-time breakdown of the U-Net
-step (bf16, CFG) from a jax.profiler trace, summed by kernel name and by kind (GEMM/conv, attention, norm, ...).
+phase by phase (the CLI's path: weights loading while the program compiles), with JAX's compile and cache-hit
+log of the warm run; (2) kernel-time breakdowns of the U-Net step (bf16, CFG) from a jax.profiler trace, summed
+by kernel name and by kind (convolution, attention, GEMM, elementwise, ...).
 
     PYTHONPATH=. python scripts/gpu_profile.py --out $OUT/profile.json            # on the GPU machine
     PYTHONPATH=. python scripts/gpu_profile.py --out p.json --preset tiny --size 64 --steps 2 --images 1,2

@@ -120,7 +120,7 @@ def run(args) -> int:
     if config is not None:
         print(f"loading {name} while compiling the {args.mode} program ...", flush=True)
         sd, ahead = load_while_compiling(args.checkpoint, args.mode, prompts, dtype=args.dtype, progress=progress,
-                                         **request)
+                                         load_kwargs={"progress": True}, **request)
         print(f"loaded {sd.config.name} in {ahead.extra['load_s']:.1f}s; program ready in {ahead.compile:.1f}s "
               f"(both done after {time.perf_counter() - t0:.1f}s)", flush=True)
     timings = Timings()

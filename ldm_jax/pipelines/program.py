@@ -72,8 +72,8 @@ def build_program(sd, *, mode: str, sampler: str, steps: int, output: str, laten
     """The function to jit:
     run(params, ids, uncond_ids, seeds, latents, init, mask, guidance, eta, start_step) -> images | latents.
 
-    ids/uncond_ids int32 [B, L]; seeds uint32 [B, 2] (seed mod 2^32, image index); latents [B, h, w, 4] (x_T, used if given_latents);
-    init [B, H, W, 3] in [-1, 1] (img2img, inpaint); mask [B, H, W, 1], 1 = repaint (inpaint).
+    ids/uncond_ids int32 [B, L]; seeds uint32 [B, 2] (seed mod 2^32, image index); latents [B, h, w, 4] (x_T,
+    used if given_latents); init [B, H, W, 3] in [-1, 1] (img2img, inpaint); mask [B, H, W, 1], 1 = repaint.
     """
     schedule = make_schedule(sd.config.schedule)
     f = sd.latent_factor
