@@ -13,6 +13,7 @@ import glob
 import hashlib
 import json
 import os
+import threading
 
 import flax
 import jax
@@ -58,7 +59,7 @@ def cached_shapes(config_json: str, components: tuple[str, ...], compute):
     if path is not None:
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # unique per process and thread
             with open(tmp, "w") as f:
                 json.dump(_encode(shapes), f)
             os.replace(tmp, path)
