@@ -1,6 +1,10 @@
 """warm_start: the program compiled from parameter shapes while the weights load is the program the loaded model
 would compile (same images, nothing compiled again), and it is only handed over to the model it was built for."""
 
+import os
+import subprocess
+import sys
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -59,3 +63,27 @@ def test_peek_config_reads_the_declared_architecture_only(ckpt, tmp_path):
     out = tmp_path / "converted"
     assert main(["convert", ckpt, str(out)]) == 0
     assert peek_config(str(out)) == want and peek_config(str(tmp_path)) is None
+
+
+_ONE_PROGRAM = """
+import os, sys
+import ldm_jax
+from ldm_jax.models.build import abstract_params
+from ldm_jax.pipelines import txt2img
+from ldm_jax.pipelines.generate import precompile
+sd = ldm_jax.load(sys.argv[1])
+if sys.argv[2] == "weights":
+    txt2img(sd, "a cat", steps=4, height=32, width=32)
+else:
+    precompile(sd.replace(params=abstract_params(sd.config)), "txt2img", "a cat", steps=4, height=32, width=32)
+"""
+
+
+def test_program_from_shapes_has_the_persistent_cache_key_of_the_program_from_weights(ckpt, tmp_path):
+    """Compiled from shapes, the program must be the same XLA program (same cache entry) as from the weights: a
+    new process's warm start then reads what an earlier plain run left in the cache, and vice versa."""
+    env = {**os.environ, "LDM_JAX_CACHE_DIR": str(tmp_path)}
+    for how in ("weights", "shapes"):
+        p = subprocess.run([sys.executable, "-c", _ONE_PROGRAM, ckpt, how], env=env, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert len([f for f in os.listdir(tmp_path) if f.startswith("jit_run")]) == 1, how
