@@ -1,5 +1,5 @@
 """Image helpers for the pipelines and the CLI: arrays <-> [-1, 1], reading images and masks, PNG output
-with generation parameters in text chunks (as A1111 / diffusers users expect), and image grids."""
+with generation parameters in text chunks (as A1111 / diffusers users expect), image grids, and PSNR."""
 
 from __future__ import annotations
 
@@ -84,3 +84,9 @@ def grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
         r, q = divmod(i, cols)
         out[r * h:(r + 1) * h, q * w:(q + 1) * w] = im
     return out
+
+
+def psnr(a, b) -> float:
+    """Peak signal-to-noise ratio of two uint8 images (or batches), in dB: 10 log10(255^2 / MSE); inf if equal."""
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))

@@ -57,19 +57,12 @@ def _one_pass_normalize(module, x, axes, reshape, epsilon, dtype):
     return (g.reshape(x.shape) * scale + bias).astype(dtype)
 
 
-def psnr(a, b) -> float:
-    """Peak signal-to-noise ratio of two uint8 images, in dB."""
-    import numpy as np
-
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-
-
 def _psnr_bf16_vs_fp32(params, cfg, prompt: str, size: int, steps: int) -> dict:
     """txt2img in fp32 and in bf16 from the same x_T and the same weights: PSNR of the two images."""
     import jax.numpy as jnp
     import numpy as np
 
+    from ldm_jax.images import psnr
     from ldm_jax.pipelines import Timings, txt2img
     from ldm_jax.stable_diffusion import StableDiffusion
 

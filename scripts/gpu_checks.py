@@ -15,14 +15,10 @@ import numpy as np
 
 from ldm_jax.bench import _mem_mb, device_name
 from ldm_jax.configs import preset
+from ldm_jax.images import psnr
 from ldm_jax.models.build import random_params
 from ldm_jax.pipelines import Timings, txt2img
 from ldm_jax.stable_diffusion import StableDiffusion
-
-
-def psnr(a, b) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def main():

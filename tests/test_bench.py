@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from ldm_jax.cli.main import main
 from ldm_jax.configs import preset
@@ -38,6 +39,18 @@ def test_bench_memory_is_compile_only_and_grows_with_the_batch(tmp_path):
     param_mb = sum(np.prod(s.shape) * 4 for s in jax.tree_util.tree_leaves(abstract_params(preset("tiny")))) / 2**20
     one, four = (r["extra"]["program_mb"] for r in rows)
     assert param_mb < one < four  # the fp32 params are arguments of the program; activations grow with the batch
+
+
+def test_psnr_known_values():
+    """The bf16-vs-fp32 report's PSNR (scripts/gpu_ab.py, gpu_checks.py): 10 log10(255^2 / MSE)."""
+    from ldm_jax.images import psnr
+
+    a = np.zeros((2, 4, 4, 3), np.uint8)
+    assert psnr(a, a) == float("inf")
+    assert psnr(a, a + 1) == pytest.approx(20 * np.log10(255.0))  # MSE 1: 48.13 dB
+    b = a.copy()
+    b[0, 0, 0, 0] = 255  # MSE 255^2 / 96
+    assert psnr(a, b) == pytest.approx(10 * np.log10(96.0))
 
 
 def test_gpu_ab_script_runs_its_variants_on_the_cpu(tmp_path):
