@@ -9,6 +9,7 @@ a program is XLA's own accounting (`compiled.memory_analysis()`: arguments + out
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -230,23 +231,46 @@ def _available_mb() -> float | None:
         return None
 
 
-# A new process as the CLI runs one: the program compiles (or comes from the cache) while the weights are put
-# on the device (zeros: values don't change time), then one image. Prints when the image exists.
+# A new process as the CLI runs one: import, then the weights (zeros: values don't change time) go onto the
+# device on a worker thread while the program compiles or comes from the cache (`warm_start.compile_while`),
+# then one image. Prints its phases (seconds since the script started) and the wall-clock time of the image.
 _FIRST_IMAGE_CHILD = """
-import jax, jax.numpy as jnp, numpy as np, time
+import time; t0 = time.perf_counter(); T = {{}}
+import json
+import jax, jax.numpy as jnp, numpy as np
 from ldm_jax.configs import preset
 from ldm_jax.models.build import abstract_params
-from ldm_jax.pipelines import txt2img
+from ldm_jax.pipelines import Timings, txt2img
 from ldm_jax.stable_diffusion import StableDiffusion
 from ldm_jax.warm_start import compile_while
+T["import"] = time.perf_counter() - t0; jax.devices(); T["backend_init"] = time.perf_counter() - t0
 cfg, dt = preset({preset!r}), jnp.dtype({dtype!r}).type
+shapes = abstract_params(cfg); T["abstract_params"] = time.perf_counter() - t0
 zeros = lambda: jax.block_until_ready(jax.device_put(jax.tree_util.tree_map(
-    lambda s: np.zeros(s.shape, s.dtype), abstract_params(cfg))))
+    lambda s: np.zeros(s.shape, s.dtype), shapes)))
 request = dict(steps={steps}, height={size}, width={size})
-sd, _ = compile_while(lambda: StableDiffusion(cfg, zeros(), dtype=dt), cfg, "txt2img", "a cat", dtype=dt, **request)
-txt2img(sd, "a cat", **request)
-print("FIRST_IMAGE", time.time())
+sd, ahead = compile_while(lambda: StableDiffusion(cfg, zeros(), dtype=dt), cfg, "txt2img", "a cat", dtype=dt,
+                          **request)
+T["weights_and_program"] = time.perf_counter() - t0
+T["weights_alone"], T["program_alone"] = ahead.extra["load_s"], ahead.compile
+tm = Timings(); txt2img(sd, "a cat", **request, timings=tm)
+done = time.time(); T["first_image"] = time.perf_counter() - t0; T["run"] = tm.run
+print("PHASES " + json.dumps({{k: round(v, 2) for k, v in T.items()}}))
+print("FIRST_IMAGE", done, flush=True)
 """
+
+
+def first_image_process(preset_name: str, dtype: str, size: int, steps: int, cache: str, env: dict | None = None):
+    """Run `_FIRST_IMAGE_CHILD` in a fresh process with compilation cache `cache` (and `env` added). Returns
+    (seconds from launch to the image in memory or None, the child's phases or None, the finished process)."""
+    code = _FIRST_IMAGE_CHILD.format(preset=preset_name, dtype=dtype, size=size, steps=steps)
+    t0 = time.time()  # wall clock on both sides: the child reports when its image exists
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, LDM_JAX_CACHE_DIR=cache, **(env or {})),
+                         capture_output=True, text=True)
+    lines = out.stdout.splitlines()
+    done = [float(ln.split()[1]) - t0 for ln in lines if ln.startswith("FIRST_IMAGE ")]
+    phases = [json.loads(ln[len("PHASES "):]) for ln in lines if ln.startswith("PHASES ")]
+    return (done[-1] if done else None), (phases[-1] if phases else None), out
 
 
 def first_image_seconds(preset_name: str, dtype: str, size: int, steps: int, cache: str) -> float:
@@ -255,14 +279,10 @@ def first_image_seconds(preset_name: str, dtype: str, size: int, steps: int, cac
     while the program compiles. The zero weights are numpy arrays put on the device in one call: `jnp.zeros` per
     parameter would compile one small program per distinct shape (79 at SD 1.x size, 3.6 s on 2 CPU cores),
     which loading a checkpoint never does."""
-    code = _FIRST_IMAGE_CHILD.format(preset=preset_name, dtype=dtype, size=size, steps=steps)
-    env = dict(os.environ, LDM_JAX_CACHE_DIR=cache)
-    t0 = time.time()  # wall clock on both sides: the child reports when its image exists
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    done = [ln.split()[1] for ln in out.stdout.splitlines() if ln.startswith("FIRST_IMAGE ")]
-    if out.returncode != 0 or not done:
+    seconds, _, out = first_image_process(preset_name, dtype, size, steps, cache)
+    if out.returncode != 0 or seconds is None:
         raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr else "first-image run failed")
-    return float(done[-1]) - t0
+    return seconds
 
 
 def run_bench(*, preset_name="sd1", dtype="bfloat16", images=(1, 8), size=512, steps=50, iters=5,

@@ -15,47 +15,20 @@ import glob
 import gzip
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
-# A new process, as the CLI runs one: import, then the weights (zeros: values don't change time) go onto the
-# device on a worker thread while the program compiles or comes from the cache (`warm_start.compile_while`),
-# then one image.
-_FIRST_IMAGE = """
-import time; t0 = time.perf_counter(); T = {{}}
-import jax, jax.numpy as jnp, numpy as np
-from ldm_jax.configs import preset
-from ldm_jax.models.build import abstract_params
-from ldm_jax.stable_diffusion import StableDiffusion
-from ldm_jax.pipelines import Timings, txt2img
-from ldm_jax.warm_start import compile_while
-T["import"] = time.perf_counter() - t0; jax.devices(); T["backend_init"] = time.perf_counter() - t0
-cfg = preset({preset!r}); shapes = abstract_params(cfg); T["abstract_params"] = time.perf_counter() - t0
-zeros = lambda: jax.block_until_ready(jax.device_put(jax.tree_util.tree_map(
-    lambda s: np.zeros(s.shape, s.dtype), shapes)))
-req = dict(steps={steps}, height={size}, width={size})
-sd, ahead = compile_while(lambda: StableDiffusion(cfg, zeros(), dtype=jnp.bfloat16), cfg, "txt2img", "a cat",
-                          dtype=jnp.bfloat16, **req)
-T["weights_and_program"] = time.perf_counter() - t0; T["weights_alone"] = ahead.extra["load_s"]
-T["program_alone"] = ahead.compile
-tm = Timings(); txt2img(sd, "a cat", **req, timings=tm)
-T["first_image"] = time.perf_counter() - t0; T["run"] = tm.run
-print("PHASES " + __import__("json").dumps({{k: round(v, 2) for k, v in T.items()}}), flush=True)
-"""
-
-
 def first_image(preset: str, size: int, steps: int, cache: str, log_compiles: bool) -> dict:
-    env = dict(os.environ, LDM_JAX_CACHE_DIR=cache)
-    if log_compiles:
-        env.update(JAX_LOG_COMPILES="1", JAX_EXPLAIN_CACHE_MISSES="1")
+    """A new process's first image (`bench.first_image_process`, bf16): its phases, and with `log_compiles`
+    JAX's log of every compile and persistent-cache lookup."""
+    from ldm_jax.bench import first_image_process
+
+    env = {"JAX_LOG_COMPILES": "1", "JAX_EXPLAIN_CACHE_MISSES": "1"} if log_compiles else None
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", _FIRST_IMAGE.format(preset=preset, size=size, steps=steps)],
-                       env=env, capture_output=True, text=True)
-    res = {"wall_s": round(time.perf_counter() - t0, 2)}
-    phases = [ln for ln in p.stdout.splitlines() if ln.startswith("PHASES ")]
-    res["phases_s"] = json.loads(phases[-1][7:]) if phases else None
+    seconds, phases, p = first_image_process(preset, "bfloat16", size, steps, cache, env)
+    res = {"wall_s": round(time.perf_counter() - t0, 2), "to_image_s": seconds and round(seconds, 2),
+           "phases_s": phases}
     if p.returncode != 0:
         res["error"] = (p.stderr.strip().splitlines() or ["?"])[-1][-400:]
     if log_compiles:  # one line per compile / cache event, long keys cut
