@@ -303,13 +303,11 @@ def precompile(sd, mode: str, prompts, **request) -> Timings:
 def adopt_programs(dst, src) -> bool:
     """Give `dst` the compiled programs of `src` when they were built for the same model: same config, compute
     dtype, attention implementation, and parameters of the same tree, shapes and dtypes. Returns whether it did."""
-    import jax.numpy as jnp
-
     def avals(params):
         leaves, tree = jax.tree_util.tree_flatten(params)
-        return tree, [(tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves]
+        return tree, [(tuple(x.shape), np.dtype(x.dtype)) for x in leaves]
 
-    same = (dst.config == src.config and jnp.dtype(dst.dtype) == jnp.dtype(src.dtype)
+    same = (dst.config == src.config and np.dtype(dst.dtype) == np.dtype(src.dtype)
             and dst.attention_impl == src.attention_impl and avals(dst.params) == avals(src.params))
     if same:
         dst.cache.update({k: v for k, v in src.cache.items() if k[0] == "program"})
