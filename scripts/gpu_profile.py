@@ -53,8 +53,10 @@ def _kind(name: str) -> str:
     return "elementwise fusion/other"
 
 
-def unet_step_profile(preset: str, images: int, size: int, iters: int, trace_dir: str) -> dict:
-    """Kernel times of `iters` U-Net steps (images + CFG rows, bf16), from the profiler's trace.json.gz."""
+def unet_step_profile(preset: str, images: int, size: int, iters: int, trace_dir: str, hlo_out: str | None) -> dict:
+    """Kernel times of `iters` U-Net steps (images + CFG rows, bf16), from the profiler's trace.json.gz; with
+    `hlo_out`, XLA's optimized HLO of the step is written there (gzip) so that kernel names (fusion names) can be
+    traced back to their ops and flax modules (the ops' metadata) without a device."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -72,7 +74,10 @@ def unet_step_profile(preset: str, images: int, size: int, iters: int, trace_dir
     x = jnp.asarray(rng.standard_normal((b, lat, lat, cfg.unet.in_channels), np.float32))
     t = jnp.full((b,), 500, jnp.int32)
     ctx = jnp.asarray(rng.standard_normal((b, cfg.text.max_length, cfg.unet.d_cond), np.float32))
-    step = jax.jit(sd.predict_noise)
+    step = jax.jit(sd.predict_noise).lower(sd.params, x, t, ctx).compile()
+    if hlo_out:
+        with gzip.open(hlo_out, "wt") as f:
+            f.write(step.as_text())
     jax.block_until_ready(step(sd.params, x, t, ctx))
     jax.block_until_ready(step(sd.params, x, t, ctx))
     t0 = time.perf_counter()
@@ -89,18 +94,33 @@ def unet_step_profile(preset: str, images: int, size: int, iters: int, trace_dir
         events = json.load(f)["traceEvents"]
     procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     gpu = {pid for pid, name in procs.items() if "GPU" in name or "gpu" in name or "device:" in name.lower()}
-    by_name, by_kind, n_kernels = collections.Counter(), collections.Counter(), 0
+    by_name, by_kind, by_op, n_kernels = collections.Counter(), collections.Counter(), collections.Counter(), 0
+    args, spans = {}, []
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
             by_name[e["name"]] += e["dur"] / iters / 1e3  # ms per step
             by_kind[_kind(e["name"])] += e["dur"] / iters / 1e3
+            a = e.get("args") or {}
+            by_op[str(a.get("hlo_op") or a.get("long_name") or e["name"])] += e["dur"] / iters / 1e3
+            args.setdefault(e["name"], {k: str(v)[:200] for k, v in a.items()})
+            spans.append((e["ts"], e["ts"] + e["dur"]))
             n_kernels += 1
+    spans.sort()
+    busy, end = 0.0, None  # device time covered by at least one kernel (streams overlap)
+    for a0, a1 in spans:
+        if end is None or a0 > end:
+            busy, end = busy + (a1 - a0), a1
+        elif a1 > end:
+            busy, end = busy + (a1 - end), a1
     return {"images": images, "batch": b, "wall_ms_per_step": round(wall_ms, 3),
             "device_events_per_step": round(n_kernels / iters),  # launch-bound if wall >> kernel time
             "device_processes": sorted(procs[p] for p in gpu),
             "kernel_ms_per_step": round(sum(by_kind.values()), 3),
+            "busy_ms_per_step": round(busy / iters / 1e3, 3),  # wall - busy: gaps between kernels (launches)
             "by_kind_ms": {k: round(v, 3) for k, v in by_kind.most_common()},
-            "top_kernels_ms": [[k[:160], round(v, 3)] for k, v in by_name.most_common(40)]}
+            "top_kernels_ms": [[k[:160], round(v, 3)] for k, v in by_name.most_common(40)],
+            "top_ops_ms": [[k[:160], round(v, 3)] for k, v in by_op.most_common(60)],
+            "kernel_args": {k[:160]: args[k] for k, _ in by_name.most_common(12)}}
 
 
 def main() -> int:
@@ -112,6 +132,7 @@ def main() -> int:
     ap.add_argument("--images", default="8,1", help="U-Net step profiles, comma-separated image counts")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--skip-first-image", action="store_true")
+    ap.add_argument("--hlo-dir", help="write each profiled step's optimized HLO here (unet_step_N.hlo.txt.gz)")
     a = ap.parse_args()
     res = {}
 
@@ -130,7 +151,8 @@ def main() -> int:
         for n in map(int, a.images.split(",")):
             name = f"unet_step_{n}"
             try:
-                res[name] = unet_step_profile(a.preset, n, a.size, a.iters, os.path.join(work, f"trace{n}"))
+                hlo = a.hlo_dir and os.path.join(a.hlo_dir, f"{name}.hlo.txt.gz")
+                res[name] = unet_step_profile(a.preset, n, a.size, a.iters, os.path.join(work, f"trace{n}"), hlo)
             except Exception as e:  # noqa: BLE001 - keep the figures before it
                 res[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
             save()

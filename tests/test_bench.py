@@ -1,5 +1,6 @@
 """`ldm-jax bench` on the tiny preset: the rows it prints and writes, the torch ratio, compile-only memory."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -74,13 +75,15 @@ def test_gpu_profile_script_runs_on_the_cpu(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "profile.json"
     p = subprocess.run([sys.executable, str(root / "scripts" / "gpu_profile.py"), "--out", str(out), "--preset",
-                        "tiny", "--size", "64", "--steps", "2", "--images", "1", "--iters", "1"],
+                        "tiny", "--size", "64", "--steps", "2", "--images", "1", "--iters", "1", "--hlo-dir", str(tmp_path)],
                        capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(out.read_text())
     cold, warm = res["first_image_cold"]["phases_s"], res["first_image_warm"]["phases_s"]
     assert warm["first_image"] > warm["weights_and_program"] > warm["import"] > 0 and cold["program_alone"] > 0
     assert res["first_image_warm"]["n_xla_compiles"] >= 1 and res["unet_step_1"]["wall_ms_per_step"] > 0
+    with gzip.open(tmp_path / "unet_step_1.hlo.txt.gz", "rt") as f:  # the optimized HLO, for kernel names
+        assert "HloModule" in f.read(1000)
 
 
 def test_diffusers_peer_has_the_presets_architecture():
