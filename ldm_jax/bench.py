@@ -249,21 +249,30 @@ shapes = abstract_params(cfg); T["abstract_params"] = time.perf_counter() - t0
 zeros = lambda: jax.block_until_ready(jax.device_put(jax.tree_util.tree_map(
     lambda s: np.zeros(s.shape, s.dtype), shapes)))
 request = dict(steps={steps}, height={size}, width={size})
-sd, ahead = compile_while(lambda: StableDiffusion(cfg, zeros(), dtype=dt), cfg, "txt2img", "a cat", dtype=dt,
-                          **request)
-T["weights_and_program"] = time.perf_counter() - t0
-T["weights_alone"], T["program_alone"] = ahead.extra["load_s"], ahead.compile
+if {overlap!r}:
+    sd, ahead = compile_while(lambda: StableDiffusion(cfg, zeros(), dtype=dt), cfg, "txt2img", "a cat", dtype=dt,
+                              **request)
+    T["weights_and_program"] = time.perf_counter() - t0
+    T["weights_alone"], T["program_alone"] = ahead.extra["load_s"], ahead.compile
+else:  # one after the other: the weights, then the program (compiled or read from the cache) on first use
+    t1 = time.perf_counter()
+    sd = StableDiffusion(cfg, zeros(), dtype=dt)
+    T["weights_alone"] = time.perf_counter() - t1
 tm = Timings(); txt2img(sd, "a cat", **request, timings=tm)
 done = time.time(); T["first_image"] = time.perf_counter() - t0; T["run"] = tm.run
+if not {overlap!r}:
+    T["program_alone"] = tm.compile
 print("PHASES " + json.dumps({{k: round(v, 2) for k, v in T.items()}}))
 print("FIRST_IMAGE", done, flush=True)
 """
 
 
-def first_image_process(preset_name: str, dtype: str, size: int, steps: int, cache: str, env: dict | None = None):
-    """Run `_FIRST_IMAGE_CHILD` in a fresh process with compilation cache `cache` (and `env` added). Returns
-    (seconds from launch to the image in memory or None, the child's phases or None, the finished process)."""
-    code = _FIRST_IMAGE_CHILD.format(preset=preset_name, dtype=dtype, size=size, steps=steps)
+def first_image_process(preset_name: str, dtype: str, size: int, steps: int, cache: str, env: dict | None = None,
+                        overlap: bool = True):
+    """Run `_FIRST_IMAGE_CHILD` in a fresh process with compilation cache `cache` (and `env` added); `overlap`:
+    the weights load while the program compiles (as the CLI), else one after the other. Returns (seconds from
+    launch to the image in memory or None, the child's phases or None, the finished process)."""
+    code = _FIRST_IMAGE_CHILD.format(preset=preset_name, dtype=dtype, size=size, steps=steps, overlap=overlap)
     t0 = time.time()  # wall clock on both sides: the child reports when its image exists
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, LDM_JAX_CACHE_DIR=cache, **(env or {})),
                          capture_output=True, text=True)

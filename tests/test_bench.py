@@ -66,7 +66,7 @@ def test_gpu_ab_script_runs_its_variants_on_the_cpu(tmp_path):
     base, one_pass = res["variants"]["baseline"], res["variants"]["norm_one_pass"]
     assert base["1"]["seconds"] > 0 and base["8"]["cudnn_attention"] == 0 and one_pass["8"]["seconds"] > 0
     assert abs(one_pass["8"]["image_mean"] - base["8"]["image_mean"]) < 1.0  # same images up to rounding
-    assert res["first_image_warm_cache_s"] > 0
+    assert res["first_image_warm_cache_s"] > 0 and res["first_image_serial"]["phases_s"]["program_alone"] > 0
 
 
 def test_gpu_profile_script_runs_on_the_cpu(tmp_path):

@@ -75,7 +75,6 @@ def build_program(sd, *, mode: str, sampler: str, steps: int, output: str, laten
     ids/uncond_ids int32 [B, L]; seeds uint32 [B, 2] (seed mod 2^32, image index); latents [B, h, w, 4] (x_T,
     used if given_latents); init [B, H, W, 3] in [-1, 1] (img2img, inpaint); mask [B, H, W, 1], 1 = repaint.
     """
-    schedule = make_schedule(sd.config.schedule)
     f = sd.latent_factor
     inpaint_unet = sd.config.is_inpainting
     if mode != "inpaint" and inpaint_unet:
@@ -83,6 +82,9 @@ def build_program(sd, *, mode: str, sampler: str, steps: int, output: str, laten
 
     def run(params, ids, uncond_ids, seeds, latents, init, mask, guidance, eta, start_step):
         params = sd.cast_params(params)  # bf16 kernels once, not in every step of the loop
+        # built while tracing, so its arrays are constants of the program: built outside, each array was an
+        # eager `jnp.asarray` (one small XLA compile, 0.8 s in a new GPU process with the weights loading)
+        schedule = make_schedule(sd.config.schedule)
         streams = _streams(seeds)
         # one text-encoder pass over [c0, u0, c1, u1, ...] (one trace of CLIP instead of two: ~0.35 s less per
         # new program at SD 1.x size)
