@@ -7,7 +7,7 @@ budget so that a call never runs past its limit. Results go to --out after every
 
 Variants (see VARIANTS): the default build; the cuDNN head-dim limit of the previous release (128: SD 1.x's 160-wide
 heads on XLA); nearest upsampling before the 3x3 conv instead of the sub-pixel form (with the VAE decode timed
-alone); XLA attention everywhere; one-pass GroupNorm/LayerNorm statistics; XLA flags for command buffers (CUDA
+alone); XLA attention everywhere; two-pass and unshifted one-pass GroupNorm/LayerNorm statistics; XLA flags for command buffers (CUDA
 graphs) around the sampling loop, around the convolutions too (with and without the loop), without command buffers,
 without Triton GEMMs, with the latency-hiding scheduler; 16 images (memory); bf16 vs fp32 images from the same x_T
 (PSNR); and, after the default build, a new process's first image from the cache it left (weights loading while the
@@ -38,7 +38,8 @@ VARIANTS = {
     # graph: ~70 graph launches plus ~70 conv launches per U-Net step)
     "command_buffer_conv": ("--xla_gpu_enable_command_buffer=+CONVOLUTION", {}, (1, 8)),
     "command_buffer_conv_while": ("--xla_gpu_enable_command_buffer=+CONVOLUTION,+WHILE,+CONDITIONAL", {}, (1, 8)),
-    "norm_one_pass": ("", {"one_pass_norm": True}, (8,)),
+    "norm_two_pass": ("", {"norm": "two_pass"}, (1, 8)),  # the default before 2026-11-27, for 16-bit inputs too
+    "norm_unshifted": ("", {"norm": "unshifted"}, (1, 8)),
     "no_triton_gemm": ("--xla_gpu_enable_triton_gemm=false", {}, (8,)),
     "attention_xla": ("", {"attention": "xla"}, (8,)),
     "no_command_buffer": ("--xla_gpu_enable_command_buffer=", {}, (1,)),
@@ -46,20 +47,12 @@ VARIANTS = {
 }
 
 
-def _one_pass_normalize(module, x, axes, reshape, epsilon, dtype):
-    """layers._normalize with E[x^2] - E[x]^2 (one multi-output reduction instead of two passes)."""
-    import flax.linen as nn
-    import jax
+def _unshifted_moments(g, axes):
+    """layers._moments_one_pass without its shift: E[g^2] - E[g]^2 (what the 2026-11-27 A/B measured)."""
     import jax.numpy as jnp
 
-    c = x.shape[-1]
-    scale = module.param("scale", nn.initializers.ones, (c,), jnp.float32)
-    bias = module.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    g = x.astype(jnp.float32).reshape(reshape)
     mean = g.mean(axis=axes, keepdims=True)
-    var = jnp.maximum(jnp.square(g).mean(axis=axes, keepdims=True) - jnp.square(mean), 0.0)
-    g = (g - mean) * jax.lax.rsqrt(var + epsilon)
-    return (g.reshape(x.shape) * scale + bias).astype(dtype)
+    return mean, jnp.maximum(jnp.square(g).mean(axis=axes, keepdims=True) - jnp.square(mean), 0.0)
 
 
 def _psnr_bf16_vs_fp32(params, cfg, prompt: str, size: int, steps: int) -> dict:
@@ -99,8 +92,8 @@ def worker(spec: dict) -> dict:
     opts = spec["options"]
     if "cudnn_head_dim" in opts:
         attention._max_cudnn_head_dim = lambda: opts["cudnn_head_dim"]
-    if opts.get("one_pass_norm"):
-        layers._normalize = _one_pass_normalize
+    if opts.get("norm"):  # GroupNorm/LayerNorm statistics of 16-bit inputs
+        layers._moments_one_pass = {"two_pass": layers._moments, "unshifted": _unshifted_moments}[opts["norm"]]
     if opts.get("subpixel") is False:  # the previous release: nearest 2x upsampling, then the 3x3 conv
         layers._SUBPIXEL_MIN_POSITIONS = 2**62
     cfg = preset(spec["preset"])

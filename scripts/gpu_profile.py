@@ -1,10 +1,12 @@
 """Where the time goes, for issue 6, in one device call: (1) a new process's first image, cold then warm cache,
 phase by phase (the CLI's path: weights loading while the program compiles), with JAX's compile and cache-hit
-log of the warm run; (2) kernel-time breakdowns of the U-Net step (bf16, CFG) from a jax.profiler trace, summed
-by kernel name and by kind (convolution, attention, GEMM, elementwise, ...).
+log of the warm run; (2) kernel-time breakdowns of the U-Net step (bf16, CFG) called alone, with its optimized HLO,
+and (3) of whole txt2img programs per sampling step, from jax.profiler traces, summed by kernel name, by kind
+(convolution, attention, GEMM, elementwise, ...) and by HLO op.
 
     PYTHONPATH=. python scripts/gpu_profile.py --out $OUT/profile.json            # on the GPU machine
-    PYTHONPATH=. python scripts/gpu_profile.py --out p.json --preset tiny --size 64 --steps 2 --images 1,2
+    PYTHONPATH=. python scripts/gpu_profile.py --out p.json --preset tiny --size 64 --steps 2 --images 1,2 \
+        --loop-images 1
 """
 
 from __future__ import annotations
@@ -53,10 +55,7 @@ def _kind(name: str) -> str:
     return "elementwise fusion/other"
 
 
-def unet_step_profile(preset: str, images: int, size: int, iters: int, trace_dir: str, hlo_out: str | None) -> dict:
-    """Kernel times of `iters` U-Net steps (images + CFG rows, bf16), from the profiler's trace.json.gz; with
-    `hlo_out`, XLA's optimized HLO of the step is written there (gzip) so that kernel names (fusion names) can be
-    traced back to their ops and flax modules (the ops' metadata) without a device."""
+def _random_model(preset: str):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -69,7 +68,56 @@ def unet_step_profile(preset: str, images: int, size: int, iters: int, trace_dir
     rng = np.random.default_rng(0)
     params = jax.device_put(jax.tree_util.tree_map(
         lambda s: (0.02 * rng.standard_normal(s.shape, np.float32)).astype(s.dtype), abstract_params(cfg)))
-    sd = StableDiffusion(cfg, params, dtype=jnp.bfloat16)
+    return StableDiffusion(cfg, params, dtype=jnp.bfloat16), rng
+
+
+def _trace_summary(trace_dir: str, per: int) -> dict:
+    """Kernel time from the profiler's trace.json.gz, per unit (`per` units traced): by kernel name, by kind and
+    by HLO op, the number of device events, and the time covered by at least one kernel."""
+    (path,) = glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz"))
+    with gzip.open(path, "rb") as f:
+        events = json.load(f)["traceEvents"]
+    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, name in procs.items() if "GPU" in name or "gpu" in name or "device:" in name.lower()}
+    by_name, by_kind, by_op, n_kernels = collections.Counter(), collections.Counter(), collections.Counter(), 0
+    args, spans = {}, []
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
+            by_name[e["name"]] += e["dur"] / per / 1e3  # ms per unit
+            by_kind[_kind(e["name"])] += e["dur"] / per / 1e3
+            a = e.get("args") or {}
+            by_op[str(a.get("hlo_op") or a.get("long_name") or e["name"])] += e["dur"] / per / 1e3
+            args.setdefault(e["name"], {k: str(v)[:200] for k, v in a.items()})
+            spans.append((e["ts"], e["ts"] + e["dur"]))
+            n_kernels += 1
+    spans.sort()
+    busy, end = 0.0, None  # device time covered by at least one kernel (streams overlap)
+    for a0, a1 in spans:
+        if end is None or a0 > end:
+            busy, end = busy + (a1 - a0), a1
+        elif a1 > end:
+            busy, end = busy + (a1 - end), a1
+    return {"device_events_per_step": round(n_kernels / per),  # launch-bound if wall >> kernel time
+            "device_processes": sorted(procs[p] for p in gpu),
+            "kernel_ms_per_step": round(sum(by_kind.values()), 3),
+            "busy_ms_per_step": round(busy / per / 1e3, 3),  # wall - busy: gaps between kernels (launches)
+            "by_kind_ms": {k: round(v, 3) for k, v in by_kind.most_common()},
+            "top_kernels_ms": [[k[:160], round(v, 3)] for k, v in by_name.most_common(40)],
+            "top_ops_ms": [[k[:160], round(v, 3)] for k, v in by_op.most_common(60)],
+            "kernel_args": {k[:160]: args[k] for k, _ in by_name.most_common(12)}}
+
+
+def unet_step_profile(preset: str, images: int, size: int, iters: int, trace_dir: str, hlo_out: str | None) -> dict:
+    """Kernel times of `iters` U-Net steps (images + CFG rows, bf16) called one by one, from a profiler trace;
+    with `hlo_out`, XLA's optimized HLO of the step is written there (gzip) so that kernel names (fusion names)
+    can be traced back to their ops and flax modules (the ops' metadata) without a device. Called alone, a step
+    also casts and re-lays out its weights (in the sampling loop that happens once): see `loop_profile`."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    sd, rng = _random_model(preset)
+    cfg = sd.config
     lat, b = size // sd.latent_factor, 2 * images
     x = jnp.asarray(rng.standard_normal((b, lat, lat, cfg.unet.in_channels), np.float32))
     t = jnp.full((b,), 500, jnp.int32)
@@ -89,38 +137,25 @@ def unet_step_profile(preset: str, images: int, size: int, iters: int, trace_dir
         for _ in range(iters):
             out = step(sd.params, x, t, ctx)
         jax.block_until_ready(out)
-    (path,) = glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz"))
-    with gzip.open(path, "rb") as f:
-        events = json.load(f)["traceEvents"]
-    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu = {pid for pid, name in procs.items() if "GPU" in name or "gpu" in name or "device:" in name.lower()}
-    by_name, by_kind, by_op, n_kernels = collections.Counter(), collections.Counter(), collections.Counter(), 0
-    args, spans = {}, []
-    for e in events:
-        if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
-            by_name[e["name"]] += e["dur"] / iters / 1e3  # ms per step
-            by_kind[_kind(e["name"])] += e["dur"] / iters / 1e3
-            a = e.get("args") or {}
-            by_op[str(a.get("hlo_op") or a.get("long_name") or e["name"])] += e["dur"] / iters / 1e3
-            args.setdefault(e["name"], {k: str(v)[:200] for k, v in a.items()})
-            spans.append((e["ts"], e["ts"] + e["dur"]))
-            n_kernels += 1
-    spans.sort()
-    busy, end = 0.0, None  # device time covered by at least one kernel (streams overlap)
-    for a0, a1 in spans:
-        if end is None or a0 > end:
-            busy, end = busy + (a1 - a0), a1
-        elif a1 > end:
-            busy, end = busy + (a1 - end), a1
-    return {"images": images, "batch": b, "wall_ms_per_step": round(wall_ms, 3),
-            "device_events_per_step": round(n_kernels / iters),  # launch-bound if wall >> kernel time
-            "device_processes": sorted(procs[p] for p in gpu),
-            "kernel_ms_per_step": round(sum(by_kind.values()), 3),
-            "busy_ms_per_step": round(busy / iters / 1e3, 3),  # wall - busy: gaps between kernels (launches)
-            "by_kind_ms": {k: round(v, 3) for k, v in by_kind.most_common()},
-            "top_kernels_ms": [[k[:160], round(v, 3)] for k, v in by_name.most_common(40)],
-            "top_ops_ms": [[k[:160], round(v, 3)] for k, v in by_op.most_common(60)],
-            "kernel_args": {k[:160]: args[k] for k, _ in by_name.most_common(12)}}
+    return {"images": images, "batch": b, "wall_ms_per_step": round(wall_ms, 3), **_trace_summary(trace_dir, iters)}
+
+
+def loop_profile(preset: str, images: int, size: int, steps: int, trace_dir: str) -> dict:
+    """Kernel times of one whole txt2img program (text encoder, `steps` DDIM steps with CFG, VAE decode) per
+    sampling step: what the end-to-end time is made of, weights cast and laid out once before the loop."""
+    import jax
+
+    from ldm_jax.pipelines import Timings, txt2img
+
+    sd, _ = _random_model(preset)
+    request = dict(steps=steps, height=size, width=size)
+    txt2img(sd, ["a cat"] * images, **request)  # compile
+    tm = Timings()
+    txt2img(sd, ["a cat"] * images, **request, timings=tm)
+    with jax.profiler.trace(trace_dir):
+        txt2img(sd, ["a cat"] * images, **request, seed=1)
+    return {"images": images, "batch": 2 * images, "end_to_end_s": round(tm.run, 4),
+            "wall_ms_per_step": round(tm.run / steps * 1e3, 3), **_trace_summary(trace_dir, steps)}
 
 
 def main() -> int:
@@ -129,7 +164,8 @@ def main() -> int:
     ap.add_argument("--preset", default="sd1")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--images", default="8,1", help="U-Net step profiles, comma-separated image counts")
+    ap.add_argument("--images", default="8", help="U-Net steps called alone: comma-separated image counts")
+    ap.add_argument("--loop-images", default="8,1", help="whole txt2img programs: comma-separated image counts")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--skip-first-image", action="store_true")
     ap.add_argument("--hlo-dir", help="write each profiled step's optimized HLO here (unet_step_N.hlo.txt.gz)")
@@ -148,11 +184,19 @@ def main() -> int:
                 res[name] = first_image(a.preset, a.size, a.steps, cache, log)
                 save()
                 print(name, json.dumps(res[name], indent=1), flush=True)
-        for n in map(int, a.images.split(",")):
+        for n in map(int, filter(None, a.images.split(","))):
             name = f"unet_step_{n}"
             try:
                 hlo = a.hlo_dir and os.path.join(a.hlo_dir, f"{name}.hlo.txt.gz")
                 res[name] = unet_step_profile(a.preset, n, a.size, a.iters, os.path.join(work, f"trace{n}"), hlo)
+            except Exception as e:  # noqa: BLE001 - keep the figures before it
+                res[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
+            save()
+            print(name, json.dumps(res[name], indent=1), flush=True)
+        for n in map(int, filter(None, a.loop_images.split(","))):
+            name = f"txt2img_{n}"
+            try:
+                res[name] = loop_profile(a.preset, n, a.size, a.steps, os.path.join(work, f"loop{n}"))
             except Exception as e:  # noqa: BLE001 - keep the figures before it
                 res[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
             save()

@@ -59,13 +59,13 @@ def test_gpu_ab_script_runs_its_variants_on_the_cpu(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "ab.json"
     p = subprocess.run([sys.executable, str(root / "scripts" / "gpu_ab.py"), "--out", str(out), "--preset", "tiny",
-                        "--size", "64", "--steps", "2", "--iters", "1", "--variants", "baseline,norm_one_pass"],
+                        "--size", "64", "--steps", "2", "--iters", "1", "--variants", "baseline,norm_two_pass"],
                        capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(out.read_text())
-    base, one_pass = res["variants"]["baseline"], res["variants"]["norm_one_pass"]
-    assert base["1"]["seconds"] > 0 and base["8"]["cudnn_attention"] == 0 and one_pass["8"]["seconds"] > 0
-    assert abs(one_pass["8"]["image_mean"] - base["8"]["image_mean"]) < 1.0  # same images up to rounding
+    base, two_pass = res["variants"]["baseline"], res["variants"]["norm_two_pass"]
+    assert base["1"]["seconds"] > 0 and base["8"]["cudnn_attention"] == 0 and two_pass["8"]["seconds"] > 0
+    assert abs(two_pass["8"]["image_mean"] - base["8"]["image_mean"]) < 1.0  # same images up to rounding
     assert res["first_image_warm_cache_s"] > 0 and res["first_image_serial"]["phases_s"]["program_alone"] > 0
 
 
@@ -75,13 +75,15 @@ def test_gpu_profile_script_runs_on_the_cpu(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "profile.json"
     p = subprocess.run([sys.executable, str(root / "scripts" / "gpu_profile.py"), "--out", str(out), "--preset",
-                        "tiny", "--size", "64", "--steps", "2", "--images", "1", "--iters", "1", "--hlo-dir", str(tmp_path)],
+                        "tiny", "--size", "64", "--steps", "2", "--images", "1", "--loop-images", "1", "--iters", "1",
+                        "--hlo-dir", str(tmp_path)],
                        capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(out.read_text())
     cold, warm = res["first_image_cold"]["phases_s"], res["first_image_warm"]["phases_s"]
     assert warm["first_image"] > warm["weights_and_program"] > warm["import"] > 0 and cold["program_alone"] > 0
     assert res["first_image_warm"]["n_xla_compiles"] >= 1 and res["unet_step_1"]["wall_ms_per_step"] > 0
+    assert res["txt2img_1"]["end_to_end_s"] > 0 and res["txt2img_1"]["device_events_per_step"] == 0  # no GPU here
     with gzip.open(tmp_path / "unet_step_1.hlo.txt.gz", "rt") as f:  # the optimized HLO, for kernel names
         assert "HloModule" in f.read(1000)
 

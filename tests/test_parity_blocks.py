@@ -227,3 +227,29 @@ def test_linear_and_conv_keep_flax_parameters_and_check_shapes():
     bad = {"params": {"kernel": jnp.zeros((15, 8)), "bias": jnp.zeros((8,))}}
     with pytest.raises(ValueError, match=r"kernel has shape \(15, 8\), the module needs \(16, 8\)"):
         layers.Linear(8).apply(bad, x)
+
+
+@pytest.mark.parametrize("offset", [0.0, 3.0, 1e4])
+def test_one_pass_norm_statistics_hold_for_large_means(offset):
+    """16-bit inputs take one-pass statistics shifted by each group's first element: exact to fp32 rounding of
+    the spread even when |mean| is 10^4 standard deviations (where plain E[x^2] - E[x]^2 loses every digit)."""
+    g = jnp.asarray((offset + randn(2, 256, 4, 8) * np.linspace(0.5, 2.0, 4)[:, None]).astype(np.float32))
+    mean, var = layers._moments_one_pass(g, (1, 3))
+    g64 = np.asarray(g, np.float64)
+    np.testing.assert_allclose(mean, g64.mean(axis=(1, 3), keepdims=True), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(var, g64.var(axis=(1, 3), keepdims=True), rtol=1e-4)
+    if offset >= 1e4:  # the shift is what holds it: unshifted, the variance is lost to cancellation
+        plain = jnp.square(g).mean(axis=(1, 3), keepdims=True) - jnp.square(g.mean(axis=(1, 3), keepdims=True))
+        assert np.abs(np.asarray(plain) / g64.var(axis=(1, 3), keepdims=True) - 1).max() > 0.1
+
+
+def test_group_and_layer_norm_of_bf16_inputs_match_fp32_statistics():
+    """GroupNorm / LayerNorm of a bf16 input (one-pass statistics) equal the fp32 two-pass result on the same
+    values up to the bf16 rounding of the output; fp32 inputs keep the two-pass path (torch parity above)."""
+    x = jnp.asarray(randn(2, 8, 8, 64) * 3 + 1.5).astype(jnp.bfloat16)
+    for norm in (layers.GroupNorm(32, 1e-5, dtype=jnp.bfloat16), layers.LayerNorm(dtype=jnp.bfloat16)):
+        p = norm.init(jax.random.key(0), x)
+        p = jax.tree_util.tree_map(lambda a: a + 0.1 * randn(*a.shape), p)
+        got = np.asarray(norm.apply(p, x), np.float32)
+        ref = np.asarray(norm.clone(dtype=jnp.float32).apply(p, x.astype(jnp.float32)))  # two-pass, fp32 input
+        assert np.abs(got - ref).max() <= 2**-7 * np.abs(ref).max()

@@ -31,15 +31,37 @@ def param(module: nn.Module, name: str, init, shape: tuple[int, ...]):
     return module.param(name, init, shape, jnp.float32)
 
 
+def _moments(g, axes):
+    """fp32 mean and biased variance of g over `axes` (keepdims), two passes: var = E[(g - mean)^2]."""
+    mean = g.mean(axis=axes, keepdims=True)
+    return mean, jnp.square(g - mean).mean(axis=axes, keepdims=True)
+
+
+def _moments_one_pass(g, axes):
+    """`_moments` from one fused reduction over d = g - s: mean = s + E[d], var = E[d^2] - E[d]^2, where s is
+    each group's first element (so the cancellation is relative to the group's spread, not to |mean|: a data
+    point lies within sqrt(n) standard deviations of its mean). One read of g instead of two reads and an fp32
+    temporary (g - mean). Measured without the shift on an H200 (SD 1.x, bf16, txt2img): 1 image 0.393 -> 0.378 s,
+    8 images 1.720 -> 1.705 s; the shift reads one element per group inside the same fusion (not re-measured)."""
+    axes = tuple(a % g.ndim for a in axes)
+    s = g[tuple(slice(0, 1) if a in axes else slice(None) for a in range(g.ndim))]
+    d = g - s
+    m1 = d.mean(axis=axes, keepdims=True)
+    var = jnp.maximum(jnp.square(d).mean(axis=axes, keepdims=True) - jnp.square(m1), 0.0)
+    return s + m1, var
+
+
 def _normalize(module: nn.Module, x, axes, reshape, epsilon: float, dtype):
-    """(x - mean) / sqrt(var + eps) * scale + bias with two-pass fp32 statistics (biased variance, as torch)
-    over `axes` of x reshaped to `reshape`; params `scale` / `bias` are [C] (CompVis `weight` / `bias`)."""
+    """(x - mean) / sqrt(var + eps) * scale + bias with fp32 statistics (biased variance, as torch) over `axes`
+    of x reshaped to `reshape`; params `scale` / `bias` are [C] (CompVis `weight` / `bias`). fp32 inputs take
+    two-pass statistics (torch parity); 16-bit inputs the one-pass form, whose fp32 rounding (~2^-19 of the
+    variance for a group's first element within a few standard deviations of its mean) is far below the 2^-9 of
+    the bf16 values themselves."""
     c = x.shape[-1]
     scale = param(module, "scale", nn.initializers.ones, (c,))
     bias = param(module, "bias", nn.initializers.zeros, (c,))
     g = x.astype(jnp.float32).reshape(reshape)
-    mean = g.mean(axis=axes, keepdims=True)
-    var = jnp.square(g - mean).mean(axis=axes, keepdims=True)
+    mean, var = (_moments_one_pass if jnp.dtype(x.dtype).itemsize < 4 else _moments)(g, axes)
     g = (g - mean) * jax.lax.rsqrt(var + epsilon)
     return (g.reshape(x.shape) * scale + bias).astype(dtype)
 
