@@ -7,12 +7,13 @@ budget so that a call never runs past its limit. Results go to --out after every
 
 Variants (see VARIANTS): the default build; the cuDNN head-dim limit of the previous release (128: SD 1.x's 160-wide
 heads on XLA); nearest upsampling before the 3x3 conv instead of the sub-pixel form (with the VAE decode timed
-alone); XLA attention everywhere; two-pass and unshifted one-pass GroupNorm/LayerNorm statistics; XLA flags for command buffers (CUDA
-graphs) around the sampling loop, around the convolutions too (with and without the loop), without command buffers,
-without Triton GEMMs, with the latency-hiding scheduler; 16 images (memory); bf16 vs fp32 images from the same x_T
-(PSNR); and, after the default build, a new process's first image from the cache it left (weights loading while the
-program compiles, then one after the other). Random SD 1.x weights are drawn once (numpy, ~20 s) and every worker
-maps them from one .npy file.
+alone); XLA attention everywhere; two-pass and unshifted one-pass GroupNorm/LayerNorm statistics; im2col matmuls
+for the small convolutions of the 1-image U-Net; XLA flags for command buffers (CUDA graphs) around the sampling
+loop, around the convolutions too (with and without the loop), without command buffers, without Triton GEMMs, with
+the latency-hiding scheduler; 16 images (memory); bf16 vs fp32 images from the same x_T (PSNR); and, after the
+default build, a new process's first image from the cache it left (weights loading while the program compiles, then
+one after the other). Random SD 1.x weights are drawn once (numpy, ~20 s) and every worker maps them from one .npy
+file.
 """
 
 from __future__ import annotations
@@ -35,11 +36,14 @@ VARIANTS = {
     "psnr_bf16_vs_fp32": ("", {"psnr": True}, (1,)),  # the issue's image-quality report, same x_T
     "command_buffer_while": (f"--xla_gpu_enable_command_buffer={CMD_BUFFER_ALL}", {}, (1, 8)),
     # cuDNN convolutions inside the CUDA graphs too (XLA leaves them out by default, so each one splits the
-    # graph: ~70 graph launches plus ~70 conv launches per U-Net step)
+    # graph); on jax 0.11.2 both fail at run time with a cuDNN error while capturing (2026-11-27)
     "command_buffer_conv": ("--xla_gpu_enable_command_buffer=+CONVOLUTION", {}, (1, 8)),
     "command_buffer_conv_while": ("--xla_gpu_enable_command_buffer=+CONVOLUTION,+WHILE,+CONDITIONAL", {}, (1, 8)),
     "norm_two_pass": ("", {"norm": "two_pass"}, (1, 8)),  # the default before 2026-11-27, for 16-bit inputs too
     "norm_unshifted": ("", {"norm": "unshifted"}, (1, 8)),
+    # the CPU's im2col matmul for small 3x3 convs on the GPU too: at 1 image (U-Net batch 2) the 8x8 and 16x16
+    # levels give cuDNN 128-512 output positions, few thread blocks for its implicit GEMM
+    "im2col_small_convs": ("", {"im2col_positions": 512}, (1,)),
     "no_triton_gemm": ("--xla_gpu_enable_triton_gemm=false", {}, (8,)),
     "attention_xla": ("", {"attention": "xla"}, (8,)),
     "no_command_buffer": ("--xla_gpu_enable_command_buffer=", {}, (1,)),
@@ -94,6 +98,8 @@ def worker(spec: dict) -> dict:
         attention._max_cudnn_head_dim = lambda: opts["cudnn_head_dim"]
     if opts.get("norm"):  # GroupNorm/LayerNorm statistics of 16-bit inputs
         layers._moments_one_pass = {"two_pass": layers._moments, "unshifted": _unshifted_moments}[opts["norm"]]
+    if "im2col_positions" in opts:
+        layers._IM2COL_BACKENDS, layers._IM2COL_MAX_POSITIONS = ("cpu", "gpu"), opts["im2col_positions"]
     if opts.get("subpixel") is False:  # the previous release: nearest 2x upsampling, then the 3x3 conv
         layers._SUBPIXEL_MIN_POSITIONS = 2**62
     cfg = preset(spec["preset"])

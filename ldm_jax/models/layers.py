@@ -95,6 +95,7 @@ class LayerNorm(nn.Module):
 # _IM2COL_MIN_CHANNELS input channels runs as one matmul over unfolded neighbourhoods (Conv2d docstring).
 _IM2COL_MAX_POSITIONS = 256
 _IM2COL_MIN_CHANNELS = 256
+_IM2COL_BACKENDS = ("cpu",)  # where that pays (scripts/gpu_ab.py's im2col_small_convs tries the GPU)
 # Conv2d(upsample=True) takes the sub-pixel form from this many input positions (batch x height x width) up; below
 # it, summing the kernel taps costs more than the saved multiply-adds (SD 1.x 4x4x1280 at batch 2: 71 against
 # 23 ms on 2 cores; 16x16x640: 45 against 81 ms).
@@ -118,7 +119,7 @@ def _conv(x, kernel, stride: int, padding):
     kh, kw, c_in, _ = kernel.shape
     oh = (x.shape[1] + sum(padding[0]) - kh) // stride + 1
     ow = (x.shape[2] + sum(padding[1]) - kw) // stride + 1
-    if (kh * kw > 1 and jax.default_backend() == "cpu" and x.shape[0] * oh * ow <= _IM2COL_MAX_POSITIONS
+    if (kh * kw > 1 and jax.default_backend() in _IM2COL_BACKENDS and x.shape[0] * oh * ow <= _IM2COL_MAX_POSITIONS
             and c_in >= _IM2COL_MIN_CHANNELS):
         return _conv_im2col(x, kernel, stride, padding)
     return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
