@@ -55,22 +55,6 @@ def _kind(name: str) -> str:
     return "elementwise fusion/other"
 
 
-def _random_model(preset: str):
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from ldm_jax.configs import preset as get_preset
-    from ldm_jax.models.build import abstract_params
-    from ldm_jax.stable_diffusion import StableDiffusion
-
-    cfg = get_preset(preset)
-    rng = np.random.default_rng(0)
-    params = jax.device_put(jax.tree_util.tree_map(
-        lambda s: (0.02 * rng.standard_normal(s.shape, np.float32)).astype(s.dtype), abstract_params(cfg)))
-    return StableDiffusion(cfg, params, dtype=jnp.bfloat16), rng
-
-
 def _trace_summary(trace_dir: str, per: int) -> dict:
     """Kernel time from the profiler's trace.json.gz, per unit (`per` units traced): by kernel name, by kind and
     by HLO op, the number of device events, and the time covered by at least one kernel."""
@@ -116,7 +100,9 @@ def unet_step_profile(preset: str, images: int, size: int, iters: int, trace_dir
     import jax.numpy as jnp
     import numpy as np
 
-    sd, rng = _random_model(preset)
+    from ldm_jax.bench import make_model
+
+    sd, rng = make_model(preset, jnp.bfloat16), np.random.default_rng(0)
     cfg = sd.config
     lat, b = size // sd.latent_factor, 2 * images
     x = jnp.asarray(rng.standard_normal((b, lat, lat, cfg.unet.in_channels), np.float32))
@@ -144,10 +130,12 @@ def loop_profile(preset: str, images: int, size: int, steps: int, trace_dir: str
     """Kernel times of one whole txt2img program (text encoder, `steps` DDIM steps with CFG, VAE decode) per
     sampling step: what the end-to-end time is made of, weights cast and laid out once before the loop."""
     import jax
+    import jax.numpy as jnp
 
+    from ldm_jax.bench import make_model
     from ldm_jax.pipelines import Timings, txt2img
 
-    sd, _ = _random_model(preset)
+    sd = make_model(preset, jnp.bfloat16)
     request = dict(steps=steps, height=size, width=size)
     txt2img(sd, ["a cat"] * images, **request)  # compile
     tm = Timings()

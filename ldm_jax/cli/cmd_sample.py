@@ -61,16 +61,14 @@ def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:limit] or "image"
 
 
-def _step_bar(args, config) -> bool:
+def _step_bar(args, unet_params) -> bool:
     """--step-progress, or by default: per-step bars only where a step is slow enough to watch and compiling is
-    cheap by comparison (SD-sized U-Nets on a CPU)."""
+    cheap by comparison (SD-sized U-Nets on a CPU). `unet_params`: the U-Net's parameters, or their shapes."""
     if args.step_progress is not None:
         return args.step_progress
     import jax
 
-    from ldm_jax.models.build import abstract_params
-
-    unet = sum(x.size for x in jax.tree_util.tree_leaves(abstract_params(config)["unet"]))
+    unet = sum(x.size for x in jax.tree_util.tree_leaves(unet_params))
     return jax.default_backend() == "cpu" and unet >= STEP_BAR_MIN_UNET_PARAMS
 
 
@@ -92,6 +90,7 @@ def run(args) -> int:
     multi = parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
     import ldm_jax
     from ldm_jax.loading import DEFAULT_MODEL
+    from ldm_jax.models.build import abstract_params
     from ldm_jax.warm_start import load_while_compiling, peek_config
 
     kw = {}
@@ -116,7 +115,9 @@ def run(args) -> int:
         sd = ldm_jax.load(args.checkpoint, dtype=args.dtype, progress=True)
         ahead = None
         print(f"loaded {sd.config.name} in {time.perf_counter() - t0:.1f}s", flush=True)
-    progress = "steps" if _step_bar(args, config or sd.config) else "elapsed"
+    # the loaded weights, else the shapes the warm start compiles against (cached per config: no extra work)
+    unet = (sd.params if config is None else abstract_params(config))["unet"]
+    progress = "steps" if _step_bar(args, unet) else "elapsed"
     if config is not None:
         print(f"loading {name} while compiling the {args.mode} program ...", flush=True)
         sd, ahead = load_while_compiling(args.checkpoint, args.mode, prompts, dtype=args.dtype, progress=progress,
