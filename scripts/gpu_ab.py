@@ -7,13 +7,13 @@ budget so that a call never runs past its limit. Results go to --out after every
 
 Variants (see VARIANTS): the default build; the cuDNN head-dim limit of the previous release (128: SD 1.x's 160-wide
 heads on XLA); nearest upsampling before the 3x3 conv instead of the sub-pixel form (with the VAE decode timed
-alone); XLA attention everywhere; two-pass and unshifted one-pass GroupNorm/LayerNorm statistics; im2col matmuls
-for the small convolutions of the 1-image U-Net; XLA flags for command buffers (CUDA graphs) around the sampling
-loop, around the convolutions too (with and without the loop), without command buffers, without Triton GEMMs, with
-the latency-hiding scheduler; 16 images (memory); bf16 vs fp32 images from the same x_T (PSNR); and, after the
-default build, a new process's first image from the cache it left (weights loading while the program compiles, then
-one after the other). Random SD 1.x weights are drawn once (numpy, ~20 s) and every worker maps them from one .npy
-file.
+alone); XLA attention everywhere; two-pass and unshifted one-pass GroupNorm/LayerNorm statistics; GEGLU's GELU
+through jax.nn.gelu (erfc); im2col matmuls for the small convolutions of the 1-image U-Net; XLA flags for command
+buffers (CUDA graphs) around the sampling loop, around the convolutions too (with and without the loop), without
+command buffers, without Triton GEMMs, with the latency-hiding scheduler; 16 images (memory); bf16 vs fp32 images
+from the same x_T (PSNR); and, after the default build, a new process's first image from the cache it left (weights
+loading while the program compiles, then one after the other). Random SD 1.x weights are drawn once (numpy, ~20 s)
+and every worker maps them from one .npy file.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ VARIANTS = {
     "command_buffer_conv_while": ("--xla_gpu_enable_command_buffer=+CONVOLUTION,+WHILE,+CONDITIONAL", {}, (1, 8)),
     "norm_two_pass": ("", {"norm": "two_pass"}, (1, 8)),  # the default before 2026-11-27, for 16-bit inputs too
     "norm_unshifted": ("", {"norm": "unshifted"}, (1, 8)),
+    # GEGLU's GELU as jax.nn.gelu computes it (erfc, in the input dtype): the previous default (now erf in fp32)
+    "gelu_erfc": ("", {"gelu": "erfc"}, (1, 8)),
     # the CPU's im2col matmul for small 3x3 convs on the GPU too: at 1 image (U-Net batch 2) the 8x8 and 16x16
     # levels give cuDNN 128-512 output positions, few thread blocks for its implicit GEMM
     "im2col_small_convs": ("", {"im2col_positions": 512}, (1,)),
@@ -98,6 +100,8 @@ def worker(spec: dict) -> dict:
         attention._max_cudnn_head_dim = lambda: opts["cudnn_head_dim"]
     if opts.get("norm"):  # GroupNorm/LayerNorm statistics of 16-bit inputs
         layers._moments_one_pass = {"two_pass": layers._moments, "unshifted": _unshifted_moments}[opts["norm"]]
+    if opts.get("gelu") == "erfc":
+        attention.gelu_exact = lambda x: jax.nn.gelu(x, approximate=False)
     if "im2col_positions" in opts:
         layers._IM2COL_BACKENDS, layers._IM2COL_MAX_POSITIONS = ("cpu", "gpu"), opts["im2col_positions"]
     if opts.get("subpixel") is False:  # the previous release: nearest 2x upsampling, then the 3x3 conv

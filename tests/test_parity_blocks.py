@@ -253,3 +253,20 @@ def test_group_and_layer_norm_of_bf16_inputs_match_fp32_statistics():
         got = np.asarray(norm.apply(p, x), np.float32)
         ref = np.asarray(norm.clone(dtype=jnp.float32).apply(p, x.astype(jnp.float32)))  # two-pass, fp32 input
         assert np.abs(got - ref).max() <= 2**-7 * np.abs(ref).max()
+
+
+def test_exact_gelu_matches_torch_in_fp32_and_rounds_bf16_once():
+    """`layers.gelu_exact` (GEGLU's and OpenCLIP's activation) is torch's F.gelu to fp32 rounding for fp32 inputs.
+    For bf16 inputs it computes in fp32 and rounds once: every value within one bf16 step of GELU computed in
+    float64 and rounded to bf16, and for |x| < 4 equal to it at least as often as torch's own bf16 F.gelu
+    (99.8% against 98.8% on 2 CPU cores; jax.nn.gelu in bf16: 59.5%, up to 10 steps off)."""
+    x = np.concatenate([np.linspace(-12, 12, 20001), np.random.default_rng(1).normal(0, 4, 10000)]).astype(np.float32)
+    ref = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()  # erf in fp32 on both sides: few-ulp differences
+    np.testing.assert_allclose(np.asarray(layers.gelu_exact(jnp.asarray(x))), ref, rtol=1e-6, atol=1e-5)
+    xb = torch.from_numpy(x).to(torch.bfloat16)
+    exact = torch.nn.functional.gelu(xb.double()).to(torch.bfloat16).float().numpy()
+    theirs = torch.nn.functional.gelu(xb).float().numpy()
+    ours = np.asarray(layers.gelu_exact(jnp.asarray(xb.float().numpy()).astype(jnp.bfloat16)), np.float32)
+    assert np.all(np.abs(ours - exact) <= np.maximum(np.abs(exact) * 2**-8, 1e-5))
+    body = np.abs(x) < 4  # beyond, 1 + erf cancels in fp32 on both sides: values below 1e-4, checked by the bound
+    assert np.mean(ours[body] == exact[body]) >= np.mean(theirs[body] == exact[body])

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.models.layers import Dtype, GroupNorm, LayerNorm, conv, dense
+from ldm_jax.models.layers import Dtype, GroupNorm, LayerNorm, conv, dense, gelu_exact
 
 # Above this many logits per attention call (B * heads * L_q * L_k), queries are processed in chunks so that
 # the [L_q, L_k] matrix is never materialised whole (the VAE's 64x64 mid-block attention is 4096 x 4096).
@@ -136,7 +136,7 @@ class GEGLU(nn.Module):
     @nn.compact
     def __call__(self, x):
         x, gate = jnp.split(dense(2 * self.d_out, name="proj", dtype=self.dtype)(x), 2, axis=-1)
-        return x * nn.gelu(gate, approximate=False)
+        return x * gelu_exact(gate)
 
 
 class FeedForward(nn.Module):

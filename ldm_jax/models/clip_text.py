@@ -13,11 +13,11 @@ import jax.numpy as jnp
 
 from ldm_jax.configs import TextEncoderConfig
 from ldm_jax.models.attention import attention
-from ldm_jax.models.layers import Dtype, LayerNorm, dense
+from ldm_jax.models.layers import Dtype, LayerNorm, dense, gelu_exact
 
 _ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu": gelu_exact,
 }
 
 
