@@ -7,8 +7,11 @@ A missing key, a wrong shape, a non-array value or a NaN/Inf weight is an error 
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import ml_dtypes
@@ -102,20 +105,51 @@ def _convert_one(entry: Entry, key: str, value, dtype, allow_nonfinite: bool):
         raise CheckpointError(f"{key}: shape {tuple(arr.shape)} does not match the model's {entry.compvis_shape}")
     if arr.dtype not in _FLOAT_DTYPES:
         raise CheckpointError(f"{key}: expected a floating-point tensor, found {arr.dtype}")
-    out = np.ascontiguousarray(to_flax_layout(entry, arr).astype(dtype))
+    # relayout and cast in one pass into a fresh contiguous array (astype of the transposed view, then a
+    # contiguous copy, made two passes and two allocations: 5.4 s against 2.8 s for SD 1.x fp16 on 2 cores)
+    view = to_flax_layout(entry, arr)
+    out = np.empty(view.shape, dtype)
+    np.copyto(out, view, casting="unsafe")
     if not allow_nonfinite and not np.isfinite(out).all():
         raise CheckpointError(f"{key}: contains NaN or Inf values (pass --allow-nonfinite to load anyway)")
     return out
 
 
+def conversion_workers() -> int:
+    """Threads that convert tensors while the caller places them: numpy's copies release the GIL, so they
+    run in parallel (SD 1.x fp16 on 2 cores: 4.1-4.7 s with one thread, 2.4-3.2 s with two)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
+    """fn(item) for each item, in order, computed by `workers` threads at most 2 * workers items ahead of the
+    consumer (so at most that many converted tensors wait to be placed)."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ldm-jax-convert") as pool:
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:  # an error (or a consumer that stopped): drop the work not yet started
+                future.cancel()
+
+
 def state_dict_to_params(state_dict: Mapping[str, object], abstract_params: Mapping[str, Mapping], *,
                          ema: bool | None = None, dtype=np.float32, allow_unexpected: bool = False,
                          allow_nonfinite: bool = False, place=None, progress=None,
-                         prefixes: Mapping[str, str] | None = None):
+                         prefixes: Mapping[str, str] | None = None, workers: int | None = None):
     """Map a CompVis state dict onto the parameter trees whose shapes `abstract_params` gives.
 
     ema: use `model_ema.*` U-Net weights (None: if present). `place(array) -> array` puts each converted
-    tensor where it should live (e.g. `jnp.asarray`), one at a time, so at most one extra tensor is held.
+    tensor where it should live (e.g. `jax.device_put`), in order on the calling thread, while `workers`
+    threads (default `conversion_workers()`) convert the next few, so a few extra tensors are held at most.
     prefixes: per-component CompVis prefixes other than the standard ones ("" maps a single block).
     Returns ({component: tree}, MappingReport).
     """
@@ -130,13 +164,20 @@ def state_dict_to_params(state_dict: Mapping[str, object], abstract_params: Mapp
     params: dict = {}
     prefixes = prefixes or {}
     entries = [e for c in abstract_params for e in key_table(c, abstract_params[c], prefixes.get(c))]
-    for entry in entries:
-        key = entry.ema_key if (ema and entry.ema_key) else entry.key
+    keys = [entry.ema_key if (ema and entry.ema_key) else entry.key for entry in entries]
+    for entry, key in zip(entries, keys):  # before any work: a missing tensor fails at once
         if key not in state_dict:
             raise CheckpointError(f"missing tensor {key}" + (" (EMA copy of " + entry.key + ")" if key != entry.key
                                                             else ""))
-        value = _convert_one(entry, key, state_dict[key], dtype, allow_nonfinite)
-        release_pages(state_dict[key])  # converted: its file pages need not stay in our resident set
+
+    def convert(i: int):
+        value = _convert_one(entries[i], keys[i], state_dict[keys[i]], dtype, allow_nonfinite)
+        release_pages(state_dict[keys[i]])  # converted: its file pages need not stay in our resident set
+        return value
+
+    converted = _ordered_map(convert, range(len(entries)),
+                             conversion_workers() if workers is None else workers)
+    for entry, key, value in zip(entries, keys, converted):
         _set(params.setdefault(entry.component, {}), entry.flax_path, place(value) if place else value)
         used.add(key)
         report.mapped.append(key)

@@ -63,7 +63,7 @@ def load_state_dict_model(state_dict, *, config: ModelConfig | None = None, ema:
     with tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress or None, leave=False) as bar:
         params, report = state_dict_to_params(
             state_dict, shapes, ema=ema, dtype=np.dtype(as_dtype(param_dtype)), allow_unexpected=allow_unexpected,
-            allow_nonfinite=allow_nonfinite, place=jnp.asarray, progress=lambda _: bar.update())
+            allow_nonfinite=allow_nonfinite, place=jax.device_put, progress=lambda _: bar.update())
     return config, params, report
 
 

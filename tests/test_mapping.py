@@ -7,7 +7,7 @@ import pytest
 from convert.detect import detect_kind, infer_config
 from convert.errors import CheckpointError
 from convert.keys import key_table
-from convert.mapping import params_to_state_dict, state_dict_to_params
+from convert.mapping import _ordered_map, params_to_state_dict, state_dict_to_params
 from ldm_jax import configs
 from ldm_jax.models.build import abstract_params
 
@@ -65,6 +65,32 @@ def test_layout_rules():
     np.testing.assert_array_equal(params["unet"]["time_embed_0"]["kernel"], w.T)
     w = sd["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"]
     np.testing.assert_array_equal(params["text_encoder"]["embeddings"]["token_embedding"]["embedding"], w)
+
+
+def test_parallel_conversion_matches_one_thread_and_fails_on_the_first_bad_tensor_in_table_order():
+    sd = fake_state_dict(TINY, dtype=np.float16)
+    serial, _ = state_dict_to_params(sd, TINY, workers=1)
+    parallel, _ = state_dict_to_params(sd, TINY, workers=4, place=np.array)
+    for a, b in zip(jax.tree_util.tree_leaves(serial), jax.tree_util.tree_leaves(parallel)):
+        assert a.dtype == b.dtype == np.float32 and a.flags.c_contiguous and np.array_equal(a, b)
+    keys = [e.key for c in TINY for e in key_table(c, TINY[c])]
+    for k in (keys[5], keys[-3]):  # an earlier bad tensor wins even when later ones fail too
+        sd[k] = np.full(sd[k].shape, np.inf, np.float16)
+    with pytest.raises(CheckpointError, match=rf"^{keys[5]}: contains NaN or Inf"):
+        state_dict_to_params(sd, TINY, workers=4)
+
+
+def test_ordered_map_keeps_order_and_bounds_its_lookahead():
+    started, consumed = [], []
+
+    def work(i):
+        started.append(i)
+        return i * i
+
+    for i, sq in enumerate(_ordered_map(work, range(50), workers=3)):
+        assert sq == i * i and max(started) <= i + 2 * 3 - 1  # at most 2 * workers items ahead of the consumer
+        consumed.append(i)
+    assert consumed == list(range(50))
 
 
 def test_missing_key_is_named():
