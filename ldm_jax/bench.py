@@ -231,14 +231,17 @@ def _available_mb() -> float | None:
         return None
 
 
-# A new process as the CLI runs one: import, then the weights (zeros: values don't change time) go onto the
-# device on a worker thread while the program compiles or comes from the cache (`warm_start.compile_while`),
-# then one image. Prints its phases (seconds since the script started) and the wall-clock time of the image.
+# A new process as the CLI runs one: import, then the weights go onto the device on a worker thread while the
+# program compiles or comes from the cache (`warm_start.compile_while`), then one image. The weights are zeros
+# (values don't change time; numpy arrays put on the device in one call), or a checkpoint file read through
+# `ldm_jax.load` as `ldm-jax sample` does. Prints its phases (seconds since the script started) and the
+# wall-clock time of the image.
 _FIRST_IMAGE_CHILD = """
 import time; t0 = time.perf_counter(); T = {{}}
 import json
 import jax, jax.numpy as jnp, numpy as np
 from ldm_jax.configs import preset
+from ldm_jax.loading import load
 from ldm_jax.models.build import abstract_params
 from ldm_jax.pipelines import Timings, txt2img
 from ldm_jax.stable_diffusion import StableDiffusion
@@ -248,15 +251,20 @@ cfg, dt = preset({preset!r}), jnp.dtype({dtype!r}).type
 shapes = abstract_params(cfg); T["abstract_params"] = time.perf_counter() - t0
 zeros = lambda: jax.block_until_ready(jax.device_put(jax.tree_util.tree_map(
     lambda s: np.zeros(s.shape, s.dtype), shapes)))
+def loader():
+    if {checkpoint!r} is None:
+        return StableDiffusion(cfg, zeros(), dtype=dt)
+    sd = load({checkpoint!r}, dtype=dt)
+    jax.block_until_ready(sd.params)
+    return sd
 request = dict(steps={steps}, height={size}, width={size})
 if {overlap!r}:
-    sd, ahead = compile_while(lambda: StableDiffusion(cfg, zeros(), dtype=dt), cfg, "txt2img", "a cat", dtype=dt,
-                              **request)
+    sd, ahead = compile_while(loader, cfg, "txt2img", "a cat", dtype=dt, **request)
     T["weights_and_program"] = time.perf_counter() - t0
     T["weights_alone"], T["program_alone"] = ahead.extra["load_s"], ahead.compile
 else:  # one after the other: the weights, then the program (compiled or read from the cache) on first use
     t1 = time.perf_counter()
-    sd = StableDiffusion(cfg, zeros(), dtype=dt)
+    sd = loader()
     T["weights_alone"] = time.perf_counter() - t1
 tm = Timings(); txt2img(sd, "a cat", **request, timings=tm)
 done = time.time(); T["first_image"] = time.perf_counter() - t0; T["run"] = tm.run
@@ -268,11 +276,13 @@ print("FIRST_IMAGE", done, flush=True)
 
 
 def first_image_process(preset_name: str, dtype: str, size: int, steps: int, cache: str, env: dict | None = None,
-                        overlap: bool = True):
+                        overlap: bool = True, checkpoint: str | None = None):
     """Run `_FIRST_IMAGE_CHILD` in a fresh process with compilation cache `cache` (and `env` added); `overlap`:
-    the weights load while the program compiles (as the CLI), else one after the other. Returns (seconds from
-    launch to the image in memory or None, the child's phases or None, the finished process)."""
-    code = _FIRST_IMAGE_CHILD.format(preset=preset_name, dtype=dtype, size=size, steps=steps, overlap=overlap)
+    the weights load while the program compiles (as the CLI), else one after the other; `checkpoint`: a file
+    of `preset_name`'s architecture to load the weights from (default: zeros). Returns (seconds from launch to
+    the image in memory or None, the child's phases or None, the finished process)."""
+    code = _FIRST_IMAGE_CHILD.format(preset=preset_name, dtype=dtype, size=size, steps=steps, overlap=overlap,
+                                     checkpoint=checkpoint)
     t0 = time.time()  # wall clock on both sides: the child reports when its image exists
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, LDM_JAX_CACHE_DIR=cache, **(env or {})),
                          capture_output=True, text=True)

@@ -12,8 +12,8 @@ through jax.nn.gelu (erfc); im2col matmuls for the small convolutions of the 1-i
 buffers (CUDA graphs) around the sampling loop, around the convolutions too (with and without the loop), without
 command buffers, without Triton GEMMs, with the latency-hiding scheduler; 16 images (memory); bf16 vs fp32 images
 from the same x_T (PSNR); and, after the default build, a new process's first image from the cache it left (weights
-loading while the program compiles, then one after the other). Random SD 1.x weights are drawn once (numpy, ~20 s)
-and every worker maps them from one .npy file.
+loading while the program compiles, then one after the other, then from an fp16 .safetensors as `ldm-jax sample`
+reads one). Random SD 1.x weights are drawn once (numpy, ~20 s); every worker maps them from one .npy file.
 """
 
 from __future__ import annotations
@@ -137,14 +137,26 @@ def worker(spec: dict) -> dict:
 
 
 def _save_params(preset_name: str, path: str) -> None:
+    """The random weights as one flat .npy at `path` (the workers' input), and as the fp16 CompVis .safetensors
+    `ldm-jax random-checkpoint` writes, next to it (the first image from a checkpoint file)."""
     import jax
     import numpy as np
 
+    from convert.mapping import params_to_state_dict
+    from convert.safetensors_io import write_safetensors
     from ldm_jax.configs import preset
+    from ldm_jax.loading import CONFIG_METADATA_KEY
     from ldm_jax.models.build import random_params
 
-    leaves = jax.tree_util.tree_leaves(random_params(preset(preset_name), 0))
-    np.save(path, np.concatenate([a.ravel() for a in leaves]))
+    config = preset(preset_name)
+    params = random_params(config, 0)
+    np.save(path, np.concatenate([a.ravel() for a in jax.tree_util.tree_leaves(params)]))
+    write_safetensors(_checkpoint_path(path), params_to_state_dict(params, dtype=np.float16),
+                      {CONFIG_METADATA_KEY: config.to_json(), "format": "pt"})
+
+
+def _checkpoint_path(params_path: str) -> str:
+    return os.path.join(os.path.dirname(params_path), "random-fp16.safetensors")
 
 
 def main() -> int:
@@ -219,10 +231,12 @@ def main() -> int:
                 from ldm_jax.bench import first_image_process
 
                 # a new process, the cache the baseline left: import, weights (zeros), program, one image; with
-                # the weights loading while the program compiles (as the CLI), then one after the other
-                for mode, overlap in (("overlap", True), ("serial", False)):
+                # the weights loading while the program compiles (as the CLI), then one after the other; then
+                # as `ldm-jax sample` with an fp16 .safetensors (read, upcast, relayout, onto the device)
+                for mode, overlap, ckpt in (("overlap", True, None), ("serial", False, None),
+                                            ("checkpoint_overlap", True, _checkpoint_path(params_path))):
                     seconds, phases, p = first_image_process(a.preset, "bfloat16", a.size, a.steps, cache,
-                                                             overlap=overlap)
+                                                             overlap=overlap, checkpoint=ckpt)
                     res[f"first_image_{mode}"] = {"to_image_s": seconds and round(seconds, 2), "phases_s": phases}
                     if p.returncode != 0:
                         res[f"first_image_{mode}"]["error"] = (p.stderr.strip().splitlines() or ["?"])[-1][-400:]
