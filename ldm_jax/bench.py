@@ -234,7 +234,7 @@ def _available_mb() -> float | None:
 # A new process as the CLI runs one: import, then the weights go onto the device on a worker thread while the
 # program compiles or comes from the cache (`warm_start.compile_while`), then one image. The weights are zeros
 # (values don't change time; numpy arrays put on the device in one call), or a checkpoint file read through
-# `ldm_jax.load` as `ldm-jax sample` does. Prints its phases (seconds since the script started) and the
+# `ldm_jax.load` as `ldm-jax txt2img` does. Prints its phases (seconds since the script started) and the
 # wall-clock time of the image.
 _FIRST_IMAGE_CHILD = """
 import time; t0 = time.perf_counter(); T = {{}}

@@ -10,10 +10,11 @@ heads on XLA); nearest upsampling before the 3x3 conv instead of the sub-pixel f
 alone); XLA attention everywhere; two-pass and unshifted one-pass GroupNorm/LayerNorm statistics; GEGLU's GELU
 through jax.nn.gelu (erfc); im2col matmuls for the small convolutions of the 1-image U-Net; XLA flags for command
 buffers (CUDA graphs) around the sampling loop, around the convolutions too (with and without the loop), without
-command buffers, without Triton GEMMs, with the latency-hiding scheduler; 16 images (memory); bf16 vs fp32 images
-from the same x_T (PSNR); and, after the default build, a new process's first image from the cache it left (weights
-loading while the program compiles, then one after the other, then from an fp16 .safetensors as `ldm-jax sample`
-reads one). Random SD 1.x weights are drawn once (numpy, ~20 s); every worker maps them from one .npy file.
+command buffers, without Triton GEMMs, with the latency-hiding scheduler, without XLA's merging of dots that share
+an input; 16 images (memory); bf16 vs fp32 images from the same x_T (PSNR); and, after the default build, a new
+process's first image from the cache it left (weights loading while the program compiles, then one after the other,
+then from an fp16 .safetensors as `ldm-jax txt2img --checkpoint` reads one). Random SD 1.x weights are drawn once
+(numpy, ~20 s); every worker maps them from one .npy file.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ VARIANTS = {
     "attention_xla": ("", {"attention": "xla"}, (8,)),
     "no_command_buffer": ("--xla_gpu_enable_command_buffer=", {}, (1,)),
     "latency_hiding": ("--xla_gpu_enable_latency_hiding_scheduler=true", {}, (8,)),
+    # XLA merges dots that share an input (self-attention's to_q/to_k/to_v: one [C, 3C] GEMM) and then slices
+    # its output, copying q, k and v out again (2 x 0.13 ms of the 8-image step at 64x64); 0 turns that off
+    "no_dot_merger": ("--xla_gpu_dot_merger_threshold_mb=0", {}, (1, 8)),
 }
 
 
@@ -232,7 +236,7 @@ def main() -> int:
 
                 # a new process, the cache the baseline left: import, weights (zeros), program, one image; with
                 # the weights loading while the program compiles (as the CLI), then one after the other; then
-                # as `ldm-jax sample` with an fp16 .safetensors (read, upcast, relayout, onto the device)
+                # as `ldm-jax txt2img --checkpoint` with an fp16 .safetensors (read, upcast, relayout, onto the device)
                 for mode, overlap, ckpt in (("overlap", True, None), ("serial", False, None),
                                             ("checkpoint_overlap", True, _checkpoint_path(params_path))):
                     seconds, phases, p = first_image_process(a.preset, "bfloat16", a.size, a.steps, cache,
