@@ -11,10 +11,10 @@ alone); XLA attention everywhere; two-pass and unshifted one-pass GroupNorm/Laye
 through jax.nn.gelu (erfc); im2col matmuls for the small convolutions of the 1-image U-Net; XLA flags for command
 buffers (CUDA graphs) around the sampling loop, around the convolutions too (with and without the loop), without
 command buffers, without Triton GEMMs, with the latency-hiding scheduler, without XLA's merging of dots that share
-an input; 16 images (memory); bf16 vs fp32 images from the same x_T (PSNR); and, after the default build, a new
-process's first image from the cache it left (weights loading while the program compiles, then one after the other,
-then from an fp16 .safetensors as `ldm-jax txt2img --checkpoint` reads one). Random SD 1.x weights are drawn once
-(numpy, ~20 s); every worker maps them from one .npy file.
+an input, with Triton allowed any GEMM; 16 images (memory); bf16 vs fp32 images from the same x_T (PSNR); and, after
+the default build, a new process's first image from the cache it left (weights loading while the program compiles,
+then one after the other, then from an fp16 .safetensors as `ldm-jax txt2img --checkpoint` reads one). Random SD 1.x
+weights are drawn once (numpy, ~20 s); every worker maps them from one .npy file.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ VARIANTS = {
     # XLA merges dots that share an input (self-attention's to_q/to_k/to_v: one [C, 3C] GEMM) and then slices
     # its output, copying q, k and v out again (2 x 0.13 ms of the 8-image step at 64x64); 0 turns that off
     "no_dot_merger": ("--xla_gpu_dot_merger_threshold_mb=0", {}, (1, 8)),
+    # Triton may take any GEMM (with its elementwise producers fused in, e.g. GEGLU's multiply before net_2)
+    "triton_gemm_any": ("--xla_gpu_triton_gemm_any=true", {}, (8,)),
 }
 
 
