@@ -73,7 +73,7 @@ def train_autoencoder(config: ModelConfig, images: np.ndarray, *, steps: int, ba
         if pos + batch_size > n:
             epoch += 1
             order, pos = np.random.default_rng([seed, epoch]).permutation(n), 0
-        batch = jnp.asarray(images[order[pos:pos + batch_size]])
+        batch = jax.device_put(images[order[pos:pos + batch_size]])
         pos += batch_size
         state, metrics = step_fn(state, batch, jax.random.fold_in(key, i))
         if (i + 1) % log_every == 0 or i + 1 == steps:

@@ -71,8 +71,6 @@ def load_base(checkpoint: str | None, preset_name: str | None, seed: int = 0):
     if (checkpoint is None) == (preset_name is None):
         raise UserError("give exactly one of --checkpoint BASE or --preset NAME")
     if preset_name is not None:
-        import jax.numpy as jnp
-
         from ldm_jax.configs import preset
         from ldm_jax.models.build import random_params
         from ldm_jax.stable_diffusion import StableDiffusion
@@ -81,7 +79,7 @@ def load_base(checkpoint: str | None, preset_name: str | None, seed: int = 0):
             config = preset(preset_name)
         except ValueError as e:
             raise UserError(str(e)) from None
-        params = jax.tree_util.tree_map(jnp.asarray, random_params(config, seed))
+        params = jax.device_put(random_params(config, seed))  # one transfer, no per-shape convert compiles
         return StableDiffusion(config, params, metadata={"source": f"preset:{preset_name}", "seed": seed})
     import ldm_jax
 
