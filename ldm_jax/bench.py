@@ -262,6 +262,7 @@ if {overlap!r}:
     sd, ahead = compile_while(loader, cfg, "txt2img", "a cat", dtype=dt, **request)
     T["weights_and_program"] = time.perf_counter() - t0
     T["weights_alone"], T["program_alone"] = ahead.extra["load_s"], ahead.compile
+    T["program_cache"] = ahead.extra.get("program_cache")
 else:  # one after the other: the weights, then the program (compiled or read from the cache) on first use
     t1 = time.perf_counter()
     sd = loader()
@@ -269,8 +270,8 @@ else:  # one after the other: the weights, then the program (compiled or read fr
 tm = Timings(); txt2img(sd, "a cat", **request, timings=tm)
 done = time.time(); T["first_image"] = time.perf_counter() - t0; T["run"] = tm.run
 if not {overlap!r}:
-    T["program_alone"] = tm.compile
-print("PHASES " + json.dumps({{k: round(v, 2) for k, v in T.items()}}))
+    T["program_alone"], T["program_cache"] = tm.compile, tm.extra.get("program_cache")
+print("PHASES " + json.dumps({{k: round(v, 2) if isinstance(v, float) else v for k, v in T.items()}}))
 print("FIRST_IMAGE", done, flush=True)
 """
 

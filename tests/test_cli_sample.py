@@ -59,6 +59,22 @@ def test_compiled_program_is_cached_across_processes_unless_step_progress(ckpt, 
     assert len(programs()) == 1 and len(os.listdir(tmp_path / "b")) == 1
 
 
+def test_a_second_process_reads_the_compiled_program_and_saves_the_same_image(ckpt, tmp_path):
+    """The program cache (ldm_jax/program_cache.py) across real processes: the first run stores the program,
+    the second loads it without tracing and draws the same pixels."""
+    env = {"LDM_JAX_CACHE_DIR": str(tmp_path / "cache"), "LDM_JAX_NO_PROGRAM_CACHE": "0"}
+    args = ("txt2img", "--checkpoint", ckpt, "--prompt", "x", "--steps", "4", "--height", "32", "--width", "32")
+    code, out_a, err = run_cli(*args, "--out", tmp_path / "a", env=env)
+    assert code == 0, err
+    assert "compiled and saved to the program cache" in out_a
+    code, out_b, err = run_cli(*args, "--out", tmp_path / "b", env=env)
+    assert code == 0, err
+    assert "read from the program cache" in out_b
+    (a,), (b,) = os.listdir(tmp_path / "a"), os.listdir(tmp_path / "b")
+    with Image.open(tmp_path / "a" / a) as im_a, Image.open(tmp_path / "b" / b) as im_b:
+        np.testing.assert_array_equal(np.asarray(im_a), np.asarray(im_b))
+
+
 def test_img2img_and_inpaint(ckpt, tmp_path):
     init, mask = tmp_path / "init.png", tmp_path / "mask.png"
     pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)

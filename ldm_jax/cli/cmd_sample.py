@@ -4,7 +4,9 @@ Each image is saved as OUT/<seed>-<index>.png with the prompt, negative prompt, 
 (and strength) in PNG text chunks; with --n > 1 a grid image is saved too. Progress is shown for loading,
 compiling, and sampling: every step (--step-progress) or the elapsed time. Multi-host: set
 LDM_JAX_COORDINATOR, LDM_JAX_NUM_PROCESSES and LDM_JAX_PROCESS_ID (or --coordinator/--num-processes/--process-id);
-each host saves its own share.
+each host saves its own share. Compiled programs are kept in LDM_JAX_CACHE_DIR (default ~/.cache/ldm-jax/xla), so a
+new process with the same model, request shape and code skips tracing and compiling (LDM_JAX_NO_PROGRAM_CACHE=1
+keeps JAX's compilation cache alone; LDM_JAX_NO_COMPILE_CACHE=1 turns both off).
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ def add_parser(sub, name, help_):
 
 def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:limit] or "image"
+
+
+# how the program was obtained (`program_cache.load_or_compile`), as a suffix of the timing lines
+_PROGRAM_SOURCE = {"hit": ", read from the program cache", "stored": ", compiled and saved to the program cache"}
 
 
 def _step_bar(args, unet_params) -> bool:
@@ -122,12 +128,14 @@ def run(args) -> int:
         print(f"loading {name} while compiling the {args.mode} program ...", flush=True)
         sd, ahead = load_while_compiling(args.checkpoint, args.mode, prompts, dtype=args.dtype, progress=progress,
                                          load_kwargs={"progress": True}, **request)
-        print(f"loaded {sd.config.name} in {ahead.extra['load_s']:.1f}s; program ready in {ahead.compile:.1f}s "
+        print(f"loaded {sd.config.name} in {ahead.extra['load_s']:.1f}s; program ready in {ahead.compile:.1f}s"
+              f"{_PROGRAM_SOURCE.get(ahead.extra.get('program_cache'), '')} "
               f"(both done after {time.perf_counter() - t0:.1f}s)", flush=True)
     timings = Timings()
     images = generate(sd, args.mode, prompts, progress=progress, timings=timings, **request)
     compile_s = timings.compile + (ahead.compile if ahead is not None else 0.0)
-    print(f"sampled {args.n} image(s) in {timings.run:.1f}s (compile {compile_s:.1f}s)", flush=True)
+    print(f"sampled {args.n} image(s) in {timings.run:.1f}s (compile {compile_s:.1f}s"
+          f"{_PROGRAM_SOURCE.get(timings.extra.get('program_cache'), '')})", flush=True)
     os.makedirs(args.out, exist_ok=True)
     meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt or None, "seed": args.seed,
             "sampler": args.sampler, "steps": args.steps, "scale": args.scale, "eta": args.eta,

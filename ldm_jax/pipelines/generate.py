@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from ldm_jax import parallel, samplers
+from ldm_jax import parallel, program_cache, samplers
 from ldm_jax.compile_cache import enable_compilation_cache
 from ldm_jax.errors import UserError
 from ldm_jax.images import to_unit_range
@@ -225,8 +225,16 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
     was_cached = key in sd.cache
 
     def compile_():
-        run = build_program(sd, **static)
-        return jax.jit(run, out_shardings=parallel.batch_sharding(mesh)).lower(*args).compile()
+        def lower():
+            run = build_program(sd, **static)
+            return jax.jit(run, out_shardings=parallel.batch_sharding(mesh)).lower(*args)
+
+        if step_bar:  # a host callback: JAX can neither cache nor serialize the program
+            return lower().compile()
+        compiled, status = program_cache.load_or_compile(sd, static, args, mesh, lower)
+        if timings is not None:
+            timings.extra["program_cache"] = status
+        return compiled
 
     if progress and not was_cached:
         print(f"compiling the {mode} program ({sampler}, {steps} steps, batch {plan.padded}, {height}x{width}) ...",
