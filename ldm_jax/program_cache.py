@@ -273,11 +273,30 @@ def load_or_compile(sd, static: dict, args, mesh, lower_fn):
     name = key(sd, static, args, mesh)
     compiled = load(name)
     if compiled is not None:
+        _unproven[id(compiled)] = (compiled, name)
         return compiled, "hit"
     compiled, from_jax_cache = _compile_noting_cache_hits(lower_fn())
     if from_jax_cache:
         compiled = _compile_without_jax_cache(lower_fn())
     return compiled, ("stored" if store(name, compiled) else "compiled")
+
+
+# programs read from disk that have not run yet: id -> (program, entry name)
+_unproven: dict[int, tuple] = {}
+
+
+def ran(compiled) -> None:
+    """`compiled` ran and its result was read: a program from disk is proven."""
+    _unproven.pop(id(compiled), None)
+
+
+def discard(compiled) -> bool:
+    """If `compiled` came from disk and never ran, remove its entry (it failed on its first run: a broken or
+    incompatible executable; the caller compiles again) and return True; else False (a real error)."""
+    entry = _unproven.pop(id(compiled), None)
+    if entry is not None:
+        _remove(os.path.join(directory() or "", entry[1] + ".pkl"))
+    return entry is not None
 
 
 _local = threading.local()

@@ -12,8 +12,9 @@ GELU through jax.nn.gelu (erfc); im2col matmuls for the small convolutions of th
 command buffers (CUDA graphs) around the sampling loop, around the convolutions too (with and without the loop),
 without command buffers, without Triton GEMMs, with the latency-hiding scheduler, without XLA's merging of dots that
 share an input, with Triton allowed any GEMM; 16 images (memory); bf16 vs fp32 images from the same x_T (PSNR); and,
-after the default build, a new process's first image from the cache it left (weights loading while the program
-compiles, then one after the other, then from an fp16 .safetensors as `ldm-jax txt2img --checkpoint` reads one).
+after the default build, a new process's first image from the caches it left (weights loading while the program
+is read from the program cache, the same with JAX's compilation cache alone, one after the other, then from an fp16
+.safetensors as `ldm-jax txt2img --checkpoint` reads one).
 Random SD 1.x weights are drawn once (numpy, ~20 s); every worker maps them from one .npy file.
 """
 
@@ -260,11 +261,15 @@ def main() -> int:
                 from ldm_jax.bench import first_image_process
 
                 # a new process, the cache the baseline left: import, weights (zeros), program, one image; with
-                # the weights loading while the program compiles (as the CLI), then one after the other; then
-                # as `ldm-jax txt2img --checkpoint` with an fp16 .safetensors (read, upcast, relayout, onto the device)
-                for mode, overlap, ckpt in (("overlap", True, None), ("serial", False, None),
-                                            ("checkpoint_overlap", True, _checkpoint_path(params_path))):
-                    seconds, phases, p = first_image_process(a.preset, "bfloat16", a.size, a.steps, cache,
+                # the weights loading while the program is read from the program cache (as the CLI), then with
+                # JAX's compilation cache alone (trace, lower, cache hit), then one after the other; then as
+                # `ldm-jax txt2img --checkpoint` with an fp16 .safetensors (read, upcast, relayout, onto the device)
+                no_program_cache = {"LDM_JAX_NO_PROGRAM_CACHE": "1"}
+                for mode, overlap, ckpt, env in (
+                        ("overlap", True, None, None), ("overlap_no_program_cache", True, None, no_program_cache),
+                        ("serial", False, None, None),
+                        ("checkpoint_overlap", True, _checkpoint_path(params_path), None)):
+                    seconds, phases, p = first_image_process(a.preset, "bfloat16", a.size, a.steps, cache, env=env,
                                                              overlap=overlap, checkpoint=ckpt)
                     res[f"first_image_{mode}"] = {"to_image_s": seconds and round(seconds, 2), "phases_s": phases}
                     if p.returncode != 0:

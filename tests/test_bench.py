@@ -61,9 +61,13 @@ def test_gpu_ab_script_runs_its_variants_on_the_cpu(tmp_path):
     variants = "baseline,norm_two_pass,gelu_erfc"
     p = subprocess.run([sys.executable, str(root / "scripts" / "gpu_ab.py"), "--out", str(out), "--preset", "tiny",
                         "--size", "64", "--steps", "2", "--iters", "1", "--variants", variants],
-                       capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+                       capture_output=True, text=True, cwd=root,
+                       env={**os.environ, "PYTHONPATH": str(root), "LDM_JAX_NO_PROGRAM_CACHE": "0"})
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(out.read_text())
+    # the baseline worker stored its 1-image program; the new process finds it under the same key
+    assert res["first_image_overlap"]["phases_s"]["program_cache"] == "hit"
+    assert res["first_image_overlap_no_program_cache"]["phases_s"]["program_cache"] == "off"
     base, two_pass = res["variants"]["baseline"], res["variants"]["norm_two_pass"]
     assert base["1"]["seconds"] > 0 and base["8"]["cudnn_attention"] == 0 and two_pass["8"]["seconds"] > 0
     for other in (two_pass, res["variants"]["gelu_erfc"]):  # same images up to rounding

@@ -108,6 +108,28 @@ def test_a_program_from_jax_cache_is_compiled_anew_before_it_is_stored(model, pr
     np.testing.assert_array_equal(again, first)
 
 
+def test_a_stored_program_that_fails_on_its_first_run_is_removed_and_compiled_again(model, programs, jax_cache,
+                                                                                     monkeypatch, capfd):
+    """The safety net for executables that load but do not run (a backend whose serialization loses code):
+    such an entry is written on purpose here, from an executable that JAX's cache supplied (XLA:CPU, jax
+    0.10.2), then the request still gets its images and the entry is replaced by one that runs."""
+    with monkeypatch.context() as m:
+        m.setattr(program_cache, "directory", lambda: None)
+        first, _ = sample(fresh(model), steps=6)  # now in JAX's persistent cache
+    with monkeypatch.context() as m:
+        m.setattr(program_cache, "_compile_without_jax_cache", lambda lowered: lowered.compile())  # no new compile
+        assert sample(fresh(model), steps=6)[1] == "stored"
+    capfd.readouterr()
+    images, status = sample(fresh(model), steps=6)  # read from disk, failed: removed, compiled and stored again
+    np.testing.assert_array_equal(images, first)
+    failed = "failed on its first run" in capfd.readouterr().err
+    assert status == ("stored" if failed else "hit")
+    assert failed or jax.__version_info__[:2] != (0, 10)  # the loss seen with jax 0.10.2; others may keep the code
+    again, status = sample(fresh(model), steps=6)
+    assert status == "hit"
+    np.testing.assert_array_equal(again, first)
+
+
 def test_a_broken_entry_is_compiled_again_and_replaced(model, programs):
     first, _ = sample(fresh(model))
     (entry,) = programs.glob("*.pkl")

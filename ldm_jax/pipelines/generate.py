@@ -7,6 +7,7 @@ the same seed gives the same images on 1 or 8 devices, and on 1 or 2 hosts.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -246,15 +247,29 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
             timings.compile, timings.run, timings.cached = t1 - t0, 0.0, was_cached
         return None
     n_loop = samplers.n_loop_steps(sampler, sd.config.schedule.n_steps, int(steps)) - start
-    with tqdm(total=max(n_loop, 0), desc=mode, unit="step", disable=not step_bar or None, leave=False) as bar:
-        _StepBar.active = bar if step_bar else None
-        try:
-            out = compiled(*args)
-            if progress == "elapsed":
-                _wait_showing_elapsed(out, f"{mode}, {n_loop} steps")
-            out = parallel.local_rows(out)
-        finally:
-            _StepBar.active = None
+
+    def execute(program):
+        with tqdm(total=max(n_loop, 0), desc=mode, unit="step", disable=not step_bar or None, leave=False) as bar:
+            _StepBar.active = bar if step_bar else None
+            try:
+                out = program(*args)
+                if progress == "elapsed":
+                    _wait_showing_elapsed(out, f"{mode}, {n_loop} steps")
+                return parallel.local_rows(out)
+            finally:
+                _StepBar.active = None
+
+    try:
+        out = execute(compiled)
+    except jax.errors.JaxRuntimeError as e:
+        if not program_cache.discard(compiled):  # not a program read from disk on its first run: a real error
+            raise
+        print(f"warning: the stored {mode} program failed on its first run ({str(e).splitlines()[0]}); "
+              "removed it, compiling again", file=sys.stderr, flush=True)
+        del sd.cache[key]
+        compiled = _cached(sd, key, compile_)
+        out = execute(compiled)
+    program_cache.ran(compiled)
     t2 = time.perf_counter()
     if timings is not None:
         timings.compile, timings.run, timings.cached = t1 - t0, t2 - t1, was_cached
