@@ -9,8 +9,8 @@ executable loads in 0.86-0.97 s. Tracing holds the GIL, so it also slowed the we
 
 - the request: the program's static arguments, and its arguments' tree, shapes, dtypes and shardings;
 - the model: config, compute dtype, attention implementation;
-- the code: the source of every file of the `ldm_jax` package; the versions of Python, jax, jaxlib, flax and
-  numpy; and the current values in the modules the program is built from (`PROGRAM_MODULES`): every global and
+- the code: the sources of the modules the program is built from (`PROGRAM_MODULES` and their submodules); the
+  versions of Python, jax, jaxlib, flax and numpy; and the current values in those modules: every global and
   class attribute, functions by their bytecode, constants, defaults and closures, so a monkeypatched threshold or
   function (tests and `scripts/gpu_ab.py` patch them) gives another key, never a stale program;
 - the platform: every `jax.config` value, the non-empty XLA_* / JAX_* / LDM_JAX_* / TF_* / TPU_* / LIBTPU* / CUDA_*
@@ -49,7 +49,7 @@ _ENV_IGNORED = ("LDM_JAX_CACHE_DIR",)  # where entries live, not what they hold
 # functions of these packages are named, not hashed: their code is pinned by the versions in the key
 _LIBRARIES = frozenset({"jax", "jaxlib", "flax", "numpy", "ml_dtypes", "optax", "orbax", "tqdm", "PIL", "einops",
                         "typing_extensions", "absl", "etils", "msgpack"}) | frozenset(sys.stdlib_module_names)
-_MAX_DEPTH = 8
+_MAX_DEPTH = 12
 
 
 def directory() -> str | None:
@@ -62,16 +62,14 @@ def directory() -> str | None:
 
 @functools.cache
 def _sources_digest() -> str:
-    """sha256 over (relative path, bytes) of every .py file of the ldm_jax package, read once per process."""
-    root = os.path.dirname(os.path.abspath(__file__))
+    """sha256 over (module name, source bytes) of the program modules, read once per process: a backstop for
+    the fingerprint of their values. Other files (CLI, loading, training) do not change the programs, and an
+    edit there must not cost a compile."""
     h = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(f for f in filenames if f.endswith(".py")):
-            path = os.path.join(dirpath, name)
-            h.update(os.path.relpath(path, root).encode() + b"\0")
-            with open(path, "rb") as f:
-                h.update(f.read())
+    for mod in _program_modules():
+        h.update(mod.__name__.encode() + b"\0")
+        with open(mod.__file__, "rb") as f:
+            h.update(f.read())
     return h.hexdigest()
 
 
