@@ -27,7 +27,9 @@ OUTPUTS = ("images", "latents")
 
 @dataclass
 class Timings:
-    """Wall-clock seconds of the phases of the last request (filled when `timings=` is passed)."""
+    """Wall-clock seconds of the phases of the last request (filled when `timings=` is passed). When the request
+    compiled its program, extra["program_cache"] says how: "hit", "stored", "compiled" or "off"
+    (`program_cache.load_or_compile`)."""
 
     compile: float = 0.0
     run: float = 0.0
