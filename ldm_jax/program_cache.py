@@ -14,7 +14,8 @@ executable loads in 0.86-0.97 s. Tracing holds the GIL, so it also slowed the we
   class attribute, functions by their bytecode, constants, defaults and closures, so a monkeypatched threshold or
   function (tests and `scripts/gpu_ab.py` patch them) gives another key, never a stale program;
 - the platform: every `jax.config` value, the non-empty XLA_* / JAX_* / LDM_JAX_* / TF_* / TPU_* / LIBTPU* / CUDA_*
-  environment variables, and the devices (platform, kind, id) of the mesh.
+  environment variables, and the devices (platform, kind, id, platform version: CUDA and cuDNN on a GPU) of the
+  mesh.
 
 Not seen: edits of jax, flax or numpy that keep their version, and monkeypatches of those libraries. Only
 single-process runs use it (a multi-host program is compiled as before). Off with LDM_JAX_NO_PROGRAM_CACHE=1, and
@@ -45,7 +46,7 @@ MAX_ENTRIES = 32
 PROGRAM_MODULES = ("ldm_jax.configs", "ldm_jax.models", "ldm_jax.parallel", "ldm_jax.pipelines", "ldm_jax.samplers",
                    "ldm_jax.schedules", "ldm_jax.stable_diffusion")
 ENV_PREFIXES = ("XLA_", "JAX_", "LDM_JAX_", "TF_", "TPU_", "LIBTPU", "CUDA_")
-_ENV_IGNORED = ("LDM_JAX_CACHE_DIR",)  # where entries live, not what they hold
+_ENV_IGNORED = ("LDM_JAX_CACHE_DIR", "LDM_JAX_NO_PROGRAM_CACHE")  # where entries live, whether they are used
 # functions of these packages are named, not hashed: their code is pinned by the versions in the key
 _LIBRARIES = frozenset({"jax", "jaxlib", "flax", "numpy", "ml_dtypes", "optax", "orbax", "tqdm", "PIL", "einops",
                         "typing_extensions", "absl", "etils", "msgpack"}) | frozenset(sys.stdlib_module_names)
@@ -177,7 +178,8 @@ def _sharding(s) -> str:
 def _platform(mesh) -> tuple:
     env = sorted((k, v) for k, v in os.environ.items()
                  if k.startswith(ENV_PREFIXES) and v and k not in _ENV_IGNORED)
-    devices = [(d.platform, d.device_kind, d.id) for d in mesh.devices.flat]
+    # platform_version: the CUDA / cuDNN / driver versions on a GPU (JAX's own cache key has it too)
+    devices = [(d.platform, d.device_kind, d.id, d.client.platform_version) for d in mesh.devices.flat]
     return env, devices, _Fingerprint()(dict(jax.config.values))  # thread-local values too (`with jax....`)
 
 
