@@ -106,3 +106,16 @@ def test_diffusers_peer_has_the_presets_architecture():
     unet, vae = diffusers_models(cfg)
     assert sum(p.numel() for p in unet.parameters()) == count(ours["unet"])
     assert sum(p.numel() for p in vae.parameters()) == count(ours["vae"])
+
+
+def test_gpu_transfer_script_runs_on_the_cpu(tmp_path):
+    """scripts/gpu_transfer.py (run by hand on a GPU): the three ways of placing the weights, tiny preset."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "transfer.json"
+    p = subprocess.run([sys.executable, str(root / "scripts" / "gpu_transfer.py"), "--out", str(out), "--preset",
+                        "tiny", "--reps", "1"], capture_output=True, text=True, cwd=root,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert set(res["seconds"]) == {"fp32_tree", "fp32_tree_threads", "fp16_tree_upcast"}
+    assert all(t[0] > 0 for t in res["seconds"].values()) and res["leaves"] > 100 and res["upcast_compile_s"] > 0
