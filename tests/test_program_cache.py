@@ -77,6 +77,23 @@ def test_a_new_model_object_loads_the_stored_program_and_draws_the_same_images(m
     assert status == "hit" and np.abs(other_seed.astype(int) - first).max() > 0
 
 
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_image_to_image_programs_are_stored_and_read_back(model, programs, mode):
+    """Their programs take an init image (and a mask): other arguments, the same round trip."""
+    rng = np.random.default_rng(1)
+    init = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    kw = dict(init_images=init, strength=0.5, steps=4, seed=2, **({"masks": mask} if mode == "inpaint" else {}))
+    out = []
+    for _ in range(2):
+        timings = Timings()
+        out.append((generate.generate(fresh(model), mode, PROMPTS, timings=timings, **kw),
+                    timings.extra["program_cache"]))
+    assert [status for _, status in out] == ["stored", "hit"]
+    np.testing.assert_array_equal(out[1][0], out[0][0])
+
+
 @pytest.fixture
 def jax_cache(tmp_path):
     """JAX's persistent cache in a directory of this test's own, keeping even sub-second compiles."""
