@@ -4,7 +4,7 @@ lowering the txt2img / img2img / inpaint program as well as compiling it.
 JAX's persistent compilation cache (`compile_cache.py`) keys a program by its lowered HLO, so every new process
 still traces the whole program (text encoder, U-Net loop, decoder) and lowers it before that cache can answer:
 SD 1.x, 2 CPU cores: trace 0.9-1.0 s + lower 0.4-0.5 s + key and executable load 1.05-1.15 s; from this cache the
-executable loads in 0.86-0.97 s. Tracing holds the GIL, so it also slowed the weights loading beside it
+executable loads in 0.86-1.03 s. Tracing holds the GIL, so it also slowed the weights loading beside it
 (`warm_start.py`). The executable is stored with `jax.experimental.serialize_executable` under a key of:
 
 - the request: the program's static arguments, and its arguments' tree, shapes, dtypes and shardings;
@@ -20,8 +20,9 @@ executable loads in 0.86-0.97 s. Tracing holds the GIL, so it also slowed the we
 Not seen: edits of jax, flax or numpy that keep their version, and monkeypatches of those libraries. Only
 single-process runs use it (a multi-host program is compiled as before). Off with LDM_JAX_NO_PROGRAM_CACHE=1, and
 whenever the compilation cache is off. Entries are pickled executables in `<compilation cache>/ldm-jax-programs`
-(as for JAX's own cache, only their user may write there); the newest `MAX_ENTRIES` are kept; an unreadable entry
-is removed and the program compiled again.
+(as for JAX's own cache, only their user may write there); the newest `MAX_ENTRIES` are kept. Only executables
+compiled in this process are written (`load_or_compile` says why); an unreadable entry, or one whose program fails
+on its first run (`discard`), is removed and the program compiled again.
 """
 
 from __future__ import annotations
