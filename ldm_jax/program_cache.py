@@ -194,11 +194,10 @@ def key(sd, static: dict, args, mesh) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
-def load(name: str):
-    """The compiled program stored as `name`, or None (absent, or unreadable: then the entry is removed)."""
+def load(path: str):
+    """The compiled program stored at `path`, or None (absent, or unreadable: then the entry is removed)."""
     from jax.experimental import serialize_executable
 
-    path = os.path.join(directory() or "", name + ".pkl")
     if not os.path.isfile(path):
         return None
     try:
@@ -217,15 +216,12 @@ def load(name: str):
     return compiled
 
 
-def store(name: str, compiled) -> bool:
-    """Write `compiled` as entry `name` (temporary file, then rename); False where it cannot be serialized or
+def store(path: str, compiled) -> bool:
+    """Write `compiled` to `path` (temporary file, then rename); False where it cannot be serialized or
     written (a read-only cache, a full disk): the program still runs, the next process compiles it again."""
     from jax.experimental import serialize_executable
 
-    folder = directory()
-    if folder is None:
-        return False
-    path = os.path.join(folder, name + ".pkl")
+    folder = os.path.dirname(path)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         payload, in_tree, out_tree = serialize_executable.serialize(compiled)
@@ -269,20 +265,21 @@ def load_or_compile(sd, static: dict, args, mesh, lower_fn):
     loses code on XLA:CPU (jax 0.10.2: the stored program fails with "Function ..._fusion not found"), and
     whether other backends keep it all is unverified. That costs one more compile, once per program, where
     JAX's cache held it before this one did (e.g. after an upgrade)."""
-    if directory() is None:
+    folder = directory()
+    if folder is None:
         return lower_fn().compile(), "off"
-    name = key(sd, static, args, mesh)
-    compiled = load(name)
+    path = os.path.join(folder, key(sd, static, args, mesh) + ".pkl")
+    compiled = load(path)
     if compiled is not None:
-        _unproven[id(compiled)] = (compiled, name)
+        _unproven[id(compiled)] = (compiled, path)
         return compiled, "hit"
     compiled, from_jax_cache = _compile_noting_cache_hits(lower_fn())
     if from_jax_cache:
         compiled = _compile_without_jax_cache(lower_fn())
-    return compiled, ("stored" if store(name, compiled) else "compiled")
+    return compiled, ("stored" if store(path, compiled) else "compiled")
 
 
-# programs read from disk that have not run yet: id -> (program, entry name)
+# programs read from disk that have not run yet: id -> (program, entry path)
 _unproven: dict[int, tuple] = {}
 
 
@@ -296,7 +293,7 @@ def discard(compiled) -> bool:
     incompatible executable; the caller compiles again) and return True; else False (a real error)."""
     entry = _unproven.pop(id(compiled), None)
     if entry is not None:
-        _remove(os.path.join(directory() or "", entry[1] + ".pkl"))
+        _remove(entry[1])
     return entry is not None
 
 
