@@ -259,10 +259,10 @@ def loader():
     return sd
 request = dict(steps={steps}, height={size}, width={size})
 if {overlap!r}:
-    sd, ahead = compile_while(loader, cfg, "txt2img", "a cat", dtype=dt, **request)
+    sd, ahead = compile_while(loader, cfg, "txt2img", "a cat", dtype=dt, warm_up={warm_up!r}, **request)
     T["weights_and_program"] = time.perf_counter() - t0
     T["weights_alone"], T["program_alone"] = ahead.extra["load_s"], ahead.compile
-    T["program_cache"] = ahead.extra.get("program_cache")
+    T["program_cache"], T["warm_up"] = ahead.extra.get("program_cache"), ahead.extra.get("warm_up_s")
 else:  # one after the other: the weights, then the program (compiled or read from the cache) on first use
     t1 = time.perf_counter()
     sd = loader()
@@ -279,13 +279,14 @@ print("FIRST_IMAGE", done, flush=True)
 
 
 def first_image_process(preset_name: str, dtype: str, size: int, steps: int, cache: str, env: dict | None = None,
-                        overlap: bool = True, checkpoint: str | None = None):
+                        overlap: bool = True, checkpoint: str | None = None, warm_up: bool = False):
     """Run `_FIRST_IMAGE_CHILD` in a fresh process with compilation cache `cache` (and `env` added); `overlap`:
     the weights load while the program compiles (as the CLI), else one after the other; `checkpoint`: a file
-    of `preset_name`'s architecture to load the weights from (default: zeros). Returns (seconds from launch to
-    the image in memory or None, the child's phases or None, the finished process)."""
+    of `preset_name`'s architecture to load the weights from (default: zeros); `warm_up`: with `overlap`, run
+    the program once on device zeros if the weights are still loading (`warm_start.compile_while`). Returns
+    (seconds from launch to the image in memory or None, the child's phases or None, the finished process)."""
     code = _FIRST_IMAGE_CHILD.format(preset=preset_name, dtype=dtype, size=size, steps=steps, overlap=overlap,
-                                     checkpoint=checkpoint)
+                                     checkpoint=checkpoint, warm_up=warm_up)
     t0 = time.time()  # wall clock on both sides: the child reports when its image exists
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, LDM_JAX_CACHE_DIR=cache, **(env or {})),
                          capture_output=True, text=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -123,3 +124,15 @@ def replicate(tree, mesh: Mesh | None = None):
         return jax.make_array_from_single_device_arrays(np.shape(x), sharding, shards)
 
     return jax.tree_util.tree_map(one, tree)
+
+
+def device_zeros(abstract, sharding):
+    """Zeros with the tree, shapes and dtypes of `abstract` (ShapeDtypeStruct leaves), made on the devices of
+    `sharding` by one small program (nothing crosses from the host). Leaves of equal shape and dtype share one
+    buffer (SD 1.x: 79 distinct of 1130 leaves, 0.8 of 4.3 GB), so use them as read-only inputs only."""
+    leaves, tree = jax.tree_util.tree_flatten(abstract)
+    kinds = sorted({(tuple(x.shape), np.dtype(x.dtype).str) for x in leaves})
+    make = jax.jit(lambda: [jnp.zeros(shape, dtype) for shape, dtype in kinds],
+                   out_shardings=[sharding] * len(kinds))
+    buffers = dict(zip(kinds, make()))
+    return tree.unflatten([buffers[(tuple(x.shape), np.dtype(x.dtype).str)] for x in leaves])

@@ -52,11 +52,14 @@ def load_while_compiling(path, mode: str, prompts, *, dtype="float32", attention
 
 
 def compile_while(loader, config, mode: str, prompts, *, dtype="float32", attention_impl: str = "auto",
-                  **request) -> tuple[StableDiffusion, Timings]:
+                  warm_up: bool = False, **request) -> tuple[StableDiffusion, Timings]:
     """Run `loader()` (-> StableDiffusion) on a worker thread while this one compiles the program of
     `generate(sd, mode, prompts, **request)` for `config`'s parameter shapes. Returns the loaded model, holding
     that program if it matched, and the timings: compile (seconds spent compiling or reading the cache on this
-    thread; 0 if the program did not match), extra["load_s"] (the loader's own time) and extra["overlapped"]."""
+    thread; 0 if the program did not match), extra["load_s"] (the loader's own time) and extra["overlapped"].
+    warm_up: if the weights are still loading once the program is ready, run it once on zero weights made on the
+    device (`generate`'s warm_up; extra["warm_up_s"]). For GPUs, where an executable's first run pays one-off
+    set-up; off by default until measured there (on a CPU the first run costs what later runs do)."""
     shadow = StableDiffusion(config, abstract_params(config), dtype=as_dtype(dtype), attention_impl=attention_impl)
 
     def timed_load():
@@ -65,7 +68,9 @@ def compile_while(loader, config, mode: str, prompts, *, dtype="float32", attent
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ldm-jax-load") as pool:
         loading = pool.submit(timed_load)
-        timings = precompile(shadow, mode, prompts, **request)  # on an error, leaving `with` waits for the load
+        # on an error, leaving `with` waits for the load
+        timings = precompile(shadow, mode, prompts, warm_up=(lambda: not loading.done()) if warm_up else False,
+                             **request)
         sd, load_s = loading.result()  # a load error surfaces here, as it would without the overlap
     timings.extra.update(load_s=load_s, overlapped=adopt_programs(sd, shadow))
     if not timings.extra["overlapped"]:

@@ -261,16 +261,18 @@ def main() -> int:
                 from ldm_jax.bench import first_image_process
 
                 # a new process, the cache the baseline left: import, weights (zeros), program, one image; with
-                # the weights loading while the program is read from the program cache (as the CLI), then with
-                # JAX's compilation cache alone (trace, lower, cache hit), then one after the other; then as
-                # `ldm-jax txt2img --checkpoint` with an fp16 .safetensors (read, upcast, relayout, onto the device)
+                # the weights loading while the program is read from the program cache (as the CLI), the same
+                # with a warm-up run on device zeros while the weights load, then with JAX's compilation cache
+                # alone (trace, lower, cache hit), then one after the other; then as `ldm-jax txt2img
+                # --checkpoint` with an fp16 .safetensors (read, upcast, relayout, onto the device)
                 no_program_cache = {"LDM_JAX_NO_PROGRAM_CACHE": "1"}
-                for mode, overlap, ckpt, env in (
-                        ("overlap", True, None, None), ("overlap_no_program_cache", True, None, no_program_cache),
-                        ("serial", False, None, None),
-                        ("checkpoint_overlap", True, _checkpoint_path(params_path), None)):
+                for mode, overlap, ckpt, env, warm_up in (
+                        ("overlap", True, None, None, False), ("overlap_warm_up", True, None, None, True),
+                        ("overlap_no_program_cache", True, None, no_program_cache, False),
+                        ("serial", False, None, None, False),
+                        ("checkpoint_overlap", True, _checkpoint_path(params_path), None, False)):
                     seconds, phases, p = first_image_process(a.preset, "bfloat16", a.size, a.steps, cache, env=env,
-                                                             overlap=overlap, checkpoint=ckpt)
+                                                             overlap=overlap, checkpoint=ckpt, warm_up=warm_up)
                     res[f"first_image_{mode}"] = {"to_image_s": seconds and round(seconds, 2), "phases_s": phases}
                     if p.returncode != 0:
                         res[f"first_image_{mode}"]["error"] = (p.stderr.strip().splitlines() or ["?"])[-1][-400:]

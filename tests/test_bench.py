@@ -68,6 +68,8 @@ def test_gpu_ab_script_runs_its_variants_on_the_cpu(tmp_path):
     # the baseline worker stored its 1-image program; the new process finds it under the same key
     assert res["first_image_overlap"]["phases_s"]["program_cache"] == "hit"
     assert res["first_image_overlap_no_program_cache"]["phases_s"]["program_cache"] == "off"
+    warmed = res["first_image_overlap_warm_up"]  # warm_up_s is None when the zeros were on the device first
+    assert warmed["to_image_s"] > 0 and "error" not in warmed and "warm_up" in warmed["phases_s"]
     base, two_pass = res["variants"]["baseline"], res["variants"]["norm_two_pass"]
     assert base["1"]["seconds"] > 0 and base["8"]["cudnn_attention"] == 0 and two_pass["8"]["seconds"] > 0
     for other in (two_pass, res["variants"]["gelu_erfc"]):  # same images up to rounding

@@ -14,8 +14,9 @@ import pytest
 
 from ldm_jax import configs, parallel, program_cache
 from ldm_jax.models import attention, layers
-from ldm_jax.models.build import random_params
+from ldm_jax.models.build import abstract_params, random_params
 from ldm_jax.pipelines import Timings, generate, txt2img
+from ldm_jax.pipelines.generate import adopt_programs, precompile
 from ldm_jax.stable_diffusion import StableDiffusion
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,11 +126,13 @@ def test_a_program_from_jax_cache_is_compiled_anew_before_it_is_stored(model, pr
     np.testing.assert_array_equal(again, first)
 
 
+@pytest.mark.parametrize("first_run", ["request", "warm_up"])
 def test_a_stored_program_that_fails_on_its_first_run_is_removed_and_compiled_again(model, programs, jax_cache,
-                                                                                     monkeypatch, capfd):
+                                                                                     monkeypatch, capfd, first_run):
     """The safety net for executables that load but do not run (a backend whose serialization loses code):
     such an entry is written on purpose here, from an executable that JAX's cache supplied (XLA:CPU, jax
-    0.10.2), then the request still gets its images and the entry is replaced by one that runs."""
+    0.10.2), then the request still gets its images and the entry is replaced by one that runs. The first run
+    is the request's own, or a warm-up on device zeros (`precompile(..., warm_up=True)`, as while loading)."""
     with monkeypatch.context() as m:
         m.setattr(program_cache, "directory", lambda: None)
         first, _ = sample(fresh(model), steps=6)  # now in JAX's persistent cache
@@ -137,9 +140,19 @@ def test_a_stored_program_that_fails_on_its_first_run_is_removed_and_compiled_ag
         m.setattr(program_cache, "_compile_without_jax_cache", lambda lowered: lowered.compile())  # no new compile
         assert sample(fresh(model), steps=6)[1] == "stored"
     capfd.readouterr()
-    images, status = sample(fresh(model), steps=6)  # read from disk, failed: removed, compiled and stored again
+    if first_run == "warm_up":
+        shadow = fresh(model).replace(params=abstract_params(model.config))
+        status = precompile(shadow, "txt2img", PROMPTS, warm_up=True, **{**REQUEST, "steps": 6}).extra["program_cache"]
+        failed = "failed on its first run" in capfd.readouterr().err
+        sd = fresh(model)
+        assert adopt_programs(sd, shadow)
+        timings = Timings()
+        images = txt2img(sd, PROMPTS, **{**REQUEST, "steps": 6}, timings=timings)
+        assert timings.cached and "failed" not in capfd.readouterr().err
+    else:
+        images, status = sample(fresh(model), steps=6)  # read from disk, failed: removed, compiled, stored again
+        failed = "failed on its first run" in capfd.readouterr().err
     np.testing.assert_array_equal(images, first)
-    failed = "failed on its first run" in capfd.readouterr().err
     assert status == ("stored" if failed else "hit")
     assert failed or jax.__version_info__[:2] != (0, 10)  # the loss seen with jax 0.10.2; others may keep the code
     again, status = sample(fresh(model), steps=6)

@@ -4,17 +4,22 @@ would compile (same images, nothing compiled again), and it is only handed over 
 import os
 import subprocess
 import sys
+import threading
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import ldm_jax
 from convert.safetensors_io import read_safetensors, write_safetensors
+from ldm_jax import parallel
 from ldm_jax.cli.main import main
-from ldm_jax.pipelines import Timings, txt2img
+from ldm_jax.configs import tiny
+from ldm_jax.models.build import abstract_params
+from ldm_jax.pipelines import Timings, generate, txt2img
 from ldm_jax.pipelines.generate import adopt_programs, precompile
-from ldm_jax.warm_start import load_while_compiling, peek_config
+from ldm_jax.warm_start import compile_while, load_while_compiling, peek_config
 
 PROMPTS = ["a red circle", "a blue square"]
 REQUEST = dict(steps=4, height=16, width=24, seed=11, negative_prompts=["blurry", ""])
@@ -38,7 +43,6 @@ def test_program_compiled_while_loading_gives_the_same_images_and_is_not_compile
 
 
 def test_programs_go_only_to_the_model_they_were_built_for(ckpt):
-    from ldm_jax.models.build import abstract_params
 
     sd = ldm_jax.load(ckpt)
     for other in (sd.replace(params=abstract_params(sd.config), dtype=jnp.bfloat16),  # another compute dtype
@@ -48,6 +52,44 @@ def test_programs_go_only_to_the_model_they_were_built_for(ckpt):
         assert not adopt_programs(sd, other) and not any(k[0] == "program" for k in sd.cache)
     fp16_params = sd.replace(params=ldm_jax.load(ckpt, param_dtype="float16").params)
     assert not adopt_programs(fp16_params, sd.replace(params=abstract_params(sd.config)))
+
+
+def test_warm_up_runs_the_program_on_device_zeros_while_the_weights_load(ckpt, monkeypatch):
+    """The loader waits until the warm-up has run, so it runs (only while the weights are still loading); the
+    loaded model then uses the warmed program, draws what a plain load draws, and shares no buffer with it."""
+    warmed = threading.Event()
+    real_warm_up = generate._warm_up
+
+    def noting_warm_up(*a, **k):
+        real_warm_up(*a, **k)
+        warmed.set()
+
+    monkeypatch.setattr(generate, "_warm_up", noting_warm_up)
+
+    def loader():
+        assert warmed.wait(timeout=120)
+        return ldm_jax.load(ckpt)
+
+    config = peek_config(ckpt)
+    sd, ahead = compile_while(loader, config, "txt2img", PROMPTS, warm_up=True, **REQUEST)
+    assert ahead.extra["overlapped"] and ahead.extra["warm_up_s"] > 0
+    tm = Timings()
+    got = txt2img(sd, PROMPTS, **REQUEST, timings=tm)
+    assert tm.cached
+    np.testing.assert_array_equal(got, txt2img(ldm_jax.load(ckpt), PROMPTS, **REQUEST))
+    warmed.clear()  # asked when the program is ready (compile_while: are the weights still loading?): no
+    assert "warm_up_s" not in precompile(sd.replace(params=abstract_params(config)), "txt2img", PROMPTS,
+                                         warm_up=lambda: False, **REQUEST).extra
+    assert not warmed.is_set()
+
+
+def test_device_zeros_share_one_buffer_per_shape():
+    shapes = abstract_params(tiny())
+    zeros = parallel.device_zeros(shapes, parallel.replicated())
+    leaves, want = jax.tree_util.tree_leaves(zeros), jax.tree_util.tree_leaves(shapes)
+    assert [(x.shape, x.dtype) for x in leaves] == [(x.shape, x.dtype) for x in want]
+    assert all(not np.asarray(x).any() for x in leaves)
+    assert len({id(x) for x in leaves}) == len({(x.shape, x.dtype) for x in want}) < len(leaves)
 
 
 def test_peek_config_reads_the_declared_architecture_only(ckpt, tmp_path):
