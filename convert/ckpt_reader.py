@@ -308,8 +308,14 @@ def read_ckpt(path: str | os.PathLike) -> dict:
             f.seek(0)
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             obj = _read_zip(path, f, mm)
+    except CheckpointError:
+        raise
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
+    except (ValueError, OverflowError, EOFError, NotImplementedError, RuntimeError, struct.error) as e:
+        # zipfile on a damaged archive: an unsupported "version needed", a name that is not UTF-8, an offset
+        # past what mmap can index, ... (UnicodeDecodeError is a ValueError)
+        raise CheckpointError(f"{path}: corrupt zip archive ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: checkpoint holds a {type(obj).__name__}, expected a dict")
     return obj

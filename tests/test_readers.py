@@ -342,6 +342,13 @@ def test_ckpt_rejects_damaged_files(tmp_path):
         "not_zip": (b"hello world, not a checkpoint", "neither a zip archive nor a pickle"),
         "bare_pickle": (pickle.dumps({"w": [1.0]}, protocol=2), "bare pickle, not a torch zip"),
     }
+    central, local = raw.index(b"PK\x01\x02"), raw.index(b"PK\x03\x04")
+    version = bytearray(raw)
+    version[central + 6] = 0xFF  # "version needed to extract" 25.5: zipfile raises NotImplementedError
+    bad_name = bytearray(raw)
+    bad_name[local + 30], bad_name[local + 7] = 0xB1, bad_name[local + 7] | 0x08  # a UTF-8 flagged name that is not UTF-8
+    cases.update(version=(bytes(version), r"corrupt zip archive \(NotImplementedError"),
+                 name=(bytes(bad_name), r"corrupt zip archive \(UnicodeDecodeError"))
     for name, (content, message) in cases.items():
         (tmp_path / name).write_bytes(content)
         with pytest.raises(CheckpointError, match=message):
