@@ -13,8 +13,40 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def _tuples(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# what a JSON value must be for each field annotation used below (the annotations are strings here)
+_TYPE_CHECKS = {
+    "int": _is_int,
+    "int | None": lambda v: v is None or _is_int(v),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "bool": lambda v: isinstance(v, bool),
+    "tuple[int, ...]": lambda v: isinstance(v, tuple) and all(_is_int(x) for x in v),
+}
+
+
+def _from_fields(cls, d, where: str, nested: dict | None = None):
+    """cls(**d) for a JSON object `d` (absent fields keep their defaults); a ValueError naming the field for
+    what is not an object, an unknown field or a value of the wrong type. `nested` builds sub-config fields."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    kwargs = {}
+    for k, v in d.items():
+        if nested and k in nested:
+            kwargs[k] = nested[k](v, f"{where}.{k}")
+            continue
+        v = tuple(v) if isinstance(v, list) else v
+        if not _TYPE_CHECKS[fields[k].type](v):
+            raise ValueError(f"{where}.{k}: expected {fields[k].type}, got {v!r}")
+        kwargs[k] = v
+    return cls(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -118,16 +150,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        d = dict(d)
-        return cls(
-            name=d.get("name", "custom"),
-            unet=UNetConfig(**_tuples(d["unet"])),
-            vae=AutoencoderConfig(**_tuples(d["vae"])),
-            text=TextEncoderConfig(**_tuples(d["text"])),
-            schedule=ScheduleConfig(**d.get("schedule", {})),
-            latent_scale=d.get("latent_scale", 0.18215),
-            image_size=d.get("image_size", 512),
-        )
+        """The inverse of `to_dict`; a ValueError naming the field for anything else (a missing sub-config, an
+        unknown field, a value of the wrong type)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"model config: expected a JSON object, got {type(d).__name__}")
+        missing = [k for k in ("unet", "vae", "text") if k not in d]
+        if missing:
+            raise ValueError(f"model config: missing {', '.join(missing)}")
+        sub = {"unet": UNetConfig, "vae": AutoencoderConfig, "text": TextEncoderConfig, "schedule": ScheduleConfig}
+        nested = {k: (lambda v, where, c=c: _from_fields(c, v, where)) for k, c in sub.items()}
+        return _from_fields(cls, {"name": "custom", **d}, "model config", nested)
 
     @classmethod
     def from_json(cls, s: str) -> "ModelConfig":

@@ -48,7 +48,11 @@ def file_config(path: str) -> ModelConfig | None:
 
     _, meta = read_safetensors(path)
     if meta and CONFIG_METADATA_KEY in meta:
-        return ModelConfig.from_json(meta[CONFIG_METADATA_KEY])
+        try:
+            return ModelConfig.from_json(meta[CONFIG_METADATA_KEY])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: the model config in its header ({CONFIG_METADATA_KEY}) is damaged: "
+                                  f"{e}") from e
     return None
 
 

@@ -79,6 +79,21 @@ def _with_value(key, index, value):
     return {key: a}
 
 
+def _with_header_config(d, text):
+    from convert.safetensors_io import write_safetensors
+    from ldm_jax.loading import CONFIG_METADATA_KEY
+
+    write_safetensors(d / "m.safetensors", tiny_state_dict(), {CONFIG_METADATA_KEY: text})
+    return d / "m.safetensors"
+
+
+def _zip_version_byte(path):
+    raw = bytearray(path.read_bytes())
+    raw[raw.index(b"PK\x01\x02") + 6] = 0xFF  # "version needed to extract" 25.5
+    path.write_bytes(bytes(raw))
+    return path
+
+
 # name -> (make(tmp_path) -> src path, extra args, expected text in the error line)
 CASES = {
     "truncated ckpt": (lambda d: _truncated(save_ckpt(d / "m.ckpt", tiny_state_dict())), ["--preset", "tiny"],
@@ -125,6 +140,11 @@ CASES = {
     "SDXL": (lambda d: save_safetensors(d / "m.safetensors", _modified(
         **{"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": np.ones(8, np.float32)})), [],
         "SDXL checkpoints are not supported yet"),
+    "config in header not JSON": (lambda d: _with_header_config(d, "not json"), [], "(ldm_jax.config) is damaged"),
+    "config in header wrong type": (lambda d: _with_header_config(d, '{"unet": 5, "vae": {}, "text": {}}'), [],
+                                    "model config.unet: expected a JSON object"),
+    "corrupt zip (version)": (lambda d: _zip_version_byte(save_ckpt(d / "m.ckpt", tiny_state_dict())),
+                              ["--preset", "tiny"], "corrupt zip archive (NotImplementedError"),
     "no such file": (lambda d: d / "missing.ckpt", [], "no such file"),
     "a directory as SRC": (lambda d: d, [], "is a directory"),
 }
@@ -174,6 +194,13 @@ def test_not_a_converted_directory(tmp_path):
     rc, _, err = cli("convert", save_safetensors(tmp_path / "m.safetensors", tiny_state_dict()), tmp_path / "f",
                      "--config", tmp_path / "d" / "config.json")
     assert_failed(rc, err, tmp_path / "f", "not a ModelConfig JSON file")
+    for text, needle in (('{"unet": 5, "vae": {}, "text": {}}', "model config.unet: expected a JSON object"),
+                         ('{"unet": {"channels": "32"}, "vae": {}, "text": {}}', "unet.channels: expected int"),
+                         ('{"unet": {"chanels": 32}, "vae": {}, "text": {}}', "unknown field(s) chanels")):
+        (tmp_path / "d" / "config.json").write_text(text)
+        rc, _, err = cli("convert", tmp_path / "m.safetensors", tmp_path / "f", "--config",
+                         tmp_path / "d" / "config.json")
+        assert_failed(rc, err, tmp_path / "f", needle)
     assert sorted(os.listdir(tmp_path)) == ["d", "m.safetensors"]
 
 
