@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ldm_jax.errors import UserError
+
 DATA_AXIS = "data"
 
 
@@ -26,17 +28,35 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
     """Join a multi-host run when asked to (arguments, or LDM_JAX_COORDINATOR / LDM_JAX_NUM_PROCESSES /
     LDM_JAX_PROCESS_ID, or a cluster JAX auto-detects). Returns True when running multi-process."""
     coordinator = coordinator or os.environ.get("LDM_JAX_COORDINATOR")
-    if num_processes is None and "LDM_JAX_NUM_PROCESSES" in os.environ:
-        num_processes = int(os.environ["LDM_JAX_NUM_PROCESSES"])
-    if process_id is None and "LDM_JAX_PROCESS_ID" in os.environ:
-        process_id = int(os.environ["LDM_JAX_PROCESS_ID"])
-    if coordinator or num_processes or process_id is not None:
+    if num_processes is None:
+        num_processes = _env_int("LDM_JAX_NUM_PROCESSES")
+    if process_id is None:
+        process_id = _env_int("LDM_JAX_PROCESS_ID")
+    if coordinator or num_processes is not None or process_id is not None:
+        if num_processes is not None and num_processes < 1:
+            raise UserError(f"the number of processes must be >= 1, got {num_processes}")
+        if process_id is not None and not 0 <= process_id < (num_processes or process_id + 1):
+            raise UserError(f"the process id must be in [0, {num_processes}), got {process_id}")
         # CPU runs have cross-process collectives (gradient all-reduce, orbax's multi-host barriers) only with
         # gloo; it must be set before the backend starts and has no effect on GPU/TPU.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+        try:  # what a cluster does not supply (SLURM, TPU pods fill in the rest) is an error naming the flag
+            jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                       process_id=process_id)
+        except (ValueError, RuntimeError) as e:
+            raise UserError("cannot join the multi-host run (--coordinator HOST:PORT, --num-processes N and "
+                            f"--process-id I, or their LDM_JAX_* variables): {str(e).splitlines()[0]}") from e
     return jax.process_count() > 1
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"{name} must be an integer, got {value!r}") from None
 
 
 @lru_cache(maxsize=None)

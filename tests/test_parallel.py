@@ -81,3 +81,28 @@ def test_two_processes_on_localhost(ckpt, single, tmp_path):
     latents = np.concatenate([p["latents"] for p in parts])[np.argsort(idx)]
     assert rel_err(latents, single["latents"]) <= 1e-5
     assert np.abs(images.astype(int) - single["images"]).max() <= 1
+
+
+@pytest.mark.parametrize("args,env,message", [
+    ((None, 0, None), {}, "the number of processes must be >= 1, got 0"),
+    (("localhost:1", 2, 5), {}, r"the process id must be in \[0, 2\), got 5"),
+    ((None, None, None), {"LDM_JAX_NUM_PROCESSES": "abc"}, "LDM_JAX_NUM_PROCESSES must be an integer"),
+    ((None, None, None), {"LDM_JAX_PROCESS_ID": "-"}, "LDM_JAX_PROCESS_ID must be an integer"),
+])
+def test_bad_multi_host_settings_are_user_errors(monkeypatch, args, env, message):
+    from ldm_jax import parallel
+    from ldm_jax.errors import UserError
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(UserError, match=message):
+        parallel.init_distributed(*args)
+
+
+def test_incomplete_multi_host_flags_are_one_line_errors(tmp_path):
+    """What jax.distributed cannot start from (no coordinator for 2 processes) is one line, exit 2."""
+    p = subprocess.run([sys.executable, "-m", "ldm_jax", "txt2img", "--prompt", "x", "--steps", "2", "--out",
+                        str(tmp_path / "out"), "--num-processes", "2"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()] and "cannot join the multi-host run" in p.stderr
+    assert not (tmp_path / "out").exists()

@@ -157,6 +157,10 @@ def test_inpainting_unet_conditioning(tmp_path):
     (dict(eta=0.5, sampler="plms"), "has no eta"),
     (dict(output="pixels"), "output must be one of"),
     (dict(progress="bar"), "progress must be one of"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+    (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number"),
+    (dict(guidance_scale="high"), "guidance_scale must be a number"),
+    (dict(eta=float("nan")), "eta must be a finite number"),
     (dict(latents=np.zeros((2, 3, 3, 4), np.float32)), "latents must have shape"),
 ])
 def test_txt2img_bad_input(tiny, kwargs, match):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # (command, module, one-line help)
@@ -71,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"ldm-jax {args.command}: interrupted", file=sys.stderr)
+        if argv is None:  # the program itself (not a caller in Python): leave without the interpreter's teardown,
+            # which crashed (SIGSEGV) after a Ctrl-C that landed while XLA was compiling; every `finally` that
+            # removes a temporary output has run by now
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
 
 

@@ -54,11 +54,24 @@ def check_steps(steps) -> None:
 
 
 def check_strength(strength) -> None:
+    _check_finite("strength", strength)
     if not 0.0 <= float(strength) <= 1.0:
         raise UserError(f"strength must be in [0, 1], got {strength}")
 
 
-def _check_common(sd, sampler, steps, output, eta):
+def _check_finite(name: str, value) -> None:
+    try:
+        ok = np.isfinite(float(value))
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a number, got {value!r}") from None
+    if not ok:
+        raise UserError(f"{name} must be a finite number, got {value}")
+
+
+def _check_common(sd, sampler, steps, output, eta, guidance_scale):
+    _check_finite("guidance_scale", guidance_scale)
+    if eta is not None:
+        _check_finite("eta", eta)
     if sampler not in samplers.SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; choose from {', '.join(samplers.SAMPLERS)}")
     check_steps(steps)
@@ -181,7 +194,7 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
         negatives = negatives * n
     if len(negatives) != n:
         raise UserError(f"{len(negatives)} negative prompts for {n} prompts")
-    _check_common(sd, sampler, steps, output, eta)
+    _check_common(sd, sampler, steps, output, eta, guidance_scale)
     f = sd.latent_factor
     init = mask = None
     if mode in ("img2img", "inpaint"):
