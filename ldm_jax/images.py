@@ -3,8 +3,10 @@ with generation parameters in text chunks (as A1111 / diffusers users expect), i
 
 from __future__ import annotations
 
+import errno
 import os
-import tempfile
+import secrets
+import shutil
 
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
@@ -26,17 +28,29 @@ def to_uint8(images) -> np.ndarray:
     return np.clip(np.round((a + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def read_image(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
-    """An image file -> uint8 [H, W, 3] (EXIF orientation applied, alpha composited on white), optionally
-    resized to size=(height, width)."""
+# PIL modes of 16-bit (and 32-bit integer) grayscale: 16-bit PNGs and TIFFs open as one of these
+_WIDE_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+
+
+def _to_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Any PIL image -> RGB: 16-bit grayscale scaled to 8 bits (0..65535 -> 0..255; PIL's own convert clips
+    it at 255, turning a photo near white), transparency composited onto `background`."""
+    if im.mode in _WIDE_GRAY:
+        a = np.clip(np.asarray(im).astype(np.float64), 0, 65535) / 257.0
+        im = Image.fromarray(np.round(a).astype(np.uint8))  # 2-D uint8: mode L
+    if "A" in im.mode or "a" in im.mode or im.mode == "P" or "transparency" in im.info:
+        im = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", im.size, background + (255,)), im)
+    return im.convert("RGB")
+
+
+def read_image(path: str, size: tuple[int, int] | None = None, background: tuple[int, int, int] = WHITE) -> np.ndarray:
+    """An image file -> uint8 [H, W, 3] (EXIF orientation applied, 16-bit grayscale scaled to 8 bits,
+    transparency composited onto `background`, white by default), optionally resized to size=(height, width)."""
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA", "P"):
-                im = im.convert("RGBA")
-                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(bg, im)
-            im = im.convert("RGB")
+            im = _to_rgb(ImageOps.exif_transpose(im), background)
             if size is not None and im.size != (size[1], size[0]):
                 im = im.resize((size[1], size[0]), Image.Resampling.LANCZOS)
             return np.asarray(im, np.uint8)
@@ -47,8 +61,10 @@ def read_image(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
 
 
 def read_mask(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
-    """A mask image -> float32 [H, W] in [0, 1]; white (1) marks the region to repaint."""
-    rgb = read_image(path, size)
+    """A mask image -> float32 [H, W] in [0, 1]: the mean of R, G and B; white (1) marks the region to repaint,
+    black (0) the region to keep. Transparency is composited onto black, so transparent areas are kept (a white
+    brush stroke on a transparent layer repaints under the stroke only)."""
+    rgb = read_image(path, size, background=BLACK)
     return rgb.astype(np.float32).mean(axis=-1) / 255.0
 
 
@@ -60,18 +76,116 @@ def png_info(params: dict) -> PngImagePlugin.PngInfo:
     return info
 
 
-def save_png(path: str, image: np.ndarray, params: dict | None = None) -> None:
-    """Write a PNG atomically (temporary file + rename), with `params` as tEXt chunks."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
+def _new_temp(directory: str) -> tuple[int, str]:
+    """A new, empty temporary file in `directory`, opened for writing: (fd, path). Created exclusively with mode
+    0o666 so the umask applies as for any new file (mkstemp's 0600 would survive the rename)."""
+    for _ in range(100):
+        path = os.path.join(directory, f".tmp-{secrets.token_hex(8)}.png")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{directory}: cannot find a free temporary file name")
+
+
+def _write_temp(directory: str, image: np.ndarray, params: dict | None) -> str:
+    """Encode a PNG (with `params` as tEXt chunks) into a new temporary file in `directory`; returns its path."""
+    fd, tmp = _new_temp(directory)
     try:
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(np.asarray(image, np.uint8)).save(f, format="PNG", pnginfo=png_info(params or {}))
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _claim(tmp: str, path: str) -> bool:
+    """Give the complete file `tmp` (kept) the new name `path`, atomically and only if `path` does not exist:
+    False if it does. An existing file is never replaced (os.link fails on an existing name, rename would not)."""
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:  # a file system without hard links: reserve the name exclusively, then fill it atomically
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+            raise
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except FileExistsError:
+        return False
+    fd, copy = _new_temp(os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as f, open(tmp, "rb") as src:
+            shutil.copyfileobj(src, f)
+        os.replace(copy, path)
+    except BaseException:
+        _unlink_quietly(copy)
+        _unlink_quietly(path)
+        raise
+    return True
+
+
+def save_png(path: str, image: np.ndarray, params: dict | None = None) -> None:
+    """Write a PNG atomically (temporary file + rename, replacing `path` if it exists), with `params` as tEXt
+    chunks, mode 0o666 & ~umask."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = _write_temp(directory, image, params)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _unlink_quietly(tmp)
         raise
+
+
+def run_file_name(stem: str, run: int) -> str:
+    """The file name of `stem` in run number `run`: run 1 is stem.png, later runs stem-2.png, stem-3.png, ..."""
+    return f"{stem}.png" if run <= 1 else f"{stem}-{run}.png"
+
+
+def first_free_run(directory: str, stems: list[str], start: int = 1) -> int:
+    """The smallest run number >= start for which none of `stems` names an existing file in `directory`."""
+    run = max(1, start)
+    while any(os.path.lexists(os.path.join(directory, run_file_name(s, run))) for s in stems):
+        run += 1
+    return run
+
+
+def save_new_pngs(directory: str, items: list[tuple[str, np.ndarray, dict | None]], run: int = 1) -> list[str]:
+    """Save (stem, image, params) items as new PNGs in `directory`, never replacing a file: all of them under
+    one run number (`run_file_name`), the first >= `run` for which every name is free (a multi-host run passes
+    the number process 0 found free for the whole run's stems). Each file is written whole to a temporary file
+    first and then linked to its name, which fails if the name exists (a concurrent run took it): then the files
+    already linked are removed and the next free run number is tried. Returns the paths."""
+    names = [stem for stem, _, _ in items]
+    run = first_free_run(directory, names, run)
+    temps = []
+    try:
+        for _, image, params in items:
+            temps.append(_write_temp(directory, image, params))
+        while True:
+            done = []
+            for stem, tmp in zip(names, temps):
+                path = os.path.join(directory, run_file_name(stem, run))
+                if not _claim(tmp, path):
+                    break
+                done.append(path)
+            else:
+                return done
+            for path in done:
+                os.unlink(path)
+            run = first_free_run(directory, names, run + 1)
+    finally:
+        for tmp in temps:
+            _unlink_quietly(tmp)
 
 
 def grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:

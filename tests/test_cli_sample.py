@@ -93,6 +93,62 @@ def test_img2img_and_inpaint(ckpt, tmp_path):
     np.testing.assert_array_equal(out[m == 0], pixels[m == 0])
 
 
+def test_a_rerun_into_the_same_folder_never_overwrites(ckpt, tmp_path):
+    """Names used to be <seed>-<index>-<prompt>.png only: a second run replaced the first one's images and grid
+    (and --n 2 after --n 4 left a mix). Now a later run's files all get the first free suffix, and every file gets
+    the normal mode (0666 & ~umask, not mkstemp's 0600)."""
+    out = tmp_path / "out"
+    args = ["txt2img", "--checkpoint", ckpt, "--prompt", "a red circle", "--steps", "2", "--height", "16",
+            "--width", "16", "--seed", "7", "--out", str(out)]
+    old_umask = os.umask(0o022)
+    try:
+        assert main([*args, "--n", "3"]) == 0
+        first = {f: (out / f).read_bytes() for f in os.listdir(out)}
+        assert main([*args, "--n", "2", "--scale", "3"]) == 0
+        assert main([*args, "--n", "1", "--scale", "2"]) == 0
+    finally:
+        os.umask(old_umask)
+    assert sorted(first) == ["7-0000-a_red_circle.png", "7-0001-a_red_circle.png", "7-0002-a_red_circle.png",
+                             "7-grid-a_red_circle.png"]
+    assert sorted(os.listdir(out)) == sorted([*first, "7-0000-a_red_circle-2.png", "7-0001-a_red_circle-2.png",
+                                              "7-grid-a_red_circle-2.png", "7-0000-a_red_circle-3.png"])
+    assert all((out / f).read_bytes() == data for f, data in first.items())
+    with Image.open(out / "7-0001-a_red_circle-2.png") as im:
+        assert im.text["scale"] == "3.0" and im.text["index"] == "1"
+    assert {os.stat(out / f).st_mode & 0o777 for f in os.listdir(out)} == {0o644}
+
+
+def test_inpaint_keeps_the_transparent_areas_of_an_rgba_mask(ckpt, tmp_path):
+    """A white stroke on a transparent layer (as image editors export it): only the stroke is repainted. On white,
+    as init images are, the transparent area counted as "repaint" and the whole image changed."""
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    pixels = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(init)
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[4:12, 4:12, 3] = 255
+    Image.fromarray(rgba).save(mask)
+    assert main(["inpaint", "--checkpoint", ckpt, "--prompt", "x", "--init", str(init), "--mask", str(mask),
+                 "--steps", "2", "--out", str(tmp_path / "b")]) == 0
+    (png,) = os.listdir(tmp_path / "b")
+    with Image.open(tmp_path / "b" / png) as im:
+        out = np.asarray(im)
+    keep = rgba[..., 3] == 0
+    np.testing.assert_array_equal(out[keep], pixels[keep])
+    assert not np.array_equal(out[~keep], pixels[~keep])
+
+
+def test_help_names_the_real_files_and_the_limits(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["inpaint", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for part in ("OUT/<seed>-<index>-<prompt>.png", "OUT/<seed>-grid-<prompt>.png", "never overwritten",
+                 "[0, 2^32)", "3, 9, 27, 36, 37, 101-111, 251-333, over 500", "transparent areas are kept",
+                 "float16 needs a GPU/TPU"):
+        assert part in text, part
+
+
 def test_verify_passes_on_a_good_checkpoint(ckpt, capsys):
     assert main(["verify", ckpt, "--components", "unet,text_encoder", "--latent-size", "8x8"]) == 0
     assert "parity OK" in capsys.readouterr().out
@@ -108,13 +164,22 @@ def test_verify_passes_on_a_good_checkpoint(ckpt, capsys):
     (["img2img", "--init", "{init}", "--strength", "1.5"], "strength must be in [0, 1]"),
     (["inpaint", "--init", "{init}", "--mask", "{small}"], "the mask is 8x8 but the image is 16x16"),
     (["txt2img", "--checkpoint", "nowhere.safetensors"], "nowhere.safetensors: no such file or directory"),
+    (["txt2img", "--seed", "-1"], "--seed must be in [0, 2^32) = [0, 4294967295], got -1"),
+    (["txt2img", "--seed", str(2**32)], "--seed must be in [0, 2^32) = [0, 4294967295], got 4294967296"),
+    (["txt2img", "--dtype", "float16"], "--dtype float16 cannot run on the CPU backend"),
+    (["img2img", "--init", "{odd}"], "odd.png: the image is 24 wide and 60 high; img2img and inpaint need both"),
+    (["inpaint", "--init", "{init}", "--mask", "{odd}"], "odd.png: the mask is 60x24 but the image is 16x16"),
+    (["txt2img", "--out", "{init}"], "init.png: exists and is not a directory"),
+    (["txt2img", "--out", ""], "--out must name a directory, got an empty string"),
+    (["txt2img", "--out", "{init}/sub"], "init.png is not a directory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(ckpt, tmp_path, args, message):
     init, small = tmp_path / "init.png", tmp_path / "small.png"
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(init)
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(small)
-    args = [a.format(init=init, small=small) for a in args]
-    base = ["--prompt", "x", "--out", str(tmp_path / "out")]
+    Image.fromarray(np.zeros((60, 24, 3), np.uint8)).save(tmp_path / "odd.png")
+    args = [a.format(init=init, small=small, odd=tmp_path / "odd.png") for a in args]
+    base = ["--prompt", "x"] + ([] if "--out" in args else ["--out", str(tmp_path / "out")])
     if "--steps" not in args:
         base += ["--steps", "2"]
     if "--checkpoint" not in args:
@@ -125,4 +190,19 @@ def test_bad_input_is_one_line_and_exit_2(ckpt, tmp_path, args, message):
     assert rc == 2, (out, err)
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
+    if "--checkpoint" not in args:
+        assert "loading" not in out  # refused before loading, compiling or sampling
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")
+def test_an_unwritable_out_fails_before_loading(ckpt, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        rc, out, err = run_cli("txt2img", "--checkpoint", ckpt, "--prompt", "x", "--steps", "2", "--height", "16",
+                               "--width", "16", "--out", locked / "new")
+    finally:
+        locked.chmod(0o700)
+    assert rc == 2 and "cannot write to" in err and "loading" not in out and len(err.strip().splitlines()) == 1

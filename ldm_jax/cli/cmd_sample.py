@@ -1,8 +1,11 @@
 """`ldm-jax txt2img | img2img | inpaint`: generate images and save them as PNGs with their parameters.
 
-Each image is saved as OUT/<seed>-<index>.png with the prompt, negative prompt, seed, sampler, steps, scale
-(and strength) in PNG text chunks; with --n > 1 a grid image is saved too. Progress is shown for loading,
-compiling, and sampling: every step (--step-progress) or the elapsed time. Multi-host: set
+Each image is saved as OUT/<seed>-<index>-<prompt>.png (index in 4 digits, the prompt's letters and digits with
+_ between words, at most 40 characters: 7-0000-a_red_circle.png) with the prompt, negative prompt, seed, sampler,
+steps, scale (and strength) in PNG text chunks; with --n > 1 a grid is saved too, as OUT/<seed>-grid-<prompt>.png.
+Nothing is ever overwritten: when any of a run's names is taken (by an earlier run into the same --out), all the
+run's files get the same suffix, the first free of -2, -3, ... (7-0000-a_red_circle-2.png). Progress is shown
+for loading, compiling, and sampling: every step (--step-progress) or the elapsed time. Multi-host: set
 LDM_JAX_COORDINATOR, LDM_JAX_NUM_PROCESSES and LDM_JAX_PROCESS_ID (or --coordinator/--num-processes/--process-id);
 each host saves its own share. Compiled programs are kept in LDM_JAX_CACHE_DIR (default ~/.cache/ldm-jax/xla), so a
 new process with the same model, request shape and code skips tracing and compiling (LDM_JAX_NO_PROGRAM_CACHE=1
@@ -29,24 +32,35 @@ def add_parser(sub, name, help_):
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: none)")
     p.add_argument("--n", type=int, default=1, help="number of images (default: 1)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50). DDIM and PLMS use "
+                   "CompVis' time steps range(0, T, T // STEPS) + 1 (T = 1000 for SD 1.x and the bundled model): "
+                   "a count that does not divide T runs a few more steps (30 runs 31) and counts whose last time "
+                   "step would pass T are refused (for T = 1000: 3, 9, 27, 36, 37, 101-111, 251-333, over 500)")
     p.add_argument("--sampler", default="ddim", choices=SAMPLER_NAMES, help="sampler (default: ddim)")
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
     p.add_argument("--eta", type=float, default=None, help="DDIM/Euler-a noise (default: the sampler's own)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; image i uses fold_in(seed, i) (default: 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed, an integer in [0, 2^32); image i uses fold_in(seed, i) (default: 0)")
     if name == "txt2img":
         p.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's own, 512 "
                        "for SD 1.x)")
         p.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the model's own)")
     else:
-        p.add_argument("--init", required=True, metavar="IMG", help="init image (its size must be a multiple of 8)")
+        p.add_argument("--init", required=True, metavar="IMG",
+                       help="init image: its width and height must be multiples of 8; transparency is laid on "
+                       "white, 16-bit grayscale is scaled to 8 bits")
         p.add_argument("--strength", type=float, default=0.75 if name == "img2img" else 1.0,
                        help="how much to change the init image, 0..1 (default: %(default)s)")
     if name == "inpaint":
-        p.add_argument("--mask", required=True, metavar="IMG", help="mask image: white = repaint, black = keep")
-    p.add_argument("--out", default=f"outputs/{name}", metavar="DIR", help="output directory (default: %(default)s)")
+        p.add_argument("--mask", required=True, metavar="IMG",
+                       help="mask image, the init image's size: white = repaint, black = keep, gray blends (the "
+                       "mean of R, G, B); a mask with transparency is laid on black, so transparent areas are kept")
+    p.add_argument("--out", default=f"outputs/{name}", metavar="DIR",
+                   help="output directory, created if missing; existing files in it are never overwritten "
+                   "(default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="compute dtype (default: float32; bfloat16 is faster on GPU/TPU)")
+                   help="compute dtype (default: float32; bfloat16 is faster on GPU/TPU; float16 needs a GPU/TPU: "
+                   "XLA's CPU backend cannot run it)")
     p.add_argument("--step-progress", action=argparse.BooleanOptionalAction, default=None,
                    help="a progress bar advanced by every sampling step. Its callback from inside the compiled "
                    "loop keeps the program out of the persistent compilation cache, so every run compiles it "
@@ -59,8 +73,41 @@ def add_parser(sub, name, help_):
     p.set_defaults(func=run, mode=name)
 
 
+SEED_LIMIT = 2**32  # the program keys on the seed as a uint32: larger or negative seeds would alias smaller ones
+
+
 def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:limit] or "image"
+
+
+def check_out(out: str) -> None:
+    """--out must be a directory that exists or can be created, and is writable: checked before anything is loaded
+    or sampled (nothing is created here; the directory is made only when there are images to save)."""
+    if not out:
+        raise UserError("--out must name a directory, got an empty string")
+    path = os.path.join(os.getcwd(), out)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise UserError(f"--out {out}: exists and is not a directory")
+    else:
+        parent = path.rstrip(os.sep) or os.sep
+        while not os.path.lexists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            what = "a broken symbolic link" if os.path.islink(parent) else "not a directory"
+            raise UserError(f"--out {out}: cannot create it, {parent} is {what}")
+        path = parent
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: cannot write to {path} (permission denied or read-only)")
+
+
+def _check_init_size(path: str, shape, factor: int) -> None:
+    """img2img/inpaint: the init image's sides must be multiples of max(8, the autoencoder's factor)."""
+    f = max(8, factor)
+    h, w = shape[:2]
+    if h % f or w % f:
+        raise UserError(f"{path}: the image is {w} wide and {h} high; img2img and inpaint need both to be multiples "
+                        f"of {f} (crop or resize it)")
 
 
 # how the program was obtained (`program_cache.load_or_compile`), as a suffix of the timing lines
@@ -90,31 +137,46 @@ def run(args) -> int:
         check_strength(args.strength)
     if args.eta is not None and args.eta < 0:
         raise UserError(f"--eta must be >= 0, got {args.eta}")
+    if not 0 <= args.seed < SEED_LIMIT:
+        raise UserError(f"--seed must be in [0, 2^32) = [0, {SEED_LIMIT - 1}], got {args.seed}")
+    check_out(args.out)
     from ldm_jax import images as imio
     from ldm_jax import parallel
 
     multi = parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
+    import jax
+
+    if args.dtype == "float16" and jax.default_backend() == "cpu":  # XLA: "F16_F16_F32 not supported on CPU"
+        raise UserError("--dtype float16 cannot run on the CPU backend (XLA's CPU matmul has no float16 precision); "
+                        "use --dtype float32 or bfloat16")
     import ldm_jax
     from ldm_jax.loading import DEFAULT_MODEL
     from ldm_jax.models.build import abstract_params
+    from ldm_jax.samplers import n_loop_steps
     from ldm_jax.warm_start import load_while_compiling, peek_config
 
+    config = peek_config(args.checkpoint)  # known before reading tensors: compile while they load
+    if config is not None:  # the sampler's time-step table (DDIM/PLMS cannot do 3 steps of T=1000), before loading
+        try:
+            n_loop_steps(args.sampler, config.schedule.n_steps, args.steps)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     kw = {}
     if args.mode != "txt2img":
         init = imio.read_image(args.init)
+        _check_init_size(args.init, init.shape, 8 if config is None else config.vae.downsample_factor)
         kw.update(init_images=init, strength=args.strength)
         if args.mode == "inpaint":
             kw.update(masks=imio.read_mask(args.mask))
             if kw["masks"].shape != init.shape[:2]:
-                raise UserError(f"the mask is {kw['masks'].shape[0]}x{kw['masks'].shape[1]} but the image is "
-                                f"{init.shape[0]}x{init.shape[1]}")
+                raise UserError(f"{args.mask}: the mask is {kw['masks'].shape[0]}x{kw['masks'].shape[1]} but the "
+                                f"image is {init.shape[0]}x{init.shape[1]}")
     if args.mode == "txt2img":
         kw.update(height=args.height, width=args.width)  # None: the model's own size
     request = dict(negative_prompts=[args.negative_prompt] * args.n, steps=args.steps, sampler=args.sampler,
                    guidance_scale=args.scale, eta=args.eta, seed=args.seed, **kw)
     prompts = [args.prompt] * args.n
     name = args.checkpoint or "the bundled model"
-    config = peek_config(args.checkpoint)  # known before reading tensors: compile while they load
     t0 = time.perf_counter()
     if config is None:
         print(f"loading {name} ...", flush=True)
@@ -144,12 +206,27 @@ def run(args) -> int:
             "generator": "ldm-jax"}
     plan = parallel.plan_batch(args.n)
     indices = [i for i in plan.local_indices if i < args.n]
-    for i, image in zip(indices, images):
-        path = os.path.join(args.out, f"{args.seed}-{i:04d}-{_slug(args.prompt)}.png")
-        imio.save_png(path, image, dict(meta, index=i))
-        print(f"saved {path}")
-    if args.n > 1 and not multi:
-        path = os.path.join(args.out, f"{args.seed}-grid-{_slug(args.prompt)}.png")
-        imio.save_png(path, imio.grid(images), meta)
+    for path in _save(args, meta, indices, images, multi):
         print(f"saved {path}")
     return 0
+
+
+def _save(args, meta: dict, indices, images, multi: bool) -> list[str]:
+    """Save this process's images (and the grid) under names no earlier run has taken, one run number for all
+    the run's files (`images.save_new_pngs`); multi-host, process 0 picks it for every host."""
+    from ldm_jax import images as imio
+
+    slug = _slug(args.prompt)
+    items = [(f"{args.seed}-{i:04d}-{slug}", image, dict(meta, index=int(i))) for i, image in zip(indices, images)]
+    if args.n > 1 and not multi:
+        items.append((f"{args.seed}-grid-{slug}", imio.grid(images), meta))
+    run = 1
+    if multi:  # every host starts from the run number that is free for all n names (on a shared --out)
+        import jax
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            run = imio.first_free_run(args.out, [f"{args.seed}-{i:04d}-{slug}" for i in range(args.n)])
+        run = int(multihost_utils.broadcast_one_to_all(np.int32(run)))
+    return imio.save_new_pngs(args.out, items, run=run)
