@@ -2,7 +2,10 @@
 
 Every checkpoint tensor is either mapped exactly once (by the table in `convert.keys`, shape asserted),
 or on an explicit ignore list with its reason; anything else is "unexpected" (an error unless allowed).
-A missing key, a wrong shape, a non-array value or a NaN/Inf weight is an error naming the key.
+A missing key, a wrong shape, a non-array value, a NaN/Inf weight or a finite weight too large for the target
+dtype (fp16 overflows to Inf) is an error naming the key. Error hints name both ways to relax a check (the
+`ldm-jax convert` flag and the Python keyword), since the same messages reach `ldm_jax.load`, `verify` and the
+sampling commands.
 """
 
 from __future__ import annotations
@@ -109,10 +112,31 @@ def _convert_one(entry: Entry, key: str, value, dtype, allow_nonfinite: bool):
     # contiguous copy, made two passes and two allocations: 5.4 s against 2.8 s for SD 1.x fp16 on 2 cores)
     view = to_flax_layout(entry, arr)
     out = np.empty(view.shape, dtype)
-    np.copyto(out, view, casting="unsafe")
-    if not allow_nonfinite and not np.isfinite(out).all():
-        raise CheckpointError(f"{key}: contains NaN or Inf values (pass --allow-nonfinite to load anyway)")
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, not as a numpy warning
+        np.copyto(out, view, casting="unsafe")
+    if (_narrows(arr.dtype, out.dtype) or not allow_nonfinite) and not np.isfinite(out).all():
+        check_fits(key, view, out)
+        if not allow_nonfinite:
+            raise CheckpointError(f"{key}: contains NaN or Inf values (to accept them: `ldm-jax convert "
+                                  "--allow-nonfinite`, or allow_nonfinite=True in Python)")
     return out
+
+
+def _narrows(source, target) -> bool:
+    """Whether a cast from float dtype `source` to `target` can overflow (float32 -> float16, not the reverse)."""
+    try:
+        return bool(ml_dtypes.finfo(target).max < ml_dtypes.finfo(source).max)
+    except ValueError:  # not floating point
+        return False
+
+
+def check_fits(key: str, source: np.ndarray, cast: np.ndarray) -> None:
+    """CheckpointError if casting the finite values of `source` produced Inf in `cast` (e.g. |w| > 65504 in fp16)."""
+    overflow = np.isfinite(source) & ~np.isfinite(cast)
+    if overflow.any():
+        biggest = float(np.abs(np.asarray(source, np.float64)[overflow]).max())
+        raise CheckpointError(f"{key}: max |value| {biggest:.6g} does not fit {cast.dtype.name} (largest finite "
+                              f"{float(ml_dtypes.finfo(cast.dtype).max):.6g}); use fp32 or bf16 instead")
 
 
 def conversion_workers() -> int:
@@ -159,7 +183,8 @@ def state_dict_to_params(state_dict: Mapping[str, object], abstract_params: Mapp
     if ema is None:
         ema = ema_present
     elif ema and not ema_present:
-        raise CheckpointError("--ema was asked for, but the checkpoint has no model_ema.* weights")
+        raise CheckpointError("EMA weights were asked for (--ema / ema=True), but the checkpoint has no "
+                              "model_ema.* weights")
     report = MappingReport(used_ema=bool(ema))
     used: set[str] = set()
     params: dict = {}
@@ -199,16 +224,26 @@ def state_dict_to_params(state_dict: Mapping[str, object], abstract_params: Mapp
             report.ignored[key] = reason
     if report.unexpected and not allow_unexpected:
         raise CheckpointError(f"{len(report.unexpected)} unexpected tensor(s), e.g. {report.unexpected[0]} "
-                              "(pass --allow-unexpected to ignore them)")
+                              "(to ignore them: `ldm-jax convert --allow-unexpected`, or allow_unexpected=True in "
+                              "Python)")
     return params, report
 
 
 def params_to_state_dict(params: Mapping[str, Mapping], dtype=None) -> dict[str, np.ndarray]:
-    """Flax parameter trees -> a CompVis-layout state dict (model weights only, canonical shapes)."""
+    """Flax parameter trees -> a CompVis-layout state dict (model weights only, canonical shapes).
+
+    dtype: cast every tensor to it; a finite weight that does not fit (fp16: |w| > 65504 becomes Inf) is a
+    CheckpointError naming the tensor and its max |value|, never a silent Inf."""
     out = {}
     for component, tree in params.items():
         for entry in key_table(component, tree):
             value = np.asarray(_get(tree, entry.flax_path))
             value = to_compvis_layout(entry, value)
-            out[entry.key] = np.ascontiguousarray(value if dtype is None else value.astype(dtype))
+            if dtype is not None and np.dtype(dtype) != value.dtype:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    cast = value.astype(dtype)
+                if _narrows(value.dtype, cast.dtype) and not np.isfinite(cast).all():
+                    check_fits(entry.key, value, cast)
+                value = cast
+            out[entry.key] = np.ascontiguousarray(value)
     return out

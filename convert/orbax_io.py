@@ -10,8 +10,11 @@ Layout (`FORMAT`, version `FORMAT_VERSION`)::
 
 Writing is atomic: everything is built in a temporary sibling directory `<OUT_DIR>.tmp-<random>` that is renamed
 to OUT_DIR only when complete; on any failure (exception, Ctrl-C) the temporary directory is removed, so OUT_DIR
-is either absent, untouched, or complete. An existing non-empty OUT_DIR is refused unless `overwrite=True`; it is
-then renamed aside, the new directory renamed in, and the old one deleted.
+is either absent, untouched, or complete. Orbax saves on a worker thread that a Ctrl-C does not stop: the main
+thread waits for it (and for orbax's writer threads it waits on) before removing the temporary directory, so no
+writer re-creates it afterwards; a second Ctrl-C stops waiting. An existing non-empty OUT_DIR is refused unless
+`overwrite=True` and it is itself a converted directory (never an arbitrary directory of user files, never a
+symbolic link); it is then renamed aside, the new directory renamed in, and the old one deleted.
 
 Memory and speed: orbax copies numpy leaves before writing them but writes `jax.Array` leaves in place, so the
 converter hands it jax arrays on the CPU. Restoring reads the tree's shapes from the orbax metadata (no model
@@ -21,10 +24,13 @@ tracing) and lets tensorstore read, cast and place every tensor directly on the 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import secrets
 import shutil
+import sys
+import threading
 
 import jax
 import numpy as np
@@ -36,6 +42,7 @@ FORMAT = "ldm-jax-converted"
 FORMAT_VERSION = 1
 CONFIG_FILE, METADATA_FILE, PARAMS_DIR = "config.json", "metadata.json", "params"
 COMPONENTS = ("unet", "vae", "text_encoder")
+PARAMS_FILES = "params_files"  # metadata entry: {file under params/: size}, checked before reading
 
 
 def is_converted_dir(path: str | os.PathLike) -> bool:
@@ -53,12 +60,21 @@ def is_converted_dir(path: str | os.PathLike) -> bool:
 
 
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
-    """Refuse an OUT_DIR that is a file, or a non-empty directory without `overwrite` (checked before working)."""
+    """Refuse (before any work) an empty path, a symbolic link, a file, a non-empty directory without `overwrite`,
+    and, even with `overwrite`, a non-empty directory that is not a converted directory (it may hold user files)."""
     out_dir = os.fspath(out_dir)
+    if not out_dir:
+        raise CheckpointError("the output directory path is empty")
+    if os.path.islink(out_dir):
+        raise CheckpointError(f"{out_dir}: is a symbolic link; give the directory itself (or a new path)")
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise CheckpointError(f"{out_dir}: exists and is not a directory")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise CheckpointError(f"{out_dir}: directory exists and is not empty (pass --overwrite to replace it)")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        if not overwrite:
+            raise CheckpointError(f"{out_dir}: directory exists and is not empty (pass --overwrite to replace it)")
+        if not is_converted_dir(out_dir):
+            raise CheckpointError(f"{out_dir}: not an ldm-jax converted directory; refusing to replace it (and the "
+                                  "files in it): remove it yourself or choose another OUT_DIR")
     parent = os.path.dirname(os.path.abspath(out_dir))
     if not os.path.isdir(parent):
         raise CheckpointError(f"{out_dir}: parent directory {parent} does not exist")
@@ -91,6 +107,45 @@ def _remove_tree(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
         if not os.path.lexists(path):
             return
+
+
+def finish_despite_interrupt(fn, *args):
+    """fn(*args) on a worker thread; the calling thread waits for it to return even through a Ctrl-C (the
+    KeyboardInterrupt is re-raised once it has), so nothing is still writing when the caller cleans up. A second
+    Ctrl-C stops waiting. (An Event, not Thread.join: an interrupted join marks a live thread as stopped.)"""
+    outcome: dict = {}
+    done = threading.Event()
+
+    def target():
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as e:  # handed to the waiting thread
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name=f"ldm-jax-{fn.__name__}", daemon=True).start()
+    interrupted = None
+    while not done.is_set():
+        try:
+            done.wait(0.05)
+        except KeyboardInterrupt as e:
+            if interrupted is not None:
+                raise
+            interrupted = e
+    if interrupted is not None:
+        raise interrupted
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+def _save_params(params_dir: str, tree) -> None:
+    """One synchronous orbax save of `tree` to `params_dir` (the checkpointer closed when it returns)."""
+    import orbax.checkpoint as ocp
+
+    with _checkpointer() as ckptr:
+        ckptr.save(params_dir, args=ocp.args.PyTreeSave(tree))
 
 
 @contextlib.contextmanager
@@ -143,12 +198,33 @@ def write_converted(out_dir: str | os.PathLike, config: ModelConfig, params, met
     check_output_dir(out_dir, overwrite)
     with staging_dir(out_dir) as tmp:
         _write_json(os.path.join(tmp, CONFIG_FILE), config.to_json())
+        finish_despite_interrupt(_save_params, os.path.join(tmp, PARAMS_DIR), {c: params[c] for c in COMPONENTS})
+        metadata[PARAMS_FILES] = _file_sizes(os.path.join(tmp, PARAMS_DIR))
         _write_json(os.path.join(tmp, METADATA_FILE), json.dumps(metadata, indent=2, sort_keys=True))
-        import orbax.checkpoint as ocp
+        finish_despite_interrupt(install_dir, tmp, out_dir, overwrite)
 
-        with _checkpointer() as ckptr:
-            ckptr.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave({c: params[c] for c in COMPONENTS}))
-        install_dir(tmp, out_dir, overwrite)
+
+def _file_sizes(folder: str) -> dict[str, int]:
+    """{path relative to `folder` (with /): size in bytes} of every file under `folder`."""
+    sizes = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            full = os.path.join(root, name)
+            sizes[os.path.relpath(full, folder).replace(os.sep, "/")] = os.path.getsize(full)
+    return sizes
+
+
+def _check_files(path: str, metadata: dict) -> None:
+    """A missing or resized file under params/ (against the sizes `write_converted` recorded; directories written
+    before it recorded them are not checked) is a one-line error before orbax reads anything: orbax's own
+    failure on such a file comes with tracebacks printed from its reader threads."""
+    for rel, size in sorted(metadata.get(PARAMS_FILES, {}).items()):
+        full = os.path.join(path, PARAMS_DIR, *rel.split("/"))
+        found = os.path.getsize(full) if os.path.isfile(full) else None
+        if found != size:
+            what = "is missing" if found is None else f"has {found} bytes, {size} were written"
+            raise CheckpointError(f"{path}: damaged converted directory: {PARAMS_DIR}/{rel} {what}; convert the "
+                                  "source file again")
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -195,6 +271,34 @@ def _stored_tree(params_dir: str):
     return getattr(meta, "tree", meta)  # orbax >= 0.11 wraps the tree
 
 
+def _collect_quietly() -> None:
+    """Collect the read coroutines a failed orbax restore abandoned. Orbax's `_read_array_index_and_device_put`
+    turns the GeneratorExit of its own finalisation into an `Exception`, which Python would print (a spec dump of
+    ~60 lines per tensor) as "Exception ignored in" whenever the garbage collector gets to it; those are dropped."""
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if "orbax" not in getattr(code, "co_filename", ""):
+            previous(unraisable)
+
+    previous, sys.unraisablehook = sys.unraisablehook, hook
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
+
+
+def _first_line(error: BaseException) -> str:
+    """The root cause of an orbax/tensorstore error as one line, without tensorstore's multi-line spec dump."""
+    seen = {id(error)}
+    while (error.__cause__ or error.__context__) is not None and id(error.__cause__ or error.__context__) not in seen:
+        error = error.__cause__ or error.__context__
+        seen.add(id(error))
+    text = (str(error).strip().splitlines() or [""])[0]
+    for cut in (" [tensorstore_spec", " See full TensorStore details"):
+        text = text.split(cut)[0]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def read_converted(path: str | os.PathLike, ema: bool | None = None, param_dtype="float32", dtype="float32",
                    attention_impl: str = "auto"):
     """A converted directory -> StableDiffusion, params cast to `param_dtype` on the default device.
@@ -210,9 +314,11 @@ def read_converted(path: str | os.PathLike, ema: bool | None = None, param_dtype
     path = os.fspath(path)
     config, metadata = read_info(path)
     _check_ema(path, metadata, ema)
+    _check_files(path, metadata)
     target_dtype = np.dtype(as_dtype(param_dtype))
     params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR))
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    failure = None
     try:
         stored = _stored_tree(params_dir)
         is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
@@ -222,9 +328,14 @@ def read_converted(path: str | os.PathLike, ema: bool | None = None, param_dtype
             lambda _: ocp.ArrayRestoreArgs(sharding=sharding, dtype=target_dtype), target)
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
             params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(target, restore_args=restore_args))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        detail = (str(e).splitlines() or [""])[0].split(" [tensorstore_spec")[0]
-        raise CheckpointError(f"{path}: cannot restore the orbax parameters: {type(e).__name__}: {detail}") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # orbax raises bare Exception (and ValueError, KeyError, ...) for damaged files
+        failure = _first_line(e)
+    if failure is not None:  # outside the except block: the orbax error and its frames are gone now
+        _collect_quietly()
+        raise CheckpointError(f"{path}: damaged converted directory: cannot restore its orbax parameters "
+                              f"({failure}); convert the source file again")
     if set(params) != set(COMPONENTS):
         raise CheckpointError(f"{path}: parameters hold {sorted(params)}, expected {list(COMPONENTS)}")
     return StableDiffusion(config, dict(params), dtype=as_dtype(dtype), attention_impl=attention_impl,

@@ -319,3 +319,67 @@ def test_convert_and_load_without_torch(tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert "torch-free OK" in r.stdout
+
+
+def test_ctrl_c_during_the_orbax_save_waits_for_its_writers_then_cleans_up(tmp_path, monkeypatch):
+    """Orbax writes on background threads; a Ctrl-C that stopped the wait for them used to remove the temporary
+    directory while they still wrote into it (re-creating it, with NOT_FOUND tracebacks on stderr)."""
+    import _thread
+    import threading
+    import time
+
+    import orbax.checkpoint as ocp
+
+    writers = []
+
+    def save(self, directory, *args, **kwargs):  # orbax-like: writer threads, and a wait the interrupt lands in
+        def write():
+            for i in range(8):
+                os.makedirs(directory, exist_ok=True)
+                (Path(directory) / f"chunk{i}").write_bytes(b"x")
+                if i == 0:
+                    _thread.interrupt_main()  # Ctrl-C while the writer is busy
+                time.sleep(0.03)
+
+        writers.append(threading.Thread(target=write))
+        writers[-1].start()
+        while writers[-1].is_alive():
+            time.sleep(0.005)
+
+    monkeypatch.setattr(ocp.Checkpointer, "save", save)
+    src = save_safetensors(tmp_path / "m.safetensors", tiny_state_dict())
+    rc, _, err = cli("convert", src, tmp_path / "out")
+    for w in writers:
+        w.join()
+    assert rc == 130 and err == "ldm-jax convert: interrupted\n"
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]
+
+
+def test_ctrl_c_of_a_real_convert_leaves_nothing_and_one_line(tmp_path):
+    """SIGINT to a real `ldm-jax convert` shortly after orbax started writing: exit 130, one line on stderr, no
+    temporary directory left; or, if it had already finished, a complete OUT_DIR (exit 0, or killed by the signal
+    while the interpreter shut down)."""
+    import glob
+    import signal
+    import time
+
+    src = save_safetensors(tmp_path / "m.safetensors", tiny_state_dict())
+    for delay in (0.05, 0.15):
+        p = subprocess.Popen([sys.executable, "-m", "ldm_jax", "convert", str(src), str(tmp_path / "out")], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while not glob.glob(str(tmp_path / "out.tmp-*" / "params*")) and p.poll() is None:
+            time.sleep(0.002)
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+        finished = p.returncode in (0, -signal.SIGINT)
+        assert finished or p.returncode == 130, (p.returncode, err[:3000])
+        assert len(err.strip().splitlines()) <= 1 and "Traceback" not in err, err[:3000]
+        time.sleep(0.2)  # a writer left running would re-create its directory now
+        assert leftovers(tmp_path / "out") == []
+        assert sorted(os.listdir(tmp_path)) == (["m.safetensors", "out"] if finished else ["m.safetensors"])
+        if finished:
+            assert is_converted_dir(tmp_path / "out")
+            import shutil
+
+            shutil.rmtree(tmp_path / "out")

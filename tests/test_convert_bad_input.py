@@ -16,7 +16,8 @@ import pytest
 
 import ldm_jax
 from convert.errors import CheckpointError
-from tests.test_convert import (REPO, assert_failed, cli, convert, save_ckpt, save_safetensors,
+from convert.orbax_io import is_converted_dir
+from tests.test_convert import (REPO, assert_failed, cli, convert, leftovers, save_ckpt, save_safetensors,
                                 tiny_state_dict)
 
 UNET_KEY = "model.diffusion_model.out.2.bias"
@@ -214,3 +215,168 @@ def test_real_process_errors_are_one_line(tmp_path):
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert r.stderr.startswith(f"ldm-jax {argv[0]}: error: ")
     assert sorted(os.listdir(tmp_path)) == ["evil.ckpt"]
+
+
+# ------------------------------------------------------------------------------ converted directories, export, verify
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A tiny converted directory (do not modify: copy it) and its source file."""
+    d = tmp_path_factory.mktemp("converted")
+    src = save_safetensors(d / "m.safetensors", tiny_state_dict())
+    convert(src, d / "cv")
+    return d / "cv", src
+
+
+def _largest_data_file(d):
+    files = [p for p in (d / "params").rglob("*") if p.is_file() and "ocdbt.process_0" in p.parts]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["truncated data file", "deleted data file", "deleted _METADATA"])
+def test_damaged_converted_directory_is_one_line(tmp_path, converted, damage):
+    import shutil
+
+    d = tmp_path / "d"
+    shutil.copytree(converted[0], d)
+    if damage == "deleted _METADATA":
+        (d / "params" / "_METADATA").unlink()
+    elif damage == "deleted data file":
+        _largest_data_file(d).unlink()
+    else:
+        _truncated(_largest_data_file(d))
+    rc, stdout, err = cli("export", d, tmp_path / "o.safetensors")
+    assert_failed(rc, err, None, f"{d}: damaged converted directory", "params/")
+    assert rc == 2 and stdout == "" and not (tmp_path / "o.safetensors").exists()
+    assert "TensorStore({" not in err
+    with pytest.raises(CheckpointError, match="damaged converted directory"):
+        ldm_jax.load(d)
+    if damage == "truncated data file":  # caught by the recorded sizes before orbax reads: nothing else printed
+        code = ("import gc, ldm_jax\ntry:\n    ldm_jax.load(%r)\nexcept Exception as e:\n    print(type(e).__name__)\n"
+                "gc.collect()\n" % str(d))
+        r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.stdout == "CheckpointError\n" and r.stderr == "", r.stderr[:2000]
+
+
+def test_damage_in_a_directory_without_recorded_sizes_is_still_a_checkpoint_error(tmp_path, converted):
+    """Directories written before `params_files` was recorded: orbax's own failure, turned into one error."""
+    import shutil
+
+    d = tmp_path / "d"
+    shutil.copytree(converted[0], d)
+    meta = json.loads((d / "metadata.json").read_text())
+    del meta["params_files"]
+    (d / "metadata.json").write_text(json.dumps(meta))
+    _truncated(_largest_data_file(d))
+    with pytest.raises(CheckpointError, match="damaged converted directory: cannot restore its orbax parameters"):
+        ldm_jax.load(d)
+
+
+def test_export_refuses_what_it_cannot_write_faithfully(tmp_path, converted):
+    cv, _ = converted
+    before = sorted(p.relative_to(cv) for p in cv.rglob("*"))
+    for out, needle in ((tmp_path / "x.ckpt", "the output must be a .safetensors file"),
+                        (cv / "params" / "_METADATA", "is inside the converted directory"),
+                        (cv / "x.safetensors", "is inside the converted directory"),
+                        ("", "output file path is empty")):
+        rc, stdout, err = cli("export", cv, out)
+        assert rc == 2 and stdout == ""
+        assert_failed(rc, err, None, needle)
+    assert not (tmp_path / "x.ckpt").exists()
+    assert sorted(p.relative_to(cv) for p in cv.rglob("*")) == before and ldm_jax.load(cv).config.name == "tiny"
+
+
+def test_fp16_overflow_is_refused_by_export_and_convert(tmp_path):
+    import warnings
+
+    src = save_safetensors(tmp_path / "big.safetensors", _modified(**_with_value(UNET_KEY, 1, 1e6)))
+    convert(src, tmp_path / "cv")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc, stdout, err = cli("export", tmp_path / "cv", tmp_path / "o.safetensors", "--dtype", "fp16")
+        assert rc == 2 and stdout == ""
+        assert_failed(rc, err, None, f"{UNET_KEY}: max |value| 1e+06 does not fit float16")
+        assert not (tmp_path / "o.safetensors").exists()
+        rc, stdout, err = cli("convert", src, tmp_path / "c16", "--dtype", "fp16")
+        assert rc == 2 and stdout == ""
+        assert_failed(rc, err, tmp_path / "c16", f"{UNET_KEY}: max |value| 1e+06 does not fit float16")
+        assert "NaN" not in err
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
+    assert cli("export", tmp_path / "cv", tmp_path / "o.safetensors", "--dtype", "bf16")[0] == 0
+
+
+def test_random_checkpoint_refuses_a_negative_seed(tmp_path):
+    rc, stdout, err = cli("random-checkpoint", tmp_path / "x.safetensors", "--seed", "-1")
+    assert rc == 2 and stdout == ""
+    assert_failed(rc, err, None, "--seed must be a non-negative integer, got -1")
+    assert os.listdir(tmp_path) == []
+
+
+def test_verify_refuses_latent_sizes_the_unet_cannot_take(tmp_path):
+    src = save_safetensors(tmp_path / "m.safetensors", tiny_state_dict())
+    ckpt = save_ckpt(tmp_path / "m.ckpt", tiny_state_dict())
+    for argv in ((src, "--latent-size", "3x5"), (src, "--latent-size", "1x1"),
+                 (ckpt, "--preset", "tiny", "--latent-size", "4x5")):
+        rc, stdout, err = cli("verify", *argv)
+        assert rc == 2 and stdout == ""
+        assert_failed(rc, err, None, "both sides must be multiples of 2 for this model's U-Net (tiny)")
+
+
+def test_verify_takes_preset_and_config_for_files_without_a_stored_config(tmp_path, monkeypatch):
+    from convert import verify as verify_module
+    from tests.test_convert import TINY
+
+    seen = []
+    monkeypatch.setattr(verify_module, "verify", lambda sd, **kw: seen.append(sd.config) or [])
+    ckpt = save_ckpt(tmp_path / "m.ckpt", tiny_state_dict())
+    (tmp_path / "tiny.json").write_text(TINY.to_json())
+    for args in (("--preset", "tiny"), ("--config", tmp_path / "tiny.json")):
+        rc, stdout, err = cli("verify", ckpt, *args, "--components", "unet")
+        assert rc == 0, err
+        assert "loaded " + str(ckpt) + ": tiny" in stdout
+    assert seen == [TINY, TINY]
+    convert(ckpt, tmp_path / "cv", "--preset", "tiny")
+    rc, _, err = cli("verify", tmp_path / "cv", "--preset", "tiny")
+    assert_failed(rc, err, None, "a converted directory stores its architecture")
+
+
+def test_ema_hint_names_the_python_keyword_too(tmp_path):
+    src = save_safetensors(tmp_path / "m.safetensors", tiny_state_dict())
+    with pytest.raises(CheckpointError, match=r"EMA weights were asked for \(--ema / ema=True\)"):
+        ldm_jax.load(src, ema=True)
+
+
+# ------------------------------------------------------------------------------ convert OUT_DIR safety
+
+
+def test_overwrite_only_replaces_a_converted_directory(tmp_path, converted):
+    _, src = converted
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("years of work")
+    rc, stdout, err = cli("convert", src, victim, "--overwrite")
+    assert rc == 2 and stdout == ""
+    assert_failed(rc, err, None, "not an ldm-jax converted directory; refusing to replace it")
+    assert (victim / "thesis.tex").read_text() == "years of work" and leftovers(victim) == []
+
+    real = tmp_path / "real"
+    convert(src, real)
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    for args in ((), ("--overwrite",)):
+        rc, _, err = cli("convert", src, link, *args)
+        assert_failed(rc, err, None, "is a symbolic link")
+    assert link.is_symlink() and is_converted_dir(real) and leftovers(link) == [] and leftovers(real) == []
+    assert sorted(os.listdir(tmp_path)) == ["link", "real", "victim"]
+
+
+def test_empty_paths_are_named(tmp_path, converted):
+    _, src = converted
+    for argv, needle in ((("convert", src, ""), "output directory path is empty"),
+                         (("convert", "", tmp_path / "o"), "source file path is empty"),
+                         (("export", "", tmp_path / "o.safetensors"), "converted directory path is empty")):
+        rc, stdout, err = cli(*argv)
+        assert rc == 2 and stdout == ""
+        assert_failed(rc, err, None, needle)
+    assert os.listdir(tmp_path) == []

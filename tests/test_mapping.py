@@ -38,7 +38,8 @@ def test_sd1_table_has_the_compvis_names_and_counts():
               "model.diffusion_model.time_embed.2.bias", "model.diffusion_model.out.0.weight"]:
         assert k in keys["unet"], k
     for k in ["first_stage_model.encoder.mid.block_1.norm1.weight", "first_stage_model.encoder.mid.attn_1.q.weight",
-              "first_stage_model.decoder.up.3.upsample.conv.weight", "first_stage_model.encoder.down.0.downsample.conv.bias",
+              "first_stage_model.decoder.up.3.upsample.conv.weight",
+              "first_stage_model.encoder.down.0.downsample.conv.bias",
               "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight", "first_stage_model.quant_conv.weight"]:
         assert k in keys["vae"], k
     assert "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc2.weight" in keys["text_encoder"]
@@ -193,3 +194,37 @@ def test_other_kinds_are_refused_by_name(extra, kind):
 def test_unrecognised_state_dict():
     with pytest.raises(CheckpointError, match="not a Stable Diffusion checkpoint"):
         detect_kind({"fc.weight": np.zeros((2, 2), np.float32)})
+
+
+def test_fp16_overflow_is_named_with_its_max_and_no_numpy_warning(recwarn):
+    key = "model.diffusion_model.out.2.bias"
+    sd = fake_state_dict(TINY)
+    sd[key][1] = -1e6  # finite in fp32, Inf in fp16
+    with pytest.raises(CheckpointError, match=r"out\.2\.bias: max \|value\| 1e\+06 does not fit float16"):
+        state_dict_to_params(sd, TINY, dtype=np.float16)
+    with pytest.raises(CheckpointError, match="does not fit float16"):  # an overflow is not a NaN/Inf in the file
+        state_dict_to_params(sd, TINY, dtype=np.float16, allow_nonfinite=True)
+    params, _ = state_dict_to_params(sd, TINY)  # fp32 holds it
+    with pytest.raises(CheckpointError, match=r"out\.2\.bias: max \|value\| 1e\+06 does not fit float16"):
+        params_to_state_dict(params, dtype=np.float16)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    import ml_dtypes
+
+    assert params_to_state_dict(params, dtype=ml_dtypes.bfloat16)[key][1] == -999424  # bf16 has the range
+    sd[key][1] = np.inf  # a non-finite value already in fp32 passes through an fp16 export unchanged
+    params, _ = state_dict_to_params(sd, TINY, allow_nonfinite=True)
+    assert np.isinf(params_to_state_dict(params, dtype=np.float16)[key][1])
+
+
+def test_error_hints_name_flag_and_keyword_not_just_a_cli_flag():
+    """The same messages reach `ldm_jax.load`, `verify` and `txt2img`, which have no --allow-*/--ema flags."""
+    sd = fake_state_dict(TINY)
+    sd["model.diffusion_model.out.2.bias"][1] = np.nan
+    with pytest.raises(CheckpointError, match=r"`ldm-jax convert --allow-nonfinite`, or allow_nonfinite=True"):
+        state_dict_to_params(sd, TINY)
+    sd = fake_state_dict(TINY)
+    sd["model.diffusion_model.extra_thing.weight"] = np.zeros(3, np.float32)
+    with pytest.raises(CheckpointError, match=r"`ldm-jax convert --allow-unexpected`, or allow_unexpected=True"):
+        state_dict_to_params(sd, TINY)
+    with pytest.raises(CheckpointError, match=r"^EMA weights were asked for \(--ema / ema=True\)"):
+        state_dict_to_params(fake_state_dict(TINY), TINY, ema=True)

@@ -117,6 +117,8 @@ def convert_checkpoint(src, out_dir, *, ema: bool | None = None, dtype: str = "f
     from ldm_jax.models.build import abstract_params
 
     src, out_dir = os.fspath(src), os.fspath(out_dir)
+    if not src:
+        raise UserError("the source file path is empty")
     if dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     check_output_dir(out_dir, overwrite)

@@ -9,6 +9,9 @@ U-Net as the model weights. The safetensors `__metadata__` carries `"format": "p
 tools expect), the config JSON under `ldm_jax.config` (so `ldm_jax.load(file)` needs no inference) and where the
 weights came from. Written atomically (`convert.safetensors_io.write_safetensors`). An fp32 export of an fp32
 conversion reproduces the source file's model tensors bit for bit.
+
+Refused with one line: an output name not ending in .safetensors, an output inside CONVERTED_DIR, a damaged
+directory, and (--dtype fp16) a weight too large for fp16, which would otherwise become Inf.
 """
 
 from __future__ import annotations
@@ -48,8 +51,17 @@ def export_checkpoint(converted_dir, out, dtype: str | None = None) -> dict[str,
     from ldm_jax.loading import CONFIG_METADATA_KEY, as_dtype
 
     converted_dir, out = os.fspath(converted_dir), os.fspath(out)
+    if not converted_dir:
+        raise CheckpointError("the converted directory path is empty")
+    if not out:
+        raise CheckpointError("the output file path is empty")
+    source = os.path.realpath(converted_dir)
+    if os.path.commonpath([source, os.path.realpath(out)]) == source:
+        raise CheckpointError(f"{out}: is inside the converted directory {converted_dir}; write the file elsewhere")
     if os.path.isdir(out):
         raise CheckpointError(f"{out}: is a directory, expected a .safetensors file name")
+    if not out.endswith(".safetensors"):
+        raise CheckpointError(f"{out}: the output must be a .safetensors file (export writes safetensors only)")
     config, info = read_info(converted_dir)
     target = np.dtype(as_dtype(DTYPES[dtype])) if dtype else None  # None: as stored
     sd = read_converted(converted_dir, param_dtype=info["dtype"])  # as stored: no upcast before the cast below

@@ -25,7 +25,7 @@ def add_parser(sub, name, help_):
     p = sub.add_parser(name, help=help_, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", metavar="OUT.safetensors", help="file to write (atomically)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="architecture (default: tiny)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed, >= 0 (default: 0)")
     p.add_argument("--dtype", default="fp32", choices=sorted(_STORE), help="stored dtype (default: fp32)")
     p.set_defaults(func=run)
 
@@ -33,6 +33,8 @@ def add_parser(sub, name, help_):
 def run(args) -> int:
     if not args.out.endswith(".safetensors"):
         raise UserError(f"{args.out}: the output must be a .safetensors file")
+    if args.seed < 0:
+        raise UserError(f"--seed must be a non-negative integer, got {args.seed}")
     config = preset(args.preset)
     state_dict = params_to_state_dict(random_params(config, args.seed), dtype=_STORE[args.dtype])
     write_safetensors(args.out, state_dict, {CONFIG_METADATA_KEY: config.to_json(), "format": "pt"})

@@ -4,12 +4,18 @@ Loads SRC (CompVis .ckpt / .safetensors, or a converted directory) with `ldm_jax
 reference (labml U-Net and autoencoder, transformers CLIPTextModel) with the same weights, runs every
 component on random inputs in fp32 and prints the max relative error of each output. Exit status 0 iff
 every error is within the tolerance. Needs the `torch` extra and labml-nn (see README).
+
+A file without a stored config gets its architecture inferred from tensor shapes, as `ldm-jax convert` does;
+--preset / --config name it instead (small models can be ambiguous). Latent sides must be multiples of the
+U-Net's downsampling factor (8 for SD 1.x), as the torch reference requires.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
+from ldm_jax.configs import PRESETS
 from ldm_jax.errors import UserError
 
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -24,7 +30,12 @@ def add_parser(sub, name, help_):
                    help="comma-separated subset of unet,vae,text_encoder (default: all)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max relative error allowed (default: 1e-4)")
     p.add_argument("--latent-size", default="16x24", help="latent HxW of the random inputs (default: 16x24)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs, >= 0 (default: 0)")
+    arch = p.add_mutually_exclusive_group()
+    arch.add_argument("--preset", choices=sorted(PRESETS), help="architecture preset instead of inferring it")
+    arch.add_argument("--config", metavar="CONFIG.json", help="architecture (ModelConfig JSON) instead of inferring it")
+    p.add_argument("--allow-unexpected", action="store_true", help="ignore tensors the model does not use")
+    p.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf weights (parity then fails)")
     p.set_defaults(func=run)
 
 
@@ -38,19 +49,53 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def check_latent_size(size: tuple[int, int], config, components) -> None:
+    """The torch U-Net halves the latent once per level after the first: its sides must be multiples of that."""
+    if "unet" not in components:
+        return
+    factor = 2 ** (len(config.unet.channel_multipliers) - 1)
+    if any(v % factor for v in size):
+        raise UserError(f"--latent-size {size[0]}x{size[1]}: both sides must be multiples of {factor} for this "
+                        f"model's U-Net ({config.name}), e.g. {2 * factor}x{3 * factor}")
+
+
+def _known_config(src: str, config):
+    """The architecture, if known without loading the weights (to check --latent-size early), else None."""
+    from convert.orbax_io import is_converted_dir, read_info
+    from ldm_jax.loading import file_config
+
+    if config is not None:
+        return config
+    if os.path.isdir(src):
+        return read_info(src)[0] if is_converted_dir(src) else None
+    return file_config(src) if os.path.isfile(src) else None
+
+
 def run(args) -> int:
     components = tuple(c.strip() for c in args.components.split(",") if c.strip())
     bad = [c for c in components if c not in COMPONENTS]
     if bad or not components:
         raise UserError(f"--components: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(COMPONENTS)}")
     size = _size(args.latent_size)
+    if args.seed < 0:
+        raise UserError(f"--seed must be a non-negative integer, got {args.seed}")
     from convert.torch_reference import import_torch
     from convert.verify import format_table, verify
+    from ldm_jax.cli.cmd_convert import config_from_args
 
+    config = config_from_args(args.preset, args.config)
+    if config is not None and os.path.isdir(args.src):
+        raise UserError(f"{args.src}: a converted directory stores its architecture; --preset/--config apply to "
+                        "checkpoint files")
+    known = _known_config(args.src, config)
+    if known is not None:
+        check_latent_size(size, known, components)
     import_torch()  # fail early, before loading gigabytes, if the reference is not installed
     import ldm_jax
 
-    sd = ldm_jax.load(args.src, ema=args.ema, progress=True)
+    sd = ldm_jax.load(args.src, ema=args.ema, config=config, allow_unexpected=args.allow_unexpected,
+                      allow_nonfinite=args.allow_nonfinite, progress=True)
+    check_latent_size(size, sd.config, components)
     print(f"loaded {args.src}: {sd.config.name}" + (", EMA U-Net" if sd.metadata.get("ema") else ""))
     rows = verify(sd, components=components, tolerance=args.tolerance, latent_hw=size, seed=args.seed)
     print(format_table(rows))
