@@ -10,6 +10,7 @@ a program is XLA's own accounting (`compiled.memory_analysis()`: arguments + out
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -45,7 +46,9 @@ class Row:
 
     @property
     def images_per_s(self) -> float | None:
-        return self.images / self.seconds if self.seconds > 0 and self.what == "txt2img" else None
+        """End-to-end images/s (txt2img) or training images/s (train_step); None for other rows or no timing."""
+        ok = self.what in ("txt2img", "train_step") and math.isfinite(self.seconds) and self.seconds > 0
+        return self.images / self.seconds if ok else None
 
 
 def device_name() -> str:

@@ -121,3 +121,33 @@ def test_gpu_transfer_script_runs_on_the_cpu(tmp_path):
     res = json.loads(out.read_text())
     assert set(res["seconds"]) == {"fp32_tree", "fp32_tree_threads", "fp16_tree_upcast"}
     assert all(t[0] > 0 for t in res["seconds"].values()) and res["leaves"] > 100 and res["upcast_compile_s"] > 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--size", "-64"], "--size must be >= 1, got -64"),
+    (["--size", "0"], "--size must be >= 1, got 0"),
+    (["--size", "100"], "--size must be a multiple of 64, got 100"),
+    (["--train", "--size", "17"], "--size must be a positive multiple of"),
+    (["--images", "1,0"], "--images must be >= 1, got 0"),
+    (["--iters", "0"], "--iters must be >= 1, got 0"),
+    (["--memory", "--train"], "--memory only compiles the txt2img program"),
+    (["--remat"], "--remat applies to --train only"),
+    (["--json", "/nonexistent-dir/b.json"], "--json /nonexistent-dir/b.json: cannot write a file there"),
+])
+def test_bench_bad_options_are_one_line_before_any_work(args, message, capsys):
+    assert main(["bench", "--preset", "tiny", *args]) == 2
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert out.out == "" and len(lines) == 1 and lines[0].startswith(f"ldm-jax bench: error: {message}"), out.err
+
+
+def test_bench_json_is_strict_and_training_rows_have_images_per_s():
+    """A timing not taken (NaN: a training step too big to run here) is null in the JSON, which stays strict."""
+    from ldm_jax.bench import Row, rows_as_dicts
+    from ldm_jax.cli.cmd_bench import _no_nan
+
+    rows = [Row("train_step", "ldm-jax", "cpu", "fp32", 4, 4, float("nan"), extra={"skipped": "too big"}),
+            Row("train_step", "ldm-jax", "cpu", "fp32", 4, 4, 0.5)]
+    text = json.dumps(_no_nan(rows_as_dicts(rows)), allow_nan=False)
+    first, second = json.loads(text)
+    assert first["seconds"] is None and first["images_per_s"] is None and second["images_per_s"] == 8.0

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 
 from ldm_jax.errors import UserError
 
@@ -56,6 +58,17 @@ def ratio_lines(rows) -> list[str]:
             for r in rows if r.impl in _PEER and (r.what, r.images) in ours]
 
 
+def _no_nan(x):
+    """NaN / Inf floats (timings not taken) -> None, anywhere in lists and dicts."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_no_nan(v) for v in x]
+    return x
+
+
 def run(args) -> int:
     import jax
 
@@ -69,9 +82,30 @@ def run(args) -> int:
         images = tuple(int(v) for v in (args.images or ("1,8" if accel else "1")).split(","))
     except ValueError:
         raise UserError(f"--images must be comma-separated integers, got {args.images!r}") from None
-    size = args.size or (512 if accel else 256)
-    if (size % 64 and not args.train) or min(images) < 1 or args.steps < 1 or args.iters < 1:
-        raise UserError("--size must be a multiple of 64; --images, --steps and --iters must be >= 1")
+    size = (512 if accel else 256) if args.size is None else args.size
+    for flag, value in (("--images", min(images)), ("--steps", args.steps), ("--iters", args.iters),
+                        ("--size", size)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if args.train:  # the training step's own rule (a multiple of the U-Net's total downsampling), named as --size
+        from ldm_jax.configs import preset
+        from ldm_jax.train.loop import check_resolution
+
+        try:
+            check_resolution(preset(args.preset), size)
+        except UserError as e:
+            raise UserError(str(e).replace("--resolution", "--size")) from None
+    elif size % 64:
+        raise UserError(f"--size must be a multiple of 64, got {size}")
+    if args.memory and (args.train or args.remat or args.torch or args.cold_warm):
+        raise UserError("--memory only compiles the txt2img program; it cannot be combined with --train, --remat, "
+                        "--torch or --cold-warm")
+    if args.remat and not args.train:
+        raise UserError("--remat applies to --train only")
+    if args.json:  # before the benchmark, not after it
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise UserError(f"--json {args.json}: cannot write a file there")
     rows = run_bench(preset_name=args.preset, dtype=args.dtype or ("bfloat16" if accel else "float32"),
                      images=images, size=size, steps=args.steps, iters=args.iters,
                      e2e=accel if args.e2e is None else args.e2e, torch_ref=args.torch, cold_warm=args.cold_warm,
@@ -80,7 +114,13 @@ def run(args) -> int:
     for line in ratio_lines(rows):
         print(line)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows_as_dicts(rows), f, indent=1)
+        tmp = f"{args.json}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:  # strict JSON: a skipped timing (NaN) is null
+                json.dump(_no_nan(rows_as_dicts(rows)), f, indent=1, allow_nan=False)
+            os.replace(tmp, args.json)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         print(f"wrote {args.json}")
     return 0
