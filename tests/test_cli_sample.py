@@ -28,18 +28,23 @@ def run_cli(*args, env=None):
     return p.returncode, p.stdout, p.stderr
 
 
-def test_txt2img_writes_pngs_with_metadata_and_a_grid(ckpt, tmp_path):
+def test_txt2img_writes_pngs_with_metadata_and_a_grid(ckpt, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["txt2img", "--checkpoint", ckpt, "--prompt", "a red circle", "--negative-prompt", "blurry",
+    negative = " ".join(["blurry"] * 80)  # 80 tokens: CLIP reads 75, the CLI says so
+    assert main(["txt2img", "--checkpoint", ckpt, "--prompt", "a red circle", "--negative-prompt", negative,
                  "--n", "3", "--steps", "4", "--height", "16", "--width", "24", "--seed", "7", "--sampler", "euler_a",
                  "--scale", "5", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --negative-prompt is 80 tokens; the text encoder reads the first 75" in err
+    assert "--prompt is" not in err
     files = sorted(os.listdir(out))
     assert len([f for f in files if "-grid-" not in f]) == 3 and any("-grid-" in f for f in files)
     with Image.open(out / files[0]) as im:
         assert im.size == (24, 16)
         meta = im.text
-    assert meta["prompt"] == "a red circle" and meta["negative_prompt"] == "blurry" and meta["seed"] == "7"
+    assert meta["prompt"] == "a red circle" and meta["negative_prompt"] == negative and meta["seed"] == "7"
     assert meta["sampler"] == "euler_a" and meta["steps"] == "4" and meta["scale"] == "5.0"
+    assert meta["dtype"] == "float32"
     with Image.open(next(out / f for f in files if "-grid-" in f)) as grid:
         assert grid.size == (2 * 24, 2 * 16)
     assert not [f for f in files if f.startswith(".tmp")]

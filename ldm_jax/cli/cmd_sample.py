@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 import time
 
 from ldm_jax.errors import UserError
@@ -101,6 +102,19 @@ def check_out(out: str) -> None:
         raise UserError(f"--out {out}: cannot write to {path} (permission denied or read-only)")
 
 
+def _warn_if_truncated(args, max_length: int) -> None:
+    """CLIP reads max_length - 2 tokens of a prompt (between BOS and EOS); say what a longer one loses, as
+    diffusers does, instead of dropping it silently."""
+    from ldm_jax.tokenizer import ClipTokenizer
+
+    tokenizer = ClipTokenizer(max_length)
+    for flag, text in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
+        n = len(tokenizer.encode(text or ""))
+        if n > max_length - 2:
+            print(f"warning: {flag} is {n} tokens; the text encoder reads the first {max_length - 2}, the rest is "
+                  "ignored", file=sys.stderr, flush=True)
+
+
 def _check_init_size(path: str, shape, factor: int) -> None:
     """img2img/inpaint: the init image's sides must be multiples of max(8, the autoencoder's factor)."""
     f = max(8, factor)
@@ -161,6 +175,7 @@ def run(args) -> int:
             n_loop_steps(args.sampler, config.schedule.n_steps, args.steps)
         except ValueError as e:
             raise UserError(str(e)) from None
+    _warn_if_truncated(args, 77 if config is None else config.text.max_length)
     kw = {}
     if args.mode != "txt2img":
         init = imio.read_image(args.init)
@@ -202,7 +217,7 @@ def run(args) -> int:
     meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt or None, "seed": args.seed,
             "sampler": args.sampler, "steps": args.steps, "scale": args.scale, "eta": args.eta,
             "mode": args.mode, "strength": getattr(args, "strength", None),
-            "checkpoint": os.path.basename(os.path.normpath(args.checkpoint or DEFAULT_MODEL)),
+            "checkpoint": os.path.basename(os.path.normpath(args.checkpoint or DEFAULT_MODEL)), "dtype": args.dtype,
             "generator": "ldm-jax"}
     plan = parallel.plan_batch(args.n)
     indices = [i for i in plan.local_indices if i < args.n]
