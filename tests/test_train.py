@@ -227,7 +227,8 @@ def test_latent_cache_matches_the_image_path(tmp_path):
 
 
 def _error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
+    # warnings (one line each) reach stderr when pytest's warnings plugin is off (-p no:warnings)
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("ldm-jax train: warning: ")]
     assert len(err) == 1 and err[0].startswith("ldm-jax train: error: "), err
     return err[0]
 
@@ -305,3 +306,64 @@ def test_bench_train_prints_throughput_and_memory(data, tmp_path):
     assert row.extra["images_per_s"] > 0 and row.extra["program_mb"] > 0
     table = format_rows([row])
     assert "train_step" in table and "images_per_s=" in table and "program_mb=" in table
+
+
+def test_out_of_memory_is_one_line(data, tmp_path, capsys, monkeypatch):
+    """XLA's RESOURCE_EXHAUSTED from the step (raised here by a stand-in for the compiled step; a real one at 512x512
+    asks the 2-core CPU VM for 455 GiB) is one line with a hint, exit 2, and no run directory is left behind."""
+    from ldm_jax.train import loop
+
+    real = loop.jitted_train_step
+
+    class Exhausted:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def lower(self, *args):
+            return self.fn.lower(*args)
+
+        def __call__(self, *args):
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 488231587680 bytes.")
+
+    monkeypatch.setattr(loop, "jitted_train_step", lambda *a, **kw: Exhausted(real(*a, **kw)))
+    run = tmp_path / "run"
+    assert main(["train", *COMMON, "--data", data, "--out", str(run), "--steps", "2"]) == 2
+    line = _error_line(capsys)
+    assert "out of memory (global batch 8 x 1, 16x16, fp32" in line and "488231587680 bytes" in line
+    assert "lower --resolution or --batch-size" in line and "--remat" in line
+    assert not run.exists()
+
+
+def test_step_larger_than_the_free_memory_is_refused_before_it_runs(data, tmp_path, capsys, monkeypatch):
+    """The compiled step's XLA memory analysis against the free memory (1 MiB here): refused before it runs."""
+    from ldm_jax.train import preflight
+
+    monkeypatch.setattr(preflight, "_available_bytes", lambda device: 2**20)
+    run = tmp_path / "run"
+    assert main(["train", *COMMON, "--data", data, "--out", str(run), "--steps", "2"]) == 2
+    line = _error_line(capsys)
+    assert "not enough memory for the train step (global batch 8 x 1, 16x16" in line and "1 MiB" in line
+    assert "--remat" in line and not run.exists()
+
+
+def _set(args, flag, value=None):
+    """`args` with `flag`'s value replaced (or the flag and its value removed when value is None)."""
+    i = args.index(flag)
+    return args[:i] + ([flag, value] if value is not None else []) + args[i + 2:]
+
+
+def test_resume_keeps_the_seed_and_the_resolution(trained, data, capsys):
+    """On --resume a different --seed or --resolution is refused (one line, nothing written: before, the seed was
+    silently the run's and the resolution silently changed, rewriting model/config.json's image_size); left out,
+    they are the run's; another --batch-size is named in a note."""
+    args = ["train", *COMMON, "--data", data, "--out", str(trained), "--steps", "30", "--resume"]
+    before = sorted(os.listdir(trained))
+    assert main(_set(args, "--seed", "1")) == 2
+    assert "started with --seed 0, not 1" in _error_line(capsys)
+    assert main(_set(args, "--resolution", "32")) == 2
+    assert "trains at --resolution 16, not 32" in _error_line(capsys)
+    assert main(_set(_set(_set(args, "--seed"), "--resolution"), "--batch-size", "4")) == 0  # finished: no step
+    out = capsys.readouterr().out
+    assert "resuming" in out and "note: settings differ" in out and "--batch-size 8 -> 4" in out
+    assert sorted(os.listdir(trained)) == before
+    assert json.load(open(trained / "model" / "config.json"))["image_size"] == 16

@@ -71,6 +71,19 @@ def test_metadata_jsonl_with_text_and_caption_columns(tmp_path):
     assert ds.captions == ("why", "ex")
 
 
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    """Windows editors save UTF-8 with a byte-order mark: metadata.jsonl and caption files are read as utf-8-sig
+    (the mark is neither a JSON error nor part of the caption)."""
+    solid(tmp_path / "x.png", "red")
+    row = json.dumps({"file_name": "x.png", "text": "ex"})
+    (tmp_path / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + row.encode())
+    assert scan_dataset(tmp_path).captions == ("ex",)
+    other = tmp_path / "txt"
+    solid(other / "y.png", "blue")
+    (other / "y.txt").write_bytes("\ufeffa blue square".encode("utf-8"))
+    assert scan_dataset(other).captions == ("a blue square",)
+
+
 def test_metadata_jsonl_wins_over_caption_files(tmp_path):
     captioned(tmp_path, "a.png", "red", "from txt")
     captioned(tmp_path, "b.png", "red", "only in txt")

@@ -2,6 +2,7 @@
 in the middle of a checkpoint save, and the same parameters on 1 device, on 8 simulated devices in 2 processes
 (localhost `jax.distributed`, gloo collectives on CPU) with the same global batch, and with gradient accumulation."""
 
+import json
 import os
 import signal
 import socket
@@ -69,6 +70,41 @@ def test_exact_resume(straight, data, tmp_path):
         assert _bitwise_equal(ours, ref), step  # params, EMA, optimiser state, step
         assert meta["data"] == ref_meta["data"] and meta["seed"] == ref_meta["seed"]
     assert not _bitwise_equal(_state(straight, 2)[0]["params"], _state(straight, 4)[0]["params"])
+
+
+def _rows(run):
+    return [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+
+
+def test_ctrl_c_saves_a_consistent_checkpoint(straight, data, tmp_path, monkeypatch):
+    """SIGINT at the awkward instant: in step 2, after the step returned its new state, while step 1's metrics row
+    is written (before, the checkpoint was labelled step 1 with step 1's data position but held the state of step 2,
+    and row 2 was never written). Now the Ctrl-C waits for the step's bookkeeping: checkpoint 2 holds step 2's state
+    and data position, rows 1-2 are written, and resuming equals the uninterrupted run bit for bit, row for row."""
+    from ldm_jax.train import progress
+
+    write = progress.Metrics.write
+
+    def write_then_ctrl_c(self, row):
+        write(self, row)
+        if row["step"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    run = tmp_path / "interrupted"
+    args = ["--steps", "4", "--save-every", "10", "--keep", "10"]
+    monkeypatch.setattr(progress.Metrics, "write", write_then_ctrl_c)
+    assert main(["train", *COMMON, "--data", data, "--out", str(run), *args]) == 130
+    monkeypatch.undo()
+    state, meta = _state(run, 2)
+    ref, ref_meta = _state(straight, 2)
+    assert int(state["step"]) == 2 and meta["data"] == ref_meta["data"]
+    assert _bitwise_equal(state, ref)
+    assert [r["step"] for r in _rows(run)] == [1, 2]
+    _train(data, run, *args, "--resume")
+    assert _bitwise_equal(_state(run, 4)[0], _state(straight, 4)[0])
+    ours, theirs = _rows(run), _rows(straight)
+    assert [r["step"] for r in ours] == [1, 2, 3, 4]
+    assert [(r["loss"], r["position"]) for r in ours] == [(r["loss"], r["position"]) for r in theirs]
 
 
 def _env(devices: int, fast_compile: bool = False, **extra) -> dict:

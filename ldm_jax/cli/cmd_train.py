@@ -17,6 +17,9 @@ LDM_JAX_NUM_PROCESSES / LDM_JAX_PROCESS_ID (or the flags).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import warnings
 
 from ldm_jax.errors import UserError
 
@@ -37,15 +40,17 @@ def add_parser(sub, name, help_):
                    help="after warmup: cosine decay to --min-lr-ratio * lr, or constant (default: cosine)")
     p.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr / peak lr for cosine (default: 0)")
     p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default: 1e-2)")
-    p.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"))
-    p.add_argument("--adam-eps", type=float, default=1e-8)
+    p.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"),
+                   help="AdamW's moment decay rates, each in [0, 1) (default: 0.9 0.999)")
+    p.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW's epsilon, > 0 (default: 1e-8)")
     p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip, 0 = off (default: 1.0)")
     p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of the trained weights (default: 0.9999)")
     p.add_argument("--no-ema-warmup", action="store_true", help="no (1+n)/(10+n) EMA warmup (CompVis LitEma)")
     p.add_argument("--precision", choices=("bf16", "fp32"), help="compute precision; params stay fp32 "
                    "(default: bf16 on GPU/TPU, fp32 on CPU)")
     p.add_argument("--remat", action="store_true", help="rematerialise U-Net blocks (less memory, ~30%% slower)")
-    p.add_argument("--resolution", type=int, help="training resolution (default: the model's image size, 512 for SD)")
+    p.add_argument("--resolution", type=int, help="training resolution, a multiple of the model's size step "
+                   "(default: a resumed run's, else the model's image size, 512 for SD)")
     p.add_argument("--random-flip", action="store_true", help="random horizontal flips")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="probability of the empty caption (0.1)")
     p.add_argument("--snr-gamma", type=float, help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the "
@@ -60,18 +65,24 @@ def add_parser(sub, name, help_):
                    "U-Net (same lr; for small models trained from scratch; default: frozen, as SD fine-tuning)")
     p.add_argument("--allow-empty-captions", action="store_true", help="train images without captions as ''")
     p.add_argument("--precompute-latents", action="store_true", help="encode images/captions once, cache on disk")
-    p.add_argument("--seed", type=int, default=0, help="seed of data order and all randomness (default: 0)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in RUN_DIR")
+    p.add_argument("--seed", type=int, help="seed of data order and all randomness (default: a resumed run's, "
+                   "else 0)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in RUN_DIR (with the "
+                   "run's seed and resolution; other changed settings are named in a note)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (default: 500)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default: 3)")
-    p.add_argument("--stop-after", type=int, help="stop with a checkpoint after N steps in this run (then --resume)")
-    p.add_argument("--sample-every", type=int, default=0, help="sample images every N steps (default: never)")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="stop with a checkpoint after N >= 1 steps in this run (then --resume)")
+    p.add_argument("--sample-every", type=int, default=0, metavar="N",
+                   help="sample images every N steps, 0 = never (default: 0)")
     p.add_argument("--sample-prompt", action="append", default=[], metavar="TEXT", help="sample prompt (repeat)")
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the samples (default: 20)")
     p.add_argument("--export", choices=("ema", "raw", "none"), default="ema",
                    help="trained weights written to RUN_DIR/model at the end (default: ema)")
-    p.add_argument("--export-only", action="store_true", help="only export RUN_DIR's latest checkpoint")
-    p.add_argument("--num-workers", type=int, default=2, help="image decoding threads (default: 2)")
+    p.add_argument("--export-only", action="store_true", help="only export RUN_DIR's latest checkpoint (with "
+                   "--export ema or raw)")
+    p.add_argument("--num-workers", type=int, default=2, help="image decoding threads, 0 = in the main thread "
+                   "(default: 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--coordinator", help="multi-host: coordinator address host:port")
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
@@ -85,13 +96,14 @@ def run(args) -> int:
     from ldm_jax.train import loop
 
     if args.export_only:
-        loop.export_run(args.out, args.checkpoint, args.preset, ema=args.export != "raw")
+        if args.export == "none":
+            raise UserError("--export-only writes RUN_DIR/model: give --export ema or --export raw, not none")
+        with one_line_warnings():
+            loop.export_run(args.out, args.checkpoint, args.preset, ema=args.export != "raw")
         return 0
     if not args.data:
         raise UserError("--data DIR is required (a folder of captioned images)")
-    for flag in ("steps", "batch_size", "grad_accum", "save_every", "keep", "sample_steps"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    check_args(args)
     import logging
 
     # orbax logs through absl, with tracebacks on a failed save; the failures reach the user as one UserError line.
@@ -100,10 +112,62 @@ def run(args) -> int:
 
     parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)  # gloo on CPU multi-process
     cfg = train_config(args)
-    result = loop.train(cfg)
+    with one_line_warnings():
+        result = loop.train(cfg)
     print(f"trained to step {result['step']} (loss {result['loss']:.4f}); run directory {result['run_dir']}"
           + (f"; model {result['model_dir']}" if result["model_dir"] else ""))
     return 0
+
+
+# the numeric flags' ranges: {dest: (lowest, highest or None)} for integers, {dest: (low, high or None, low allowed,
+# high allowed)} for floats (each of --adam-betas' values too); checked by `check_args`
+INT_RANGES = {"steps": (1, None), "batch_size": (1, None), "grad_accum": (1, None), "save_every": (1, None),
+              "keep": (1, None), "sample_steps": (1, None), "warmup": (0, None), "sample_every": (0, None),
+              "num_workers": (0, None), "stop_after": (1, None), "resolution": (1, None), "seed": (0, 2**32 - 1)}
+FLOAT_RANGES = {"lr": (0.0, None, False, True), "min_lr_ratio": (0.0, 1.0, True, True),
+                "weight_decay": (0.0, None, True, True), "adam_eps": (0.0, None, False, True),
+                "clip": (0.0, None, True, True), "ema_decay": (0.0, 1.0, True, False),
+                "caption_dropout": (0.0, 1.0, True, True), "snr_gamma": (0.0, None, False, True),
+                "multires_noise": (0.0, 1.0, True, False), "adam_betas": (0.0, 1.0, True, False)}
+
+
+def check_args(args) -> None:
+    """One line naming the flag for each out-of-range number (None: the flag was not given, where that is allowed)."""
+    for name, (low, high) in INT_RANGES.items():
+        value = getattr(args, name)
+        if value is not None and (value < low or (high is not None and value > high)):
+            bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise UserError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
+    for name, (low, high, low_ok, high_ok) in FLOAT_RANGES.items():
+        value = getattr(args, name)
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if v is None:
+                continue
+            ok = math.isfinite(v) and (v > low or (low_ok and v == low))
+            ok = ok and (high is None or v < high or (high_ok and v == high))
+            if not ok:
+                if high is None:
+                    bound = f"{'>=' if low_ok else '>'} {low:g}"
+                else:
+                    bound = f"in {'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
+                raise UserError(f"--{name.replace('_', '-')} must be {bound}, got {v}")
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """Warnings (an upscaled small image, an unreadable one skipped) as one line each on stderr,
+    `ldm-jax train: warning: ...`, instead of Python's two lines with the source line."""
+    original = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        text = (str(message).strip().splitlines() or [""])[0]
+        return f"ldm-jax train: warning: {text}\n"
+
+    warnings.formatwarning = formatwarning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
 
 
 def train_config(args):

@@ -58,21 +58,29 @@ def _is_disk_full(e: BaseException) -> bool:
 class Checkpoints:
     """Save / restore TrainStates and their metadata in `directory` (see the module docstring)."""
 
-    def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True):
-        ocp = _ocp()
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True, lazy: bool = False):
+        """lazy: a directory that does not exist yet is created by the first `save` (until then there are no
+        checkpoints), so that opening one to look never leaves an empty directory behind."""
         self.directory = os.path.abspath(os.fspath(directory))
         if keep < 1:
             raise UserError(f"--keep must be >= 1, got {keep}")
+        self._keep, self._async = keep, async_save
+        self._manager = None
+        self._pending: int | None = None  # step being written asynchronously
+        self._reported = False  # a failed save was reported: closing must not raise it again
+        if not lazy or os.path.isdir(self.directory):
+            self._open()
+
+    def _open(self) -> None:
+        ocp = _ocp()
         self._remove_partial()
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.LatestN(keep), create=True,
-            enable_async_checkpointing=async_save)
+            preservation_policy=ocp.checkpoint_managers.LatestN(self._keep), create=True,
+            enable_async_checkpointing=self._async)
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
         except OSError as e:
             raise UserError(f"cannot open the checkpoint directory {self.directory}: {e.strerror or e}") from e
-        self._pending: int | None = None  # step being written asynchronously
-        self._reported = False  # a failed save was reported: closing must not raise it again
 
     def _remove_partial(self, step: int | None = None) -> None:
         """Delete unfinished `<step>.orbax-checkpoint-tmp*` directories (of one step, or all), on process 0 only,
@@ -87,10 +95,10 @@ class Checkpoints:
     # ------------------------------------------------------------------------------------------- queries
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        return self._manager.latest_step() if self._manager is not None else None
 
     def all_steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
+        return sorted(self._manager.all_steps()) if self._manager is not None else []
 
     def read_meta(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
@@ -106,6 +114,8 @@ class Checkpoints:
         """Start writing checkpoint `step` (returns before the arrays are on disk; `wait()` to finish)."""
         ocp = _ocp()
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "step": int(step)}
+        if self._manager is None:
+            self._open()
         self.wait()
         previous = self.latest_step()
         try:
@@ -117,6 +127,8 @@ class Checkpoints:
 
     def wait(self) -> None:
         """Block until the pending save (if any) is complete; I/O failures become a UserError."""
+        if self._manager is None:
+            return
         try:
             self._manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
@@ -161,6 +173,8 @@ class Checkpoints:
         return out["state"], dict(out["meta"])
 
     def close(self) -> None:
+        if self._manager is None:
+            return
         try:
             self.wait()
         except Exception:  # noqa: BLE001

@@ -8,6 +8,8 @@ Two folder layouts (`scan_dataset`):
   at the root with one `{"file_name": ..., "text": ...}` object per line (`caption` is accepted for `text`),
   `file_name` relative to the root; kept in file order. When present it wins over caption files.
 
+Text files are UTF-8, with or without a byte-order mark.
+
 Preprocessing follows diffusers' `examples/text_to_image/train_text_to_image(_flax).py`: `Resize(resolution,
 BILINEAR)` of the shorter side (PIL's bilinear filter is antialiased when downscaling; the long side is truncated as
 torchvision does), `CenterCrop` (or `RandomCrop`), optional `RandomHorizontalFlip`, then `Normalize([0.5], [0.5])`,
@@ -91,7 +93,7 @@ def scan_dataset(root, *, allow_empty_captions: bool = False) -> Dataset:
 def _read_metadata(metadata: Path, root: Path, allow_empty: bool) -> list[tuple[str, str]]:
     pairs = []
     try:
-        lines = metadata.read_text(encoding="utf-8").splitlines()
+        lines = metadata.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark is not JSON
     except UnicodeDecodeError:
         raise UserError(f"{metadata}: not UTF-8 text") from None
     for lineno, line in enumerate(lines, 1):
@@ -129,7 +131,7 @@ def _read_caption_files(root: Path, allow_empty: bool) -> list[tuple[str, str]]:
         caption = ""
         if caption_file.is_file():
             try:
-                caption = caption_file.read_text(encoding="utf-8").strip()
+                caption = caption_file.read_text(encoding="utf-8-sig").strip()
             except UnicodeDecodeError:
                 raise UserError(f"{caption_file}: not UTF-8 text") from None
         if not caption:
@@ -239,7 +241,7 @@ class BatchIterator:
             raise UserError("empty dataset")
         if drop_last and self.global_batch > n:
             raise UserError(f"the dataset has {n} images, fewer than the global batch size {self.global_batch}; "
-                            "lower the batch size or disable drop_last")
+                            "lower the batch size (or pass drop_last=False)")
         self.stats = DataStats(position=position, epoch=epoch_start + self._batch_start(position) // n)
         self._cursor = position  # next position to submit (runs one batch ahead of stats.position)
         self._perms: dict[int, np.ndarray] = {}

@@ -12,30 +12,29 @@ RUN_DIR layout: checkpoints/<step>/ (orbax, `checkpoint.py`), metrics.jsonl (one
 latent_cache/. The trained components are the U-Net, and the text encoder with `StepConfig.train_text_encoder`.
 
 Exact resume: the state (params, EMA, optimiser), the step (which fixes every random key), the seed and the data
-position are checkpointed; resuming with the same settings continues bit for bit.
+position are checkpointed; resuming with the same settings continues bit for bit. A resumed run keeps its seed and
+resolution (another one is refused, `preflight.resume_settings`); other changed settings are named in a note. A
+Ctrl-C saves a checkpoint whose state, step, data position and metrics rows agree (`progress.InterruptGuard`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from ldm_jax import parallel
 from ldm_jax.errors import UserError
 from ldm_jax.train import data as D
+from ldm_jax.train import preflight
 from ldm_jax.train.checkpoint import Checkpoints, check_same_model
+from ldm_jax.train.progress import InterruptGuard, Metrics, progress_bar
 from ldm_jax.train.state import OptimConfig, TrainState, abstract_state, init_state
 from ldm_jax.train.step import (StepConfig, components, frozen_inputs, jitted_train_step, key_data, shard_batch,
                                  trainable)
-
-EXPORTS = ("ema", "raw", "none")
-
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -45,12 +44,12 @@ class TrainConfig:
     preset: str | None = None  # ... or random weights of a preset (training from scratch)
     steps: int = 1000
     batch_size: int = 1  # global micro-batch (all devices, all hosts)
-    resolution: int | None = None  # default: the model's own image size (512 for SD 1.x)
+    resolution: int | None = None  # default: a resumed run's, else the model's own image size (512 for SD 1.x)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     step: StepConfig = dataclasses.field(default_factory=StepConfig)
     random_flip: bool = False
     allow_empty_captions: bool = False
-    seed: int = 0
+    seed: int | None = None  # default: a resumed run's, else 0
     resume: bool = False
     save_every: int = 500
     keep: int = 3
@@ -118,37 +117,6 @@ def export_model(out_dir: str, sd, state: TrainState, step_cfg: StepConfig, *, e
     write_converted(out_dir, config, params, metadata, overwrite=True)
 
 
-class _Metrics:
-    """metrics.jsonl (process 0 only) and TensorBoard when `tensorboardX` is importable."""
-
-    def __init__(self, run_dir: str, enabled: bool):
-        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") if enabled else None
-        self.tb = None
-        if enabled:
-            try:
-                from tensorboardX import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-            except ImportError:
-                pass
-
-    def write(self, row: dict) -> None:
-        if self.file is None:
-            return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, row["step"])
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
 def _sample(sd, frozen, state, cfg: TrainConfig, res: int, step: int, run_dir: str, mesh) -> None:
     """Sample images at the fixed prompts with the EMA weights (one compiled program, reused across calls)."""
     from ldm_jax.images import save_png
@@ -169,20 +137,23 @@ def _sample(sd, frozen, state, cfg: TrainConfig, res: int, step: int, run_dir: s
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
-    """Run (or resume) training as configured; returns {"step", "loss", "run_dir", "model_dir"}."""
+    """Run (or resume) training as configured; returns {"step", "loss", "run_dir", "model_dir"}.
+
+    Bad settings, data, RUN_DIR (or its model/), a --resume that changes the seed or resolution, and a step that
+    cannot fit in the free memory are refused (UserError) before anything is written to RUN_DIR; its files appear
+    with the first step's metrics row and checkpoint (the latent cache of --precompute-latents before the step)."""
     from ldm_jax.compile_cache import enable_compilation_cache
 
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.save_every < 1:
-        raise UserError("--steps, --batch-size and --save-every must be >= 1")
-    if cfg.export not in EXPORTS:
-        raise UserError(f"export must be one of {', '.join(EXPORTS)}, got {cfg.export!r}")
-    if cfg.sample_every and not cfg.sample_prompts:
-        raise UserError("--sample-every needs at least one --sample-prompt")
+    preflight.check_config(cfg)
     dataset = D.scan_dataset(cfg.data, allow_empty_captions=cfg.allow_empty_captions)
+    preflight.check_run_dir(cfg.out, cfg.data, cfg.export)
     run_dir = os.path.abspath(cfg.out)
-    os.makedirs(run_dir, exist_ok=True)
+    if cfg.batch_size > len(dataset):
+        raise UserError(f"--batch-size {cfg.batch_size} is more than the {len(dataset)} images in {cfg.data} (a batch "
+                        "holds distinct images of one epoch); lower --batch-size (--grad-accum N adds up N batches "
+                        "per update)")
     enable_compilation_cache()
-    ck = Checkpoints(os.path.join(run_dir, "checkpoints"), keep=cfg.keep)
+    ck = Checkpoints(os.path.join(run_dir, "checkpoints"), keep=cfg.keep, lazy=True)
     try:
         return _train(cfg, dataset, run_dir, ck, log)
     finally:
@@ -197,40 +168,57 @@ def _train(cfg, dataset, run_dir, ck, log):
     if cfg.resume and latest is None:
         raise UserError(f"--resume: no checkpoint in {ck.directory}")
     meta = ck.read_meta(latest) if latest is not None else None
-    seed = int(meta["seed"]) if meta else cfg.seed
+    if meta:
+        seed, res = preflight.resume_settings(meta, cfg, f"--resume {run_dir}")
+    else:
+        seed, res = 0 if cfg.seed is None else cfg.seed, None
     sd = load_base(cfg.checkpoint, cfg.preset, seed)
     config_dict = sd.config.to_dict()
     if meta:
         check_same_model(meta, config_dict, f"--resume {run_dir}")
-    res = cfg.resolution or sd.config.image_size
+    if res is None:  # not a resumed run's: the one asked for, else the model's own
+        res = sd.config.image_size if cfg.resolution is None else cfg.resolution
     check_resolution(sd.config, res)
+    cfg = dataclasses.replace(cfg, seed=seed, resolution=res)
     mesh, n_proc = parallel.data_mesh(), jax.process_count()
     if cfg.batch_size % mesh.devices.size:
         raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of the device count {mesh.devices.size}")
     k = cfg.step.grad_accum
-    if meta and bool((meta.get("step_config") or {}).get("train_text_encoder")) != cfg.step.train_text_encoder:
-        was = "with" if cfg.step.train_text_encoder is False else "without"
-        raise UserError(f"--resume {run_dir}: the run was started {was} --train-text-encoder; resume it the same way")
-    if meta:
-        state = TrainState.from_dict(ck.restore(_state_shapes(sd.config, cfg.optim, cfg.step, mesh), latest)[0])
-        log(f"resuming {run_dir} at step {latest} (data position {meta['data']['position']})")
-        now = json.loads(json.dumps({"optim": dataclasses.asdict(cfg.optim),
-                                     "step_config": dataclasses.asdict(cfg.step)}))
-        default = json.loads(json.dumps({"optim": dataclasses.asdict(OptimConfig()),  # for keys older runs lack
-                                         "step_config": dataclasses.asdict(StepConfig())}))
-        changed = [f"{g}.{k}" for g in now for k in now[g] if (meta.get(g) or {}).get(k, default[g][k]) != now[g][k]]
-        if changed:
-            log(f"note: settings differ from the checkpoint's ({', '.join(changed)}); the run continues with the new "
-                "ones (not a bit-exact continuation)")
-    else:
-        rep = parallel.replicated(mesh)
-        state = init_state(parallel.replicate(trainable(sd.params, cfg.step), mesh), cfg.optim, rep)
+
+    def what():
+        return (f"global batch {cfg.batch_size} x {k}, {res}x{res}, {cfg.step.precision}"
+                f"{', remat' if cfg.step.remat else ''}, {mesh.devices.size} device(s)")
+
+    with preflight.oom_as_user_error(what):
+        if meta:
+            state = TrainState.from_dict(ck.restore(_state_shapes(sd.config, cfg.optim, cfg.step, mesh), latest)[0])
+            log(f"resuming {run_dir} at step {latest} (data position {meta['data']['position']})")
+            now = {"optim": dataclasses.asdict(cfg.optim), "step_config": dataclasses.asdict(cfg.step),
+                   "run": {"batch_size": cfg.batch_size, "random_flip": cfg.random_flip}}
+            defaults = {"optim": dataclasses.asdict(OptimConfig()), "step_config": dataclasses.asdict(StepConfig()),
+                        "run": now["run"]}  # for keys older runs lack
+            changed = preflight.changed_settings(meta, now, defaults)
+            if changed:
+                log(f"note: settings differ from the checkpoint's ({', '.join(changed)}); the run continues with the "
+                    "new ones (not a bit-exact continuation)")
+        else:
+            rep = parallel.replicated(mesh)
+            state = init_state(parallel.replicate(trainable(sd.params, cfg.step), mesh), cfg.optim, rep)
+        run_meta = {"seed": seed, "config": config_dict, "optim": dataclasses.asdict(cfg.optim),
+                    "step_config": dataclasses.asdict(cfg.step), "base": base_info(cfg), "run_dir": run_dir,
+                    "run": {"batch_size": cfg.batch_size, "resolution": res, "random_flip": cfg.random_flip,
+                            "steps": cfg.steps, "processes": n_proc, "devices": int(mesh.devices.size)}}
+        position = int(meta["data"]["position"]) if meta else 0
+        return _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, log)
+
+
+def _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, log):
     sd = sd.replace(params={c: v for c, v in sd.params.items() if c not in cfg.step.trained})  # the state has them
     start = int(np.asarray(state.step.addressable_data(0)))
-    position = int(meta["data"]["position"]) if meta else 0
+    n_proc, k, res = jax.process_count(), cfg.step.grad_accum, cfg.resolution
     frozen = frozen_inputs(sd.params, sd.tokenize([""]), mesh)
-    key = parallel.replicate(key_data(seed), mesh)
-    loader_kw = dict(batch_size=cfg.batch_size // n_proc, resolution=res, seed=seed, position=position,
+    key = parallel.replicate(key_data(cfg.seed), mesh)
+    loader_kw = dict(batch_size=cfg.batch_size // n_proc, resolution=res, seed=cfg.seed, position=position,
                      random_flip=cfg.random_flip, shard_index=jax.process_index(), num_shards=n_proc,
                      num_workers=cfg.num_workers)
     if cfg.precompute_latents:
@@ -243,11 +231,7 @@ def _train(cfg, dataset, run_dir, ck, log):
         loader = D.batches(dataset, **loader_kw)
     step_fn = jitted_train_step(sd.config, cfg.optim, cfg.step, mesh)
     sampler_sd = sd.replace(params={}, dtype=cfg.step.dtype)
-    metrics = _Metrics(run_dir, jax.process_index() == 0)
-    run_meta = {"seed": seed, "config": config_dict, "optim": dataclasses.asdict(cfg.optim),
-                "step_config": dataclasses.asdict(cfg.step), "base": base_info(cfg), "run_dir": run_dir,
-                "run": {"batch_size": cfg.batch_size, "resolution": res, "random_flip": cfg.random_flip,
-                        "steps": cfg.steps, "processes": n_proc, "devices": int(mesh.devices.size)}}
+    metrics = Metrics(run_dir, jax.process_index() == 0)
 
     def checkpoint(step, data):
         ck.save(step, state.as_dict(), {**run_meta, "data": {"position": data["position"], "epoch": data["epoch"]}})
@@ -268,51 +252,61 @@ def _train(cfg, dataset, run_dir, ck, log):
 
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
     images_per_step = cfg.batch_size * k
-    last, pending, loss, bar, t_prev = start, None, float("nan"), None, 0.0
+    # `state` is at step `last`, after the data up to `last_data`; `saved`: the newest checkpoint's step (or start);
+    # `unflushed`: (step, metrics, data) of the steps whose metrics.jsonl row is not written yet.
+    last, last_data, saved, unflushed = start, None, start, []
+    loss, bar, t_prev = float("nan"), None, time.perf_counter()
 
-    def flush(pending):  # metrics of a finished step (read one step late, so the device never waits for us)
+    def flush():  # the oldest unwritten metrics row (read one step late, so the device never waits for us)
         nonlocal t_prev, loss
-        step, m, data = pending
+        step, m, data = unflushed[0]
         row = {"step": step, **{n: float(np.asarray(v.addressable_data(0))) for n, v in m.items()}}
         now = time.perf_counter()
         row.update(seconds=now - t_prev, images_per_s=images_per_step / max(now - t_prev, 1e-9), **data)
         t_prev, loss = now, row["loss"]
         metrics.write(row)
-        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{row['images_per_s']:.2f}", refresh=False)
-        bar.update(1)
+        del unflushed[0]
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{row['images_per_s']:.2f}", refresh=False)
+            bar.update(1)
 
+    guard = InterruptGuard()
     try:
-        with loader:
+        with loader, guard:
             if start < end:
                 batch, data = next_batch()
-                log(f"compiling the train step (global batch {cfg.batch_size} x {k}, {res}x{res}, "
-                    f"{cfg.step.precision}{', remat' if cfg.step.remat else ''}, {mesh.devices.size} device(s)) ...")
+                log(f"compiling the train step ({what()}) ...")
+                preflight.check_fits(step_fn.lower(state, batch, key, frozen).compile(), what())
             for step in range(start + 1, end + 1):
-                state, m = step_fn(state, batch, key, frozen)
-                if bar is None:  # after the first step: compiled (or loaded from the cache)
-                    jax.block_until_ready(m)
-                    quiet = not cfg.progress or jax.process_index() != 0
-                    bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="train", dynamic_ncols=True,
-                               disable=True if quiet else None)  # None: only on a terminal
-                    t_prev = time.perf_counter()
-                if pending is not None:
-                    flush(pending)
-                pending, last = (step, m, data), step
-                if step % cfg.save_every == 0 or step == end:
-                    checkpoint(step, data)
+                with guard.critical():  # a Ctrl-C waits until state, step, data position and metrics agree
+                    state, m = step_fn(state, batch, key, frozen)
+                    last, last_data = step, data
+                    unflushed.append((step, m, data))
+                    if bar is None:  # the first step done: its time is not in the first row
+                        jax.block_until_ready(m)
+                        bar = progress_bar(cfg.steps, start, cfg.progress and jax.process_index() == 0)
+                        t_prev = time.perf_counter()
+                    while len(unflushed) > 1:
+                        flush()
+                    if step % cfg.save_every == 0 or step == end:
+                        checkpoint(step, data)
+                        saved = step
                 if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
                     _sample(sampler_sd, frozen, state, cfg, res, step, run_dir, mesh)
                 if step < end:
                     batch, data = next_batch()
-            if pending is not None:
-                flush(pending)
+            with guard.critical():
+                while unflushed:
+                    flush()
     except KeyboardInterrupt:
-        if pending is not None and ck.latest_step() != last:
+        while unflushed:
+            flush()
+        if saved != last:
             log(f"interrupted: saving a checkpoint at step {last} ...")
             try:
-                checkpoint(last, pending[2])
+                checkpoint(last, last_data)
                 ck.wait()
-            except Exception as e:  # noqa: BLE001 - e.g. interrupted inside the step: its input state is gone
+            except Exception as e:  # noqa: BLE001 - e.g. disk full; the earlier checkpoints stay
                 log(f"could not save step {last} ({type(e).__name__}); the last checkpoint is {ck.latest_step()}")
         raise
     finally:
@@ -336,8 +330,12 @@ def _train(cfg, dataset, run_dir, ck, log):
 def export_run(run_dir: str, checkpoint: str | None, preset_name: str | None, *, ema: bool = True,
                out_dir: str | None = None, log=print) -> str:
     """Export the latest checkpoint of RUN_DIR (on demand) as a converted directory (default RUN_DIR/model)."""
+    if not os.path.isdir(run_dir):
+        raise UserError(f"--out {run_dir}: {'a file, ' if os.path.exists(run_dir) else ''}not a run directory")
     run_dir = os.path.abspath(run_dir)
-    with Checkpoints(os.path.join(run_dir, "checkpoints")) as ck:
+    out_dir = out_dir or os.path.join(run_dir, "model")
+    preflight.check_model_dir(out_dir)
+    with Checkpoints(os.path.join(run_dir, "checkpoints"), lazy=True) as ck:
         step = ck.latest_step()
         if step is None:
             raise UserError(f"no checkpoint in {ck.directory}")
@@ -346,7 +344,6 @@ def export_run(run_dir: str, checkpoint: str | None, preset_name: str | None, *,
         check_same_model(meta, sd.config.to_dict(), f"export {run_dir}")
         optim, step_cfg = OptimConfig(**meta["optim"]), StepConfig(**meta["step_config"])
         tree, _ = ck.restore(_state_shapes(sd.config, optim, step_cfg, parallel.data_mesh()), step)
-    out_dir = out_dir or os.path.join(run_dir, "model")
     export_model(out_dir, sd, TrainState.from_dict(tree), step_cfg, ema=ema,
                  meta={"run_dir": run_dir, "step": step}, resolution=meta.get("run", {}).get("resolution"))
     log(f"wrote step {step} ({'ema' if ema else 'raw'} weights) to {out_dir}")

@@ -56,8 +56,10 @@ class StepConfig:
     def __post_init__(self):
         if self.precision not in DTYPES:
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
-        if not 0.0 <= self.caption_dropout <= 1.0 or self.grad_accum < 1:
-            raise ValueError("need 0 <= caption_dropout <= 1 and grad_accum >= 1")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout (a probability) must be in [0, 1], got {self.caption_dropout}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise ValueError(f"snr_gamma must be > 0, got {self.snr_gamma}")
         if not 0.0 <= self.multires_noise < 1.0:

@@ -1,0 +1,192 @@
+"""Checks a training run makes before it writes anything, and the one-line error an out-of-memory failure becomes.
+
+- `check_config`: the numbers of a `loop.TrainConfig` (each refused with the `ldm-jax train` flag that sets it).
+- `check_run_dir`: RUN_DIR (--out) is not a file, not the --data folder or inside it, writable, and its `model/`
+  (where the trained model is exported at the end) is absent, empty or an ldm-jax converted directory, so that a
+  long run never ends refusing to write its result.
+- `resume_settings` / `changed_settings`: on --resume, the seed and the resolution (which fix the data order, the
+  random keys and the model's image size) must be those of the run, or left out; other settings that change what is
+  trained (batch size, learning rate, ...) may differ and are named in a note.
+- `check_fits` / `oom_as_user_error`: the compiled step's memory (XLA's `memory_analysis()`, as `bench --train`)
+  against the memory available before it runs, and a `RESOURCE_EXHAUSTED` from XLA as one line with a hint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+
+import jax
+
+from ldm_jax.errors import UserError
+
+OOM_HINT = "lower --resolution or --batch-size (--grad-accum N keeps the images per update), or add --remat"
+
+# {section of the checkpoint's metadata: {field: the `ldm-jax train` flag that sets it}}
+FLAGS = {
+    "optim": {"lr": "--lr", "warmup": "--warmup", "schedule": "--lr-schedule", "total_steps": "--steps",
+              "min_lr_ratio": "--min-lr-ratio", "b1": "--adam-betas", "b2": "--adam-betas", "eps": "--adam-eps",
+              "weight_decay": "--weight-decay", "clip": "--clip", "ema_decay": "--ema-decay",
+              "ema_warmup": "--no-ema-warmup"},
+    "step_config": {"caption_dropout": "--caption-dropout", "grad_accum": "--grad-accum", "precision": "--precision",
+                    "remat": "--remat", "attention_impl": "attention_impl", "snr_gamma": "--snr-gamma",
+                    "train_text_encoder": "--train-text-encoder", "debiased_loss": "--debiased-loss",
+                    "multires_noise": "--multires-noise"},
+    "run": {"batch_size": "--batch-size", "random_flip": "--random-flip"},
+}
+
+
+def check_config(cfg) -> None:
+    """Refuse out-of-range numbers of a `loop.TrainConfig` with one line naming the flag."""
+    at_least = {"steps": 1, "batch_size": 1, "save_every": 1, "keep": 1, "sample_steps": 1, "sample_every": 0,
+                "num_workers": 0, "stop_after": 1, "resolution": 1, "seed": 0}
+    for name, low in at_least.items():
+        value = getattr(cfg, name)
+        if value is None and name in ("stop_after", "resolution", "seed"):
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise UserError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value}")
+    if not (isinstance(cfg.sample_scale, (int, float)) and math.isfinite(cfg.sample_scale)):
+        raise UserError(f"the sample guidance scale must be a finite number, got {cfg.sample_scale}")
+    if cfg.export not in ("ema", "raw", "none"):
+        raise UserError(f"--export must be one of ema, raw, none, got {cfg.export!r}")
+    if cfg.sample_every and not cfg.sample_prompts:
+        raise UserError("--sample-every needs at least one --sample-prompt")
+
+
+def check_run_dir(run_dir: str, data_dir: str | None, export: str) -> None:
+    """Refuse (before any work) a RUN_DIR that is a file, the data folder or inside it, not writable, or whose
+    model/ would be refused by the export at the end."""
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f"--out {run_dir} is a file, not a run directory; give a directory path (new or a run's)")
+    real = os.path.realpath(run_dir)  # `run_dir` as given, for the messages
+    if data_dir is not None:
+        data = os.path.realpath(data_dir)
+        if real == data or real.startswith(data.rstrip(os.sep) + os.sep):
+            raise UserError(f"--out {run_dir} is {'the' if real == data else 'inside the'} --data folder {data_dir}: "
+                            "the run's samples would mix with the training images; choose a directory outside it")
+    existing = real
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--out {run_dir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {run_dir}: no permission to write in {existing}")
+    if export != "none":
+        check_model_dir(os.path.join(run_dir, "model"), "or pass --export none")
+
+
+def check_model_dir(model_dir: str, alternative: str = "") -> None:
+    """The trained model is exported to `model_dir`, replacing an earlier export: refuse anything else there."""
+    from convert.orbax_io import is_converted_dir
+
+    fix = f"move it away, choose another --out{', ' + alternative if alternative else ''}"
+    if os.path.islink(model_dir) or (os.path.lexists(model_dir) and not os.path.isdir(model_dir)):
+        raise UserError(f"{model_dir} exists and is not a directory; the trained model is written there: {fix}")
+    if os.path.isdir(model_dir) and os.listdir(model_dir) and not is_converted_dir(model_dir):
+        raise UserError(f"{model_dir} exists and is not an ldm-jax converted directory (the trained model is written "
+                        f"there at the end, replacing only an earlier export): {fix}")
+
+
+def resume_settings(meta: dict, cfg, where: str) -> tuple[int, int | None]:
+    """(seed, resolution) of the run being resumed; refuses a --seed, --resolution or --train-text-encoder that
+    differs from the run's (None in `cfg` means: the run's own)."""
+    seed = int(meta["seed"])
+    resolution = (meta.get("run") or {}).get("resolution")
+    if cfg.seed is not None and cfg.seed != seed:
+        raise UserError(f"{where}: the run was started with --seed {seed}, not {cfg.seed} (it fixes the data order "
+                        "and every random draw); leave --seed out or give the same, or train into a new --out")
+    if cfg.resolution is not None and resolution is not None and cfg.resolution != resolution:
+        raise UserError(f"{where}: the run trains at --resolution {resolution}, not {cfg.resolution}; leave "
+                        "--resolution out or give the same, or start a new --out from its model "
+                        "(`--export-only`, then --checkpoint RUN_DIR/model)")
+    was_joint = bool((meta.get("step_config") or {}).get("train_text_encoder"))
+    if was_joint != cfg.step.train_text_encoder:
+        raise UserError(f"{where}: the run was started {'with' if was_joint else 'without'} --train-text-encoder; "
+                        "resume it the same way")
+    return seed, resolution
+
+
+def changed_settings(meta: dict, now: dict, defaults: dict) -> list[str]:
+    """'--flag OLD -> NEW' for each setting in `now` ({section: {field: value}}, sections of FLAGS) that differs from
+    the checkpoint's `meta` (`defaults` for fields an older checkpoint lacks). The cosine length (--steps) and floor
+    are left out when the schedule is constant before and after: they do not enter it."""
+    now, defaults = json.loads(json.dumps(now)), json.loads(json.dumps(defaults))  # tuples -> lists, as stored
+    constant = (now.get("optim", {}).get("schedule") == "constant"
+                and (meta.get("optim") or {}).get("schedule", "cosine") == "constant")
+    out: dict[str, list] = {}
+    for section, fields in now.items():
+        for field, value in fields.items():
+            if constant and field in ("total_steps", "min_lr_ratio"):
+                continue
+            old = (meta.get(section) or {}).get(field, defaults.get(section, {}).get(field))
+            if old != value:
+                flag = FLAGS.get(section, {}).get(field, field)
+                out.setdefault(flag, [[], []])
+                out[flag][0].append(old)
+                out[flag][1].append(value)
+    return [f"{flag} {_show(old)} -> {_show(new)}" for flag, (old, new) in out.items()]
+
+
+def _show(values: list) -> str:
+    return " ".join("off" if v is None else str(v) for v in values)
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+
+def _available_bytes(device) -> int | None:
+    """Free memory for `device`: the allocator's limit minus what is in use (GPU/TPU), or the host's MemAvailable
+    (CPU, whose devices all share it). None when unknown."""
+    if device.platform != "cpu":
+        try:
+            stats = device.memory_stats() or {}
+            return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**28 else f"{n / 2**20:.0f} MiB"
+
+
+def check_fits(compiled, what: str) -> None:
+    """Refuse to run a compiled step whose new buffers (outputs not aliasing donated inputs, plus temporaries: the
+    arguments are already in memory) exceed the memory available now; nothing is refused when either is unknown."""
+    try:
+        m = compiled.memory_analysis()
+        need = m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return
+    device = jax.local_devices()[0]
+    if device.platform == "cpu":
+        need *= len(jax.local_devices())  # simulated CPU devices share the host's memory
+    available = _available_bytes(device)
+    if available is not None and need > available:
+        raise UserError(f"not enough memory for the train step ({what}): it needs ~{_gib(need)} more, "
+                        f"{_gib(available)} {'are' if device.platform == 'cpu' else 'is'} free on "
+                        f"{'the host' if device.platform == 'cpu' else device.device_kind}; {OOM_HINT}")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(e)
+
+
+@contextlib.contextmanager
+def oom_as_user_error(what):
+    """XLA's RESOURCE_EXHAUSTED inside the block -> one UserError line; `what` (a callable) describes the run."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"out of memory ({what()}): {detail}; {OOM_HINT}") from None

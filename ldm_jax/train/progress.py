@@ -1,0 +1,111 @@
+"""What a training run reports while it runs, and how Ctrl-C stops it cleanly.
+
+- `Metrics`: RUN_DIR/metrics.jsonl (one JSON object per step, process 0 only) and TensorBoard when `tensorboardX`
+  is importable; the files are opened at the first row, so a run that fails before its first step leaves none.
+- `progress_bar`: tqdm on a terminal (none in a log file); a terminal that reports no size (0 x 0: `script`, some
+  CI ptys) gets a fixed one, where tqdm would print an empty bar.
+- `InterruptGuard`: a Ctrl-C (SIGINT) that arrives inside `guard.critical()` is held until the block ends and then
+  raised as KeyboardInterrupt, so the loop's state, step counter, data position and metrics rows are always updated
+  together; elsewhere (compiling, sampling, loading data) it raises at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+
+from tqdm.auto import tqdm
+
+
+class Metrics:
+    """metrics.jsonl (and TensorBoard) of RUN_DIR, written only where `enabled` (process 0)."""
+
+    def __init__(self, run_dir: str, enabled: bool):
+        self.run_dir, self.enabled = run_dir, enabled
+        self.file = self.tb = None
+
+    def _open(self) -> None:
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.file = open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+        except ImportError:
+            pass
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        if self.file is None:
+            self._open()
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    """A tqdm bar of optimiser steps on stderr: shown on a terminal only (`disable=None`), never when not enabled."""
+    try:
+        width = os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        width = 0
+    size = {"dynamic_ncols": True} if width else {"ncols": 100, "nrows": 50}  # nrows 0: tqdm prints nothing
+    return tqdm(total=total, initial=initial, unit="step", desc="train", disable=None if enabled else True, **size)
+
+
+class InterruptGuard:
+    """Hold a Ctrl-C that lands inside `critical()` blocks until the block ends (see the module docstring).
+
+    Active (as a context manager) only on the main thread while Python's default SIGINT handler is installed;
+    otherwise it changes nothing."""
+
+    def __init__(self):
+        self._depth, self._held, self._previous = 0, False, None
+
+    def __enter__(self):
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handler(self, signum, frame):
+        if self._depth:
+            self._held = True
+        else:
+            raise KeyboardInterrupt
+
+    def critical(self) -> "_Critical":
+        return _Critical(self)
+
+
+class _Critical:
+    def __init__(self, guard: InterruptGuard):
+        self.guard = guard
+
+    def __enter__(self):
+        self.guard._depth += 1
+
+    def __exit__(self, exc_type, *exc):
+        g = self.guard
+        g._depth -= 1
+        if not g._depth and g._held and exc_type is None:
+            g._held = False
+            raise KeyboardInterrupt

@@ -1,0 +1,163 @@
+"""`ldm-jax train` refusals that need no compiled step: each is one line naming the flag (exit 2) and leaves no run
+directory behind; Ctrl-C held back by `progress.InterruptGuard`; warnings as one line; the progress bar on a
+terminal that reports no size. (Refusals on --resume and out of memory need a checkpoint or the compiled step: see
+test_train.py; a Ctrl-C during training: test_train_resume.py.)"""
+
+import os
+import signal
+
+import pytest
+
+from ldm_jax.cli.main import main
+from tests.train_worker import COMMON, make_dataset
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("cli") / "squares")
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ldm-jax train: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--resolution", "0"], "--resolution must be >= 1, got 0"),
+    (["--resolution", "-16"], "--resolution must be >= 1, got -16"),
+    (["--stop-after", "0"], "--stop-after must be >= 1, got 0"),
+    (["--stop-after", "-1"], "--stop-after must be >= 1"),
+    (["--sample-every", "-1"], "--sample-every must be >= 0, got -1"),
+    (["--num-workers", "-1"], "--num-workers must be >= 0, got -1"),
+    (["--seed", "-1"], "--seed must be in [0, 4294967295]"),
+    (["--lr", "-1"], "--lr must be > 0, got -1.0"),
+    (["--lr", "nan"], "--lr must be > 0, got nan"),
+    (["--caption-dropout", "2"], "--caption-dropout must be in [0, 1], got 2.0"),
+    (["--adam-betas", "0.9", "1.5"], "--adam-betas must be in [0, 1), got 1.5"),
+    (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
+    (["--clip", "-1"], "--clip must be >= 0"),
+])
+def test_bad_numbers_name_the_flag(data, tmp_path, capsys, flags, message):
+    run = tmp_path / "run"
+    assert main(["train", *COMMON, "--data", data, "--out", str(run), *flags]) == 2
+    assert message in _error_line(capsys)
+    assert not run.exists()
+
+
+def test_resolution_not_a_multiple_is_refused_before_anything_is_written(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *COMMON, "--data", data, "--out", str(run), "--resolution", "10"]) == 2
+    assert "--resolution must be a positive multiple of 4 for this model, got 10" in _error_line(capsys)
+    assert not run.exists()
+
+
+def test_out_is_a_file_or_the_data_folder(data, tmp_path, capsys):
+    file = tmp_path / "tiny.safetensors"
+    file.write_bytes(b"x")
+    assert main(["train", *COMMON, "--data", data, "--out", str(file)]) == 2
+    assert "is a file, not a run directory" in _error_line(capsys)
+    for out in (data, os.path.join(data, "run")):
+        assert main(["train", *COMMON, "--data", data, "--out", out]) == 2
+        assert "--data folder" in _error_line(capsys)
+    assert not os.path.exists(os.path.join(data, "run"))
+
+
+def test_foreign_model_dir_is_refused_before_training(data, tmp_path, capsys):
+    """RUN_DIR/model holding user files: refused at the start (the export at the end would refuse it), unless
+    --export none; the run directory gets nothing new."""
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "notes.txt").write_text("mine")
+    args = ["train", *[a for a in COMMON if a not in ("--export", "none")], "--data", data, "--out", str(run)]
+    assert main([*args, "--export", "ema"]) == 2
+    line = _error_line(capsys)
+    assert "model exists and is not an ldm-jax converted directory" in line and "--export none" in line
+    assert sorted(os.listdir(run)) == ["model"]
+    assert main(["train", "--export-only", "--preset", "tiny", "--out", str(run)]) == 2
+    assert "not an ldm-jax converted directory" in _error_line(capsys)
+
+
+def test_batch_larger_than_the_data_names_the_flag(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *COMMON, "--data", data, "--out", str(run), "--batch-size", "9"]) == 2
+    line = _error_line(capsys)
+    assert "--batch-size 9 is more than the 8 images" in line and "drop_last" not in line
+    assert not run.exists()
+
+
+def test_export_only_refusals_create_nothing(tmp_path, capsys):
+    run = tmp_path / "doesnotexist"
+    assert main(["train", "--export-only", "--preset", "tiny", "--out", str(run)]) == 2
+    assert "not a run directory" in _error_line(capsys)
+    assert not run.exists()
+    run.mkdir()
+    assert main(["train", "--export-only", "--preset", "tiny", "--out", str(run)]) == 2
+    assert "no checkpoint in" in _error_line(capsys)
+    assert os.listdir(run) == []  # no empty checkpoints/ left behind
+    assert main(["train", "--export-only", "--preset", "tiny", "--out", str(run), "--export", "none"]) == 2
+    assert "--export ema or --export raw" in _error_line(capsys)
+
+
+def test_help_describes_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "AdamW's moment decay rates" in out and "AdamW's epsilon" in out
+
+
+def test_interrupt_guard_holds_ctrl_c_until_the_block_ends():
+    from ldm_jax.train.progress import InterruptGuard
+
+    before = signal.getsignal(signal.SIGINT)
+    guard, reached = InterruptGuard(), []
+    with pytest.raises(KeyboardInterrupt):
+        with guard:
+            with guard.critical():
+                os.kill(os.getpid(), signal.SIGINT)
+                reached.append("after the signal")  # the handler ran here and held it
+            reached.append("after the block")  # not reached: raised as the block ended
+    assert reached == ["after the signal"]
+    with pytest.raises(KeyboardInterrupt):
+        with guard:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # outside a critical block: raised at once
+                reached.append("outside")
+    assert len(reached) < 1000
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_warnings_are_one_line():
+    import warnings
+
+    from ldm_jax.cli.cmd_train import one_line_warnings
+    from ldm_jax.train.data import SmallImageWarning
+
+    msg = "data/cyan.png: 12x12 is smaller than resolution 16; upscaled"
+    with one_line_warnings():
+        text = warnings.formatwarning(SmallImageWarning(msg), SmallImageWarning, "/x/data.py", 300, "warnings.warn(")
+    assert text == f"ldm-jax train: warning: {msg}\n"
+    assert "SmallImageWarning" in warnings.formatwarning(SmallImageWarning(msg), SmallImageWarning, "x.py", 1)
+
+
+def test_progress_bar_shows_on_a_terminal_without_a_width(monkeypatch):
+    """A pseudo-terminal that reports a 0 x 0 size (`script` without a terminal, some CI runners): tqdm printed an
+    empty bar there; the bar now has a fixed size."""
+    import pty
+    import sys
+
+    from ldm_jax.train.progress import progress_bar
+
+    master, slave = pty.openpty()  # a new pty's window size is 0 x 0
+    with os.fdopen(slave, "w") as tty:
+        monkeypatch.setattr(sys, "stderr", tty)
+        bar = progress_bar(total=5, initial=0, enabled=True)
+        bar.update(2)
+        bar.close()
+        tty.flush()
+        shown = os.read(master, 65536).decode()
+        assert "train:" in shown and "2/5" in shown, repr(shown)
+        bar = progress_bar(total=5, initial=0, enabled=False)
+        bar.update(2)
+        bar.close()
+    os.close(master)
