@@ -144,6 +144,7 @@ def test_progress_bar_shows_on_a_terminal_without_a_width(monkeypatch):
     """A pseudo-terminal that reports a 0 x 0 size (`script` without a terminal, some CI runners): tqdm printed an
     empty bar there; the bar now has a fixed size."""
     import pty
+    import select
     import sys
 
     from ldm_jax.train.progress import progress_bar
@@ -155,7 +156,13 @@ def test_progress_bar_shows_on_a_terminal_without_a_width(monkeypatch):
         bar.update(2)
         bar.close()
         tty.flush()
-        shown = os.read(master, 65536).decode()
+        shown = b""
+        while select.select([master], [], [], 0.5)[0]:  # a pty hands the writes over in pieces: read them all
+            chunk = os.read(master, 65536)
+            if not chunk:
+                break
+            shown += chunk
+        shown = shown.decode()
         assert "train:" in shown and "2/5" in shown, repr(shown)
         bar = progress_bar(total=5, initial=0, enabled=False)
         bar.update(2)
