@@ -15,11 +15,24 @@ from ldm_jax.errors import UserError
 
 
 def to_unit_range(images) -> np.ndarray:
-    """uint8 [.., H, W, 3] in [0, 255] or float in [-1, 1] -> float32 in [-1, 1]."""
+    """uint8 [.., H, W, 3] in [0, 255] or float in [-1, 1] (a PIL image, an array or nested lists) -> float32 in
+    [-1, 1]. Anything else (other integer types, floats outside [-1, 1], NaN, not 3 channels) is a UserError: a
+    float image in [0, 1] or [0, 255] would otherwise be read as a much brighter one."""
+    from ldm_jax.errors import UserError
+
     a = np.asarray(images)
+    if a.ndim < 3 or a.shape[-1] != 3:
+        raise UserError(f"images must be RGB, [H, W, 3] or [B, H, W, 3], got shape {a.shape} (convert RGBA or "
+                        "grayscale images to RGB first)")
     if a.dtype == np.uint8:
         return a.astype(np.float32) / 127.5 - 1.0
-    return a.astype(np.float32)
+    if not np.issubdtype(a.dtype, np.floating):
+        raise UserError(f"images must be uint8 (0..255) or float in [-1, 1], got {a.dtype}")
+    a = a.astype(np.float32)
+    if not np.isfinite(a).all() or a.min(initial=0.0) < -1.0 - 1e-3 or a.max(initial=0.0) > 1.0 + 1e-3:
+        raise UserError(f"float images must be finite and in [-1, 1], got values in [{np.nanmin(a):.3g}, "
+                        f"{np.nanmax(a):.3g}] (uint8 images in 0..255 are scaled; for floats in [0, 1] pass x * 2 - 1)")
+    return np.clip(a, -1.0, 1.0)
 
 
 def to_uint8(images) -> np.ndarray:

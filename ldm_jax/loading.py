@@ -32,12 +32,20 @@ _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16
 
 
 def as_dtype(name_or_dtype) -> Any:
+    """A dtype name ("bf16", "float32", ...) or dtype -> its scalar type; only float32, bfloat16 and float16."""
     if isinstance(name_or_dtype, str):
         try:
             return _DTYPES[name_or_dtype]
         except KeyError:
             raise ValueError(f"unknown dtype {name_or_dtype!r}; choose from {', '.join(_DTYPES)}") from None
-    return jnp.dtype(name_or_dtype).type
+    try:
+        dtype = jnp.dtype(name_or_dtype)
+    except TypeError:
+        dtype = None
+    if name_or_dtype is None or dtype not in {jnp.dtype(t) for t in _DTYPES.values()}:
+        raise ValueError(f"dtype must be float32, bfloat16 or float16 (or a name: {', '.join(_DTYPES)}), "
+                         f"got {name_or_dtype!r}")
+    return dtype.type
 
 
 def file_config(path: str) -> ModelConfig | None:

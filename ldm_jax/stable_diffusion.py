@@ -32,6 +32,11 @@ class StableDiffusion:
     attention_impl: str = "auto"
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)  # where the weights came from
 
+    def __post_init__(self):  # "bf16", jnp.bfloat16, np.dtype(...) -> one scalar type; others refused here
+        from ldm_jax.loading import as_dtype
+
+        object.__setattr__(self, "dtype", as_dtype(self.dtype))
+
     @cached_property
     def modules(self):
         return modules(self.config, self.dtype, self.attention_impl)
@@ -48,7 +53,9 @@ class StableDiffusion:
         return {}
 
     def replace(self, **changes) -> "StableDiffusion":
-        """A copy with other fields, e.g. `sd.replace(dtype=jnp.bfloat16)` or new params."""
+        """A copy with other fields, e.g. `sd.replace(dtype="bfloat16")` or new params. Give new weights this way:
+        a model keeps its weights placed on the devices after its first request, so changing `sd.params` in place
+        would not reach the compiled programs."""
         return dataclasses.replace(self, **changes)
 
     def cast_params(self, params):
@@ -67,7 +74,10 @@ class StableDiffusion:
         return self._tokenizer(prompts)
 
     def encode_text(self, params, ids):
-        """ids int32 [B, L] -> context c [B, L, hidden] (fp32)."""
+        """ids int32 [B, L] -> context c [B, L, hidden] (fp32); L <= config.text.max_length (77: the position
+        embeddings end there), ids < vocab_size (not checked: ids may be traced)."""
+        if np.ndim(ids) != 2 or np.shape(ids)[1] > self.config.text.max_length:
+            raise ValueError(f"ids must be [B, L] with L <= {self.config.text.max_length}, got shape {np.shape(ids)}")
         return self.modules["text_encoder"].apply({"params": params["text_encoder"]}, jnp.asarray(ids, jnp.int32))
 
     def predict_noise(self, params, x, t, ctx):

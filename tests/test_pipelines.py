@@ -1,6 +1,7 @@
 """txt2img / img2img / inpaint: end-to-end DDIM parity with labml (same weights, same x_T, CFG 7.5), no
 recompilation for traced inputs, batch-split invariance, strength 0 and kept regions, and bad input."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -167,6 +168,45 @@ def test_txt2img_bad_input(tiny, kwargs, match):
     model, _ = tiny
     with pytest.raises(UserError, match=match):
         ldm_jax.txt2img(model, PROMPTS, **{"steps": 2, "height": 16, "width": 16, **kwargs})
+
+
+def test_python_api_refuses_what_it_would_misread(tiny):
+    """Inputs a caller can easily get wrong: refused with the argument named, never silently misread."""
+    model, _ = tiny
+    init = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    for image, match in ((init.astype(np.float32), r"float images must be finite and in \[-1, 1\]"),
+                         (init.astype(np.int64), "images must be uint8"),
+                         (np.dstack([init, init[..., :1]]), r"images must be RGB"),
+                         (np.full((16, 16, 3), np.nan, np.float32), "finite")):
+        with pytest.raises(UserError, match=match):
+            ldm_jax.img2img(model, "x", image, steps=2)
+    ones = np.zeros((16, 16), np.uint8)
+    ones[4:8, 4:8] = 1
+    with pytest.raises(UserError, match="only 0 and 1"):
+        ldm_jax.inpaint(model, "x", init, ones, steps=2)
+    for bad, match in ((dict(seed=0.7), "seed must be an integer"), (dict(seed=None), "seed must be an integer"),
+                       (dict(sampler=["ddim"]), "sampler must be a name")):
+        with pytest.raises(UserError, match=match):
+            ldm_jax.txt2img(model, "x", steps=2, height=16, width=16, **bad)
+    with pytest.raises(UserError, match="prompts: expected a string or a list of strings"):
+        ldm_jax.txt2img(model, None, steps=2, height=16, width=16)
+    with pytest.raises(ValueError, match="dtype must be float32, bfloat16 or float16"):
+        model.replace(dtype=np.int8)
+    with pytest.raises(ValueError, match="unknown dtype 'nonsense'"):
+        model.replace(dtype="nonsense")
+    assert model.replace(dtype="bf16").dtype is jnp.bfloat16
+    with pytest.raises(ValueError, match="L <= 77"):
+        model.encode_text(model.params, np.zeros((1, 100), np.int32))
+
+
+def test_an_rgb_mask_is_read_as_its_mean(tiny):
+    model, _ = tiny
+    init = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    mask = np.zeros((16, 16), np.float32)
+    mask[:, 8:] = 1
+    gray = ldm_jax.inpaint(model, "x", init, mask, steps=2)
+    rgb = ldm_jax.inpaint(model, "x", init, np.repeat(mask[..., None], 3, axis=-1), steps=2)
+    np.testing.assert_array_equal(gray, rgb)
 
 
 def test_img2img_inpaint_bad_input(tiny):

@@ -40,7 +40,12 @@ class Timings:
 def _as_list(prompts, what: str) -> list[str]:
     if isinstance(prompts, str):
         return [prompts]
-    prompts = list(prompts)
+    if isinstance(prompts, np.ndarray):
+        prompts = prompts.reshape(-1).tolist()
+    try:
+        prompts = list(prompts)
+    except TypeError:
+        raise UserError(f"{what}: expected a string or a list of strings, got {type(prompts).__name__}") from None
     if not prompts:
         raise UserError(f"{what}: the list of prompts is empty")
     if not all(isinstance(p, str) for p in prompts):
@@ -70,6 +75,8 @@ def _check_finite(name: str, value) -> None:
 
 def _check_common(sd, sampler, steps, output, eta, guidance_scale):
     _check_finite("guidance_scale", guidance_scale)
+    if not isinstance(sampler, str):
+        raise UserError(f"sampler must be a name ({', '.join(samplers.SAMPLERS)}), got {sampler!r}")
     if eta is not None:
         _check_finite("eta", eta)
     if sampler not in samplers.SAMPLERS:
@@ -109,7 +116,12 @@ def _mask_rows(masks, n: int, hw: tuple[int, int]) -> np.ndarray:
     if masks is None:
         raise UserError("inpaint needs a mask")
     raw = np.asarray(masks)
+    if raw.dtype == np.uint8 and raw.size and raw.max() == 1:
+        raise UserError("mask: a uint8 mask holds 0..255 (white = repaint) but this one only 0 and 1; pass it as "
+                        "float 0..1 or scale it by 255")
     m = raw.astype(np.float32) / (255.0 if raw.dtype == np.uint8 else 1.0)
+    if m.ndim in (3, 4) and m.shape[-1] == 3 and m.shape[-3:-1] == tuple(hw):  # RGB: the mean, as the CLI reads
+        m = m.mean(axis=-1)
     if m.ndim == 2 or (m.ndim == 3 and m.shape[-1] == 1 and m.shape[:2] == tuple(hw)):
         m = m.reshape(m.shape[:2] + (1,))
     elif m.ndim == 3:
@@ -195,6 +207,8 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
     if len(negatives) != n:
         raise UserError(f"{len(negatives)} negative prompts for {n} prompts")
     _check_common(sd, sampler, steps, output, eta, guidance_scale)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise UserError(f"seed must be an integer, got {seed!r}")
     f = sd.latent_factor
     init = mask = None
     if mode in ("img2img", "inpaint"):
