@@ -272,7 +272,7 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
     if progress and not was_cached:
         print(f"compiling the {mode} program ({sampler}, {steps} steps, batch {plan.padded}, {height}x{width}) ...",
               flush=True)
-    compiled = _cached(sd, key, compile_)
+    _cached(sd, key, compile_)
     t1 = time.perf_counter()
     if compile_only:
         if timings is not None:
@@ -294,17 +294,7 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
             finally:
                 _StepBar.active = None
 
-    try:
-        out = execute(compiled)
-    except jax.errors.JaxRuntimeError as e:
-        if not program_cache.discard(compiled):  # not a program read from disk on its first run: a real error
-            raise
-        print(f"warning: the stored {mode} program failed on its first run ({str(e).splitlines()[0]}); "
-              "removed it, compiling again", file=sys.stderr, flush=True)
-        del sd.cache[key]
-        compiled = _cached(sd, key, compile_)
-        out = execute(compiled)
-    program_cache.ran(compiled)
+    out = _run_proving(sd, key, compile_, mode, execute)
     t2 = time.perf_counter()
     if timings is not None:
         timings.compile, timings.run, timings.cached = t1 - t0, t2 - t1, was_cached
@@ -317,18 +307,28 @@ def _warm_up(sd, key, compile_, args, mode: str, timings: Timings | None) -> Non
     s against 0.39 s later for SD 1.x on an H200), which this moves into the time the weights take to load. A
     stored program that fails here is removed and compiled again, as on a first real run."""
     t = time.perf_counter()
+    _run_proving(sd, key, compile_, mode, lambda program: jax.block_until_ready(program(*args)), rerun=False)
+    if timings is not None:
+        timings.extra["warm_up_s"] = time.perf_counter() - t
+
+
+def _run_proving(sd, key, compile_, mode: str, run, rerun: bool = True):
+    """run(program) with the program `sd.cache[key]`. A program read from the program cache is unproven until
+    its first run returns: if that run fails, the stored entry is removed and the program compiled again (and,
+    with `rerun`, run again); any other failure is raised."""
+    program = sd.cache[key]
     try:
-        jax.block_until_ready(sd.cache[key](*args))
-        program_cache.ran(sd.cache[key])
+        out = run(program)
     except jax.errors.JaxRuntimeError as e:
-        if not program_cache.discard(sd.cache[key]):
+        if not program_cache.discard(program):  # not a program read from disk on its first run: a real error
             raise
         print(f"warning: the stored {mode} program failed on its first run ({str(e).splitlines()[0]}); "
               "removed it, compiling again", file=sys.stderr, flush=True)
         del sd.cache[key]
-        _cached(sd, key, compile_)
-    if timings is not None:
-        timings.extra["warm_up_s"] = time.perf_counter() - t
+        program = _cached(sd, key, compile_)
+        out = run(program) if rerun else None
+    program_cache.ran(program)
+    return out
 
 
 def txt2img(sd, prompts: str | Sequence[str], *, negative_prompts=None, steps: int = 50, sampler: str = "ddim",
