@@ -84,22 +84,13 @@ def _slug(text: str, limit: int = 40) -> str:
 def check_out(out: str) -> None:
     """--out must be a directory that exists or can be created, and is writable: checked before anything is loaded
     or sampled (nothing is created here; the directory is made only when there are images to save)."""
+    from ldm_jax.output_dirs import check_can_write_dir
+
     if not out:
         raise UserError("--out must name a directory, got an empty string")
-    path = os.path.join(os.getcwd(), out)
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise UserError(f"--out {out}: exists and is not a directory")
-    else:
-        parent = path.rstrip(os.sep) or os.sep
-        while not os.path.lexists(parent):
-            parent = os.path.dirname(parent)
-        if not os.path.isdir(parent):
-            what = "a broken symbolic link" if os.path.islink(parent) else "not a directory"
-            raise UserError(f"--out {out}: cannot create it, {parent} is {what}")
-        path = parent
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: cannot write to {path} (permission denied or read-only)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out}: exists and is not a directory")
+    check_can_write_dir(out, f"--out {out}")
 
 
 def _warn_if_truncated(args, max_length: int) -> None:

@@ -21,6 +21,7 @@ import os
 import jax
 
 from ldm_jax.errors import UserError
+from ldm_jax.output_dirs import check_can_write_dir
 
 OOM_HINT = "lower --resolution or --batch-size (--grad-accum N keeps the images per update), or add --remat"
 
@@ -67,13 +68,7 @@ def check_run_dir(run_dir: str, data_dir: str | None, export: str) -> None:
         if real == data or real.startswith(data.rstrip(os.sep) + os.sep):
             raise UserError(f"--out {run_dir} is {'the' if real == data else 'inside the'} --data folder {data_dir}: "
                             "the run's samples would mix with the training images; choose a directory outside it")
-    existing = real
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"--out {run_dir}: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--out {run_dir}: no permission to write in {existing}")
+    check_can_write_dir(run_dir, f"--out {run_dir}")
     if export != "none":
         check_model_dir(os.path.join(run_dir, "model"), "or pass --export none")
 
