@@ -308,8 +308,7 @@ def read_converted(path: str | os.PathLike, ema: bool | None = None, param_dtype
     """
     import orbax.checkpoint as ocp
 
-    from ldm_jax.loading import as_dtype
-    from ldm_jax.stable_diffusion import StableDiffusion
+    from ldm_jax.stable_diffusion import StableDiffusion, as_dtype
 
     path = os.fspath(path)
     config, metadata = read_info(path)
@@ -338,5 +337,5 @@ def read_converted(path: str | os.PathLike, ema: bool | None = None, param_dtype
                               f"({failure}); convert the source file again")
     if set(params) != set(COMPONENTS):
         raise CheckpointError(f"{path}: parameters hold {sorted(params)}, expected {list(COMPONENTS)}")
-    return StableDiffusion(config, dict(params), dtype=as_dtype(dtype), attention_impl=attention_impl,
+    return StableDiffusion(config, dict(params), dtype=dtype, attention_impl=attention_impl,
                            metadata={**metadata, "path": path})

@@ -8,10 +8,8 @@ the file's pages plus one set of parameters.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -21,32 +19,11 @@ from convert.mapping import normalise_keys, state_dict_to_params
 from convert.readers import read_state_dict
 from ldm_jax.configs import ModelConfig
 from ldm_jax.models.build import abstract_params
-from ldm_jax.stable_diffusion import StableDiffusion
+from ldm_jax.stable_diffusion import StableDiffusion, as_dtype
 
 CONFIG_METADATA_KEY = "ldm_jax.config"  # safetensors __metadata__ entry written by `ldm-jax export`
 # The small model ldm-jax trains and ships (scripts/train_shapes_model.py), used when no checkpoint is given.
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes", "model.safetensors")
-
-_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
-           "float16": jnp.float16, "fp16": jnp.float16}
-
-
-def as_dtype(name_or_dtype) -> Any:
-    """A dtype name ("bf16", "float32", ...) or dtype -> its scalar type; only float32, bfloat16 and float16."""
-    if isinstance(name_or_dtype, str):
-        try:
-            return _DTYPES[name_or_dtype]
-        except KeyError:
-            raise ValueError(f"unknown dtype {name_or_dtype!r}; choose from {', '.join(_DTYPES)}") from None
-    try:
-        dtype = jnp.dtype(name_or_dtype)
-    except TypeError:
-        dtype = None
-    if name_or_dtype is None or dtype not in {jnp.dtype(t) for t in _DTYPES.values()}:
-        raise ValueError(f"dtype must be float32, bfloat16 or float16 (or a name: {', '.join(_DTYPES)}), "
-                         f"got {name_or_dtype!r}")
-    return dtype.type
-
 
 def file_config(path: str) -> ModelConfig | None:
     """The config an ldm-jax export stored in the safetensors header, if any."""
@@ -91,6 +68,7 @@ def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, para
     dtype: compute dtype of the modules (e.g. "bfloat16" on GPU/TPU).
     config: override the architecture inferred from tensor shapes (e.g. the tiny test preset).
     """
+    as_dtype(param_dtype), as_dtype(dtype)  # a bad name fails here, before gigabytes are read
     if path is None:
         if not os.path.exists(DEFAULT_MODEL):
             raise CheckpointError("the bundled default model is missing from this install; pass a checkpoint path")
@@ -109,5 +87,5 @@ def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, para
         allow_nonfinite=allow_nonfinite, progress=progress)
     meta = {"source": os.path.basename(path), "kind": config.name, "ema": report.used_ema,
             "report": report.summary()}
-    return StableDiffusion(config, params, dtype=as_dtype(dtype), attention_impl=attention_impl, metadata=meta)
+    return StableDiffusion(config, params, dtype=dtype, attention_impl=attention_impl, metadata=meta)
 

@@ -24,6 +24,27 @@ from ldm_jax.models.autoencoder import DiagonalGaussian
 from ldm_jax.models.build import modules
 
 
+_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+           "float16": jnp.float16, "fp16": jnp.float16}
+
+
+def as_dtype(name_or_dtype) -> Any:
+    """A dtype name ("bf16", "float32", ...) or dtype -> its scalar type; only float32, bfloat16 and float16."""
+    if isinstance(name_or_dtype, str):
+        try:
+            return _DTYPES[name_or_dtype]
+        except KeyError:
+            raise ValueError(f"unknown dtype {name_or_dtype!r}; choose from {', '.join(_DTYPES)}") from None
+    try:
+        dtype = jnp.dtype(name_or_dtype)
+    except TypeError:
+        dtype = None
+    if name_or_dtype is None or dtype not in {jnp.dtype(t) for t in _DTYPES.values()}:
+        raise ValueError(f"dtype must be float32, bfloat16 or float16 (or a name: {', '.join(_DTYPES)}), "
+                         f"got {name_or_dtype!r}")
+    return dtype.type
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class StableDiffusion:
     config: ModelConfig
@@ -33,8 +54,6 @@ class StableDiffusion:
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)  # where the weights came from
 
     def __post_init__(self):  # "bf16", jnp.bfloat16, np.dtype(...) -> one scalar type; others refused here
-        from ldm_jax.loading import as_dtype
-
         object.__setattr__(self, "dtype", as_dtype(self.dtype))
 
     @cached_property

@@ -16,7 +16,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ldm_jax.loading import DEFAULT_MODEL, as_dtype, file_config, load
+from ldm_jax.loading import DEFAULT_MODEL, file_config, load
 from ldm_jax.models.build import abstract_params
 from ldm_jax.pipelines.generate import Timings, adopt_programs, precompile
 from ldm_jax.stable_diffusion import StableDiffusion
@@ -60,7 +60,7 @@ def compile_while(loader, config, mode: str, prompts, *, dtype="float32", attent
     warm_up: if the weights are still loading once the program is ready, run it once on zero weights made on the
     device (`generate`'s warm_up; extra["warm_up_s"]). For GPUs, where an executable's first run pays one-off
     set-up; off by default until measured there (on a CPU the first run costs what later runs do)."""
-    shadow = StableDiffusion(config, abstract_params(config), dtype=as_dtype(dtype), attention_impl=attention_impl)
+    shadow = StableDiffusion(config, abstract_params(config), dtype=dtype, attention_impl=attention_impl)
 
     def timed_load():
         t = time.perf_counter()

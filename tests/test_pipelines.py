@@ -195,6 +195,9 @@ def test_python_api_refuses_what_it_would_misread(tiny):
     with pytest.raises(ValueError, match="unknown dtype 'nonsense'"):
         model.replace(dtype="nonsense")
     assert model.replace(dtype="bf16").dtype is jnp.bfloat16
+    for bad in (dict(dtype="nonsense"), dict(param_dtype="int8")):  # refused before any file is looked at
+        with pytest.raises(ValueError, match="unknown dtype"):
+            ldm_jax.load("/no/such/checkpoint.safetensors", **bad)
     with pytest.raises(ValueError, match="L <= 77"):
         model.encode_text(model.params, np.zeros((1, 100), np.int32))
 
