@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import warnings
 
 from ldm_jax.errors import UserError
+from ldm_jax.train import limits
 
 
 def add_parser(sub, name, help_):
@@ -121,36 +121,17 @@ def run(args) -> int:
 
 # the numeric flags' ranges: {dest: (lowest, highest or None)} for integers, {dest: (low, high or None, low allowed,
 # high allowed)} for floats (each of --adam-betas' values too); checked by `check_args`
-INT_RANGES = {"steps": (1, None), "batch_size": (1, None), "grad_accum": (1, None), "save_every": (1, None),
-              "keep": (1, None), "sample_steps": (1, None), "warmup": (0, None), "sample_every": (0, None),
-              "num_workers": (0, None), "stop_after": (1, None), "resolution": (1, None), "seed": (0, 2**32 - 1)}
-FLOAT_RANGES = {"lr": (0.0, None, False, True), "min_lr_ratio": (0.0, 1.0, True, True),
-                "weight_decay": (0.0, None, True, True), "adam_eps": (0.0, None, False, True),
-                "clip": (0.0, None, True, True), "ema_decay": (0.0, 1.0, True, False),
-                "caption_dropout": (0.0, 1.0, True, True), "snr_gamma": (0.0, None, False, True),
-                "multires_noise": (0.0, 1.0, True, False), "adam_betas": (0.0, 1.0, True, False)}
-
-
 def check_args(args) -> None:
-    """One line naming the flag for each out-of-range number (None: the flag was not given, where that is allowed)."""
-    for name, (low, high) in INT_RANGES.items():
-        value = getattr(args, name)
-        if value is not None and (value < low or (high is not None and value > high)):
-            bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-            raise UserError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
-    for name, (low, high, low_ok, high_ok) in FLOAT_RANGES.items():
+    """One line naming the flag for each out-of-range number (None: the flag was not given, where that is allowed);
+    the ranges are `train.limits.RANGES`, which the configs check too."""
+    for name in limits.RANGES:
         value = getattr(args, name)
         for v in (value if isinstance(value, (list, tuple)) else [value]):
-            if v is None:
-                continue
-            ok = math.isfinite(v) and (v > low or (low_ok and v == low))
-            ok = ok and (high is None or v < high or (high_ok and v == high))
-            if not ok:
-                if high is None:
-                    bound = f"{'>=' if low_ok else '>'} {low:g}"
-                else:
-                    bound = f"in {'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
-                raise UserError(f"--{name.replace('_', '-')} must be {bound}, got {v}")
+            if v is not None:
+                try:
+                    limits.check(name, v, f"--{name.replace('_', '-')}")
+                except ValueError as e:
+                    raise UserError(str(e)) from None
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ import jax
 
 from ldm_jax.errors import UserError
 from ldm_jax.output_dirs import check_can_write_dir
+from ldm_jax.train import limits
 
 OOM_HINT = "lower --resolution or --batch-size (--grad-accum N keeps the images per update), or add --remat"
 
@@ -41,14 +42,15 @@ FLAGS = {
 
 def check_config(cfg) -> None:
     """Refuse out-of-range numbers of a `loop.TrainConfig` with one line naming the flag."""
-    at_least = {"steps": 1, "batch_size": 1, "save_every": 1, "keep": 1, "sample_steps": 1, "sample_every": 0,
-                "num_workers": 0, "stop_after": 1, "resolution": 1, "seed": 0}
-    for name, low in at_least.items():
+    for name in ("steps", "batch_size", "save_every", "keep", "sample_steps", "sample_every", "num_workers",
+                 "stop_after", "resolution", "seed"):
         value = getattr(cfg, name)
         if value is None and name in ("stop_after", "resolution", "seed"):
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise UserError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value}")
+        try:
+            limits.check(name, value, f"--{name.replace('_', '-')}")
+        except ValueError as e:
+            raise UserError(str(e)) from None
     if not (isinstance(cfg.sample_scale, (int, float)) and math.isfinite(cfg.sample_scale)):
         raise UserError(f"the sample guidance scale must be a finite number, got {cfg.sample_scale}")
     if cfg.export not in ("ema", "raw", "none"):

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+
+from ldm_jax.train import limits
 
 SCHEDULES = ("cosine", "constant")
 
@@ -54,16 +55,8 @@ class OptimConfig:
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown lr schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
-        checks = {"lr": self.lr > 0, "warmup": self.warmup >= 0, "total_steps": self.total_steps >= 1,
-                  "min_lr_ratio": 0.0 <= self.min_lr_ratio <= 1.0, "b1": 0.0 <= self.b1 < 1.0,
-                  "b2": 0.0 <= self.b2 < 1.0, "eps": self.eps > 0, "weight_decay": self.weight_decay >= 0,
-                  "clip": self.clip is None or self.clip >= 0, "ema_decay": 0.0 <= self.ema_decay < 1.0}
-        rules = {"lr": "> 0", "warmup": ">= 0", "total_steps": ">= 1", "min_lr_ratio": "in [0, 1]", "b1": "in [0, 1)",
-                 "b2": "in [0, 1)", "eps": "> 0", "weight_decay": ">= 0", "clip": ">= 0", "ema_decay": "in [0, 1)"}
-        for name, ok in checks.items():
-            value = getattr(self, name)
-            if not ok or (isinstance(value, float) and not math.isfinite(value)):
-                raise ValueError(f"{name} must be {rules[name]}, got {value}")
+        limits.check_fields(self, ("lr", "warmup", "total_steps", "min_lr_ratio", "b1", "b2", "eps", "weight_decay",
+                                   "clip", "ema_decay"), optional=("clip",))
 
 
 @struct.dataclass

@@ -33,7 +33,7 @@ from ldm_jax import parallel
 from ldm_jax.configs import ModelConfig
 from ldm_jax.models.build import modules
 from ldm_jax.schedules import make_schedule
-from ldm_jax.train import loss as L
+from ldm_jax.train import limits, loss as L
 from ldm_jax.train.state import OptimConfig, TrainState, apply_gradients
 
 DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16}
@@ -56,14 +56,8 @@ class StepConfig:
     def __post_init__(self):
         if self.precision not in DTYPES:
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout (a probability) must be in [0, 1], got {self.caption_dropout}")
-        if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
-        if self.snr_gamma is not None and not self.snr_gamma > 0:
-            raise ValueError(f"snr_gamma must be > 0, got {self.snr_gamma}")
-        if not 0.0 <= self.multires_noise < 1.0:
-            raise ValueError(f"multires_noise (a discount) must be in [0, 1), got {self.multires_noise}")
+        limits.check_fields(self, ("caption_dropout", "grad_accum", "snr_gamma", "multires_noise"),
+                            optional=("snr_gamma",))
 
     @property
     def dtype(self):
