@@ -334,16 +334,30 @@ def test_out_of_memory_is_one_line(data, tmp_path, capsys, monkeypatch):
     assert not run.exists()
 
 
-def test_step_larger_than_the_free_memory_is_refused_before_it_runs(data, tmp_path, capsys, monkeypatch):
-    """The compiled step's XLA memory analysis against the free memory (1 MiB here): refused before it runs."""
+@pytest.mark.parametrize("flags", [[], ["--precompute-latents"], ["--precompute-latents", "--train-text-encoder"]])
+def test_step_larger_than_the_free_memory_is_refused_before_it_runs(data, tmp_path, capsys, monkeypatch, flags):
+    """The compiled step's XLA memory analysis against the free memory (1 MiB here): refused before it runs, and
+    with --precompute-latents before the latent cache is built (from abstract batch shapes)."""
     from ldm_jax.train import preflight
 
     monkeypatch.setattr(preflight, "_available_bytes", lambda device: 2**20)
     run = tmp_path / "run"
-    assert main(["train", *COMMON, "--data", data, "--out", str(run), "--steps", "2"]) == 2
+    assert main(["train", *COMMON, "--data", data, "--out", str(run), "--steps", "2", *flags]) == 2
     line = _error_line(capsys)
     assert "not enough memory for the train step (global batch 8 x 1, 16x16" in line and "1 MiB" in line
     assert "--remat" in line and not run.exists()
+
+
+@pytest.mark.parametrize("flags", [["--precompute-latents"], ["--precompute-latents", "--train-text-encoder"]])
+def test_abstract_batch_is_the_loaders_batch(data, tmp_path, monkeypatch, flags):
+    """With --precompute-latents the step is compiled and checked once, from `step.abstract_batch`: the real
+    batch has the same shapes, dtypes and shardings (else the loop compiles and checks it a second time)."""
+    from ldm_jax.train import preflight
+
+    calls = []
+    monkeypatch.setattr(preflight, "check_fits", lambda compiled, what: calls.append(what))
+    assert main(["train", *COMMON, "--data", data, "--out", str(tmp_path / "run"), "--steps", "1", *flags]) == 0
+    assert len(calls) == 1
 
 
 def _set(args, flag, value=None):

@@ -33,8 +33,8 @@ from ldm_jax.train import preflight
 from ldm_jax.train.checkpoint import Checkpoints, check_same_model
 from ldm_jax.train.progress import InterruptGuard, Metrics, progress_bar
 from ldm_jax.train.state import OptimConfig, TrainState, abstract_state, init_state
-from ldm_jax.train.step import (StepConfig, components, frozen_inputs, jitted_train_step, key_data, shard_batch,
-                                 trainable)
+from ldm_jax.train.step import (StepConfig, abstract_batch, components, frozen_inputs, jitted_train_step, key_data,
+                                 shard_batch, trainable)
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -212,6 +212,10 @@ def _train(cfg, dataset, run_dir, ck, log):
         return _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, log)
 
 
+def _spec(x):
+    return (tuple(x.shape), np.dtype(x.dtype), x.sharding)
+
+
 def _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, log):
     sd = sd.replace(params={c: v for c, v in sd.params.items() if c not in cfg.step.trained})  # the state has them
     start = int(np.asarray(state.step.addressable_data(0)))
@@ -221,6 +225,13 @@ def _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, 
     loader_kw = dict(batch_size=cfg.batch_size // n_proc, resolution=res, seed=cfg.seed, position=position,
                      random_flip=cfg.random_flip, shard_index=jax.process_index(), num_shards=n_proc,
                      num_workers=cfg.num_workers)
+    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
+    step_fn = jitted_train_step(sd.config, cfg.optim, cfg.step, mesh)
+    checked = None  # the batch shapes whose compiled step passed the memory check
+    if cfg.precompute_latents and start < end:  # check before the cache is built: that can take long
+        checked = abstract_batch(sd, cfg.step, cfg.batch_size, res, cached=True, mesh=mesh)
+        log(f"compiling the train step ({what()}) ...")
+        preflight.check_fits(step_fn.lower(state, checked, key, frozen).compile(), what())
     if cfg.precompute_latents:
         from ldm_jax.train import latent_cache
 
@@ -229,7 +240,6 @@ def _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, 
         loader = latent_cache.cached_batches(cache, dataset, **loader_kw)
     else:
         loader = D.batches(dataset, **loader_kw)
-    step_fn = jitted_train_step(sd.config, cfg.optim, cfg.step, mesh)
     sampler_sd = sd.replace(params={}, dtype=cfg.step.dtype)
     metrics = Metrics(run_dir, jax.process_index() == 0)
 
@@ -250,7 +260,6 @@ def _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, 
         return shard_batch(local, mesh), {"position": st.position, "epoch": st.epoch, "skipped": st.skipped,
                                           "upscaled": st.upscaled}
 
-    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
     images_per_step = cfg.batch_size * k
     # `state` is at step `last`, after the data up to `last_data`; `saved`: the newest checkpoint's step (or start);
     # `unflushed`: (step, metrics, data) of the steps whose metrics.jsonl row is not written yet.
@@ -275,8 +284,9 @@ def _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, 
         with loader, guard:
             if start < end:
                 batch, data = next_batch()
-                log(f"compiling the train step ({what()}) ...")
-                preflight.check_fits(step_fn.lower(state, batch, key, frozen).compile(), what())
+                if checked is None or jax.tree_util.tree_map(_spec, batch) != jax.tree_util.tree_map(_spec, checked):
+                    log(f"compiling the train step ({what()}) ...")
+                    preflight.check_fits(step_fn.lower(state, batch, key, frozen).compile(), what())
             for step in range(start + 1, end + 1):
                 with guard.critical():  # a Ctrl-C waits until state, step, data position and metrics agree
                     state, m = step_fn(state, batch, key, frozen)
