@@ -168,3 +168,19 @@ def test_progress_bar_shows_on_a_terminal_without_a_width(monkeypatch):
         bar.update(2)
         bar.close()
     os.close(master)
+
+
+def test_progress_off_a_terminal_is_plain_lines(data, tmp_path, capsys, monkeypatch):
+    """Off a terminal (capsys is not one) the progress is a line at the first and last step and every
+    LINE_SECONDS (0 here: every step), not tqdm's carriage returns; --no-progress prints none."""
+    from ldm_jax.train import progress
+
+    monkeypatch.setattr(progress, "LINE_SECONDS", 0.0)
+    args = ["train", *[a for a in COMMON if a != "--no-progress"], "--data", data, "--steps", "3"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("train: step")]
+    assert [ln.split(",")[0] for ln in lines] == ["train: step 1/3 (33%)", "train: step 2/3 (66%)",
+                                                   "train: step 3/3 (100%)"]
+    assert "loss=" in lines[-1] and "left" in lines[-1]
+    assert main([*args, "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
+    assert "train: step" not in capsys.readouterr().err

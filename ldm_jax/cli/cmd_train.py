@@ -83,7 +83,8 @@ def add_parser(sub, name, help_):
                    "--export ema or raw)")
     p.add_argument("--num-workers", type=int, default=2, help="image decoding threads, 0 = in the main thread "
                    "(default: 2)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal, nor the progress "
+                   "line printed every 30 s and at the end otherwise (RUN_DIR/metrics.jsonl has every step either way)")
     p.add_argument("--coordinator", help="multi-host: coordinator address host:port")
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     p.add_argument("--process-id", type=int, help="multi-host: this process's id")

@@ -2,8 +2,9 @@
 
 - `Metrics`: RUN_DIR/metrics.jsonl (one JSON object per step, process 0 only) and TensorBoard when `tensorboardX`
   is importable; the files are opened at the first row, so a run that fails before its first step leaves none.
-- `progress_bar`: tqdm on a terminal (none in a log file); a terminal that reports no size (0 x 0: `script`, some
-  CI ptys) gets a fixed one, where tqdm would print an empty bar.
+- `progress_bar`: tqdm on a terminal; a terminal that reports no size (0 x 0: `script`, some CI ptys) gets a fixed
+  one, where tqdm would print an empty bar. Off a terminal (a log file, `nohup`), where a bar would be a stream of
+  carriage returns, a plain line every `LINE_SECONDS` and at the last step instead.
 - `InterruptGuard`: a Ctrl-C (SIGINT) that arrives inside `guard.critical()` is held until the block ends and then
   raised as KeyboardInterrupt, so the loop's state, step counter, data position and metrics rows are always updated
   together; elsewhere (compiling, sampling, loading data) it raises at once.
@@ -16,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from tqdm.auto import tqdm
 
@@ -56,14 +58,58 @@ class Metrics:
             self.tb.close()
 
 
+LINE_SECONDS = 30.0  # off a terminal: at most one progress line per this many seconds
+
+
 def progress_bar(total: int, initial: int, enabled: bool):
-    """A tqdm bar of optimiser steps on stderr: shown on a terminal only (`disable=None`), never when not enabled."""
+    """Progress of optimiser steps on stderr (see the module docstring); nothing when not `enabled`. The result has
+    tqdm's `update(n)`, `set_postfix(**values, refresh=)` and `close()`."""
+    if enabled and not _is_terminal(sys.stderr):
+        return _Lines(total, initial)
     try:
         width = os.get_terminal_size(sys.stderr.fileno()).columns
     except (OSError, ValueError, AttributeError):
         width = 0
     size = {"dynamic_ncols": True} if width else {"ncols": 100, "nrows": 50}  # nrows 0: tqdm prints nothing
     return tqdm(total=total, initial=initial, unit="step", desc="train", disable=None if enabled else True, **size)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class _Lines:
+    """`train: step 120/1000 (12%), loss=0.1234, img_s=3.10, 0:01:02 elapsed, 0:07:40 left` lines."""
+
+    def __init__(self, total: int, initial: int):
+        self.total, self.n, self.first = total, initial, initial
+        self.postfix, self.start = {}, time.monotonic()
+        self.last = self.start
+
+    def set_postfix(self, refresh: bool = True, **values) -> None:
+        self.postfix = values
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= LINE_SECONDS or self.n >= self.total or self.n - n == self.first:
+            self.last = now
+            elapsed, done = now - self.start, self.n - self.first
+            left = elapsed / done * (self.total - self.n) if done else 0.0
+            values = "".join(f", {k}={v}" for k, v in self.postfix.items())
+            print(f"train: step {self.n}/{self.total} ({100 * self.n // max(self.total, 1)}%){values}, "
+                  f"{_clock(elapsed)} elapsed, {_clock(left)} left", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 class InterruptGuard:
