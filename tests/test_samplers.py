@@ -291,7 +291,13 @@ def test_sigma_grids():
     np.testing.assert_array_equal(np.asarray(t), t_np)
     s, t = schedule_sigmas(SCH, 4)
     np.testing.assert_array_equal(np.asarray(t), [999, 666, 333, 0])
-    np.testing.assert_allclose(np.asarray(s)[:4], np.asarray(SCH.sigmas)[[999, 666, 333, 0]]) and float(s[4]) == 0
+    np.testing.assert_allclose(np.asarray(s)[:4], np.asarray(SCH.sigmas)[[999, 666, 333, 0]], rtol=1e-6)
+    assert float(s[4]) == 0
+    s, t = schedule_sigmas(SCH, 20)  # fractional t = 999 - 999 i / 19: sigma log-interpolated, the U-Net gets round(t)
+    frac = np.linspace(999, 0, 20)
+    log_sigmas = np.log(np.asarray(SCH.sigmas, np.float64))
+    np.testing.assert_allclose(np.asarray(s)[:20], np.exp(np.interp(frac, np.arange(1000), log_sigmas)), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(t), np.round(frac))
 
 
 def test_dpmpp_2m_steps_match_update_rule():
@@ -320,8 +326,9 @@ def test_euler_ancestral_steps_match_update_rule(karras):
     if karras:
         sig, ts = karras_np(steps, exact=False)
     else:
-        ts = np.round(np.linspace(999, 0, steps)).astype(int)
-        sig = np.append(np.asarray(SCH.sigmas, np.float64)[ts], 0.0)
+        frac = np.linspace(999, 0, steps)  # k-diffusion get_sigmas: log-linear sigma at fractional t; U-Net round(t)
+        ts = np.round(frac).astype(int)
+        sig = np.append(np.exp(np.interp(frac, np.arange(1000), np.log(np.asarray(SCH.sigmas, np.float64)))), 0.0)
     x = X0 + sig[start] * NOISE0.astype(np.float64)
     for i in range(start, steps):
         den = denoise_np(x, sig[i], ts[i])
@@ -400,10 +407,17 @@ def test_progress_and_strength_zero():
     jax.effects_barrier()
     assert sorted(seen) == [3, 4, 5, 6]
     for name in S.SAMPLERS:
-        s = S.start_step_for_strength(10, 0.0)
-        x = S.noise_to_start(name, SCH, X0, NOISE0, 10, s)
-        np.testing.assert_allclose(S.sample(name, guided(), x, SCH, keys_for(B), steps=10, start_step=s), X0,
-                                   rtol=1e-6, atol=1e-6)
+        for steps in (10, 30):  # 30: ddim/plms run 31 loop steps (CompVis), and still none at strength 0
+            s = S.start_step_for_strength(steps, 0.0, S.n_loop_steps(name, SCH.n_steps, steps))
+            x = S.noise_to_start(name, SCH, X0, NOISE0, steps, s)
+            np.testing.assert_allclose(S.sample(name, guided(), x, SCH, keys_for(B), steps=steps, start_step=s), X0,
+                                       rtol=1e-6, atol=1e-6)
+    for name in ("ddim", "plms", "dpmpp_2m"):  # strength 0.5 of 30 steps runs 15 (CompVis t_enc), not 16
+        seen = []
+        s = S.start_step_for_strength(30, 0.5, S.n_loop_steps(name, SCH.n_steps, 30))
+        jax.block_until_ready(S.sample(name, guided(), X_T, SCH, None, steps=30, start_step=s, progress=seen.append))
+        jax.effects_barrier()
+        assert len(seen) == 15, (name, len(seen))
 
 
 def test_errors_and_helpers():

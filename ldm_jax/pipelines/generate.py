@@ -237,7 +237,8 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
     uncond = put(sd.tokenize(_pad_rows(negatives, plan)))
     seeds = put(_seed_rows(seed, plan.local_indices))
     init_x, mask_x, lat_x = (None if a is None else put(_pad_rows(a, plan)) for a in (init, mask, latents))
-    start = samplers.start_step_for_strength(steps, strength) if mode != "txt2img" else 0
+    loop_steps = samplers.n_loop_steps(sampler, sd.config.schedule.n_steps, int(steps))
+    start = samplers.start_step_for_strength(steps, strength, loop_steps) if mode != "txt2img" else 0
     eta_value = samplers.default_eta(sampler) if eta is None else float(eta)
     scalars = parallel.replicate([np.asarray(guidance_scale, np.float32),
                                   np.asarray(0.0 if eta_value is None else eta_value, np.float32),
@@ -281,7 +282,7 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
             weights = parallel.device_zeros(params, parallel.replicated(mesh)) if _is_abstract(sd.params) else params
             _warm_up(sd, key, compile_, (weights,) + args[1:], mode, timings)
         return None
-    n_loop = samplers.n_loop_steps(sampler, sd.config.schedule.n_steps, int(steps)) - start
+    n_loop = loop_steps - start
 
     def execute(program):
         with tqdm(total=max(n_loop, 0), desc=mode, unit="step", disable=not step_bar or None, leave=False) as bar:

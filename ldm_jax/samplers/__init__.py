@@ -10,7 +10,7 @@
 Uniform entry point: `sample(name, eps_fn, x_T, schedule, keys, steps=..., eta=None, start_step=0)`.
 
 x_T: for txt2img, standard normal latents [B, h, w, C] (the k-samplers multiply by sigma_max inside, k-diffusion
-style). For img2img (strength s): `start = start_step_for_strength(steps, s)`,
+style). For img2img (strength s): `start = start_step_for_strength(steps, s, n_loop_steps(name, T, steps))`,
 `x_T = noise_to_start(name, schedule, x0, noise, steps, start)`, then `sample(..., start_step=start)`. The loop
 then runs only loop steps i >= start, and the input is x_0 noised to the level that step `start` consumes:
 q_sample at its time step for ddim/plms/ddpm (VP space), x_0 + sigma_start noise for the k-samplers (sigma space,
@@ -41,8 +41,8 @@ from ldm_jax.samplers.euler_ancestral import euler_ancestral_noise_to_start, eul
 from ldm_jax.samplers.plms import plms_sample
 from ldm_jax.schedules import Schedule
 
-__all__ = ["SAMPLERS", "NO_ETA", "Known", "default_eta", "sample", "noise_to_start", "start_step_for_strength", "n_loop_steps", "ddim_sample",
-           "ddim_q_sample", "ddim_timesteps", "ddpm_sample", "ddpm_timesteps", "plms_sample", "dpmpp_2m_sample",
+__all__ = ["SAMPLERS", "NO_ETA", "Known", "default_eta", "sample", "noise_to_start", "start_step_for_strength",
+           "n_loop_steps", "ddim_sample", "ddim_q_sample", "ddim_timesteps", "ddpm_sample", "ddpm_timesteps", "plms_sample", "dpmpp_2m_sample",
            "euler_ancestral_sample"]
 
 
@@ -138,13 +138,15 @@ def n_loop_steps(name: str, n_steps_train: int, steps: int) -> int:
     return check_steps(steps, n_steps_train)
 
 
-def start_step_for_strength(steps: int, strength: float) -> int:
-    """img2img: skip the first steps - int(strength * steps) loop steps (CompVis t_enc, diffusers t_start)."""
+def start_step_for_strength(steps: int, strength: float, loop_steps: int | None = None) -> int:
+    """img2img: the loop step to start at so that int(strength * steps) steps run (CompVis t_enc, diffusers
+    S - t_start). loop_steps: the loop's length, `n_loop_steps(...)` (default steps; ddim/plms may run one more
+    step than asked, and those skip one more, so that strength 0 still runs none)."""
     check_steps(steps)
     strength = float(strength)
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
-    return steps - int(strength * steps)
+    return (steps if loop_steps is None else loop_steps) - int(strength * steps)
 
 
 def noise_to_start(name: str, schedule: Schedule, x0: jax.Array, noise: jax.Array, steps: int,

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.schedules import Schedule, sigma_to_t
+from ldm_jax.schedules import Schedule, sigma_to_t, t_to_sigma
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 Progress = Callable[[int], None] | None
@@ -109,15 +109,13 @@ def karras_sigmas(schedule: Schedule, steps: int, rho: float = 7.0) -> tuple[jax
 
 
 def schedule_sigmas(schedule: Schedule, steps: int) -> tuple[jax.Array, jax.Array]:
-    """The schedule's own sigmas at S evenly spaced table indices T-1 .. 0 (k-diffusion `get_sigmas(n)`).
-
-    k-diffusion uses fractional t = linspace(T-1, 0, S) and log-interpolated sigmas; we round t to the nearest
-    integer and take the table's exact sigma_t, so the U-Net sees precisely the noise level it was trained on.
-    Returns (sigmas [S+1] with a final 0, t [S] int32).
-    """
-    t = np.round(np.linspace(schedule.n_steps - 1, 0, steps)).astype(np.int32)
-    sigmas = schedule.sigmas[t]
-    return jnp.concatenate([sigmas, jnp.zeros((1,), jnp.float32)]), jnp.asarray(t)
+    """The schedule's sigmas at S evenly spaced fractional table indices t = linspace(T-1, 0, S), log-linearly
+    interpolated between table entries (k-diffusion `get_sigmas(n)`, diffusers' Euler schedulers with
+    timestep_spacing "linspace"; they interpolate sigma linearly, within 1e-4). The U-Net gets round(t), as with
+    `karras_sigmas`. Returns (sigmas [S+1] float32 with a final 0, t [S] int32)."""
+    t = np.linspace(schedule.n_steps - 1, 0, steps)
+    sigmas = t_to_sigma(schedule, t)
+    return jnp.concatenate([sigmas, jnp.zeros((1,), jnp.float32)]), jnp.asarray(np.round(t).astype(np.int32))
 
 
 def k_denoise(eps_fn: EpsFn, x: jax.Array, sigma: jax.Array, t: jax.Array) -> jax.Array:

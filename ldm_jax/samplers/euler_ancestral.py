@@ -9,9 +9,10 @@ With D_i = x_i - sigma_i eps_theta(x_i / sqrt(sigma_i^2 + 1), t_i):
     sigma_down = sqrt(sigma_{i+1}^2 - sigma_up^2)
     x_{i+1}    = x_i + (x_i - D_i) / sigma_i (sigma_down - sigma_i) + sigma_up z_i    (no noise when sigma_{i+1} = 0)
 
-eta = 1 by default (eta = 0 is the deterministic Euler method). Sigma grid: by default the schedule's own sigmas
-at S evenly spaced time steps T-1 .. 0 (the k-diffusion `get_sigmas(S)` / A1111 "Euler a" / diffusers default),
-rounded to integer time steps; `karras=True` uses the Karras rho=7 grid instead.
+eta = 1 by default (eta = 0 is the deterministic Euler method). Sigma grid: by default the schedule's sigmas
+at S evenly spaced fractional time steps T-1 .. 0, log-linearly interpolated (the k-diffusion `get_sigmas(S)` /
+A1111 "Euler a" / diffusers default; `common.schedule_sigmas`), the U-Net getting the rounded time step;
+`karras=True` uses the Karras rho=7 grid instead.
 
 Input convention as `dpm_solver.py`: unit-variance x_T, scaled by sigmas[0] = sigma_max inside; for img2img pass
 `euler_ancestral_noise_to_start`. z_i for image b is normal(fold_in(keys[b], i)).
