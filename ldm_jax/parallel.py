@@ -8,6 +8,7 @@ image i of a request always uses `fold_in(key(seed), i)`.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -47,6 +48,19 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
             raise UserError("cannot join the multi-host run (--coordinator HOST:PORT, --num-processes N and "
                             f"--process-id I, or their LDM_JAX_* variables): {str(e).splitlines()[0]}") from e
     return jax.process_count() > 1
+
+
+_barriers = itertools.count()
+
+
+def wait_for_all_processes(name: str, timeout_s: int = 900) -> None:
+    """Block until every process of a multi-host run gets here (nothing with one process). A barrier of the
+    coordination service, not a device collective: CPU runs set up gloo at their first collective and give up
+    after 30 s, so a host still compiling a program another host has finished would fail the run."""
+    if jax.process_count() > 1:
+        from orbax.checkpoint import multihost
+
+        multihost.get_barrier_sync_fn()(key=f"ldm-jax/{name}/{next(_barriers)}", timeout_ms=timeout_s * 1000)
 
 
 def _env_int(name: str) -> int | None:

@@ -287,6 +287,7 @@ def _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, 
                 if checked is None or jax.tree_util.tree_map(_spec, batch) != jax.tree_util.tree_map(_spec, checked):
                     log(f"compiling the train step ({what()}) ...")
                     preflight.check_fits(step_fn.lower(state, batch, key, frozen).compile(), what())
+                parallel.wait_for_all_processes("train step compiled")  # before its first collective
             for step in range(start + 1, end + 1):
                 with guard.critical():  # a Ctrl-C waits until state, step, data position and metrics agree
                     state, m = step_fn(state, batch, key, frozen)
