@@ -350,7 +350,7 @@ def test_step_larger_than_the_free_memory_is_refused_before_it_runs(data, tmp_pa
 
 @pytest.mark.parametrize("flags", [["--precompute-latents"], ["--precompute-latents", "--train-text-encoder"]])
 def test_abstract_batch_is_the_loaders_batch(data, tmp_path, monkeypatch, flags):
-    """With --precompute-latents the step is compiled and checked once, from `step.abstract_batch`: the real
+    """With --precompute-latents the step is compiled and checked once, from `step.abstract_cached_batch`: the real
     batch has the same shapes, dtypes and shardings (else the loop compiles and checks it a second time)."""
     from ldm_jax.train import preflight
 

@@ -33,7 +33,7 @@ from ldm_jax.train import preflight
 from ldm_jax.train.checkpoint import Checkpoints, check_same_model
 from ldm_jax.train.progress import InterruptGuard, Metrics, progress_bar
 from ldm_jax.train.state import OptimConfig, TrainState, abstract_state, init_state
-from ldm_jax.train.step import (StepConfig, abstract_batch, components, frozen_inputs, jitted_train_step, key_data,
+from ldm_jax.train.step import (StepConfig, abstract_cached_batch, components, frozen_inputs, jitted_train_step, key_data,
                                  shard_batch, trainable)
 
 @dataclasses.dataclass
@@ -229,7 +229,7 @@ def _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, 
     step_fn = jitted_train_step(sd.config, cfg.optim, cfg.step, mesh)
     checked = None  # the batch shapes whose compiled step passed the memory check
     if cfg.precompute_latents and start < end:  # check before the cache is built: that can take long
-        checked = abstract_batch(sd, cfg.step, cfg.batch_size, res, cached=True, mesh=mesh)
+        checked = abstract_cached_batch(sd, cfg.step, cfg.batch_size, res, mesh)
         log(f"compiling the train step ({what()}) ...")
         preflight.check_fits(step_fn.lower(state, checked, key, frozen).compile(), what())
     if cfg.precompute_latents:

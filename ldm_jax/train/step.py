@@ -157,18 +157,16 @@ def batch_sharding(mesh=None) -> NamedSharding:
     return NamedSharding(mesh or parallel.data_mesh(), P(None, parallel.DATA_AXIS))
 
 
-def abstract_batch(sd, step_cfg: StepConfig, batch_size: int, resolution: int, cached: bool, mesh=None) -> dict:
-    """The step's `batch` argument as global shapes and shardings, without data (what `shard_batch` of the
-    loader's rows gives): to compile the step and check its memory before any batch exists. cached: the rows of
-    `latent_cache` ({"moments", "ctx"}, or {"moments", "ids"} when the text encoder trains), else images."""
+def abstract_cached_batch(sd, step_cfg: StepConfig, batch_size: int, resolution: int, mesh=None) -> dict:
+    """The step's `batch` argument as `latent_cache` rows give it ({"moments", "ctx"}, or {"moments", "ids"} when
+    the text encoder trains; global shapes and shardings, as `shard_batch`), without data: to compile the step and
+    check its memory before the cache is built."""
     sharding = batch_sharding(mesh)
 
     def spec(shape, dtype):
         return jax.ShapeDtypeStruct((step_cfg.grad_accum, batch_size) + tuple(shape), dtype, sharding=sharding)
 
     ids = jax.ShapeDtypeStruct((1, sd.config.text.max_length), jnp.int32)
-    if not cached:
-        return {"images": spec((resolution, resolution, 3), jnp.float32), "ids": spec(ids.shape[1:], jnp.int32)}
     pixels = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
     out = {"moments": spec(jax.eval_shape(sd.encode_moments, sd.params, pixels).shape[1:], jnp.float32)}
     if step_cfg.train_text_encoder:
