@@ -25,7 +25,7 @@ DATA_AXIS = "data"
 
 
 def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None) -> bool:
+                     process_id: int | None = None, log=None) -> bool:
     """Join a multi-host run when asked to (arguments, or LDM_JAX_COORDINATOR / LDM_JAX_NUM_PROCESSES /
     LDM_JAX_PROCESS_ID, or a cluster JAX auto-detects). Returns True when running multi-process."""
     coordinator = coordinator or os.environ.get("LDM_JAX_COORDINATOR")
@@ -38,6 +38,11 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
             raise UserError(f"the number of processes must be >= 1, got {num_processes}")
         if process_id is not None and not 0 <= process_id < (num_processes or process_id + 1):
             raise UserError(f"the process id must be in [0, {num_processes}), got {process_id}")
+        if coordinator is not None:
+            _check_address(coordinator)
+        if log is not None and coordinator and num_processes:
+            log(f"joining a {num_processes}-process run at {coordinator} as process {process_id}; waiting for the "
+                "others (up to 5 minutes) ...")
         # CPU runs have cross-process collectives (gradient all-reduce, orbax's multi-host barriers) only with
         # gloo; it must be set before the backend starts and has no effect on GPU/TPU.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -50,7 +55,13 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
     return jax.process_count() > 1
 
 
-_barriers = itertools.count()
+_keys = itertools.count()  # every process makes the same calls in the same order, so keys match across processes
+
+
+def _client():
+    from jax._src import distributed  # the coordination service's client (JAX's compiler and orbax use it too)
+
+    return distributed.global_state.client
 
 
 def wait_for_all_processes(name: str, timeout_s: int = 900) -> None:
@@ -58,9 +69,49 @@ def wait_for_all_processes(name: str, timeout_s: int = 900) -> None:
     coordination service, not a device collective: CPU runs set up gloo at their first collective and give up
     after 30 s, so a host still compiling a program another host has finished would fail the run."""
     if jax.process_count() > 1:
-        from orbax.checkpoint import multihost
+        try:
+            _client().wait_at_barrier(f"ldm-jax/{name}/{next(_keys)}", timeout_s * 1000)
+        except Exception as e:  # noqa: BLE001 - jaxlib raises its runtime error for a timeout
+            raise UserError(f"not every process got to '{name}' within {timeout_s} s (one stopped, or is much "
+                            f"slower): {str(e).splitlines()[0][:200]}") from None
 
-        multihost.get_barrier_sync_fn()(key=f"ldm-jax/{name}/{next(_barriers)}", timeout_ms=timeout_s * 1000)
+
+def share(name: str, value: str, timeout_s: int = 900) -> list[str]:
+    """Every process's `value`, in process order ([value] with one process), through the coordination service's
+    key-value store: no device collective, so a process that arrives late only makes the others wait."""
+    if jax.process_count() == 1:
+        return [value]
+    client, key = _client(), f"ldm-jax/{name}/{next(_keys)}"
+    client.key_value_set(f"{key}/{jax.process_index()}", value)
+    return [_get(client, f"{key}/{p}", p, name, timeout_s) for p in range(jax.process_count())]
+
+
+def from_process_0(name: str, make_value, timeout_s: int = 3600) -> str:
+    """Process 0's `make_value()` (a str) on every process: process 0 computes and publishes it without waiting
+    for anyone; the others wait for it."""
+    if jax.process_count() == 1:
+        return make_value()
+    client, key = _client(), f"ldm-jax/{name}/{next(_keys)}"
+    if jax.process_index() == 0:
+        value = make_value()
+        client.key_value_set(key, value)
+        return value
+    return _get(client, key, 0, name, timeout_s)
+
+
+def _get(client, key: str, process: int, name: str, timeout_s: int) -> str:
+    try:
+        return client.blocking_key_value_get(key, timeout_s * 1000)
+    except Exception:  # noqa: BLE001 - jaxlib raises its runtime error for a timeout
+        raise UserError(f"process {process} did not get to '{name}' within {timeout_s} s (it stopped, or is much "
+                        "slower than this one)") from None
+
+
+def _check_address(address: str) -> None:
+    """HOST:PORT (an IPv6 host in brackets), PORT in 1..65535: jax.distributed crashes on anything else."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"the coordinator address must be HOST:PORT with PORT in 1..65535, got {address!r}")
 
 
 def _env_int(name: str) -> int | None:

@@ -88,6 +88,9 @@ def test_two_processes_on_localhost(ckpt, single, tmp_path):
     (("localhost:1", 2, 5), {}, r"the process id must be in \[0, 2\), got 5"),
     ((None, None, None), {"LDM_JAX_NUM_PROCESSES": "abc"}, "LDM_JAX_NUM_PROCESSES must be an integer"),
     ((None, None, None), {"LDM_JAX_PROCESS_ID": "-"}, "LDM_JAX_PROCESS_ID must be an integer"),
+    (("nonsense", 1, 0), {}, "the coordinator address must be HOST:PORT"),  # an IndexError inside JAX before
+    (("127.0.0.1:notaport", 2, 0), {}, "the coordinator address must be HOST:PORT"),  # a segfault before
+    (("127.0.0.1:0", 2, 0), {}, "PORT in 1..65535"),
 ])
 def test_bad_multi_host_settings_are_user_errors(monkeypatch, args, env, message):
     from ldm_jax import parallel
@@ -106,3 +109,36 @@ def test_incomplete_multi_host_flags_are_one_line_errors(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert p.stderr.strip().splitlines() == [p.stderr.strip()] and "cannot join the multi-host run" in p.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli_hosts(ckpt, out, per_host_flags):
+    """`ldm-jax txt2img` on len(per_host_flags) processes of one localhost run (1 device each)."""
+    port, n = _free_port(), len(per_host_flags)
+    return [subprocess.Popen([sys.executable, "-m", "ldm_jax", "txt2img", "--checkpoint", ckpt, "--prompt", "a shape",
+                              "--n", "3", "--steps", "2", "--height", "16", "--width", "16", "--out", str(out),
+                              "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(i),
+                              *flags], cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for i, flags in enumerate(per_host_flags)]
+
+
+def test_cli_hosts_save_their_share_and_refuse_different_settings(ckpt, tmp_path):
+    """Two CLI processes: each saves its images under one run number that process 0 hands out through the
+    coordination service (no device collective: that gave up after 30 s when a host was late); hosts started
+    with different settings all stop with one line before loading, instead of saving a mix of two requests."""
+    out = tmp_path / "out"
+    for p in _cli_hosts(ckpt, out, [[], []]):
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stderr[-2000:]
+    assert sorted(os.listdir(out)) == [f"0-000{i}-a_shape.png" for i in range(3)]  # no grid: no host has all images
+    procs = _cli_hosts(ckpt, out, [[], ["--seed", "7"]])
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 2 and "Traceback" not in stderr, stderr[-2000:]
+        assert "process(es) 1 were started with other settings than process 0" in stderr
+    assert len(os.listdir(out)) == 3

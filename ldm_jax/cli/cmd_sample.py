@@ -54,8 +54,9 @@ def add_parser(sub, name, help_):
                        help="how much to change the init image, 0..1 (default: %(default)s)")
     if name == "inpaint":
         p.add_argument("--mask", required=True, metavar="IMG",
-                       help="mask image, the init image's size: white = repaint, black = keep, gray blends (the "
-                       "mean of R, G, B); a mask with transparency is laid on black, so transparent areas are kept")
+                       help="mask image, the init image's size: white = repaint, black = keep, thresholded at 50%% "
+                       "gray (the mean of R, G, B; as CompVis and diffusers); a mask with transparency is laid on "
+                       "black, so transparent areas are kept")
     p.add_argument("--out", default=f"outputs/{name}", metavar="DIR",
                    help="output directory, created if missing; existing files in it are never overwritten "
                    "(default: %(default)s)")
@@ -131,7 +132,7 @@ def _step_bar(args, unet_params) -> bool:
 
 
 def run(args) -> int:
-    from ldm_jax.pipelines.generate import Timings, check_size, check_steps, check_strength, generate
+    from ldm_jax.pipelines.generate import Timings, check_mode, check_size, check_steps, check_strength, generate
 
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
@@ -148,7 +149,10 @@ def run(args) -> int:
     from ldm_jax import images as imio
     from ldm_jax import parallel
 
-    multi = parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
+    multi = parallel.init_distributed(args.coordinator, args.num_processes, args.process_id,
+                                      log=lambda m: print(m, flush=True))
+    if multi:
+        _check_same_request(args)
     import jax
 
     if args.dtype == "float16" and jax.default_backend() == "cpu":  # XLA: "F16_F16_F32 not supported on CPU"
@@ -162,6 +166,7 @@ def run(args) -> int:
 
     config = peek_config(args.checkpoint)  # known before reading tensors: compile while they load
     if config is not None:  # the sampler's time-step table (DDIM/PLMS cannot do 3 steps of T=1000), before loading
+        check_mode(config, args.mode)
         try:
             n_loop_steps(args.sampler, config.schedule.n_steps, args.steps)
         except ValueError as e:
@@ -217,6 +222,28 @@ def run(args) -> int:
     return 0
 
 
+# what every host of a multi-host run must be given alike (paths may differ between hosts)
+_REQUEST_ARGS = ("mode", "prompt", "negative_prompt", "n", "seed", "steps", "sampler", "scale", "eta", "height",
+                 "width", "strength", "dtype")
+
+
+def _check_same_request(args) -> None:
+    """Multi-host: refuse (on every host) a run whose hosts were given different settings; each host would make
+    and save its share of a different request (images missing or twice)."""
+    import hashlib
+    import json
+
+    from ldm_jax import parallel
+
+    mine = json.dumps([getattr(args, k, None) for k in _REQUEST_ARGS])
+    digests = parallel.share("request", hashlib.sha256(mine.encode()).hexdigest(), timeout_s=600)
+    differ = [i for i, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise UserError(f"process(es) {', '.join(map(str, differ))} were started with other settings than process 0 "
+                        f"(the flags among --{', --'.join(k.replace('_', '-') for k in _REQUEST_ARGS[1:])} must be "
+                        "the same on every host)")
+
+
 def _save(args, meta: dict, indices, images, multi: bool) -> list[str]:
     """Save this process's images (and the grid) under names no earlier run has taken, one run number for all
     the run's files (`images.save_new_pngs`); multi-host, process 0 picks it for every host."""
@@ -228,11 +255,8 @@ def _save(args, meta: dict, indices, images, multi: bool) -> list[str]:
         items.append((f"{args.seed}-grid-{slug}", imio.grid(images), meta))
     run = 1
     if multi:  # every host starts from the run number that is free for all n names (on a shared --out)
-        import jax
-        import numpy as np
-        from jax.experimental import multihost_utils
+        from ldm_jax import parallel
 
-        if jax.process_index() == 0:
-            run = imio.first_free_run(args.out, [f"{args.seed}-{i:04d}-{slug}" for i in range(args.n)])
-        run = int(multihost_utils.broadcast_one_to_all(np.int32(run)))
+        names = [f"{args.seed}-{i:04d}-{slug}" for i in range(args.n)]  # process 0 saves without waiting
+        run = int(parallel.from_process_0("output run number", lambda: str(imio.first_free_run(args.out, names))))
     return imio.save_new_pngs(args.out, items, run=run)

@@ -111,7 +111,8 @@ def run(args) -> int:
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     from ldm_jax import parallel
 
-    parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)  # gloo on CPU multi-process
+    parallel.init_distributed(args.coordinator, args.num_processes, args.process_id,  # gloo on CPU multi-process
+                              log=lambda m: print(m, flush=True))
     cfg = train_config(args)
     with one_line_warnings():
         result = loop.train(cfg)
