@@ -29,9 +29,16 @@ def to_unit_range(images) -> np.ndarray:
     if not np.issubdtype(a.dtype, np.floating):
         raise UserError(f"images must be uint8 (0..255) or float in [-1, 1], got {a.dtype}")
     a = a.astype(np.float32)
-    if not np.isfinite(a).all() or a.min(initial=0.0) < -1.0 - 1e-3 or a.max(initial=0.0) > 1.0 + 1e-3:
-        raise UserError(f"float images must be finite and in [-1, 1], got values in [{np.nanmin(a):.3g}, "
-                        f"{np.nanmax(a):.3g}] (uint8 images in 0..255 are scaled; for floats in [0, 1] pass x * 2 - 1)")
+    if not np.isfinite(a).all():
+        raise UserError("float images must be finite and in [-1, 1], got NaN or Inf values")
+    if a.min(initial=0.0) < -1.0 - 1e-3 or a.max(initial=0.0) > 1.0 + 1e-3:
+        raise UserError(f"float images must be finite and in [-1, 1], got values in [{a.min():.3g}, "
+                        f"{a.max():.3g}] (uint8 images in 0..255 are scaled; for floats in [0, 1] pass x * 2 - 1)")
+    if a.size and a.min() >= 0.0 and a.max() > 0.0:  # a [-1, 1] image with no pixel darker than mid-gray: rare
+        import warnings
+
+        warnings.warn("the float init image has no negative value, so it is read as a light image in [-1, 1]; if it "
+                      "holds 0..1 values, pass x * 2 - 1", stacklevel=3)
     return np.clip(a, -1.0, 1.0)
 
 

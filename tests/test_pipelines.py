@@ -146,8 +146,29 @@ def test_inpainting_unet_conditioning(tmp_path):
     mask[:, 8:] = 1
     out = ldm_jax.inpaint(model, "x", init, mask, steps=4)[0]
     np.testing.assert_array_equal(out[:, :8], init[:, :8])
-    with pytest.raises(ValueError, match="inpainting U-Net"):
-        ldm_jax.txt2img(model, "x", steps=2, height=16, width=16)
+    for call in (lambda: ldm_jax.txt2img(model, "x", steps=2, height=16, width=16),
+                 lambda: ldm_jax.img2img(model, "x", init, steps=2)):
+        with pytest.raises(UserError, match="this is an inpainting model"):
+            call()
+
+
+def test_an_inpainting_checkpoint_refuses_txt2img_before_loading(tmp_path, capsys, monkeypatch):
+    """The CLI knows an ldm-jax file's config from its header: one line, exit 2, before any tensor is read."""
+    import dataclasses
+
+    from ldm_jax.cli.main import main
+
+    cfg = configs.tiny()
+    cfg = dataclasses.replace(cfg, name="tiny-inpaint", unet=dataclasses.replace(cfg.unet, in_channels=9))
+    path = tmp_path / "inpaint.safetensors"
+    write_safetensors(path, torch_reference.random_state_dict(cfg, seed=3), {CONFIG_METADATA_KEY: cfg.to_json()})
+    from ldm_jax import warm_start
+
+    monkeypatch.setattr(warm_start, "load_while_compiling", lambda *a, **k: pytest.fail("loaded the weights"))
+    assert main(["txt2img", "--checkpoint", str(path), "--prompt", "x", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "this is an inpainting model" in err[0] and "ldm-jax inpaint" in err[0]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -200,6 +221,17 @@ def test_python_api_refuses_what_it_would_misread(tiny):
             ldm_jax.load("/no/such/checkpoint.safetensors", **bad)
     with pytest.raises(ValueError, match="L <= 77"):
         model.encode_text(model.params, np.zeros((1, 100), np.int32))
+    x_T = np.zeros((1, 8, 8, 4), np.float32)
+    for latents, match in ((np.full_like(x_T, np.nan), "with NaN/Inf values"), (x_T.astype(np.complex64), "complex"),
+                           ("abc", "dtype <U3")):
+        with pytest.raises(UserError, match=match):
+            ldm_jax.txt2img(model, "x", steps=2, height=16, width=16, latents=latents)
+    with pytest.raises(UserError, match="guidance_scale must be a number, got '7'"):
+        ldm_jax.txt2img(model, "x", steps=2, height=16, width=16, guidance_scale="7")
+    with pytest.raises(UserError, match="mask values must be finite"):
+        ldm_jax.inpaint(model, "x", init, np.full((16, 16), np.nan, np.float32), steps=2)
+    with pytest.warns(UserWarning, match="if it holds 0..1 values, pass x"):  # looks like a 0..1 image
+        ldm_jax.img2img(model, "x", init.astype(np.float32) / 255.0, steps=2)
 
 
 def test_an_rgb_mask_is_read_as_its_mean(tiny):

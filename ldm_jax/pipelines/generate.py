@@ -64,7 +64,17 @@ def check_strength(strength) -> None:
         raise UserError(f"strength must be in [0, 1], got {strength}")
 
 
+def check_mode(config, mode: str) -> None:
+    """An inpainting checkpoint (its U-Net reads the mask and the masked image: 9 input channels) only inpaints."""
+    if config.is_inpainting and mode != "inpaint":
+        raise UserError(f"this is an inpainting model (its U-Net takes 9 input channels: latents, mask, masked image); "
+                        f"it cannot run {mode}: use inpaint (`ldm-jax inpaint --init IMG --mask MASK`) or another "
+                        "checkpoint")
+
+
 def _check_finite(name: str, value) -> None:
+    if isinstance(value, (str, bytes, bool)):
+        raise UserError(f"{name} must be a number, got {value!r}")
     try:
         ok = np.isfinite(float(value))
     except (TypeError, ValueError):
@@ -129,8 +139,8 @@ def _mask_rows(masks, n: int, hw: tuple[int, int]) -> np.ndarray:
     m = _broadcast_rows(m, n, "mask")
     if m.shape[1:3] != tuple(hw):
         raise UserError(f"the mask is {m.shape[1]}x{m.shape[2]} but the image is {hw[0]}x{hw[1]}")
-    if m.min() < 0 or m.max() > 1:
-        raise UserError("mask values must be in [0, 1] (or uint8 0..255)")
+    if not np.isfinite(m).all() or m.min() < 0 or m.max() > 1:
+        raise UserError("mask values must be finite and in [0, 1] (or uint8 0..255)")
     return m
 
 
@@ -207,6 +217,7 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
     if len(negatives) != n:
         raise UserError(f"{len(negatives)} negative prompts for {n} prompts")
     _check_common(sd, sampler, steps, output, eta, guidance_scale)
+    check_mode(sd.config, mode)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise UserError(f"seed must be an integer, got {seed!r}")
     f = sd.latent_factor
@@ -225,7 +236,11 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
     h, w = height // f, width // f
     c = sd.config.unet.out_channels
     if latents is not None:
-        latents = _broadcast_rows(np.asarray(latents, np.float32), n, "latents")
+        raw = np.asarray(latents)
+        if raw.dtype.kind not in "fiu" or (raw.size and not np.isfinite(raw).all()):
+            raise UserError(f"latents must be a finite real (float) array, got dtype {raw.dtype}"
+                            f"{' with NaN/Inf values' if raw.dtype.kind in 'fiu' else ''}")
+        latents = _broadcast_rows(raw.astype(np.float32), n, "latents")
         if latents.shape[1:] != (h, w, c):
             raise UserError(f"latents must have shape [{n}, {h}, {w}, {c}], got {latents.shape}")
 
