@@ -8,7 +8,9 @@ image i of a request always uses `fold_in(key(seed), i)`.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -84,6 +86,18 @@ def share(name: str, value: str, timeout_s: int = 900) -> list[str]:
     client, key = _client(), f"ldm-jax/{name}/{next(_keys)}"
     client.key_value_set(f"{key}/{jax.process_index()}", value)
     return [_get(client, f"{key}/{p}", p, name, timeout_s) for p in range(jax.process_count())]
+
+
+def check_same_everywhere(settings: dict, hint: str) -> None:
+    """Multi-host: refuse, on every process alike, a run whose processes were given different `settings`
+    (JSON-able values; compared by digest)."""
+    if jax.process_count() == 1:
+        return
+    mine = json.dumps(settings, sort_keys=True, default=repr)
+    digests = share("settings", hashlib.sha256(mine.encode()).hexdigest(), timeout_s=600)
+    differ = [str(i) for i, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise UserError(f"process(es) {', '.join(differ)} were started with other settings than process 0 ({hint})")
 
 
 def from_process_0(name: str, make_value, timeout_s: int = 3600) -> str:

@@ -210,3 +210,19 @@ def _flat(state: dict, part: str) -> np.ndarray:
         leaves = [x for path, x in jax.tree_util.tree_leaves_with_path(state["opt_state"])
                   if any(getattr(k, "key", getattr(k, "name", None)) == part for k in path)]
     return np.concatenate([np.ravel(x) for x in leaves])
+
+
+def test_hosts_given_different_training_flags_all_refuse(data, tmp_path):
+    """Two processes with different --lr would each apply their own update to the 'replicated' weights and drift
+    apart silently: both refuse, one line each, before loading anything; the run directory gets nothing."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [_worker(["--data", data, "--out", str(tmp_path / "run"), "--steps", "1", *extra], LDM_JAX_PROCESS_ID=i,
+                     LDM_JAX_COORDINATOR=f"127.0.0.1:{port}", LDM_JAX_NUM_PROCESSES=2)
+             for i, extra in enumerate([[], ["--lr", "5e-4"]])]
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 2 and "Traceback" not in out, out
+        assert "process(es) 1 were started with other settings than process 0" in out
+    assert not (tmp_path / "run").exists()

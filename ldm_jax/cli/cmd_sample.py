@@ -230,18 +230,11 @@ _REQUEST_ARGS = ("mode", "prompt", "negative_prompt", "n", "seed", "steps", "sam
 def _check_same_request(args) -> None:
     """Multi-host: refuse (on every host) a run whose hosts were given different settings; each host would make
     and save its share of a different request (images missing or twice)."""
-    import hashlib
-    import json
-
     from ldm_jax import parallel
 
-    mine = json.dumps([getattr(args, k, None) for k in _REQUEST_ARGS])
-    digests = parallel.share("request", hashlib.sha256(mine.encode()).hexdigest(), timeout_s=600)
-    differ = [i for i, d in enumerate(digests) if d != digests[0]]
-    if differ:
-        raise UserError(f"process(es) {', '.join(map(str, differ))} were started with other settings than process 0 "
-                        f"(the flags among --{', --'.join(k.replace('_', '-') for k in _REQUEST_ARGS[1:])} must be "
-                        "the same on every host)")
+    flags = ", --".join(k.replace("_", "-") for k in _REQUEST_ARGS[1:])
+    parallel.check_same_everywhere({k: getattr(args, k, None) for k in _REQUEST_ARGS},
+                                   f"the flags among --{flags} must be the same on every host")
 
 
 def _save(args, meta: dict, indices, images, multi: bool) -> list[str]:

@@ -111,8 +111,14 @@ def run(args) -> int:
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     from ldm_jax import parallel
 
-    parallel.init_distributed(args.coordinator, args.num_processes, args.process_id,  # gloo on CPU multi-process
-                              log=lambda m: print(m, flush=True))
+    if parallel.init_distributed(args.coordinator, args.num_processes, args.process_id,  # gloo on CPU multi-process
+                                 log=lambda m: print(m, flush=True)):
+        # every process computes the same replicated update: other hyper-parameters on one host would silently
+        # make the hosts' copies of the weights drift apart (paths and worker counts may differ between hosts)
+        local = ("func", "checkpoint", "data", "out", "num_workers", "no_progress", "coordinator", "num_processes",
+                 "process_id")
+        parallel.check_same_everywhere({k: v for k, v in vars(args).items() if k not in local},
+                                       "every host needs the same training flags")
     cfg = train_config(args)
     with one_line_warnings():
         result = loop.train(cfg)
@@ -121,8 +127,6 @@ def run(args) -> int:
     return 0
 
 
-# the numeric flags' ranges: {dest: (lowest, highest or None)} for integers, {dest: (low, high or None, low allowed,
-# high allowed)} for floats (each of --adam-betas' values too); checked by `check_args`
 def check_args(args) -> None:
     """One line naming the flag for each out-of-range number (None: the flag was not given, where that is allowed);
     the ranges are `train.limits.RANGES`, which the configs check too."""
