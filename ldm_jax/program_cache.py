@@ -27,6 +27,7 @@ on its first run (`discard`), is removed and the program compiled again.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import enum
 import functools
@@ -42,7 +43,7 @@ import types
 import jax
 import numpy as np
 
-FORMAT = 1
+FORMAT = 2  # 2: the payload's sha256 is stored with it
 MAX_ENTRIES = 32
 PROGRAM_MODULES = ("ldm_jax.configs", "ldm_jax.models", "ldm_jax.parallel", "ldm_jax.pipelines", "ldm_jax.samplers",
                    "ldm_jax.schedules", "ldm_jax.stable_diffusion")
@@ -52,6 +53,7 @@ _ENV_IGNORED = ("LDM_JAX_CACHE_DIR", "LDM_JAX_NO_PROGRAM_CACHE")  # where entrie
 _LIBRARIES = frozenset({"jax", "jaxlib", "flax", "numpy", "ml_dtypes", "optax", "orbax", "tqdm", "PIL", "einops",
                         "typing_extensions", "absl", "etils", "msgpack"}) | frozenset(sys.stdlib_module_names)
 _MAX_DEPTH = 12
+_CONFIG_IGNORED = ("jax_compilation_cache_dir",)  # where entries live: a cache moved elsewhere still answers
 
 
 def directory() -> str | None:
@@ -181,7 +183,34 @@ def _platform(mesh) -> tuple:
                  if k.startswith(ENV_PREFIXES) and v and k not in _ENV_IGNORED)
     # platform_version: the CUDA / cuDNN / driver versions on a GPU (JAX's own cache key has it too)
     devices = [(d.platform, d.device_kind, d.id, d.client.platform_version) for d in mesh.devices.flat]
-    return env, devices, _Fingerprint()(dict(jax.config.values))  # thread-local values too (`with jax....`)
+    config = {k: v for k, v in jax.config.values.items() if k not in _CONFIG_IGNORED}  # thread-local values too
+    return env, devices, _host_cpu(), _Fingerprint()(config)
+
+
+@functools.cache
+def _host_cpu() -> str:
+    """The machine and its CPU's feature flags: XLA:CPU compiles for the host's features, so a cache shared with
+    another CPU (a network home directory) must not hand it code it cannot run."""
+    import platform
+
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.machine()}:{platform.processor()}:{hashlib.sha256(flags.encode()).hexdigest()[:16]}"
+
+
+def usable_for(sd) -> bool:
+    """Whether a program of `sd` may be stored and looked up: only a plain `StableDiffusion` whose attributes are
+    its fields and cached properties. A subclass, or an instance with a method replaced, computes something the
+    key does not see (it would store its program under the plain model's key, or be handed the plain one)."""
+    from ldm_jax.stable_diffusion import StableDiffusion
+
+    allowed = {f.name for f in dataclasses.fields(StableDiffusion)}
+    allowed |= {k for k, v in vars(StableDiffusion).items() if isinstance(v, functools.cached_property)}
+    return type(sd) is StableDiffusion and set(vars(sd)) <= allowed
 
 
 def key(sd, static: dict, args, mesh) -> str:
@@ -195,25 +224,62 @@ def key(sd, static: dict, args, mesh) -> str:
 
 
 def load(path: str):
-    """The compiled program stored at `path`, or None (absent, or unreadable: then the entry is removed)."""
+    """The compiled program stored at `path`, or None (absent; unreadable, damaged, or it crashed a process on
+    its first run there: then the entry is removed). A loaded program is marked unproven on disk until it runs."""
     from jax.experimental import serialize_executable
 
     if not os.path.isfile(path):
         return None
+    if _crashed_before(path):
+        _remove(path)
+        return None
     try:
         with open(path, "rb") as fh:
-            fmt, payload, in_tree, out_tree = pickle.load(fh)
-        if fmt != FORMAT:
-            raise ValueError(f"format {fmt}")
+            fmt, digest, payload, in_tree, out_tree = pickle.load(fh)
+        if fmt != FORMAT or hashlib.sha256(payload).hexdigest() != digest:  # checked before XLA reads it
+            raise ValueError("format or checksum")
         compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
     except Exception:  # noqa: BLE001 - a truncated or foreign entry: compile instead, and drop it
         _remove(path)
         return None
     try:
         os.utime(path)  # most recently used: pruned last
+        with open(_marker(path), "w") as fh:  # removed when it has run (`ran`): left by a crash, it condemns the entry
+            fh.write(str(os.getpid()))
     except OSError:
         pass
     return compiled
+
+
+def _marker(path: str, pid: int | None = None) -> str:
+    return f"{path}.{os.getpid() if pid is None else pid}.unproven"
+
+
+def _crashed_before(path: str) -> bool:
+    """Whether a process that loaded the entry at `path` ended without finishing its first run (a crash: XLA
+    aborts or segfaults on some damaged executables, before Python can remove the entry). Clears such markers."""
+    crashed = False
+    folder, name = os.path.split(path)
+    try:
+        markers = [e for e in os.scandir(folder) if e.name.startswith(name + ".") and e.name.endswith(".unproven")]
+    except OSError:
+        return False
+    for m in markers:
+        pid = m.name[len(name) + 1:-len(".unproven")]
+        if pid.isdigit() and not _alive(int(pid)):
+            crashed = True
+            _remove(m.path)
+    return crashed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
 
 
 def store(path: str, compiled) -> bool:
@@ -227,11 +293,15 @@ def store(path: str, compiled) -> bool:
         payload, in_tree, out_tree = serialize_executable.serialize(compiled)
         os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as fh:
-            pickle.dump((FORMAT, payload, in_tree, out_tree), fh, protocol=pickle.HIGHEST_PROTOCOL)
+            entry = (FORMAT, hashlib.sha256(payload).hexdigest(), payload, in_tree, out_tree)
+            pickle.dump(entry, fh, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, path)
     except Exception:  # noqa: BLE001 - see the docstring
         _remove(tmp)
         return False
+    except BaseException:  # Ctrl-C: no temporary file left behind
+        _remove(tmp)
+        raise
     _prune(folder)
     return True
 
@@ -244,14 +314,22 @@ def _remove(path: str) -> None:
 
 
 def _prune(folder: str) -> None:
-    """Keep the MAX_ENTRIES most recently used entries."""
+    """Keep the MAX_ENTRIES most recently used entries; drop temporary files a killed process left (an hour
+    old) and the markers of entries that are gone."""
+    import time
+
     try:
-        entries = [e for e in os.scandir(folder) if e.name.endswith(".pkl")]
-        entries.sort(key=lambda e: e.stat().st_mtime, reverse=True)
+        files = list(os.scandir(folder))
+        entries = sorted((e for e in files if e.name.endswith(".pkl")), key=lambda e: e.stat().st_mtime, reverse=True)
+        stale = [e for e in files if e.name.endswith(".tmp") and e.stat().st_mtime < time.time() - 3600]
     except OSError:
         return
-    for e in entries[MAX_ENTRIES:]:
+    for e in entries[MAX_ENTRIES:] + stale:
         _remove(e.path)
+    kept = {e.name for e in entries[:MAX_ENTRIES]}
+    for e in files:
+        if e.name.endswith(".unproven") and e.name.split(".pkl.")[0] + ".pkl" not in kept:
+            _remove(e.path)
 
 
 def load_or_compile(sd, static: dict, args, mesh, lower_fn):
@@ -266,7 +344,7 @@ def load_or_compile(sd, static: dict, args, mesh, lower_fn):
     whether other backends keep it all is unverified. That costs one more compile, once per program, where
     JAX's cache held it before this one did (e.g. after an upgrade)."""
     folder = directory()
-    if folder is None:
+    if folder is None or not usable_for(sd):
         return lower_fn().compile(), "off"
     path = os.path.join(folder, key(sd, static, args, mesh) + ".pkl")
     compiled = load(path)
@@ -285,7 +363,26 @@ _unproven: dict[int, tuple] = {}
 
 def ran(compiled) -> None:
     """`compiled` ran and its result was read: a program from disk is proven."""
-    _unproven.pop(id(compiled), None)
+    entry = _unproven.pop(id(compiled), None)
+    if entry is not None:
+        _remove(_marker(entry[1]))
+
+
+def interrupted(compiled) -> None:
+    """The first run of `compiled` was interrupted (Ctrl-C), not crashed: keep its entry for the next process."""
+    entry = _unproven.get(id(compiled))
+    if entry is not None:
+        _remove(_marker(entry[1]))
+
+
+def release_all() -> None:
+    """This process is stopping (an exit, a Ctrl-C) with programs loaded but not yet run: they did not crash it,
+    so their entries stay usable (see `load`). Runs at exit; the CLI calls it before its `os._exit`."""
+    for _, path in list(_unproven.values()):
+        _remove(_marker(path))
+
+
+atexit.register(release_all)
 
 
 def discard(compiled) -> bool:
@@ -294,6 +391,7 @@ def discard(compiled) -> bool:
     entry = _unproven.pop(id(compiled), None)
     if entry is not None:
         _remove(entry[1])
+        _remove(_marker(entry[1]))
     return entry is not None
 
 

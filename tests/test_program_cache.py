@@ -170,6 +170,50 @@ def test_a_broken_entry_is_compiled_again_and_replaced(model, programs):
     assert sample(fresh(model))[1] == "hit"
 
 
+def test_a_damaged_payload_is_caught_by_its_checksum(model, programs):
+    """One byte flipped inside the executable: XLA read such entries as programs that gave wrong images or crashed
+    the process (on every run); the stored sha256 refuses it before XLA sees it."""
+    first, _ = sample(fresh(model))
+    (entry,) = programs.glob("*.pkl")
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    entry.write_bytes(bytes(data))
+    again, status = sample(fresh(model))
+    assert status == "stored"
+    np.testing.assert_array_equal(again, first)
+
+
+def test_an_entry_whose_first_run_crashed_a_process_is_discarded(model, programs):
+    """A process that loads an entry marks it `<entry>.<pid>.unproven` until its first run returns; a marker whose
+    process is gone (it crashed in XLA, where Python cannot remove the entry) condemns the entry."""
+    first, _ = sample(fresh(model))
+    assert sample(fresh(model))[1] == "hit"
+    (entry,) = programs.glob("*.pkl")
+    assert not list(programs.glob("*.unproven"))  # proven by the run
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (programs / f"{entry.name}.{dead.pid}.unproven").write_text(str(dead.pid))
+    again, status = sample(fresh(model))
+    assert status == "stored" and not list(programs.glob("*.unproven"))
+    np.testing.assert_array_equal(again, first)
+
+
+def test_a_subclass_or_a_replaced_method_never_uses_the_cache(model, programs):
+    """The key sees the config and the code of ldm_jax's modules, not a subclass's methods: such a model would
+    have stored its program under the plain model's key (the plain model then drew the subclass's images)."""
+    class Negated(StableDiffusion):
+        def decode_latents(self, params, z):
+            return -super().decode_latents(params, z)
+
+    sub = Negated(model.config, model.params)
+    assert sample(sub)[1] == "off"
+    patched = fresh(model)
+    object.__setattr__(patched, "decode_latents", lambda params, z: -model.decode_latents(params, z))
+    assert sample(patched)[1] == "off"
+    assert not list(programs.glob("*.pkl"))
+    assert sample(fresh(model))[1] == "stored"
+
+
 def test_an_unwritable_directory_still_samples(model, tmp_path, monkeypatch):
     monkeypatch.delenv("LDM_JAX_NO_PROGRAM_CACHE", raising=False)
     (tmp_path / "a-file").write_text("")
@@ -217,6 +261,15 @@ def test_the_key_follows_everything_that_shapes_the_program(model, monkeypatch):
         with monkeypatch.context() as m:
             m.setattr(attention, "_max_cudnn_head_dim", lambda: limit)
             changed[f"closure {limit}"] = key(model)
+    with monkeypatch.context() as m:
+        m.setattr(program_cache, "_host_cpu", lambda: "x86_64:other-cpu-flags")  # XLA:CPU compiles for the host
+        changed["host cpu"] = key(model)
+    cache_dir = jax.config.jax_compilation_cache_dir
+    try:  # where the cache lives is not part of the key: a cache copied elsewhere still answers
+        jax.config.update("jax_compilation_cache_dir", "/somewhere/else")
+        assert key(model) == base
+    finally:
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
     assert base not in changed.values(), [k for k, v in changed.items() if v == base]
     assert len(set(changed.values())) == len(changed)
 

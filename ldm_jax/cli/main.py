@@ -62,16 +62,36 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, CheckpointError, OSError)  # OSError: missing files, permissions, disk full
 
 
+_TEXT_ARGS = ("prompt", "negative_prompt", "sample_prompt")  # read by the tokenizer: must be valid UTF-8
+
+
+def _check_text(args) -> None:
+    from ldm_jax.errors import UserError
+
+    for name in _TEXT_ARGS:
+        value = getattr(args, name, None)
+        for text in value if isinstance(value, list) else [value]:
+            try:
+                (text or "").encode("utf-8")
+            except UnicodeEncodeError:  # bytes the locale could not decode arrive as surrogates
+                raise UserError(f"--{name.replace('_', '-')} is not valid UTF-8 text: {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    command = "ldm-jax"
     try:
+        args = build_parser().parse_args(argv)
+        command = f"ldm-jax {args.command}"
+        _check_text(args)
         return int(args.func(args) or 0)
     except _user_errors() as e:
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
-        print(f"ldm-jax {args.command}: error: {msg}", file=sys.stderr)
+        print(f"{command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"ldm-jax {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
+        if "ldm_jax.program_cache" in sys.modules:  # programs loaded but not run did not crash: keep their entries
+            sys.modules["ldm_jax.program_cache"].release_all()
         if argv is None:  # the program itself (not a caller in Python): leave without the interpreter's teardown,
             # which crashed (SIGSEGV) after a Ctrl-C that landed while XLA was compiling; every `finally` that
             # removes a temporary output has run by now

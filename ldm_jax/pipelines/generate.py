@@ -335,6 +335,9 @@ def _run_proving(sd, key, compile_, mode: str, run, rerun: bool = True):
     program = sd.cache[key]
     try:
         out = run(program)
+    except KeyboardInterrupt:
+        program_cache.interrupted(program)
+        raise
     except jax.errors.JaxRuntimeError as e:
         if not program_cache.discard(program):  # not a program read from disk on its first run: a real error
             raise
