@@ -50,7 +50,14 @@ def test_corrupt_entry_and_disabled_cache_recompute(tmp_path, monkeypatch):
         f.write("{not json")
     assert shape_cache.cached_shapes("cfg", ("unet",), compute)["unet"]["w"].shape == (2, 3)
     assert len(calls) == 2
+    with open(entry) as f:  # valid JSON with one number changed: the checksum refuses it (it made every load fail)
+        text = f.read()
+    assert "[2, 3]" in text
+    with open(entry, "w") as f:
+        f.write(text.replace("[2, 3]", "[2, 4]"))
+    assert shape_cache.cached_shapes("cfg", ("unet",), compute)["unet"]["w"].shape == (2, 3)
+    assert len(calls) == 3
     monkeypatch.setenv("LDM_JAX_NO_COMPILE_CACHE", "1")
     os.remove(entry)
     shape_cache.cached_shapes("cfg", ("unet",), compute)
-    assert len(calls) == 3 and not os.path.exists(entry)
+    assert len(calls) == 4 and not os.path.exists(entry)

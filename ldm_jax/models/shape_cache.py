@@ -46,23 +46,41 @@ def _decode(tree):
 
 
 def cached_shapes(config_json: str, components: tuple[str, ...], compute):
-    """compute() -> {component: params of ShapeDtypeStruct}, read from disk when an entry exists, else computed
+    """compute() -> {component: params of ShapeDtypeStruct}, read from disk when an entry exists (and its
+    checksum matches: a damaged entry that still parsed made every load fail on a wrong shape), else computed
     and written (temporary file, then rename)."""
     path = _path(config_json, components)
     if path is not None and os.path.exists(path):
         try:
             with open(path) as f:
-                return _decode(json.load(f))
-        except (OSError, ValueError, TypeError, IndexError):
-            pass  # unreadable or corrupt: recompute and overwrite
+                entry = json.load(f)
+            if entry["sha256"] == _digest(entry["shapes"]):
+                return _decode(entry["shapes"])
+        except (OSError, ValueError, TypeError, IndexError, KeyError):
+            pass  # unreadable, damaged or an older format: recompute and overwrite
     shapes = compute()
     if path is not None:
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # unique per process and thread
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # unique per process and thread
+            encoded = _encode(shapes)
             with open(tmp, "w") as f:
-                json.dump(_encode(shapes), f)
+                json.dump({"sha256": _digest(encoded), "shapes": encoded}, f)
             os.replace(tmp, path)
         except OSError:
-            pass
+            _remove(tmp)
+        except BaseException:  # Ctrl-C: no temporary file left behind
+            _remove(tmp)
+            raise
     return shapes
+
+
+def _digest(encoded) -> str:
+    return hashlib.sha256(json.dumps(encoded, sort_keys=True).encode()).hexdigest()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
