@@ -15,7 +15,8 @@ _enabled = False
 
 def cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.environ.get("LDM_JAX_CACHE_DIR") or os.path.join(base, "ldm-jax", "xla")
+    path = os.environ.get("LDM_JAX_CACHE_DIR") or os.path.join(base, "ldm-jax", "xla")
+    return os.path.abspath(os.path.expanduser(path))  # "~/x" as a shell would; relative to where it started
 
 
 def enable_compilation_cache() -> str | None:

@@ -184,10 +184,10 @@ def save_new_pngs(directory: str, items: list[tuple[str, np.ndarray, dict | None
     one run number (`run_file_name`), the first >= `run` for which every name is free (a multi-host run passes
     the number process 0 found free for the whole run's stems). Each file is written whole to a temporary file
     first and then linked to its name, which fails if the name exists (a concurrent run took it): then the files
-    already linked are removed and the next free run number is tried. Returns the paths."""
+    already linked are removed and the next free run number is tried. Returns the paths. An interrupted call leaves none of its files."""
     names = [stem for stem, _, _ in items]
     run = first_free_run(directory, names, run)
-    temps = []
+    temps, done = [], []
     try:
         for _, image, params in items:
             temps.append(_write_temp(directory, image, params))
@@ -202,7 +202,12 @@ def save_new_pngs(directory: str, items: list[tuple[str, np.ndarray, dict | None
                 return done
             for path in done:
                 os.unlink(path)
+            done = []
             run = first_free_run(directory, names, run + 1)
+    except BaseException:  # an error or Ctrl-C while linking: no part of a run is left
+        for path in done:
+            _unlink_quietly(path)
+        raise
     finally:
         for tmp in temps:
             _unlink_quietly(tmp)

@@ -109,3 +109,37 @@ def test_a_name_taken_after_the_check_is_not_replaced(tmp_path, monkeypatch, har
     assert [os.path.basename(p) for p in paths] == ["a-2.png", "b-2.png"]
     assert _files(d) == ["a-2.png", "b-2.png", "b.png"]
     assert _pixels(tmp_path / "b.png")[0, 0, 0] == 9 and _pixels(tmp_path / "b-2.png")[0, 0, 0] == 1
+
+
+def test_an_interrupted_save_leaves_no_part_of_its_run(tmp_path, monkeypatch):
+    """A Ctrl-C between two files of a run: the files already in place are removed too (one image of two and no
+    grid was left before)."""
+    from ldm_jax import images as imio
+
+    claim, calls = imio._claim, []
+
+    def claim_then_interrupt(tmp, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return claim(tmp, path)
+
+    monkeypatch.setattr(imio, "_claim", claim_then_interrupt)
+    items = [(f"0-000{i}-x", np.zeros((8, 8, 3), np.uint8), {"prompt": "x"}) for i in range(3)]
+    with pytest.raises(KeyboardInterrupt):
+        imio.save_new_pngs(str(tmp_path), items)
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_output_name_too_long_for_the_file_system_is_refused_before_the_work(tmp_path, monkeypatch):
+    from ldm_jax.compile_cache import cache_dir
+    from ldm_jax.errors import UserError
+    from ldm_jax.output_dirs import check_can_write_dir
+
+    with pytest.raises(UserError, match="longer than the file system allows"):
+        check_can_write_dir(str(tmp_path / ("a" * 300) / "b"), "--out x")
+    check_can_write_dir(str(tmp_path / ("a" * 200) / "b"), "--out x")  # fine: nothing is created
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setenv("HOME", str(tmp_path))  # and a cache directory given with ~ is expanded, as by a shell
+    monkeypatch.setenv("LDM_JAX_CACHE_DIR", "~/cache")
+    assert cache_dir() == str(tmp_path / "cache")
