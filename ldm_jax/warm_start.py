@@ -66,12 +66,19 @@ def compile_while(loader, config, mode: str, prompts, *, dtype="float32", attent
         t = time.perf_counter()
         return loader(), time.perf_counter() - t
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ldm-jax-load") as pool:
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ldm-jax-load")
+    try:
         loading = pool.submit(timed_load)
-        # on an error, leaving `with` waits for the load
         timings = precompile(shadow, mode, prompts, warm_up=(lambda: not loading.done()) if warm_up else False,
                              **request)
         sd, load_s = loading.result()  # a load error surfaces here, as it would without the overlap
+    except KeyboardInterrupt:  # do not wait for the rest of the load (seconds for SD 1.x); the CLI exits at once
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    except BaseException:  # an error: wait for the load, as leaving a `with` block would
+        pool.shutdown(wait=True)
+        raise
+    pool.shutdown(wait=True)
     timings.extra.update(load_s=load_s, overlapped=adopt_programs(sd, shadow))
     if not timings.extra["overlapped"]:
         timings.compile = 0.0

@@ -129,3 +129,25 @@ def test_program_from_shapes_has_the_persistent_cache_key_of_the_program_from_we
         p = subprocess.run([sys.executable, "-c", _ONE_PROGRAM, ckpt, how], env=env, capture_output=True, text=True)
         assert p.returncode == 0, p.stderr[-2000:]
         assert len([f for f in os.listdir(tmp_path) if f.startswith("jit_run")]) == 1, how
+
+
+def test_ctrl_c_during_the_compile_does_not_wait_for_the_load(monkeypatch):
+    """Leaving a `with ThreadPoolExecutor` block joined the loader: a Ctrl-C waited for the rest of the load."""
+    import time
+
+    from ldm_jax import warm_start
+
+    release = threading.Event()
+
+    def slow_loader():
+        release.wait(30)
+
+    def interrupted_compile(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(warm_start, "precompile", interrupted_compile)
+    t = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        compile_while(slow_loader, tiny(), "txt2img", ["x"], steps=2)
+    assert time.perf_counter() - t < 5
+    release.set()
