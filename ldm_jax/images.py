@@ -114,6 +114,9 @@ def _write_temp(directory: str, image: np.ndarray, params: dict | None) -> str:
     try:
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(np.asarray(image, np.uint8)).save(f, format="PNG", pnginfo=png_info(params or {}))
+    except OSError as e:  # e.g. a full disk: name the folder (the error from the open file names nothing)
+        os.unlink(tmp)
+        raise OSError(e.errno, e.strerror, e.filename or directory) from None
     except BaseException:
         os.unlink(tmp)
         raise

@@ -143,3 +143,13 @@ def test_an_output_name_too_long_for_the_file_system_is_refused_before_the_work(
     monkeypatch.setenv("HOME", str(tmp_path))  # and a cache directory given with ~ is expanded, as by a shell
     monkeypatch.setenv("LDM_JAX_CACHE_DIR", "~/cache")
     assert cache_dir() == str(tmp_path / "cache")
+
+
+def test_a_full_disk_names_the_output_folder(tmp_path, monkeypatch):
+    def no_space(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", no_space)
+    with pytest.raises(OSError) as e:
+        imio.save_new_pngs(str(tmp_path), [("a", np.zeros((4, 4, 3), np.uint8), None)])
+    assert e.value.filename == str(tmp_path) and os.listdir(tmp_path) == []
