@@ -21,8 +21,10 @@ Not seen: edits of jax, flax or numpy that keep their version, and monkeypatches
 single-process runs use it (a multi-host program is compiled as before). Off with LDM_JAX_NO_PROGRAM_CACHE=1, and
 whenever the compilation cache is off. Entries are pickled executables in `<compilation cache>/ldm-jax-programs`
 (as for JAX's own cache, only their user may write there); the newest `MAX_ENTRIES` are kept. Only executables
-compiled in this process are written (`load_or_compile` says why); an unreadable entry, or one whose program fails
-on its first run (`discard`), is removed and the program compiled again.
+compiled in this process are written (`load_or_compile` says why); an unreadable entry, one whose payload does not
+match its stored sha256, one whose program fails on its first run (`discard`), and one whose first run crashed a
+process (a `<entry>.<pid>.unproven` marker of a process that is gone) is removed and the program compiled again.
+Only a plain `StableDiffusion` uses the cache (`usable_for`): the key cannot see a subclass's methods.
 """
 
 from __future__ import annotations
