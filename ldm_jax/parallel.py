@@ -43,8 +43,9 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
         if coordinator is not None:
             _check_address(coordinator)
         if log is not None and coordinator and num_processes:
-            log(f"joining a {num_processes}-process run at {coordinator} as process {process_id}; waiting for the "
-                "others (up to 5 minutes) ...")
+            who = "" if process_id is None else f" as process {process_id}"
+            log(f"joining a {num_processes}-process run at {coordinator}{who}; waiting for the others (up to 5 "
+                "minutes) ...")
         # CPU runs have cross-process collectives (gradient all-reduce, orbax's multi-host barriers) only with
         # gloo; it must be set before the backend starts and has no effect on GPU/TPU.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
