@@ -130,11 +130,11 @@ def test_interrupt_guard_holds_ctrl_c_until_the_block_ends():
 def test_warnings_are_one_line():
     import warnings
 
-    from ldm_jax.cli.cmd_train import one_line_warnings
+    from ldm_jax.cli.main import one_line_warnings
     from ldm_jax.train.data import SmallImageWarning
 
     msg = "data/cyan.png: 12x12 is smaller than resolution 16; upscaled"
-    with one_line_warnings():
+    with one_line_warnings("ldm-jax train"):
         text = warnings.formatwarning(SmallImageWarning(msg), SmallImageWarning, "/x/data.py", 300, "warnings.warn(")
     assert text == f"ldm-jax train: warning: {msg}\n"
     assert "SmallImageWarning" in warnings.formatwarning(SmallImageWarning(msg), SmallImageWarning, "x.py", 1)

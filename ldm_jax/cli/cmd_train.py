@@ -17,8 +17,6 @@ LDM_JAX_NUM_PROCESSES / LDM_JAX_PROCESS_ID (or the flags).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import warnings
 
 from ldm_jax.errors import UserError
 from ldm_jax.train import limits
@@ -99,8 +97,7 @@ def run(args) -> int:
     if args.export_only:
         if args.export == "none":
             raise UserError("--export-only writes RUN_DIR/model: give --export ema or --export raw, not none")
-        with one_line_warnings():
-            loop.export_run(args.out, args.checkpoint, args.preset, ema=args.export != "raw")
+        loop.export_run(args.out, args.checkpoint, args.preset, ema=args.export != "raw")
         return 0
     if not args.data:
         raise UserError("--data DIR is required (a folder of captioned images)")
@@ -120,8 +117,7 @@ def run(args) -> int:
         parallel.check_same_everywhere({k: v for k, v in vars(args).items() if k not in local},
                                        "every host needs the same training flags")
     cfg = train_config(args)
-    with one_line_warnings():
-        result = loop.train(cfg)
+    result = loop.train(cfg)
     print(f"trained to step {result['step']} (loss {result['loss']:.4f}); run directory {result['run_dir']}"
           + (f"; model {result['model_dir']}" if result["model_dir"] else ""))
     return 0
@@ -138,23 +134,6 @@ def check_args(args) -> None:
                     limits.check(name, v, f"--{name.replace('_', '-')}")
                 except ValueError as e:
                     raise UserError(str(e)) from None
-
-
-@contextlib.contextmanager
-def one_line_warnings():
-    """Warnings (an upscaled small image, an unreadable one skipped) as one line each on stderr,
-    `ldm-jax train: warning: ...`, instead of Python's two lines with the source line."""
-    original = warnings.formatwarning
-
-    def formatwarning(message, category, filename, lineno, line=None):
-        text = (str(message).strip().splitlines() or [""])[0]
-        return f"ldm-jax train: warning: {text}\n"
-
-    warnings.formatwarning = formatwarning
-    try:
-        yield
-    finally:
-        warnings.formatwarning = original
 
 
 def train_config(args):

@@ -9,9 +9,11 @@ only needed by the commands that use them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
+import warnings
 
 # (command, module, one-line help)
 COMMANDS = [
@@ -62,6 +64,23 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, CheckpointError, OSError)  # OSError: missing files, permissions, disk full
 
 
+@contextlib.contextmanager
+def one_line_warnings(command: str):
+    """Warnings (an upscaled training image, an unwritable cache, a long prompt) as one line each on stderr,
+    `ldm-jax COMMAND: warning: ...`, instead of Python's two lines with a library's source path."""
+    original = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        text = (str(message).strip().splitlines() or [""])[0]
+        return f"{command}: warning: {text}\n"
+
+    warnings.formatwarning = formatwarning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
+
+
 _TEXT_ARGS = ("prompt", "negative_prompt", "sample_prompt")  # read by the tokenizer: must be valid UTF-8
 
 
@@ -83,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         command = f"ldm-jax {args.command}"
         _check_text(args)
-        return int(args.func(args) or 0)
+        with one_line_warnings(command):
+            return int(args.func(args) or 0)
     except _user_errors() as e:
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
         print(f"{command}: error: {msg}", file=sys.stderr)
