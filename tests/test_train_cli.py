@@ -184,3 +184,15 @@ def test_progress_off_a_terminal_is_plain_lines(data, tmp_path, capsys, monkeypa
     assert "loss=" in lines[-1] and "left" in lines[-1]
     assert main([*args, "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
     assert "train: step" not in capsys.readouterr().err
+
+
+def test_resume_drops_metrics_rows_past_its_checkpoint(tmp_path):
+    """A crashed run (kill -9) wrote rows after its last checkpoint; the resumed run writes those steps again."""
+    import json
+
+    from ldm_jax.train.progress import Metrics
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 0.5}) + "\n" for i in range(1, 6)))
+    Metrics(str(tmp_path), enabled=True).keep_until(3)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and not (tmp_path / "metrics.jsonl.tmp").exists()

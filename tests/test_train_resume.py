@@ -157,6 +157,7 @@ def test_killed_while_saving(straight, data, tmp_path):
     assert _bitwise_equal(state1, _state(straight, 1)[0])
     _train(data, run, "--steps", "3", "--save-every", "1", "--resume")
     assert _bitwise_equal(_state(run, 3)[0], _state(straight, 3)[0])
+    assert [r["step"] for r in _rows(run)] == [1, 2, 3]  # rows the killed run wrote past step 1 are not kept twice
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -226,3 +227,18 @@ def test_hosts_given_different_training_flags_all_refuse(data, tmp_path):
         assert p.returncode == 2 and "Traceback" not in out, out
         assert "process(es) 1 were started with other settings than process 0" in out
     assert not (tmp_path / "run").exists()
+
+
+def test_hosts_with_their_own_run_directories_refuse(data, tmp_path):
+    """Orbax writes each checkpoint from all processes into one RUN_DIR: with a directory per host it waited
+    forever at the first save. Now both refuse in one line, and the directory process 0 made is removed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [_worker(["--data", data, "--out", str(tmp_path / f"run{i}"), "--steps", "1"], LDM_JAX_PROCESS_ID=i,
+                     LDM_JAX_COORDINATOR=f"127.0.0.1:{port}", LDM_JAX_NUM_PROCESSES=2) for i in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 2 and "Traceback" not in out, out
+        assert "do not see the directory process 0 writes" in out
+    assert sorted(os.listdir(tmp_path)) == []

@@ -81,6 +81,10 @@ def one_line_warnings(command: str):
         warnings.formatwarning = original
 
 
+def _multi_process() -> bool:
+    return "jax" in sys.modules and sys.modules["jax"].distributed.is_initialized()
+
+
 _TEXT_ARGS = ("prompt", "negative_prompt", "sample_prompt")  # read by the tokenizer: must be valid UTF-8
 
 
@@ -107,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
         print(f"{command}: error: {msg}", file=sys.stderr)
+        if argv is None and _multi_process():  # JAX's shutdown at exit waits for every peer: one may be gone
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)

@@ -33,8 +33,8 @@ from ldm_jax.train import preflight
 from ldm_jax.train.checkpoint import Checkpoints, check_same_model
 from ldm_jax.train.progress import InterruptGuard, Metrics, progress_bar
 from ldm_jax.train.state import OptimConfig, TrainState, abstract_state, init_state
-from ldm_jax.train.step import (StepConfig, abstract_cached_batch, components, frozen_inputs, jitted_train_step, key_data,
-                                 shard_batch, trainable)
+from ldm_jax.train.step import (StepConfig, abstract_cached_batch, components, frozen_inputs, jitted_train_step,
+                                 key_data, shard_batch, trainable)
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -152,6 +152,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         raise UserError(f"--batch-size {cfg.batch_size} is more than the {len(dataset)} images in {cfg.data} (a batch "
                         "holds distinct images of one epoch); lower --batch-size (--grad-accum N adds up N batches "
                         "per update)")
+    if jax.process_count() > 1:
+        preflight.check_shared_run_dir(run_dir)
     enable_compilation_cache()
     ck = Checkpoints(os.path.join(run_dir, "checkpoints"), keep=cfg.keep, lazy=True)
     try:
@@ -194,7 +196,8 @@ def _train(cfg, dataset, run_dir, ck, log):
             state = TrainState.from_dict(ck.restore(_state_shapes(sd.config, cfg.optim, cfg.step, mesh), latest)[0])
             log(f"resuming {run_dir} at step {latest} (data position {meta['data']['position']})")
             now = {"optim": dataclasses.asdict(cfg.optim), "step_config": dataclasses.asdict(cfg.step),
-                   "run": {"batch_size": cfg.batch_size, "random_flip": cfg.random_flip}}
+                   "run": {"batch_size": cfg.batch_size, "random_flip": cfg.random_flip,  # more devices: other
+                           "processes": n_proc, "devices": int(mesh.devices.size)}}  # rounding, not bit-exact
             defaults = {"optim": dataclasses.asdict(OptimConfig()), "step_config": dataclasses.asdict(StepConfig()),
                         "run": now["run"]}  # for keys older runs lack
             changed = preflight.changed_settings(meta, now, defaults)
@@ -242,6 +245,7 @@ def _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, 
         loader = D.batches(dataset, **loader_kw)
     sampler_sd = sd.replace(params={}, dtype=cfg.step.dtype)
     metrics = Metrics(run_dir, jax.process_index() == 0)
+    metrics.keep_until(start)  # a crash may have left rows past the checkpoint we resume from
 
     def checkpoint(step, data):
         ck.save(step, state.as_dict(), {**run_meta, "data": {"position": data["position"], "epoch": data["epoch"]}})
@@ -309,6 +313,11 @@ def _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, 
             with guard.critical():
                 while unflushed:
                     flush()
+    except jax.errors.JaxRuntimeError as e:  # multi-host: a peer died (gloo/NCCL report a closed connection)
+        if n_proc == 1 or "RESOURCE_EXHAUSTED" in str(e):
+            raise
+        raise UserError(f"lost contact with another process after step {last} ({str(e).splitlines()[0][:160]}); "
+                        f"the last checkpoint is step {saved}: start every process again with --resume") from None
     except KeyboardInterrupt:
         while unflushed:
             flush()

@@ -36,7 +36,8 @@ FLAGS = {
                     "remat": "--remat", "attention_impl": "attention_impl", "snr_gamma": "--snr-gamma",
                     "train_text_encoder": "--train-text-encoder", "debiased_loss": "--debiased-loss",
                     "multires_noise": "--multires-noise"},
-    "run": {"batch_size": "--batch-size", "random_flip": "--random-flip"},
+    "run": {"batch_size": "--batch-size", "random_flip": "--random-flip", "processes": "processes",
+            "devices": "devices"},
 }
 
 
@@ -73,6 +74,39 @@ def check_run_dir(run_dir: str, data_dir: str | None, export: str) -> None:
     check_can_write_dir(run_dir, f"--out {run_dir}")
     if export != "none":
         check_model_dir(os.path.join(run_dir, "model"), "or pass --export none")
+
+
+def check_shared_run_dir(run_dir: str) -> None:
+    """Multi-host: every process must see the same RUN_DIR (a file system all hosts share): orbax writes each
+    checkpoint there from all processes together, and with a directory per host it waited forever. Process 0
+    leaves a file there that every process looks for; the directory is removed again if it was new and the check
+    fails."""
+    import uuid
+
+    from ldm_jax import parallel
+
+    created = not os.path.exists(run_dir)
+    probe = os.path.join(run_dir, f".ldm-jax-shared-{uuid.uuid4().hex}")
+
+    def leave_probe() -> str:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ldm-jax: checking that every host sees this directory\n")
+        return os.path.basename(probe)
+
+    name = parallel.from_process_0("run directory probe", leave_probe, timeout_s=600)
+    seen = parallel.share("run directory seen", str(int(os.path.exists(os.path.join(run_dir, name)))), 600)
+    if jax.process_index() == 0:
+        try:
+            os.remove(probe)
+            if "0" in seen and created:
+                os.rmdir(run_dir)
+        except OSError:
+            pass
+    blind = [str(i) for i, s in enumerate(seen) if s != "1"]
+    if blind:
+        raise UserError(f"--out {run_dir}: process(es) {', '.join(blind)} do not see the directory process 0 writes; "
+                        "a multi-host run needs one RUN_DIR on a file system every host shares (same path)")
 
 
 def check_model_dir(model_dir: str, alternative: str = "") -> None:

@@ -39,6 +39,20 @@ class Metrics:
         except ImportError:
             pass
 
+    def keep_until(self, step: int) -> None:
+        """On resume from checkpoint `step`: drop the rows of later steps, which a crashed run wrote after its last
+        checkpoint (the resumed run writes them again)."""
+        path = os.path.join(self.run_dir, "metrics.jsonl")
+        if not self.enabled or not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+        kept = [ln for ln in lines if _step_of(ln) is None or _step_of(ln) <= step]
+        if len(kept) < len(lines):
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
+
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
@@ -59,6 +73,13 @@ class Metrics:
 
 
 LINE_SECONDS = 30.0  # off a terminal: at most one progress line per this many seconds
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def progress_bar(total: int, initial: int, enabled: bool):
