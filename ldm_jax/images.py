@@ -187,7 +187,8 @@ def save_new_pngs(directory: str, items: list[tuple[str, np.ndarray, dict | None
     one run number (`run_file_name`), the first >= `run` for which every name is free (a multi-host run passes
     the number process 0 found free for the whole run's stems). Each file is written whole to a temporary file
     first and then linked to its name, which fails if the name exists (a concurrent run took it): then the files
-    already linked are removed and the next free run number is tried. Returns the paths. An interrupted call leaves none of its files."""
+    already linked are removed and the next free run number is tried. Returns the paths. An interrupted call
+    leaves none of its files."""
     names = [stem for stem, _, _ in items]
     run = first_free_run(directory, names, run)
     temps, done = [], []

@@ -42,8 +42,8 @@ from ldm_jax.samplers.plms import plms_sample
 from ldm_jax.schedules import Schedule
 
 __all__ = ["SAMPLERS", "NO_ETA", "Known", "default_eta", "sample", "noise_to_start", "start_step_for_strength",
-           "n_loop_steps", "ddim_sample", "ddim_q_sample", "ddim_timesteps", "ddpm_sample", "ddpm_timesteps", "plms_sample", "dpmpp_2m_sample",
-           "euler_ancestral_sample"]
+           "n_loop_steps", "ddim_sample", "ddim_q_sample", "ddim_timesteps", "ddpm_sample", "ddpm_timesteps",
+           "plms_sample", "dpmpp_2m_sample", "euler_ancestral_sample"]
 
 
 def _concrete(v):
