@@ -18,8 +18,6 @@ def to_unit_range(images) -> np.ndarray:
     """uint8 [.., H, W, 3] in [0, 255] or float in [-1, 1] (a PIL image, an array or nested lists) -> float32 in
     [-1, 1]. Anything else (other integer types, floats outside [-1, 1], NaN, not 3 channels) is a UserError: a
     float image in [0, 1] or [0, 255] would otherwise be read as a much brighter one."""
-    from ldm_jax.errors import UserError
-
     a = np.asarray(images)
     if a.ndim < 3 or a.shape[-1] != 3:
         raise UserError(f"images must be RGB, [H, W, 3] or [B, H, W, 3], got shape {a.shape} (convert RGBA or "

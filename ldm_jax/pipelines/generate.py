@@ -20,7 +20,7 @@ from ldm_jax import parallel, program_cache, samplers
 from ldm_jax.compile_cache import enable_compilation_cache
 from ldm_jax.errors import UserError
 from ldm_jax.images import to_unit_range
-from ldm_jax.pipelines.program import build_program, program_args
+from ldm_jax.pipelines.program import build_program, check_mode, program_args
 
 OUTPUTS = ("images", "latents")
 
@@ -62,14 +62,6 @@ def check_strength(strength) -> None:
     _check_finite("strength", strength)
     if not 0.0 <= float(strength) <= 1.0:
         raise UserError(f"strength must be in [0, 1], got {strength}")
-
-
-def check_mode(config, mode: str) -> None:
-    """An inpainting checkpoint (its U-Net reads the mask and the masked image: 9 input channels) only inpaints."""
-    if config.is_inpainting and mode != "inpaint":
-        raise UserError(f"this is an inpainting model (its U-Net takes 9 input channels: latents, mask, masked image); "
-                        f"it cannot run {mode}: use inpaint (`ldm-jax inpaint --init IMG --mask MASK`) or another "
-                        "checkpoint")
 
 
 def _check_finite(name: str, value) -> None:

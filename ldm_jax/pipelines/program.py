@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax import samplers
+from ldm_jax.errors import UserError
 from ldm_jax.schedules import make_schedule
 
 # Per-image key streams: fold_in(image_key, stream) for these purposes.
@@ -67,6 +68,14 @@ def program_args(*, params, ids, uncond_ids, seeds, latents=None, init=None, mas
     return (params, ids, uncond_ids, seeds, latents, init, mask, guidance, eta, start_step)
 
 
+def check_mode(config, mode: str) -> None:
+    """An inpainting checkpoint (its U-Net reads the mask and the masked image: 9 input channels) only inpaints."""
+    if config.is_inpainting and mode != "inpaint":
+        raise UserError(f"this is an inpainting model (its U-Net takes 9 input channels: latents, mask, masked image); "
+                        f"it cannot run {mode}: use inpaint (`ldm-jax inpaint --init IMG --mask MASK`) or another "
+                        "checkpoint")
+
+
 def build_program(sd, *, mode: str, sampler: str, steps: int, output: str, latent_hw: tuple[int, int],
                   given_latents: bool, progress: Callable[[int], None] | None) -> Callable:
     """The function to jit:
@@ -77,8 +86,7 @@ def build_program(sd, *, mode: str, sampler: str, steps: int, output: str, laten
     """
     f = sd.latent_factor
     inpaint_unet = sd.config.is_inpainting
-    if mode != "inpaint" and inpaint_unet:
-        raise ValueError("this is an inpainting U-Net (9 input channels): use inpaint()")
+    check_mode(sd.config, mode)
 
     def run(params, ids, uncond_ids, seeds, latents, init, mask, guidance, eta, start_step):
         params = sd.cast_params(params)  # bf16 kernels once, not in every step of the loop
