@@ -130,10 +130,7 @@ def check_args(args) -> None:
         value = getattr(args, name)
         for v in (value if isinstance(value, (list, tuple)) else [value]):
             if v is not None:
-                try:
-                    limits.check(name, v, f"--{name.replace('_', '-')}")
-                except ValueError as e:
-                    raise UserError(str(e)) from None
+                limits.check_flag(name, v)
 
 
 def train_config(args):

@@ -70,6 +70,16 @@ def check(name: str, value, label: str) -> None:
         raise ValueError(f"{label} must be {rule.describe()}, got {value}")
 
 
+def check_flag(name: str, value) -> None:
+    """`check` labelled by the `ldm-jax train` flag (--batch-size for "batch_size"), as a one-line UserError."""
+    from ldm_jax.errors import UserError
+
+    try:
+        check(name, value, f"--{name.replace('_', '-')}")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def check_fields(config, names, optional=()) -> None:
     """`check` each named field of a dataclass config, labelled by the field; those in `optional` may be None."""
     for name in names:

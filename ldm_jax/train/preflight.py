@@ -48,10 +48,7 @@ def check_config(cfg) -> None:
         value = getattr(cfg, name)
         if value is None and name in ("stop_after", "resolution", "seed"):
             continue
-        try:
-            limits.check(name, value, f"--{name.replace('_', '-')}")
-        except ValueError as e:
-            raise UserError(str(e)) from None
+        limits.check_flag(name, value)
     if not (isinstance(cfg.sample_scale, (int, float)) and math.isfinite(cfg.sample_scale)):
         raise UserError(f"the sample guidance scale must be a finite number, got {cfg.sample_scale}")
     if cfg.export not in ("ema", "raw", "none"):
