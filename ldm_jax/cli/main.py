@@ -15,6 +15,8 @@ import os
 import sys
 import warnings
 
+from ldm_jax.cli.interrupts import redeliver_dropped_interrupts
+
 # (command, module, one-line help)
 COMMANDS = [
     ("convert", "cmd_convert", "convert a CompVis .ckpt/.safetensors into an ldm-jax (orbax) directory"),
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         command = f"ldm-jax {args.command}"
         _check_text(args)
-        with one_line_warnings(command):
+        with one_line_warnings(command), redeliver_dropped_interrupts():
             return int(args.func(args) or 0)
     except _user_errors() as e:
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
