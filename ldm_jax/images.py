@@ -5,19 +5,33 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import shutil
+import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from ldm_jax.errors import UserError
 
 
 def to_unit_range(images) -> np.ndarray:
     """uint8 [.., H, W, 3] in [0, 255] or float in [-1, 1] (a PIL image, an array or nested lists) -> float32 in
-    [-1, 1]. Anything else (other integer types, floats outside [-1, 1], NaN, not 3 channels) is a UserError: a
-    float image in [0, 1] or [0, 255] would otherwise be read as a much brighter one."""
+    [-1, 1]. A PIL image (or a list of them) of any mode is read as files are (`read_image`: 16-bit and float
+    grayscale scaled, transparency on white). Anything else (other integer types, floats outside [-1, 1], NaN,
+    not 3 channels) is a UserError: a float image in [0, 1] or [0, 255] would otherwise be read as a much
+    brighter one."""
+    if isinstance(images, (str, os.PathLike)):
+        raise UserError(f"init images are arrays or PIL images, got the path {os.fspath(images)!r}: read it with "
+                        "ldm_jax.images.read_image(path)")
+    if isinstance(images, Image.Image):
+        images = _to_rgb(images, WHITE)
+    elif isinstance(images, (list, tuple)) and images and all(isinstance(i, Image.Image) for i in images):
+        images = [np.asarray(_to_rgb(i, WHITE)) for i in images]
+        if len({i.shape for i in images}) > 1:
+            raise UserError(f"the init images must all have one size, got {sorted({i.shape[:2] for i in images})} "
+                            "(height, width)")
     a = np.asarray(images)
     if a.ndim < 3 or a.shape[-1] != 3:
         raise UserError(f"images must be RGB, [H, W, 3] or [B, H, W, 3], got shape {a.shape} (convert RGBA or "
@@ -33,8 +47,6 @@ def to_unit_range(images) -> np.ndarray:
         raise UserError(f"float images must be finite and in [-1, 1], got values in [{a.min():.3g}, "
                         f"{a.max():.3g}] (uint8 images in 0..255 are scaled; for floats in [0, 1] pass x * 2 - 1)")
     if a.size and a.min() >= 0.0 and a.max() > 0.0:  # a [-1, 1] image with no pixel darker than mid-gray: rare
-        import warnings
-
         warnings.warn("the float init image has no negative value, so it is read as a light image in [-1, 1]; if it "
                       "holds 0..1 values, pass x * 2 - 1", stacklevel=3)
     return np.clip(a, -1.0, 1.0)
@@ -53,28 +65,58 @@ WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 
 def _to_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     """Any PIL image -> RGB: 16-bit grayscale scaled to 8 bits (0..65535 -> 0..255; PIL's own convert clips
-    it at 255, turning a photo near white), transparency composited onto `background`."""
+    it at 255, turning a photo near white), 32-bit float grayscale (mode F, float TIFFs) in [0, 1] scaled to
+    0..255 (PIL's convert reads floats as 0..255, turning it black; floats beyond 1 keep that reading),
+    transparency composited onto `background`."""
     if im.mode in _WIDE_GRAY:
         a = np.clip(np.asarray(im).astype(np.float64), 0, 65535) / 257.0
         im = Image.fromarray(np.round(a).astype(np.uint8))  # 2-D uint8: mode L
+    elif im.mode == "F":
+        a = np.asarray(im).astype(np.float64)
+        if not np.isfinite(a).all():
+            raise UserError("the float image holds NaN or Inf values")
+        scale = 255.0 if a.size and a.min() >= 0.0 and a.max() <= 1.0 else 1.0
+        im = Image.fromarray(np.round(np.clip(a * scale, 0, 255)).astype(np.uint8))
     if "A" in im.mode or "a" in im.mode or im.mode == "P" or "transparency" in im.info:
         im = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", im.size, background + (255,)), im)
     return im.convert("RGB")
 
 
+def _too_large(path: str, e: Exception) -> UserError:
+    """PIL's decompression-bomb check (over Image.MAX_IMAGE_PIXELS, ~89M, it warns; over twice that it refuses)
+    as one line: such an image would not fit in memory as a diffusion model's input anyway."""
+    found = re.search(r"\((\d+) pixels\)", str(e))
+    size = f"{int(found.group(1)) / 1e6:.0f}M pixels" if found else "too many pixels"
+    limit = Image.MAX_IMAGE_PIXELS or 0
+    return UserError(f"{path}: the image has {size}, over PIL's limit of {limit / 1e6:.0f}M pixels (a guard against "
+                     "decompression bombs) and far beyond what img2img and inpaint can hold in memory; resize it")
+
+
 def read_image(path: str, size: tuple[int, int] | None = None, background: tuple[int, int, int] = WHITE) -> np.ndarray:
-    """An image file -> uint8 [H, W, 3] (EXIF orientation applied, 16-bit grayscale scaled to 8 bits,
-    transparency composited onto `background`, white by default), optionally resized to size=(height, width)."""
+    """An image file -> uint8 [H, W, 3] (the first frame of an animation; EXIF orientation applied, 16-bit
+    grayscale scaled to 8 bits, float grayscale in [0, 1] to 0..255, transparency composited onto `background`,
+    white by default), optionally resized to size=(height, width). Images over PIL's decompression-bomb warning
+    limit (Image.MAX_IMAGE_PIXELS) are refused before they are decoded."""
     try:
-        with Image.open(path) as im:
-            im = _to_rgb(ImageOps.exif_transpose(im), background)
-            if size is not None and im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.Resampling.LANCZOS)
-            return np.asarray(im, np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im = _to_rgb(ImageOps.exif_transpose(im), background)
+                if size is not None and im.size != (size[1], size[0]):
+                    im = im.resize((size[1], size[0]), Image.Resampling.LANCZOS)
+                return np.asarray(im, np.uint8)
     except FileNotFoundError:
         raise UserError(f"{path}: no such image file") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not an image file") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not an image file (or not a format PIL can read)") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise _too_large(path, e) from None
+    except UserError as e:
+        raise UserError(f"{path}: cannot read image ({e})") from None
+    except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot read image ({e})") from None
 
 
@@ -82,8 +124,24 @@ def read_mask(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
     """A mask image -> float32 [H, W] in [0, 1]: the mean of R, G and B; white (1) marks the region to repaint,
     black (0) the region to keep. Transparency is composited onto black, so transparent areas are kept (a white
     brush stroke on a transparent layer repaints under the stroke only)."""
-    rgb = read_image(path, size, background=BLACK)
+    return _mask_values(read_image(path, size, background=BLACK))
+
+
+def _mask_values(rgb: np.ndarray) -> np.ndarray:
     return rgb.astype(np.float32).mean(axis=-1) / 255.0
+
+
+def pil_masks_to_array(masks):
+    """A PIL mask image (or a list of them) of any mode -> float32 [H, W] (or [B, H, W]) in [0, 1], read as
+    `read_mask` reads files; anything else is returned unchanged."""
+    if isinstance(masks, Image.Image):
+        return _mask_values(np.asarray(_to_rgb(masks, BLACK)))
+    if isinstance(masks, (list, tuple)) and masks and all(isinstance(m, Image.Image) for m in masks):
+        rows = [_mask_values(np.asarray(_to_rgb(m, BLACK))) for m in masks]
+        if len({r.shape for r in rows}) > 1:
+            raise UserError(f"the masks must all have one size, got {sorted({r.shape for r in rows})} (height, width)")
+        return np.stack(rows)
+    return masks
 
 
 def png_info(params: dict) -> PngImagePlugin.PngInfo:

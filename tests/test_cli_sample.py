@@ -167,13 +167,14 @@ def test_verify_passes_on_a_good_checkpoint(ckpt, capsys):
     (["txt2img", "--sampler", "heun"], "invalid choice: 'heun'"),
     (["img2img", "--init", "missing.png"], "missing.png: no such image file"),
     (["img2img", "--init", "{init}", "--strength", "1.5"], "strength must be in [0, 1]"),
-    (["inpaint", "--init", "{init}", "--mask", "{small}"], "the mask is 8x8 but the image is 16x16"),
+    (["inpaint", "--init", "{init}", "--mask", "{small}"], "the mask is 8x8 (width x height) but the image is 16x16"),
     (["txt2img", "--checkpoint", "nowhere.safetensors"], "nowhere.safetensors: no such file or directory"),
     (["txt2img", "--seed", "-1"], "--seed must be in [0, 2^32) = [0, 4294967295], got -1"),
     (["txt2img", "--seed", str(2**32)], "--seed must be in [0, 2^32) = [0, 4294967295], got 4294967296"),
     (["txt2img", "--dtype", "float16"], "--dtype float16 cannot run on the CPU backend"),
     (["img2img", "--init", "{odd}"], "odd.png: the image is 24 wide and 60 high; img2img and inpaint need both"),
-    (["inpaint", "--init", "{init}", "--mask", "{odd}"], "odd.png: the mask is 60x24 but the image is 16x16"),
+    (["inpaint", "--init", "{init}", "--mask", "{odd}"], "odd.png: the mask is 24x60 (width x height) but the image"),
+    (["img2img", "--init", "{out}"], "out: is a directory, not an image file"),
     (["txt2img", "--out", "{init}"], "init.png: exists and is not a directory"),
     (["txt2img", "--out", ""], "--out must name a directory, got an empty string"),
     (["txt2img", "--out", "{init}/sub"], "init.png is not a directory"),
@@ -183,7 +184,8 @@ def test_bad_input_is_one_line_and_exit_2(ckpt, tmp_path, args, message):
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(init)
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(small)
     Image.fromarray(np.zeros((60, 24, 3), np.uint8)).save(tmp_path / "odd.png")
-    args = [a.format(init=init, small=small, odd=tmp_path / "odd.png") for a in args]
+    (tmp_path / "out").mkdir()
+    args = [a.format(init=init, small=small, odd=tmp_path / "odd.png", out=tmp_path / "out") for a in args]
     base = ["--prompt", "x"] + ([] if "--out" in args else ["--out", str(tmp_path / "out")])
     if "--steps" not in args:
         base += ["--steps", "2"]
@@ -198,6 +200,56 @@ def test_bad_input_is_one_line_and_exit_2(ckpt, tmp_path, args, message):
     if "--checkpoint" not in args:
         assert "loading" not in out  # refused before loading, compiling or sampling
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_an_init_image_over_the_decompression_bomb_limit_is_one_line(ckpt, tmp_path, monkeypatch, capsys):
+    """PIL's DecompressionBombWarning went on to a run that died of RESOURCE_EXHAUSTED with a traceback."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # as if 16x16 were 12000x12000
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "init.png")
+    assert main(["img2img", "--checkpoint", ckpt, "--prompt", "x", "--init", str(tmp_path / "init.png"),
+                 "--steps", "2", "--out", str(tmp_path / "out")]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"ldm-jax img2img: error: {tmp_path / 'init.png'}: the image has ") and "resize it" in err
+    assert len(err.splitlines()) == 1 and "loading" not in out and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["compiling", "sampling"])
+def test_running_out_of_memory_is_one_line(ckpt, tmp_path, monkeypatch, capsys, where):
+    """XLA's RESOURCE_EXHAUSTED (a 12000x12000 init image: 129 GB) was a traceback."""
+    import jax
+
+    from ldm_jax import warm_start
+    from ldm_jax.pipelines import generate
+
+    def oom(*a, **k):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 129024004752 bytes.\nmore")
+
+    if where == "compiling":
+        monkeypatch.setattr(warm_start, "load_while_compiling", oom)
+    else:
+        monkeypatch.setattr(warm_start, "peek_config", lambda path: None)  # load first, then sample
+        monkeypatch.setattr(generate, "generate", oom)
+    Image.fromarray(np.zeros((16, 24, 3), np.uint8)).save(tmp_path / "init.png")
+    assert main(["img2img", "--checkpoint", ckpt, "--prompt", "x", "--init", str(tmp_path / "init.png"),
+                 "--steps", "2", "--n", "3", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == ("ldm-jax img2img: error: out of memory for 3 24x16 image(s): RESOURCE_EXHAUSTED: Out of memory "
+                   "allocating 129024004752 bytes.; lower --n or use a smaller --init image\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_all_black_mask_is_named_in_a_warning(ckpt, tmp_path, capsys):
+    """Nothing to repaint: the run used to finish silently with the init image as its output."""
+    pixels = np.random.default_rng(2).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "init.png")
+    Image.fromarray(np.full((16, 16), 127, np.uint8)).save(tmp_path / "mask.png")  # under 50% gray: keep
+    assert main(["inpaint", "--checkpoint", ckpt, "--prompt", "x", "--init", str(tmp_path / "init.png"), "--mask",
+                 str(tmp_path / "mask.png"), "--steps", "2", "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {tmp_path / 'mask.png'}: the mask is black everywhere (below 50% gray)" in err
+    (png,) = os.listdir(tmp_path / "out")
+    with Image.open(tmp_path / "out" / png) as im:
+        np.testing.assert_array_equal(np.asarray(im), pixels)
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")

@@ -3,12 +3,14 @@ never replaces an existing file (fresh names shared by one run, safe against a c
 
 import errno
 import os
+import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from ldm_jax import images as imio
+from ldm_jax.errors import UserError
 
 
 @pytest.fixture
@@ -60,6 +62,58 @@ def test_transparent_mask_areas_are_kept_while_init_images_are_laid_on_white(tmp
     Image.fromarray(rgba).save(tmp_path / "i.png")
     init = imio.read_image(str(tmp_path / "i.png"))
     assert (init[0, 0] == 255).all() and (init[3, 3] == 0).all()
+
+
+def test_float_tiffs_in_0_1_are_scaled_and_floats_in_0_255_kept(tmp_path):
+    """A 32-bit float TIFF (mode F) holds 0..1 by convention; PIL's convert read it as 0..255, so a mid-gray
+    became black (level 0 or 1). Floats beyond 1 keep PIL's 0..255 reading."""
+    Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32), mode="F").save(tmp_path / "unit.tif")
+    np.testing.assert_array_equal(imio.read_image(str(tmp_path / "unit.tif"))[0, :, 0], [0, 128, 255])
+    Image.fromarray(np.array([[0.0, 128.0, 300.0]], np.float32), mode="F").save(tmp_path / "255.tif")
+    np.testing.assert_array_equal(imio.read_image(str(tmp_path / "255.tif"))[0, :, 1], [0, 128, 255])
+    Image.fromarray(np.array([[0.0, np.nan]], np.float32), mode="F").save(tmp_path / "nan.tif")
+    with pytest.raises(UserError, match="nan.tif: cannot read image .*NaN"):
+        imio.read_image(str(tmp_path / "nan.tif"))
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_one_clear_error(tmp_path, monkeypatch):
+    """Over Image.MAX_IMAGE_PIXELS PIL only warned (two lines), and the run went on to an out-of-memory traceback
+    (a 12000x12000 init image asked XLA for 129 GB); over twice the limit the error said "DOS attack"."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # as if 40x40 were 12000x12000
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "big.png")
+    Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(tmp_path / "huge.png")  # over 2x: PIL's own error
+    for name in ("big.png", "huge.png"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # and no warning escapes
+            with pytest.raises(UserError) as e:
+                imio.read_image(str(tmp_path / name))
+        assert str(e.value).startswith(f"{tmp_path / name}: the image has ") and str(e.value).endswith("resize it")
+    Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(tmp_path / "ok.png")
+    assert imio.read_image(str(tmp_path / "ok.png")).shape == (30, 30, 3)
+
+
+def test_a_directory_or_a_file_that_is_no_image_is_named_plainly(tmp_path):
+    (tmp_path / "d.png").mkdir()
+    (tmp_path / "t.png").write_text("hello")
+    with pytest.raises(UserError, match=r"d.png: is a directory, not an image file$"):
+        imio.read_image(str(tmp_path / "d.png"))
+    with pytest.raises(UserError, match=r"t.png: not an image file \(or not a format PIL can read\)$"):
+        imio.read_mask(str(tmp_path / "t.png"))
+
+
+def test_pil_init_images_of_any_mode_are_read_as_files_are(tmp_path):
+    """The Python API took only RGB: an RGBA or 16-bit PIL image was refused with "convert to RGB first", and
+    PIL's convert("RGB") clips 16-bit gray at 255 (a mid-gray photo turned white)."""
+    g16 = Image.fromarray(np.array([[0, 128 * 257, 65535]], np.uint16))
+    np.testing.assert_allclose(imio.to_unit_range(g16)[0, :, 0], [-1, 128 / 127.5 - 1, 1], atol=1e-6)
+    rgba = Image.fromarray(np.array([[[0, 0, 0, 0], [0, 0, 0, 255]]], np.uint8))
+    np.testing.assert_array_equal(imio.to_unit_range(rgba)[0, :, 2], [1, -1])  # transparent: white
+    batch = imio.to_unit_range([g16, g16.convert("I")])
+    assert batch.shape == (2, 1, 3, 3)
+    with pytest.raises(UserError, match="one size"):
+        imio.to_unit_range([g16, Image.new("RGB", (2, 1))])
+    with pytest.raises(UserError, match="got the path 'x.png': read it with ldm_jax.images.read_image"):
+        imio.to_unit_range("x.png")
 
 
 def test_save_png_gets_the_normal_file_mode(tmp_path, umask_022):

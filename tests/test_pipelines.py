@@ -244,6 +244,25 @@ def test_an_rgb_mask_is_read_as_its_mean(tiny):
     np.testing.assert_array_equal(gray, rgb)
 
 
+def test_a_pil_mask_of_any_mode_is_read_as_mask_files_are(tiny, tmp_path):
+    from PIL import Image
+
+    from ldm_jax.images import read_mask
+
+    model, _ = tiny
+    init = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    alpha = np.zeros((16, 16), np.uint8)
+    alpha[:, 8:] = 255  # a white stroke on a transparent layer: repaint the right half only
+    rgba = Image.fromarray(np.dstack([np.full((16, 16, 3), 255, np.uint8), alpha]), "RGBA")
+    rgba.save(tmp_path / "mask.png")
+    from_file = ldm_jax.inpaint(model, "x", init, read_mask(str(tmp_path / "mask.png")), steps=2)
+    np.testing.assert_array_equal(ldm_jax.inpaint(model, "x", init, rgba, steps=2), from_file)
+    wide = Image.fromarray(alpha.astype(np.uint16) * 257)  # mode I;16: 65535 is white
+    np.testing.assert_array_equal(ldm_jax.inpaint(model, "x", init, [wide], steps=2), from_file)
+    with pytest.raises(UserError, match="read it with ldm_jax.images.read_mask"):
+        ldm_jax.inpaint(model, "x", init, str(tmp_path / "mask.png"), steps=2)
+
+
 def test_img2img_inpaint_bad_input(tiny):
     model, _ = tiny
     init = np.zeros((16, 16, 3), np.uint8)
@@ -251,7 +270,7 @@ def test_img2img_inpaint_bad_input(tiny):
         ldm_jax.txt2img(model, [], steps=2, height=16, width=16)
     with pytest.raises(UserError, match=r"strength must be in \[0, 1\]"):
         ldm_jax.img2img(model, "x", init, strength=1.5, steps=2)
-    with pytest.raises(UserError, match="the mask is 8x16 but the image is 16x16"):
+    with pytest.raises(UserError, match=r"the mask is 16x8 \(width x height\) but the image is 16x16"):
         ldm_jax.inpaint(model, "x", init, np.zeros((8, 16), np.float32), steps=2)
     with pytest.raises(UserError, match="height must be a positive multiple of 8"):
         ldm_jax.img2img(model, "x", np.zeros((12, 16, 3), np.uint8), steps=2)

@@ -15,6 +15,7 @@ keeps JAX's compilation cache alone; LDM_JAX_NO_COMPILE_CACHE=1 turns both off).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -49,7 +50,8 @@ def add_parser(sub, name, help_):
     else:
         p.add_argument("--init", required=True, metavar="IMG",
                        help="init image: its width and height must be multiples of 8; transparency is laid on "
-                       "white, 16-bit grayscale is scaled to 8 bits")
+                       "white, 16-bit grayscale is scaled to 8 bits and float grayscale in [0, 1] (32-bit TIFF) to "
+                       "0..255; an animation's first frame is used")
         p.add_argument("--strength", type=float, default=0.75 if name == "img2img" else 1.0,
                        help="how much to change the init image, 0..1 (default: %(default)s)")
     if name == "inpaint":
@@ -116,6 +118,42 @@ def _check_init_size(path: str, shape, factor: int) -> None:
                         f"of {f} (crop or resize it)")
 
 
+def _read_mask(args, hw):
+    """--mask, the init image's size (both named as width x height, as image tools do); an all-black mask (nothing
+    to repaint: the output would be the init image) gets a warning."""
+    from ldm_jax import images as imio
+
+    mask = imio.read_mask(args.mask)
+    if mask.shape != tuple(hw):
+        raise UserError(f"{args.mask}: the mask is {mask.shape[1]}x{mask.shape[0]} (width x height) but the image is "
+                        f"{hw[1]}x{hw[0]}; they must be the same size")
+    if not (mask >= 0.5).any():
+        print(f"warning: {args.mask}: the mask is black everywhere (below 50% gray), so nothing is repainted: the "
+              "output is the init image", file=sys.stderr, flush=True)
+    return mask
+
+
+@contextlib.contextmanager
+def _out_of_memory_as_one_line(args, request):
+    """XLA's RESOURCE_EXHAUSTED while compiling or sampling (a huge init image or --height/--width, a large --n) ->
+    one line naming the request and what to lower, not a traceback."""
+    import jax
+
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        init = request.get("init_images")
+        if init is not None:
+            size, hint = f"{init.shape[1]}x{init.shape[0]}", "lower --n or use a smaller --init image"
+        else:
+            size = f"{args.width or 'default'}x{args.height or 'default'}"
+            hint = "lower --n or --height/--width"
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"out of memory for {args.n} {size} image(s): {detail}; {hint}") from None
+
+
 # how the program was obtained (`program_cache.load_or_compile`), as a suffix of the timing lines
 _PROGRAM_SOURCE = {"hit": ", read from the program cache", "stored": ", compiled and saved to the program cache"}
 
@@ -178,10 +216,7 @@ def run(args) -> int:
         _check_init_size(args.init, init.shape, 8 if config is None else config.vae.downsample_factor)
         kw.update(init_images=init, strength=args.strength)
         if args.mode == "inpaint":
-            kw.update(masks=imio.read_mask(args.mask))
-            if kw["masks"].shape != init.shape[:2]:
-                raise UserError(f"{args.mask}: the mask is {kw['masks'].shape[0]}x{kw['masks'].shape[1]} but the "
-                                f"image is {init.shape[0]}x{init.shape[1]}")
+            kw.update(masks=_read_mask(args, init.shape[:2]))
     if args.mode == "txt2img":
         kw.update(height=args.height, width=args.width)  # None: the model's own size
     request = dict(negative_prompts=[args.negative_prompt] * args.n, steps=args.steps, sampler=args.sampler,
@@ -199,13 +234,15 @@ def run(args) -> int:
     progress = "steps" if _step_bar(args, unet) else "elapsed"
     if config is not None:
         print(f"loading {name} while compiling the {args.mode} program ...", flush=True)
-        sd, ahead = load_while_compiling(args.checkpoint, args.mode, prompts, dtype=args.dtype, progress=progress,
-                                         load_kwargs={"progress": True}, **request)
+        with _out_of_memory_as_one_line(args, request):
+            sd, ahead = load_while_compiling(args.checkpoint, args.mode, prompts, dtype=args.dtype,
+                                             progress=progress, load_kwargs={"progress": True}, **request)
         print(f"loaded {sd.config.name} in {ahead.extra['load_s']:.1f}s; program ready in {ahead.compile:.1f}s"
               f"{_PROGRAM_SOURCE.get(ahead.extra.get('program_cache'), '')} "
               f"(both done after {time.perf_counter() - t0:.1f}s)", flush=True)
     timings = Timings()
-    images = generate(sd, args.mode, prompts, progress=progress, timings=timings, **request)
+    with _out_of_memory_as_one_line(args, request):
+        images = generate(sd, args.mode, prompts, progress=progress, timings=timings, **request)
     compile_s = timings.compile + (ahead.compile if ahead is not None else 0.0)
     print(f"sampled {args.n} image(s) in {timings.run:.1f}s (compile {compile_s:.1f}s"
           f"{_PROGRAM_SOURCE.get(timings.extra.get('program_cache'), '')})", flush=True)

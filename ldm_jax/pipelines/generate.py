@@ -7,6 +7,7 @@ the same seed gives the same images on 1 or 8 devices, and on 1 or 2 hosts.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from ldm_jax import parallel, program_cache, samplers
 from ldm_jax.compile_cache import enable_compilation_cache
 from ldm_jax.errors import UserError
-from ldm_jax.images import to_unit_range
+from ldm_jax.images import pil_masks_to_array, to_unit_range
 from ldm_jax.pipelines.program import build_program, check_mode, program_args
 
 OUTPUTS = ("images", "latents")
@@ -114,10 +115,14 @@ def _broadcast_rows(a: np.ndarray, n: int, what: str) -> np.ndarray:
 
 
 def _mask_rows(masks, n: int, hw: tuple[int, int]) -> np.ndarray:
-    """[H, W], [H, W, 1], [B, H, W] or [B, H, W, 1]; uint8 0..255 or float 0..1 -> float [n, H, W, 1]."""
+    """[H, W], [H, W, 1], [B, H, W] or [B, H, W, 1]; uint8 0..255 or float 0..1; or PIL images of any mode (read as
+    mask files are) -> float [n, H, W, 1]."""
     if masks is None:
         raise UserError("inpaint needs a mask")
-    raw = np.asarray(masks)
+    if isinstance(masks, (str, os.PathLike)):
+        raise UserError(f"masks are arrays or PIL images, got the path {os.fspath(masks)!r}: read it with "
+                        "ldm_jax.images.read_mask(path)")
+    raw = np.asarray(pil_masks_to_array(masks))
     if raw.dtype == np.uint8 and raw.size and raw.max() == 1:
         raise UserError("mask: a uint8 mask holds 0..255 (white = repaint) but this one only 0 and 1; pass it as "
                         "float 0..1 or scale it by 255")
@@ -130,7 +135,7 @@ def _mask_rows(masks, n: int, hw: tuple[int, int]) -> np.ndarray:
         m = m[..., None]
     m = _broadcast_rows(m, n, "mask")
     if m.shape[1:3] != tuple(hw):
-        raise UserError(f"the mask is {m.shape[1]}x{m.shape[2]} but the image is {hw[0]}x{hw[1]}")
+        raise UserError(f"the mask is {m.shape[2]}x{m.shape[1]} (width x height) but the image is {hw[1]}x{hw[0]}")
     if not np.isfinite(m).all() or m.min() < 0 or m.max() > 1:
         raise UserError("mask values must be finite and in [0, 1] (or uint8 0..255)")
     return m
