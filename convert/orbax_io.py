@@ -299,6 +299,21 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def _restore(params_dir: str, target_dtype: np.dtype) -> dict:
+    """The orbax parameter tree of `params_dir`, cast to target_dtype on the default device."""
+    import orbax.checkpoint as ocp
+
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    stored = _stored_tree(params_dir)
+    is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), target_dtype, sharding=sharding), stored, is_leaf=is_leaf)
+    restore_args = jax.tree_util.tree_map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding, dtype=target_dtype),
+                                          target)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+        return ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(target, restore_args=restore_args))
+
+
 def read_converted(path: str | os.PathLike, ema: bool | None = None, param_dtype="float32", dtype="float32",
                    attention_impl: str = "auto"):
     """A converted directory -> StableDiffusion, params cast to `param_dtype` on the default device.
@@ -306,8 +321,6 @@ def read_converted(path: str | os.PathLike, ema: bool | None = None, param_dtype
     ema: None takes the U-Net the directory holds; True/False must match how it was converted (a directory holds
     only one U-Net), otherwise a CheckpointError says how it was converted.
     """
-    import orbax.checkpoint as ocp
-
     from ldm_jax.stable_diffusion import StableDiffusion, as_dtype
 
     path = os.fspath(path)
@@ -316,17 +329,9 @@ def read_converted(path: str | os.PathLike, ema: bool | None = None, param_dtype
     _check_files(path, metadata)
     target_dtype = np.dtype(as_dtype(param_dtype))
     params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR))
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     failure = None
-    try:
-        stored = _stored_tree(params_dir)
-        is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
-        target = jax.tree_util.tree_map(
-            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), target_dtype, sharding=sharding), stored, is_leaf=is_leaf)
-        restore_args = jax.tree_util.tree_map(
-            lambda _: ocp.ArrayRestoreArgs(sharding=sharding, dtype=target_dtype), target)
-        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-            params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(target, restore_args=restore_args))
+    try:  # a Ctrl-C waits for orbax's reader threads, which otherwise print "Event loop is closed" tracebacks
+        params = finish_despite_interrupt(_restore, params_dir, target_dtype)
     except MemoryError:
         raise
     except Exception as e:  # orbax raises bare Exception (and ValueError, KeyError, ...) for damaged files

@@ -192,6 +192,22 @@ def _check_layout(path: str, entries: dict, data_len: int) -> None:
 # --------------------------------------------------------------------------------------------------- writing
 
 
+def check_output_path(path: str | os.PathLike) -> None:
+    """Refuse, before any work, an output path `write_safetensors` could not replace: a directory, a name in a
+    folder that does not exist (or is a file), a folder without write permission. Raises CheckpointError."""
+    path = os.fspath(path)
+    if not path:
+        raise CheckpointError("the output file path is empty")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, expected a .safetensors file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{path}: the folder {folder} does not exist" if not os.path.lexists(folder)
+                              else f"{path}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{path}: cannot write in {folder}: permission denied")
+
+
 def write_safetensors(
     path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: dict[str, str] | None = None
 ) -> None:

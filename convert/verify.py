@@ -1,8 +1,12 @@
 """Parity of a loaded model against the torch reference with the same weights (`ldm-jax verify`).
 
-The torch side (labml U-Net / autoencoder, transformers CLIPTextModel) is fed the Flax parameters written
-back to the CompVis layout, so EMA selection, dtype upcasting and converted directories are covered too; a
-wrong row in the key table would put a tensor in the wrong Flax slot and show up as a large error.
+The torch side (labml U-Net / autoencoder, transformers CLIPTextModel) is fed the checkpoint file's own
+tensors (`reference`: its state dict; the EMA copies of the U-Net when the model was loaded with them), so
+everything between the file and the Flax parameters is checked: the key table, the layout rules, EMA
+selection and dtype upcasting. Each component first gets a "weights" row: the Flax parameters written back
+to the CompVis layout against the file's tensors, naming the tensor that differs most. Without a reference
+(a converted directory, whose source file is not at hand) torch gets the Flax parameters written back, which
+still catches a wrong row in the key table (a tensor in the wrong Flax slot shows up as a large error).
 Measure: max|jax - torch| / max|torch|, fp32, highest matmul precision (DESIGN.md §5).
 """
 
@@ -15,7 +19,8 @@ import jax
 import numpy as np
 
 from convert import torch_reference
-from convert.mapping import params_to_state_dict
+from convert.keys import key_table, to_compvis_layout
+from convert.mapping import normalise_keys, params_to_state_dict
 from ldm_jax.stable_diffusion import StableDiffusion
 
 
@@ -25,6 +30,7 @@ class Row:
     check: str
     rel_err: float
     tolerance: float
+    detail: str = ""  # the weights row: the tensor that differs most
 
     @property
     def ok(self) -> bool:
@@ -44,9 +50,40 @@ def _nhwc(t):
     return t.detach().permute(0, 2, 3, 1).numpy()
 
 
+def reference_weights(sd: StableDiffusion, component: str, reference) -> tuple[dict[str, np.ndarray], Row]:
+    """The component's tensors from the checkpoint's state dict `reference` (CompVis keys, canonical shapes; the
+    U-Net's EMA copies if `sd` was loaded with them) and a Row comparing them with `sd`'s parameters."""
+    ema = bool(sd.metadata.get("ema")) and component == "unet"
+    weights, worst, worst_err = {}, "", 0.0
+    for entry in key_table(component, sd.params[component]):
+        key = entry.ema_key if ema else entry.key
+        if key not in reference:
+            return weights, Row(component, "weights vs file", float("inf"), 0.0, f"{key} missing from the file")
+        want = np.asarray(reference[key], np.float32)
+        if want.size != np.prod(entry.compvis_shape):
+            return weights, Row(component, "weights vs file", float("inf"), 0.0,
+                                f"{key}: shape {want.shape} in the file, {entry.compvis_shape} in the model")
+        weights[entry.key] = want = want.reshape(entry.compvis_shape)  # a Linear stored for a 1x1 conv
+        err = rel_err(to_compvis_layout(entry, np.asarray(_leaf(sd.params[component], entry.flax_path))), want)
+        if not worst or not err <= worst_err:  # NaN counts as the worst
+            worst, worst_err = key, err
+    detail = f"max at {worst}" if worst_err != 0 else f"all {len(weights)} tensors equal"
+    return weights, Row(component, "weights vs file", worst_err, 0.0, detail)
+
+
+def _leaf(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
 def verify(sd: StableDiffusion, *, components=("unet", "vae", "text_encoder"), tolerance: float = 1e-4,
-           latent_hw=(16, 24), seed: int = 0, log=print) -> list[Row]:
-    """Run each component on random inputs in JAX and torch; one Row per output compared."""
+           latent_hw=(16, 24), seed: int = 0, reference=None, log=print) -> list[Row]:
+    """Run each component on random inputs in JAX and torch; one Row per output compared.
+
+    reference: the checkpoint's state dict (CompVis keys): the torch side gets these tensors and a "weights"
+    row per component compares them with `sd.params` (tolerance 0: loading only relayouts and upcasts).
+    None: the torch side gets `sd.params` written back to the CompVis layout."""
     torch = torch_reference.import_torch()
     jax.config.update("jax_default_matmul_precision", "highest")
     sd = sd.replace(dtype=np.float32)
@@ -56,7 +93,15 @@ def verify(sd: StableDiffusion, *, components=("unet", "vae", "text_encoder"), t
     rows = []
     for c in components:
         log(f"verifying {c} ...")
-        ref = torch_reference.build(sd.config, params_to_state_dict({c: sd.params[c]}), components=(c,))[c]
+        if reference is None:
+            weights = params_to_state_dict({c: sd.params[c]})
+        else:
+            weights, row = reference_weights(sd, c, normalise_keys(reference))
+            rows.append(row)
+            if not np.isfinite(row.rel_err):  # missing or misshapen: torch cannot be loaded with them
+                continue
+        ref = torch_reference.build(sd.config, weights, components=(c,))[c]
+        del weights
         with torch.no_grad():
             if c == "unet":
                 x = rng.standard_normal((2, h, w, sd.config.unet.in_channels)).astype(np.float32)
@@ -87,5 +132,21 @@ def format_table(rows: list[Row]) -> str:
     lines = [f"{'component':<14}{'output':<26}{'max rel err':>12}{'tolerance':>11}  result"]
     for r in rows:
         lines.append(f"{r.component:<14}{r.check:<26}{r.rel_err:>12.2e}{r.tolerance:>11.0e}  "
-                     + ("ok" if r.ok else "FAIL"))
+                     + ("ok" if r.ok else "FAIL") + (f"  ({r.detail})" if r.detail else ""))
     return "\n".join(lines)
+
+
+def summary(rows: list[Row]) -> str:
+    """'parity OK', or 'parity FAILED: ' + the failing row with the largest error and, if any loaded weights
+    differ from the file's, the tensor that differs most."""
+    bad = [r for r in rows if not r.ok]
+    if not bad:
+        return "parity OK"
+    err = lambda r: r.rel_err if np.isfinite(r.rel_err) else float("inf")  # noqa: E731 - NaN: the worst
+    worst = max(bad, key=err)
+    text = f"parity FAILED: {worst.component} {worst.check}, max rel err {worst.rel_err:.2e} > {worst.tolerance:.0e}"
+    weights = [r for r in bad if r.check == "weights vs file"]
+    if weights:
+        w = max(weights, key=err)
+        text += f"; the {w.component} weights differ from the file ({w.detail}, rel err {w.rel_err:.2e})"
+    return text

@@ -83,6 +83,9 @@ def run(args) -> int:
     except ValueError:
         raise UserError(f"--images must be comma-separated integers, got {args.images!r}") from None
     size = (512 if accel else 256) if args.size is None else args.size
+    if args.dtype == "float16" and not accel:  # XLA: "F16_F16_F32 is not supported by dot_general on CPU"
+        raise UserError("--dtype float16 cannot run on the CPU backend (XLA's CPU matmul has no float16 precision); "
+                        "use --dtype float32 or bfloat16")
     for flag, value in (("--images", min(images)), ("--steps", args.steps), ("--iters", args.iters),
                         ("--size", size)):
         if value < 1:
@@ -104,8 +107,11 @@ def run(args) -> int:
         raise UserError("--remat applies to --train only")
     if args.json:  # before the benchmark, not after it
         folder = os.path.dirname(os.path.abspath(args.json))
-        if os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise UserError(f"--json {args.json}: cannot write a file there")
+        if os.path.isdir(args.json):
+            raise UserError(f"--json {args.json}: is a directory, expected a file name")
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            raise UserError(f"--json {args.json}: cannot write a file there ({folder} "
+                            + ("is not a writable folder)" if os.path.isdir(folder) else "does not exist)"))
     rows = run_bench(preset_name=args.preset, dtype=args.dtype or ("bfloat16" if accel else "float32"),
                      images=images, size=size, steps=args.steps, iters=args.iters,
                      e2e=accel if args.e2e is None else args.e2e, torch_ref=args.torch, cold_warm=args.cold_warm,

@@ -46,7 +46,7 @@ def export_checkpoint(converted_dir, out, dtype: str | None = None) -> dict[str,
     from convert.errors import CheckpointError
     from convert.mapping import params_to_state_dict
     from convert.orbax_io import read_converted, read_info
-    from convert.safetensors_io import write_safetensors
+    from convert.safetensors_io import check_output_path, write_safetensors
     from ldm_jax import __version__
     from ldm_jax.loading import CONFIG_METADATA_KEY, as_dtype
 
@@ -55,13 +55,17 @@ def export_checkpoint(converted_dir, out, dtype: str | None = None) -> dict[str,
         raise CheckpointError("the converted directory path is empty")
     if not out:
         raise CheckpointError("the output file path is empty")
+    if not os.path.lexists(converted_dir):
+        raise CheckpointError(f"{converted_dir}: no such directory")
+    if not os.path.isdir(converted_dir):
+        raise CheckpointError(f"{converted_dir}: is a file; export takes a directory written by `ldm-jax convert` "
+                              "(a checkpoint file needs no export)")
     source = os.path.realpath(converted_dir)
     if os.path.commonpath([source, os.path.realpath(out)]) == source:
         raise CheckpointError(f"{out}: is inside the converted directory {converted_dir}; write the file elsewhere")
-    if os.path.isdir(out):
-        raise CheckpointError(f"{out}: is a directory, expected a .safetensors file name")
-    if not out.endswith(".safetensors"):
+    if not out.endswith(".safetensors") and not os.path.isdir(out):
         raise CheckpointError(f"{out}: the output must be a .safetensors file (export writes safetensors only)")
+    check_output_path(out)  # before reading the weights
     config, info = read_info(converted_dir)
     target = np.dtype(as_dtype(DTYPES[dtype])) if dtype else None  # None: as stored
     sd = read_converted(converted_dir, param_dtype=info["dtype"])  # as stored: no upcast before the cast below

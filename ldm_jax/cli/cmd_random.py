@@ -12,7 +12,7 @@ import argparse
 import numpy as np
 
 from convert.mapping import params_to_state_dict
-from convert.safetensors_io import write_safetensors
+from convert.safetensors_io import check_output_path, write_safetensors
 from ldm_jax.configs import PRESETS, preset
 from ldm_jax.errors import UserError
 from ldm_jax.loading import CONFIG_METADATA_KEY
@@ -23,7 +23,7 @@ _STORE = {"fp32": np.float32, "fp16": np.float16}
 
 def add_parser(sub, name, help_):
     p = sub.add_parser(name, help=help_, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", metavar="OUT.safetensors", help="file to write (atomically)")
+    p.add_argument("out", metavar="OUT.safetensors", help="file to write (atomically; an existing file is replaced)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="architecture (default: tiny)")
     p.add_argument("--seed", type=int, default=0, help="random seed, >= 0 (default: 0)")
     p.add_argument("--dtype", default="fp32", choices=sorted(_STORE), help="stored dtype (default: fp32)")
@@ -35,6 +35,7 @@ def run(args) -> int:
         raise UserError(f"{args.out}: the output must be a .safetensors file")
     if args.seed < 0:
         raise UserError(f"--seed must be a non-negative integer, got {args.seed}")
+    check_output_path(args.out)  # before the weights (SD 1.x: ~20 s and 4 GB)
     config = preset(args.preset)
     state_dict = params_to_state_dict(random_params(config, args.seed), dtype=_STORE[args.dtype])
     write_safetensors(args.out, state_dict, {CONFIG_METADATA_KEY: config.to_json(), "format": "pt"})

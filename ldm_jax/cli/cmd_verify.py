@@ -1,9 +1,12 @@
 """`ldm-jax verify SRC`: check a checkpoint's Flax outputs against the torch reference.
 
 Loads SRC (CompVis .ckpt / .safetensors, or a converted directory) with `ldm_jax.load`, builds the torch
-reference (labml U-Net and autoencoder, transformers CLIPTextModel) with the same weights, runs every
-component on random inputs in fp32 and prints the max relative error of each output. Exit status 0 iff
-every error is within the tolerance. Needs the `torch` extra and labml-nn (see README).
+reference (labml U-Net and autoencoder, transformers CLIPTextModel) with the file's own tensors, runs every
+component on random inputs in fp32 and prints the max relative error of each output; for a file, a "weights"
+row per component also compares the loaded parameters with the file's tensors and names the one that differs
+most (a converted directory's torch side gets its own parameters: the source file is not at hand). Exit
+status 0 iff every error is within the tolerance, 1 otherwise (the last line names the worst row). Needs the
+`torch` extra and labml-nn (see README).
 
 A file without a stored config gets its architecture inferred from tensor shapes, as `ldm-jax convert` does;
 --preset / --config name it instead (small models can be ambiguous). Latent sides must be multiples of the
@@ -28,7 +31,8 @@ def add_parser(sub, name, help_):
                    help="use the EMA U-Net weights (default: when present)")
     p.add_argument("--components", default=",".join(COMPONENTS),
                    help="comma-separated subset of unet,vae,text_encoder (default: all)")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max relative error allowed (default: 1e-4)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="max relative error of the outputs, > 0 (default: 1e-4; loaded weights must equal the file's)")
     p.add_argument("--latent-size", default="16x24", help="latent HxW of the random inputs (default: 16x24)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs, >= 0 (default: 0)")
     arch = p.add_mutually_exclusive_group()
@@ -77,10 +81,13 @@ def run(args) -> int:
     if bad or not components:
         raise UserError(f"--components: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(COMPONENTS)}")
     size = _size(args.latent_size)
+    if not 0 < args.tolerance < float("inf"):  # NaN too
+        raise UserError(f"--tolerance must be a positive finite number, got {args.tolerance}")
     if args.seed < 0:
         raise UserError(f"--seed must be a non-negative integer, got {args.seed}")
     from convert.torch_reference import import_torch
-    from convert.verify import format_table, verify
+    from convert.readers import read_state_dict
+    from convert.verify import format_table, summary, verify
     from ldm_jax.cli.cmd_convert import config_from_args
 
     config = config_from_args(args.preset, args.config)
@@ -97,8 +104,9 @@ def run(args) -> int:
                       allow_nonfinite=args.allow_nonfinite, progress=True)
     check_latent_size(size, sd.config, components)
     print(f"loaded {args.src}: {sd.config.name}" + (", EMA U-Net" if sd.metadata.get("ema") else ""))
-    rows = verify(sd, components=components, tolerance=args.tolerance, latent_hw=size, seed=args.seed)
+    reference = None if os.path.isdir(args.src) else read_state_dict(args.src)  # memory-mapped, read as needed
+    rows = verify(sd, components=components, tolerance=args.tolerance, latent_hw=size, seed=args.seed,
+                  reference=reference)
     print(format_table(rows))
-    ok = all(r.ok for r in rows)
-    print("parity OK" if ok else "parity FAILED")
-    return 0 if ok else 1
+    print(summary(rows))
+    return 0 if all(r.ok for r in rows) else 1
