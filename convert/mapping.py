@@ -30,12 +30,13 @@ SCHEDULE_BUFFERS = (
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
 )
+LOSS_REASON = "autoencoder training loss (LPIPS / discriminator)"
 _IGNORED = [
     (re.compile(r"^(%s)$" % "|".join(SCHEDULE_BUFFERS)), "noise schedule buffer (recomputed from the config)"),
     (re.compile(r"^logvar$"), "training-only learned log-variance"),
     (re.compile(r"^cond_stage_model\.transformer\.text_model\.embeddings\.position_ids$"), "position ids (arange)"),
     (re.compile(r"^model_ema\.(decay|num_updates)$"), "EMA bookkeeping"),
-    (re.compile(r"^first_stage_model\.loss\."), "autoencoder training loss (LPIPS / discriminator)"),
+    (re.compile(r"^first_stage_model\.loss\."), LOSS_REASON),
 ]
 _FLOAT_DTYPES = {np.dtype(t) for t in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16)}
 _OLD_CLIP = "cond_stage_model.transformer."

@@ -58,7 +58,8 @@ def load_state_dict_model(state_dict, *, config: ModelConfig | None = None, ema:
 
 def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, param_dtype="float32", dtype="float32",
          config: ModelConfig | None = None, attention_impl: str = "auto", allow_unexpected: bool = False,
-         allow_nonfinite: bool = False, progress: bool = False) -> StableDiffusion:
+         allow_nonfinite: bool = False, progress: bool = False,
+         vae: str | os.PathLike | None = None) -> StableDiffusion:
     """Load Stable Diffusion weights.
 
     path: a CompVis `.ckpt` / `.safetensors` file, or a directory written by `ldm-jax convert`; None: the small
@@ -67,6 +68,9 @@ def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, para
     param_dtype: dtype of the loaded parameters (fp16/bf16 files are upcast; default fp32).
     dtype: compute dtype of the modules (e.g. "bfloat16" on GPU/TPU).
     config: override the architecture inferred from tensor shapes (e.g. the tiny test preset).
+    vae: a standalone CompVis-layout autoencoder file (.safetensors / .ckpt, e.g.
+        `vae-ft-mse-840000-ema-pruned.safetensors`, or a full SD checkpoint's first_stage_model.*) whose weights
+        replace the model's `vae` (`convert.vae_file`); its base name is recorded in `metadata["vae"]`.
     """
     as_dtype(param_dtype), as_dtype(dtype)  # a bad name fails here, before gigabytes are read
     if path is None:
@@ -74,10 +78,35 @@ def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, para
             raise CheckpointError("the bundled default model is missing from this install; pass a checkpoint path")
         path = DEFAULT_MODEL
     path = os.fspath(path)
+    if vae is not None:  # a missing, diffusers-layout or (where the model declares its config) misshapen VAE
+        from convert.vae_file import check_vae_file, swap_vae  # fails before gigabytes are read
+
+        check_vae_file(vae, config or _declared_config(path))
     if os.path.isdir(path):
         from convert.orbax_io import read_converted
 
-        return read_converted(path, ema=ema, param_dtype=param_dtype, dtype=dtype, attention_impl=attention_impl)
+        sd = read_converted(path, ema=ema, param_dtype=param_dtype, dtype=dtype, attention_impl=attention_impl)
+    else:
+        sd = _load_file(path, ema=ema, param_dtype=param_dtype, dtype=dtype, config=config,
+                        attention_impl=attention_impl, allow_unexpected=allow_unexpected,
+                        allow_nonfinite=allow_nonfinite, progress=progress)
+    if vae is None:
+        return sd
+    return swap_vae(sd, vae, allow_unexpected=allow_unexpected, allow_nonfinite=allow_nonfinite)
+
+
+def _declared_config(path: str) -> ModelConfig | None:
+    """The architecture a converted directory or an ldm-jax .safetensors names before its tensors are read."""
+    if os.path.isdir(path):
+        from convert.orbax_io import is_converted_dir, read_info
+
+        return read_info(path)[0] if is_converted_dir(path) else None
+    return file_config(path) if os.path.isfile(path) else None
+
+
+def _load_file(path: str, *, ema, param_dtype, dtype, config, attention_impl, allow_unexpected, allow_nonfinite,
+               progress) -> StableDiffusion:
+    """A CompVis .ckpt / .safetensors file -> StableDiffusion (`load`'s file case)."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
     config = config or file_config(path)

@@ -1,13 +1,15 @@
 """`ldm-jax convert SRC OUT_DIR`: a CompVis .ckpt/.safetensors -> an ldm-jax converted (orbax) directory.
 
-    ldm-jax convert sd-v1-4.ckpt sd-v1-4/ [--ema/--no-ema] [--dtype fp32|bf16|fp16]
+    ldm-jax convert sd-v1-4.ckpt sd-v1-4/ [--ema/--no-ema] [--dtype fp32|bf16|fp16] [--vae VAE_FILE]
                     [--preset NAME | --config CONFIG.json] [--allow-unexpected] [--allow-nonfinite] [--overwrite]
 
 Steps: read the file torch-free (`convert.readers`: memory-mapped, no code from the file runs), recognise the
 model kind (SD 1.x and the 9-channel inpainting U-Net; SD 2.x / SDXL are refused by name), infer the
 architecture (or take --preset / --config / the config an `ldm-jax export` stored), compare the schedule buffers
 the file carries with the recomputed schedule (a warning per differing buffer), hash the file (sha256), map every
-tensor strictly (`convert.mapping`) and write the directory atomically (`convert.orbax_io`).
+tensor strictly (`convert.mapping`), with --vae replace the autoencoder by a standalone VAE file's
+(`convert.vae_file`; its name, sha256 and report go into metadata.json as "vae", "vae_sha256", "vae_report") and
+write the directory atomically (`convert.orbax_io`).
 
 Memory: tensors are converted one at a time from the memory-mapped file, placed on the CPU as jax arrays (which
 orbax writes without another copy), and the file's pages of each converted tensor are dropped from this
@@ -41,6 +43,8 @@ def add_parser(subparsers, name: str, help: str) -> None:
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="use the EMA U-Net weights (model_ema.*); default: when the file has them, as CompVis does")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="stored parameter dtype (default fp32)")
+    p.add_argument("--vae", metavar="VAE_FILE", help="bake in a standalone CompVis-layout autoencoder (.safetensors/"
+                   ".ckpt, e.g. vae-ft-mse-840000-ema-pruned.safetensors) instead of SRC's own")
     arch = p.add_mutually_exclusive_group()
     arch.add_argument("--preset", choices=sorted(PRESETS), help="architecture preset instead of inferring it")
     arch.add_argument("--config", metavar="CONFIG.json", help="architecture (ModelConfig JSON) instead of inferring it")
@@ -87,10 +91,13 @@ def run(args) -> int:
     metadata, report = convert_checkpoint(
         args.src, args.out_dir, ema=args.ema, dtype=args.dtype, config=config_from_args(args.preset, args.config),
         allow_unexpected=args.allow_unexpected, allow_nonfinite=args.allow_nonfinite, overwrite=args.overwrite,
-        progress=args.progress, warn=lambda msg: print(f"ldm-jax convert: warning: {msg}", file=sys.stderr))
+        progress=args.progress, warn=lambda msg: print(f"ldm-jax convert: warning: {msg}", file=sys.stderr),
+        vae=args.vae)
     print(f"converted {args.src} -> {args.out_dir}: {metadata['kind']}, "
           f"{'EMA' if metadata['ema'] else 'raw'} U-Net, {metadata['dtype']}, sha256 {metadata['source_sha256']}")
     print(report.summary())
+    if args.vae:
+        print(f"VAE from {args.vae} (sha256 {metadata['vae_sha256']}):\n{metadata['vae_report_text']}")
     return 0
 
 
@@ -100,10 +107,12 @@ def run(args) -> int:
 def convert_checkpoint(src, out_dir, *, ema: bool | None = None, dtype: str = "fp32",
                        config: ModelConfig | None = None, allow_unexpected: bool = False,
                        allow_nonfinite: bool = False, overwrite: bool = False, progress: bool | None = None,
-                       warn=None):
-    """Convert `src` into the directory `out_dir`; returns (metadata written, MappingReport).
+                       warn=None, vae: str | os.PathLike | None = None):
+    """Convert `src` into the directory `out_dir`; returns (metadata written, MappingReport of `src`).
 
     warn(message) receives one line per schedule buffer that differs from the recomputed schedule.
+    vae: a standalone VAE file whose weights replace `src`'s autoencoder (`convert.vae_file`); the metadata then
+    names it ("vae", "vae_sha256", "vae_report"; the returned dict also has "vae_report_text", not written).
     """
     import jax
     from tqdm.auto import tqdm
@@ -112,6 +121,7 @@ def convert_checkpoint(src, out_dir, *, ema: bool | None = None, dtype: str = "f
     from convert.mapping import has_ema, normalise_keys, state_dict_to_params
     from convert.orbax_io import check_output_dir, write_converted
     from convert.readers import read_state_dict
+    from convert.vae_file import check_vae_file, report_counts, vae_params
     from ldm_jax import __version__
     from ldm_jax.loading import as_dtype, file_config
     from ldm_jax.models.build import abstract_params
@@ -122,11 +132,16 @@ def convert_checkpoint(src, out_dir, *, ema: bool | None = None, dtype: str = "f
     if dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     check_output_dir(out_dir, overwrite)
+    if vae is not None:  # missing, unreadable or diffusers-layout: refused before SRC is read
+        vae = os.fspath(vae)
+        check_vae_file(vae)
     if os.path.commonpath([os.path.abspath(src), os.path.abspath(out_dir)]) == os.path.abspath(out_dir):
         raise UserError(f"{src}: the source file is inside OUT_DIR {out_dir}; choose another OUT_DIR")
     state_dict = normalise_keys(read_state_dict(src))
     kind = detect_kind(state_dict)
     config = config or file_config(src) or infer_config(state_dict)
+    if vae is not None:  # its shapes against the architecture, before hashing and converting
+        check_vae_file(vae, config)
     for message in schedule_warnings(state_dict, config.schedule):
         (warn or print)(message)
     size = os.path.getsize(src)
@@ -141,19 +156,24 @@ def convert_checkpoint(src, out_dir, *, ema: bool | None = None, dtype: str = "f
         params, report = state_dict_to_params(
             state_dict, shapes, ema=ema, dtype=np.dtype(as_dtype(DTYPES[dtype])), allow_unexpected=allow_unexpected,
             allow_nonfinite=allow_nonfinite, place=lambda a: jax.device_put(a, cpu), progress=lambda _: bar.update())
-    ignored: dict[str, int] = {}
-    for reason in report.ignored.values():
-        ignored[reason] = ignored.get(reason, 0) + 1
+    extra = {}
+    if vae is not None:
+        params["vae"], vae_report = vae_params(
+            vae, shapes["vae"], dtype=np.dtype(as_dtype(DTYPES[dtype])), place=lambda a: jax.device_put(a, cpu),
+            allow_unexpected=allow_unexpected, allow_nonfinite=allow_nonfinite)
+        extra = {"vae": os.path.basename(vae), "vae_sha256": sha256_file(vae, show),
+                 "vae_report": report_counts(vae_report)}
     metadata = {
         "source": os.path.basename(src), "source_size": size, "source_sha256": digest, "kind": kind,
         "config_name": config.name, "ema": report.used_ema, "ema_available": ema_available,
         "ldm_jax_version": __version__, "converter": "ldm-jax convert",
-        "report": {"mapped": len(report.mapped), "ignored": ignored, "unexpected": list(report.unexpected)},
+        "report": report_counts(report), **extra,
     }
     if show:
         print(f"writing {out_dir} ...", file=sys.stderr)
     write_converted(out_dir, config, params, metadata, overwrite=overwrite)
-    return {**metadata, "dtype": DTYPES[dtype]}, report
+    text = {"vae_report_text": vae_report.summary()} if vae is not None else {}
+    return {**metadata, "dtype": DTYPES[dtype], **text}, report
 
 
 def sha256_file(path: str, progress: bool = False, chunk: int = 16 << 20) -> str:

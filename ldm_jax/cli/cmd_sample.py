@@ -7,9 +7,11 @@ Nothing is ever overwritten: when any of a run's names is taken (by an earlier r
 run's files get the same suffix, the first free of -2, -3, ... (7-0000-a_red_circle-2.png). Progress is shown
 for loading, compiling, and sampling: every step (--step-progress) or the elapsed time. Multi-host: set
 LDM_JAX_COORDINATOR, LDM_JAX_NUM_PROCESSES and LDM_JAX_PROCESS_ID (or --coordinator/--num-processes/--process-id);
-each host saves its own share. Compiled programs are kept in LDM_JAX_CACHE_DIR (default ~/.cache/ldm-jax/xla), so a
-new process with the same model, request shape and code skips tracing and compiling (LDM_JAX_NO_PROGRAM_CACHE=1
-keeps JAX's compilation cache alone; LDM_JAX_NO_COMPILE_CACHE=1 turns both off).
+each host saves its own share. --vae FILE swaps in a fine-tuned autoencoder (CompVis layout, e.g.
+vae-ft-mse-840000-ema-pruned.safetensors) while the program compiles; its file name goes into the PNG text.
+Compiled programs are kept in LDM_JAX_CACHE_DIR (default ~/.cache/ldm-jax/xla), so a new process with the same
+model, request shape and code skips tracing and compiling (LDM_JAX_NO_PROGRAM_CACHE=1 keeps JAX's compilation
+cache alone; LDM_JAX_NO_COMPILE_CACHE=1 turns both off).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ def add_parser(sub, name, help_):
     p = sub.add_parser(name, help=help_, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="CompVis .ckpt/.safetensors or a converted directory (default: the small "
                    "bundled model of coloured shapes, 64x64)")
+    p.add_argument("--vae", metavar="FILE", help="replace the model's autoencoder with a standalone CompVis-layout VAE "
+                   "file (.safetensors/.ckpt, e.g. vae-ft-mse-840000-ema-pruned.safetensors; its name goes into the "
+                   "PNG text)")
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: none)")
     p.add_argument("--n", type=int, default=1, help="number of images (default: 1)")
@@ -203,6 +208,10 @@ def run(args) -> int:
     from ldm_jax.warm_start import load_while_compiling, peek_config
 
     config = peek_config(args.checkpoint)  # known before reading tensors: compile while they load
+    if args.vae is not None:  # a missing, unreadable or misfitting VAE file fails before anything slow
+        from convert.vae_file import check_vae_file
+
+        check_vae_file(args.vae, config)
     if config is not None:  # the sampler's time-step table (DDIM/PLMS cannot do 3 steps of T=1000), before loading
         check_mode(config, args.mode)
         try:
@@ -226,7 +235,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     if config is None:
         print(f"loading {name} ...", flush=True)
-        sd = ldm_jax.load(args.checkpoint, dtype=args.dtype, progress=True)
+        sd = ldm_jax.load(args.checkpoint, dtype=args.dtype, progress=True, vae=args.vae)
         ahead = None
         print(f"loaded {sd.config.name} in {time.perf_counter() - t0:.1f}s", flush=True)
     # the loaded weights, else the shapes the warm start compiles against (cached per config: no extra work)
@@ -236,7 +245,8 @@ def run(args) -> int:
         print(f"loading {name} while compiling the {args.mode} program ...", flush=True)
         with _out_of_memory_as_one_line(args, request):
             sd, ahead = load_while_compiling(args.checkpoint, args.mode, prompts, dtype=args.dtype,
-                                             progress=progress, load_kwargs={"progress": True}, **request)
+                                             progress=progress, load_kwargs={"progress": True, "vae": args.vae},
+                                             **request)
         print(f"loaded {sd.config.name} in {ahead.extra['load_s']:.1f}s; program ready in {ahead.compile:.1f}s"
               f"{_PROGRAM_SOURCE.get(ahead.extra.get('program_cache'), '')} "
               f"(both done after {time.perf_counter() - t0:.1f}s)", flush=True)
@@ -250,7 +260,8 @@ def run(args) -> int:
     meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt or None, "seed": args.seed,
             "sampler": args.sampler, "steps": args.steps, "scale": args.scale, "eta": args.eta,
             "mode": args.mode, "strength": getattr(args, "strength", None),
-            "checkpoint": os.path.basename(os.path.normpath(args.checkpoint or DEFAULT_MODEL)), "dtype": args.dtype,
+            "checkpoint": os.path.basename(os.path.normpath(args.checkpoint or DEFAULT_MODEL)),
+            "vae": os.path.basename(args.vae) if args.vae else sd.metadata.get("vae"), "dtype": args.dtype,
             "generator": "ldm-jax"}
     plan = parallel.plan_batch(args.n)
     indices = [i for i in plan.local_indices if i < args.n]
