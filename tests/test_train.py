@@ -376,8 +376,15 @@ def test_resume_keeps_the_seed_and_the_resolution(trained, data, capsys):
     assert "started with --seed 0, not 1" in _error_line(capsys)
     assert main(_set(args, "--resolution", "32")) == 2
     assert "trains at --resolution 16, not 32" in _error_line(capsys)
+    assert main(_set(args, "--steps", "10")) == 2  # used to re-export step 30 and print "trained to step 30"
+    assert "the run is at step 30, past --steps 10" in _error_line(capsys)
     assert main(_set(_set(_set(args, "--seed"), "--resolution"), "--batch-size", "4")) == 0  # finished: no step
     out = capsys.readouterr().out
     assert "resuming" in out and "note: settings differ" in out and "--batch-size 8 -> 4" in out
+    assert "nothing to train" in out and "at step 30; run directory" in out and "nan" not in out
+    # another base model of the same size (its frozen VAE and text encoder are used from now on) is named too
+    other = [*_set(args, "--preset"), "--checkpoint", str(trained / "model")]
+    assert main(other) == 0
+    assert f"--checkpoint off -> {trained / 'model'}, --preset tiny -> off" in capsys.readouterr().out
     assert sorted(os.listdir(trained)) == before
     assert json.load(open(trained / "model" / "config.json"))["image_size"] == 16

@@ -106,6 +106,54 @@ def test_help_describes_every_option(capsys):
     assert "AdamW's moment decay rates" in out and "AdamW's epsilon" in out
 
 
+def test_help_states_every_default():
+    """Every option with a default value says so in its help ("(default: ...)"), as --checkpoint's bundled model."""
+    import argparse
+
+    from ldm_jax.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    unstated = [a.option_strings[0] for a in sub.choices["train"]._actions
+                if a.help and a.default not in (None, False, [], argparse.SUPPRESS) and "default" not in a.help]
+    assert unstated == []
+    checkpoint = next(a for a in sub.choices["train"]._actions if "--checkpoint" in a.option_strings)
+    assert "default: the bundled shapes model" in checkpoint.help
+
+
+def test_without_checkpoint_or_preset_the_bundled_model_is_the_base(data, tmp_path, capsys):
+    """As every ldm-jax command (README), no --checkpoint means the bundled shapes model (it used to be refused):
+    its size step, 16, is the one checked here (the tiny preset's is 4)."""
+    run = tmp_path / "run"
+    assert main(["train", "--data", data, "--out", str(run), "--resolution", "24", "--export", "none"]) == 2
+    assert "--resolution must be a positive multiple of 16 for this model, got 24" in _error_line(capsys)
+    assert not run.exists()
+
+
+def test_sample_steps_ddim_refuses_are_refused_before_training(data, tmp_path, capsys):
+    """--sample-steps 3 does not fit CompVis' DDIM time steps: it used to fail at the first --sample-every step."""
+    run = tmp_path / "run"
+    args = ["train", *COMMON, "--data", data, "--out", str(run), "--sample-every", "5", "--sample-prompt", "a"]
+    assert main([*args, "--sample-steps", "3"]) == 2
+    assert "--sample-steps 3: 3 DDIM/PLMS steps do not fit" in _error_line(capsys)
+    assert not run.exists()
+
+
+def test_progress_lines_estimate_from_the_steps_after_the_first(monkeypatch, capsys):
+    """The first line's row is read as the second step is queued: it has no estimate (it used to promise ~0 s);
+    later estimates use the rate of the steps after it."""
+    from ldm_jax.train import progress
+
+    clock = iter([0.0, 0.01, 10.01, 20.01])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(progress, "LINE_SECONDS", 0.0)
+    bar = progress.progress_bar(total=12, initial=0, enabled=True)
+    for _ in range(3):
+        bar.update(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].endswith("step 1/12 (8%), 0:00:00 elapsed"), lines
+    assert lines[1].endswith("0:00:10 elapsed, 0:01:40 left") and lines[2].endswith("0:00:20 elapsed, 0:01:30 left")
+
+
 def test_interrupt_guard_holds_ctrl_c_until_the_block_ends():
     from ldm_jax.train.progress import InterruptGuard
 
@@ -182,6 +230,11 @@ def test_progress_off_a_terminal_is_plain_lines(data, tmp_path, capsys, monkeypa
     assert [ln.split(",")[0] for ln in lines] == ["train: step 1/3 (33%)", "train: step 2/3 (66%)",
                                                    "train: step 3/3 (100%)"]
     assert "loss=" in lines[-1] and "left" in lines[-1]
+    # the first row's time is its step's (it was the few ms until the second step was queued: ~1000s of img/s)
+    import json
+
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert rows[0]["seconds"] >= 0.5 * min(r["seconds"] for r in rows[1:]), rows
     assert main([*args, "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
     assert "train: step" not in capsys.readouterr().err
 

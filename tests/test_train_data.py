@@ -288,3 +288,25 @@ def test_shards_interleave_to_global_batch(tmp_path):
         parts = [shards[k][step] for k in range(2)]
         same(g, {key: (np.concatenate([p[key] for p in parts]) if key != "captions"
                        else parts[0][key] + parts[1][key]) for key in g})
+
+
+def test_metadata_csv_as_hugging_face_imagefolder(tmp_path):
+    """metadata.csv (header `file_name`, `text` or `caption`; quoted commas; a byte-order mark) is read like
+    metadata.jsonl; it used to be ignored, and every image refused for a missing .txt caption."""
+    solid(tmp_path / "imgs" / "a.png", "red")
+    solid(tmp_path / "imgs" / "b.png", "red")
+    (tmp_path / "metadata.csv").write_bytes(
+        '\ufefffile_name,text\r\nimgs/b.png,"red, on white"\r\n\r\nimgs/a.png,caf\u00e9\r\n'.encode())
+    ds = scan_dataset(tmp_path)
+    assert [p.rsplit('/', 1)[-1] for p in ds.paths] == ["b.png", "a.png"] and ds.captions == ("red, on white", "café")
+    (tmp_path / "metadata.csv").write_text("name,text\nimgs/a.png,x\n")
+    with pytest.raises(UserError, match='metadata.csv: expected a header row with a "file_name" column'):
+        scan_dataset(tmp_path)
+
+
+def test_metadata_in_a_subfolder_is_named(tmp_path):
+    """A Hugging Face split folder (DATA/train/metadata.jsonl) given as DATA: the error points at the folder."""
+    solid(tmp_path / "train" / "a.png", "red")
+    (tmp_path / "train" / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n')
+    with pytest.raises(UserError, match=r"metadata.jsonl is only read at the top of --data: pass --data .*train$"):
+        scan_dataset(tmp_path)

@@ -25,7 +25,8 @@ from ldm_jax.train import limits
 def add_parser(sub, name, help_):
     p = sub.add_parser(name, help=help_, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     base = p.add_mutually_exclusive_group()
-    base.add_argument("--checkpoint", metavar="BASE", help="starting model: .ckpt/.safetensors or converted directory")
+    base.add_argument("--checkpoint", metavar="BASE", help="starting model: .ckpt/.safetensors or converted directory "
+                      "(default: the bundled shapes model, as every ldm-jax command)")
     base.add_argument("--preset", help="start from random weights of a preset (e.g. tiny) instead")
     p.add_argument("--data", metavar="DIR", help="folder of captioned images")
     p.add_argument("--out", metavar="RUN_DIR", required=True, help="run directory")
@@ -50,7 +51,8 @@ def add_parser(sub, name, help_):
     p.add_argument("--resolution", type=int, help="training resolution, a multiple of the model's size step "
                    "(default: a resumed run's, else the model's image size, 512 for SD)")
     p.add_argument("--random-flip", action="store_true", help="random horizontal flips")
-    p.add_argument("--caption-dropout", type=float, default=0.1, help="probability of the empty caption (0.1)")
+    p.add_argument("--caption-dropout", type=float, default=0.1, help="probability of the empty caption "
+                   "(default: 0.1)")
     p.add_argument("--snr-gamma", type=float, help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the "
                    "paper's value): faster convergence when training from scratch (default: off, plain L_simple)")
     p.add_argument("--debiased-loss", action="store_true", help="also weight the loss by 1/sqrt(SNR_t) (Yu et al. "
@@ -90,8 +92,6 @@ def add_parser(sub, name, help_):
 
 
 def run(args) -> int:
-    if not args.checkpoint and not args.preset:
-        raise UserError("give the starting model: --checkpoint BASE or --preset NAME")
     from ldm_jax.train import loop
 
     if args.export_only:
@@ -118,7 +118,8 @@ def run(args) -> int:
                                        "every host needs the same training flags")
     cfg = train_config(args)
     result = loop.train(cfg)
-    print(f"trained to step {result['step']} (loss {result['loss']:.4f}); run directory {result['run_dir']}"
+    loss = "" if result["loss"] is None else f" (loss {result['loss']:.4f})"
+    print(f"{'trained to' if loss else 'at'} step {result['step']}{loss}; run directory {result['run_dir']}"
           + (f"; model {result['model_dir']}" if result["model_dir"] else ""))
     return 0
 

@@ -6,7 +6,8 @@ Two folder layouts (`scan_dataset`):
   folders are ignored), sorted by relative path;
 - the Hugging Face `imagefolder` convention (https://huggingface.co/docs/datasets/image_dataset): a `metadata.jsonl`
   at the root with one `{"file_name": ..., "text": ...}` object per line (`caption` is accepted for `text`),
-  `file_name` relative to the root; kept in file order. When present it wins over caption files.
+  `file_name` relative to the root; kept in file order. When present it wins over caption files. A `metadata.csv`
+  (a header row with `file_name` and `text` or `caption` columns) is read the same way where there is no .jsonl.
 
 Text files are UTF-8, with or without a byte-order mark.
 
@@ -28,7 +29,9 @@ pool but results are gathered in submission order, so nothing depends on thread 
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +45,7 @@ from ldm_jax.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
+METADATA_CSV = "metadata.csv"
 CAPTION_COLUMNS = ("text", "caption")
 RESAMPLE = Image.Resampling.BILINEAR  # as diffusers' train_text_to_image
 MAX_REPLACEMENT_TRIES = 64
@@ -79,9 +83,11 @@ def scan_dataset(root, *, allow_empty_captions: bool = False) -> Dataset:
         raise UserError(f"data directory not found: {root}")
     if not root_path.is_dir():
         raise UserError(f"data path is not a directory: {root}")
-    metadata = root_path / METADATA_FILE
+    metadata, table = root_path / METADATA_FILE, root_path / METADATA_CSV
     if metadata.is_file():
         pairs = _read_metadata(metadata, root_path, allow_empty_captions)
+    elif table.is_file():
+        pairs = _read_metadata(table, root_path, allow_empty_captions)
     else:
         pairs = _read_caption_files(root_path, allow_empty_captions)
     if not pairs:
@@ -90,20 +96,36 @@ def scan_dataset(root, *, allow_empty_captions: bool = False) -> Dataset:
     return Dataset(paths=tuple(paths), captions=tuple(captions), root=str(root_path))
 
 
-def _read_metadata(metadata: Path, root: Path, allow_empty: bool) -> list[tuple[str, str]]:
-    pairs = []
+def _metadata_rows(metadata: Path):
+    """(line number, row) of a metadata.jsonl (a JSON value per line) or metadata.csv (a dict per row)."""
     try:
-        lines = metadata.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark is not JSON
+        text = metadata.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not JSON
     except UnicodeDecodeError:
         raise UserError(f"{metadata}: not UTF-8 text") from None
-    for lineno, line in enumerate(lines, 1):
+    if metadata.suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if "file_name" not in (reader.fieldnames or []):
+            raise UserError(f'{metadata}: expected a header row with a "file_name" column (and "text" or "caption")')
+        try:
+            for row in reader:
+                if any(v for v in row.values() if isinstance(v, str) and v.strip()):
+                    yield reader.line_num, {k: v for k, v in row.items() if k is not None}
+        except csv.Error as e:
+            raise UserError(f"{metadata}:{reader.line_num}: malformed CSV ({e})") from None
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        where = f"{metadata}:{lineno}"
         try:
-            row = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"{where}: malformed JSON line ({e.msg})") from None
+            raise UserError(f"{metadata}:{lineno}: malformed JSON line ({e.msg})") from None
+
+
+def _read_metadata(metadata: Path, root: Path, allow_empty: bool) -> list[tuple[str, str]]:
+    pairs = []
+    for lineno, row in _metadata_rows(metadata):
+        where = f"{metadata}:{lineno}"
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
             raise UserError(f'{where}: expected a JSON object with a "file_name" string')
         caption = next((row[c] for c in CAPTION_COLUMNS if c in row), None)
@@ -139,8 +161,11 @@ def _read_caption_files(root: Path, allow_empty: bool) -> list[tuple[str, str]]:
         pairs.append((str(image), caption))
     if missing and not allow_empty:
         more = f" (and {len(missing) - 1} more images)" if len(missing) > 1 else ""
+        nested = sorted(p for name in (METADATA_FILE, METADATA_CSV) for p in root.rglob(name) if p.is_file())
+        hint = (f"; {nested[0]} is only read at the top of --data: pass --data {nested[0].parent}" if nested
+                else f"; {_EMPTY_HINT}")
         raise UserError(f"missing or empty caption for {missing[0]}: expected {missing[0].with_suffix('.txt').name} "
-                        f"next to it{more}; {_EMPTY_HINT}")
+                        f"next to it{more}{hint}")
     return pairs
 
 

@@ -40,7 +40,7 @@ from ldm_jax.train.step import (StepConfig, abstract_cached_batch, components, f
 class TrainConfig:
     data: str
     out: str
-    checkpoint: str | None = None  # anything ldm_jax.load reads ...
+    checkpoint: str | None = None  # anything ldm_jax.load reads (None and no preset: the bundled model) ...
     preset: str | None = None  # ... or random weights of a preset (training from scratch)
     steps: int = 1000
     batch_size: int = 1  # global micro-batch (all devices, all hosts)
@@ -65,10 +65,10 @@ class TrainConfig:
 
 
 def load_base(checkpoint: str | None, preset_name: str | None, seed: int = 0):
-    """The starting model: `ldm_jax.load(checkpoint)`, or random weights of a preset (U-Net, VAE and text encoder
-    at random init; the text encoder stays frozen there)."""
-    if (checkpoint is None) == (preset_name is None):
-        raise UserError("give exactly one of --checkpoint BASE or --preset NAME")
+    """The starting model: `ldm_jax.load(checkpoint)` (None: the bundled model), or random weights of a preset
+    (U-Net, VAE and text encoder at random init; the text encoder stays frozen there)."""
+    if checkpoint is not None and preset_name is not None:
+        raise UserError("give one of --checkpoint BASE or --preset NAME, not both")
     if preset_name is not None:
         from ldm_jax.configs import preset
         from ldm_jax.models.build import random_params
@@ -86,7 +86,24 @@ def load_base(checkpoint: str | None, preset_name: str | None, seed: int = 0):
 
 
 def base_info(cfg: TrainConfig) -> dict:
+    if cfg.checkpoint is None and cfg.preset is None:
+        from ldm_jax.loading import DEFAULT_MODEL
+
+        return {"checkpoint": DEFAULT_MODEL, "preset": None}
     return {"checkpoint": cfg.checkpoint and os.path.abspath(cfg.checkpoint), "preset": cfg.preset}
+
+
+def check_sample_steps(config, cfg: TrainConfig) -> None:
+    """Refuse, before training, a --sample-steps that the DDIM sampler of the samples would refuse at the first
+    --sample-every step (CompVis' time steps do not fit every count)."""
+    if not cfg.sample_every:
+        return
+    from ldm_jax.samplers import n_loop_steps
+
+    try:
+        n_loop_steps("ddim", config.schedule.n_steps, cfg.sample_steps)
+    except ValueError as e:
+        raise UserError(f"--sample-steps {cfg.sample_steps}: {e}") from None
 
 
 def check_resolution(config, resolution: int) -> None:
@@ -137,7 +154,8 @@ def _sample(sd, frozen, state, cfg: TrainConfig, res: int, step: int, run_dir: s
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
-    """Run (or resume) training as configured; returns {"step", "loss", "run_dir", "model_dir"}.
+    """Run (or resume) training as configured; returns {"step", "loss" (None: no step to train), "run_dir",
+    "model_dir"}.
 
     Bad settings, data, RUN_DIR (or its model/), a --resume that changes the seed or resolution, and a step that
     cannot fit in the free memory are refused (UserError) before anything is written to RUN_DIR; its files appear
@@ -181,6 +199,10 @@ def _train(cfg, dataset, run_dir, ck, log):
     if res is None:  # not a resumed run's: the one asked for, else the model's own
         res = sd.config.image_size if cfg.resolution is None else cfg.resolution
     check_resolution(sd.config, res)
+    check_sample_steps(sd.config, cfg)
+    if meta and cfg.steps < latest:
+        raise UserError(f"--resume {run_dir}: the run is at step {latest}, past --steps {cfg.steps}; give --steps "
+                        f"above {latest} to train on (or `--export-only` to export step {latest})")
     cfg = dataclasses.replace(cfg, seed=seed, resolution=res)
     mesh, n_proc = parallel.data_mesh(), jax.process_count()
     if cfg.batch_size % mesh.devices.size:
@@ -195,11 +217,12 @@ def _train(cfg, dataset, run_dir, ck, log):
         if meta:
             state = TrainState.from_dict(ck.restore(_state_shapes(sd.config, cfg.optim, cfg.step, mesh), latest)[0])
             log(f"resuming {run_dir} at step {latest} (data position {meta['data']['position']})")
-            now = {"optim": dataclasses.asdict(cfg.optim), "step_config": dataclasses.asdict(cfg.step),
+            now = {"base": base_info(cfg), "optim": dataclasses.asdict(cfg.optim),
+                   "step_config": dataclasses.asdict(cfg.step),
                    "run": {"batch_size": cfg.batch_size, "random_flip": cfg.random_flip,  # more devices: other
                            "processes": n_proc, "devices": int(mesh.devices.size)}}  # rounding, not bit-exact
-            defaults = {"optim": dataclasses.asdict(OptimConfig()), "step_config": dataclasses.asdict(StepConfig()),
-                        "run": now["run"]}  # for keys older runs lack
+            defaults = {"base": now["base"], "optim": dataclasses.asdict(OptimConfig()),
+                        "step_config": dataclasses.asdict(StepConfig()), "run": now["run"]}  # keys older runs lack
             changed = preflight.changed_settings(meta, now, defaults)
             if changed:
                 log(f"note: settings differ from the checkpoint's ({', '.join(changed)}); the run continues with the "
@@ -268,7 +291,7 @@ def _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, 
     # `state` is at step `last`, after the data up to `last_data`; `saved`: the newest checkpoint's step (or start);
     # `unflushed`: (step, metrics, data) of the steps whose metrics.jsonl row is not written yet.
     last, last_data, saved, unflushed = start, None, start, []
-    loss, bar, t_prev = float("nan"), None, time.perf_counter()
+    loss, bar, t_prev = None, None, time.perf_counter()  # loss: None when this invocation trains no step
 
     def flush():  # the oldest unwritten metrics row (read one step late, so the device never waits for us)
         nonlocal t_prev, loss
@@ -292,15 +315,18 @@ def _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, 
                     log(f"compiling the train step ({what()}) ...")
                     preflight.check_fits(step_fn.lower(state, batch, key, frozen).compile(), what())
                 parallel.wait_for_all_processes("train step compiled")  # before its first collective
+            else:
+                log(f"the run is already at step {start} of --steps {cfg.steps}: nothing to train")
             for step in range(start + 1, end + 1):
                 with guard.critical():  # a Ctrl-C waits until state, step, data position and metrics agree
+                    if bar is None:  # the first row's time is its step's, from dispatch (with the first call's
+                        t_prev = time.perf_counter()  # set-up), not the few ms until the second step is queued
                     state, m = step_fn(state, batch, key, frozen)
                     last, last_data = step, data
                     unflushed.append((step, m, data))
-                    if bar is None:  # the first step done: its time is not in the first row
+                    if bar is None:  # the progress (and its rate) starts after the first step
                         jax.block_until_ready(m)
                         bar = progress_bar(cfg.steps, start, cfg.progress and jax.process_index() == 0)
-                        t_prev = time.perf_counter()
                     while len(unflushed) > 1:
                         flush()
                     if step % cfg.save_every == 0 or step == end:

@@ -28,6 +28,7 @@ OOM_HINT = "lower --resolution or --batch-size (--grad-accum N keeps the images 
 
 # {section of the checkpoint's metadata: {field: the `ldm-jax train` flag that sets it}}
 FLAGS = {
+    "base": {"checkpoint": "--checkpoint", "preset": "--preset"},  # the frozen VAE / text encoder come from it
     "optim": {"lr": "--lr", "warmup": "--warmup", "schedule": "--lr-schedule", "total_steps": "--steps",
               "min_lr_ratio": "--min-lr-ratio", "b1": "--adam-betas", "b2": "--adam-betas", "eps": "--adam-eps",
               "weight_decay": "--weight-decay", "clip": "--clip", "ema_decay": "--ema-decay",

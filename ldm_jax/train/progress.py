@@ -109,6 +109,7 @@ class _Lines:
         self.total, self.n, self.first = total, initial, initial
         self.postfix, self.start = {}, time.monotonic()
         self.last = self.start
+        self.timed = None  # (time, step) of the first update: the rate is measured from there
 
     def set_postfix(self, refresh: bool = True, **values) -> None:
         self.postfix = values
@@ -116,13 +117,17 @@ class _Lines:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.monotonic()
-        if now - self.last >= LINE_SECONDS or self.n >= self.total or self.n - n == self.first:
+        if now - self.last >= LINE_SECONDS or self.n >= self.total or self.timed is None:
             self.last = now
-            elapsed, done = now - self.start, self.n - self.first
-            left = elapsed / done * (self.total - self.n) if done else 0.0
+            # the first update's row is read when the next step is queued: the time to it says nothing about the
+            # rate, so the first line has no estimate and later ones count the steps after it
+            t0, n0 = self.timed or (now, self.n)
+            self.timed = (t0, n0)
+            left = (f", {_clock((now - t0) / (self.n - n0) * (self.total - self.n))} left" if self.n > n0
+                    else ", 0:00:00 left" if self.n >= self.total else "")
             values = "".join(f", {k}={v}" for k, v in self.postfix.items())
             print(f"train: step {self.n}/{self.total} ({100 * self.n // max(self.total, 1)}%){values}, "
-                  f"{_clock(elapsed)} elapsed, {_clock(left)} left", file=sys.stderr, flush=True)
+                  f"{_clock(now - self.start)} elapsed{left}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         pass
