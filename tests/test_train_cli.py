@@ -138,6 +138,14 @@ def test_sample_steps_ddim_refuses_are_refused_before_training(data, tmp_path, c
     assert not run.exists()
 
 
+def test_sample_prompt_without_sample_every_is_refused(data, tmp_path, capsys):
+    """The prompts would be silently unused (no sample is drawn without --sample-every)."""
+    run = tmp_path / "run"
+    assert main(["train", *COMMON, "--data", data, "--out", str(run), "--sample-prompt", "a"]) == 2
+    assert "--sample-prompt needs --sample-every N" in _error_line(capsys)
+    assert not run.exists()
+
+
 def test_progress_lines_estimate_from_the_steps_after_the_first(monkeypatch, capsys):
     """The first line's row is read as the second step is queued: it has no estimate (it used to promise ~0 s);
     later estimates use the rate of the steps after it."""

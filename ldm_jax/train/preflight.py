@@ -56,6 +56,8 @@ def check_config(cfg) -> None:
         raise UserError(f"--export must be one of ema, raw, none, got {cfg.export!r}")
     if cfg.sample_every and not cfg.sample_prompts:
         raise UserError("--sample-every needs at least one --sample-prompt")
+    if cfg.sample_prompts and not cfg.sample_every:  # else the prompts would be silently unused
+        raise UserError("--sample-prompt needs --sample-every N (draw the sample images every N steps)")
 
 
 def check_run_dir(run_dir: str, data_dir: str | None, export: str) -> None:
