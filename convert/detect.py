@@ -3,6 +3,8 @@
 Facts used (DESIGN.md §6): a 9-channel first conv is the inpainting U-Net; `cond_stage_model.model.*`
 (OpenCLIP) or a 1024-wide cross-attention context is SD 2.x; `conditioner.embedders.*` is SDXL.
 Head counts are not visible in shapes: SD 1.x uses 8 heads per transformer and CLIP heads of width 64.
+Other kinds of file users pass by mistake (LoRA, embeddings, a VAE, diffusers components, ControlNet) are named by
+`convert.file_kinds`; an 8-channel first conv is InstructPix2Pix.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import re
 from collections.abc import Mapping
 
 from convert.errors import CheckpointError
+from convert.file_kinds import describe
 from ldm_jax.configs import AutoencoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
 
 U = "model.diffusion_model."
@@ -21,6 +24,9 @@ T = "cond_stage_model.transformer.text_model."
 def detect_kind(sd: Mapping[str, object]) -> str:
     """'sd1' or 'sd1-inpaint'; raises CheckpointError naming any other recognised or unknown kind."""
     keys = sd.keys()
+    wrong = describe(sd)
+    if wrong is not None:
+        raise CheckpointError(wrong)
     if any(k.startswith("conditioner.embedders.") for k in keys):
         raise CheckpointError("SDXL checkpoints are not supported yet")
     ctx = {sd[k].shape[-1] for k in keys if k.startswith(U) and k.endswith("attn2.to_k.weight")
@@ -37,6 +43,9 @@ def detect_kind(sd: Mapping[str, object]) -> str:
         return "sd1"
     if c_in == 9:
         return "sd1-inpaint"
+    if c_in == 8:
+        raise CheckpointError("this file is an InstructPix2Pix U-Net (8 input channels: latents and the encoded input "
+                              "image); instruct-pix2pix checkpoints are not supported yet")
     raise CheckpointError(f"unsupported U-Net with {c_in} input channels")
 
 

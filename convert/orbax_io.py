@@ -236,6 +236,11 @@ def read_info(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory")
     if not is_converted_dir(path):
+        from convert.file_kinds import describe_directory
+
+        kind = describe_directory(path)  # a diffusers pipeline or component folder: say so
+        if kind:
+            raise CheckpointError(f"{path}: {kind}")
         raise CheckpointError(f"{path}: not an ldm-jax converted checkpoint directory (expected {CONFIG_FILE}, "
                               f"{METADATA_FILE} and {PARAMS_DIR}/ written by `ldm-jax convert`)")
     try:

@@ -24,6 +24,7 @@ import numpy as np
 
 from convert.ckpt_reader import read_ckpt
 from convert.errors import CheckpointError
+from convert.file_kinds import describe_container, describe_directory
 from convert.safetensors_io import read_safetensors
 
 CKPT_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
@@ -37,7 +38,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file")
     if os.path.isdir(path):
-        raise CheckpointError(f"{path}: is a directory, expected a .ckpt or .safetensors file")
+        raise CheckpointError(f"{path}: " + (describe_directory(path)
+                                             or "is a directory, expected a .ckpt or .safetensors file"))
     try:
         with open(path, "rb") as f:
             head = f.read(9)
@@ -61,6 +63,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def _state_dict_of(path: str, obj: dict) -> dict[str, np.ndarray]:
     """Unwrap (nested) Lightning ``state_dict`` levels, then check that every value is an array."""
+    known = describe_container(obj)  # an A1111 embedding or hypernetwork, before its non-tensor values are refused
+    if known is not None:
+        raise CheckpointError(f"{path}: {known}")
     depth = 0
     while isinstance(obj.get("state_dict"), dict):
         obj, depth = obj["state_dict"], depth + 1
