@@ -143,7 +143,7 @@ def bench_train(preset_name: str, batch: int, size: int, iters: int, dtype="floa
     from ldm_jax import parallel
     from ldm_jax.errors import UserError
     from ldm_jax.models.build import abstract_params
-    from ldm_jax.train.loop import check_resolution
+    from ldm_jax.train.base import check_resolution
     from ldm_jax.train.state import OptimConfig, abstract_state, init_state
     from ldm_jax.train.step import StepConfig, batch_sharding, frozen_inputs, jitted_train_step, key_data, shard_batch
 

@@ -68,7 +68,7 @@ def test_one_step_matches_torch(data, tmp_path):
     from ldm_jax.models.build import abstract_params
     from ldm_jax.train import data as D
     from ldm_jax.train import loss as L
-    from ldm_jax.train.loop import load_base
+    from ldm_jax.train.base import load_base
     from ldm_jax.train.state import init_state
     from ldm_jax.train.step import frozen_inputs, jitted_train_step, key_data, shard_batch
 
@@ -196,7 +196,7 @@ def test_latent_cache_matches_the_image_path(tmp_path):
     (same positions, same random flips), equal to encoding the loader's images on the fly."""
     from ldm_jax.train import data as D
     from ldm_jax.train import latent_cache
-    from ldm_jax.train.loop import load_base
+    from ldm_jax.train.base import load_base
 
     from PIL import Image
 

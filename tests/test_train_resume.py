@@ -41,14 +41,14 @@ def _state(run, step):
     """(state tree as numpy, meta) of checkpoint `step`, restored onto this process's device."""
     from ldm_jax import configs, parallel
     from ldm_jax.train.checkpoint import Checkpoints
-    from ldm_jax.train.loop import _state_shapes
+    from ldm_jax.train.resume import state_shapes
     from ldm_jax.train.state import OptimConfig
     from ldm_jax.train.step import StepConfig
 
     with Checkpoints(os.path.join(run, "checkpoints")) as ck:
         meta = ck.read_meta(step)
-        target = _state_shapes(configs.tiny(), OptimConfig(**meta["optim"]), StepConfig(**meta["step_config"]),
-                               parallel.data_mesh())
+        target = state_shapes(configs.tiny(), OptimConfig(**meta["optim"]), StepConfig(**meta["step_config"]),
+                              parallel.data_mesh())
         tree, meta = ck.restore(target, step)
     return jax.tree_util.tree_map(np.asarray, tree), meta
 

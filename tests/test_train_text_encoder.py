@@ -43,7 +43,7 @@ def test_one_joint_step_matches_torch(data, tmp_path):
     from ldm_jax.models.build import abstract_params
     from ldm_jax.train import data as D
     from ldm_jax.train import loss as L
-    from ldm_jax.train.loop import load_base
+    from ldm_jax.train.base import load_base
     from ldm_jax.train.state import init_state
     from ldm_jax.train.step import components, frozen_inputs, jitted_train_step, key_data, shard_batch, trainable
 
@@ -100,7 +100,7 @@ def test_one_joint_step_matches_torch(data, tmp_path):
 def test_train_resume_export_with_the_text_encoder(data, tmp_path, capsys):
     import ldm_jax
     from ldm_jax.train.checkpoint import Checkpoints
-    from ldm_jax.train.loop import load_base
+    from ldm_jax.train.base import load_base
 
     run = tmp_path / "run"
     plain = ["train", *COMMON, "--data", data, "--out", str(run), "--precompute-latents", "--save-every", "2"]

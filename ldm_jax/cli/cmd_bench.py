@@ -92,7 +92,7 @@ def run(args) -> int:
             raise UserError(f"{flag} must be >= 1, got {value}")
     if args.train:  # the training step's own rule (a multiple of the U-Net's total downsampling), named as --size
         from ldm_jax.configs import preset
-        from ldm_jax.train.loop import check_resolution
+        from ldm_jax.train.base import check_resolution
 
         try:
             check_resolution(preset(args.preset), size)

@@ -92,12 +92,12 @@ def add_parser(sub, name, help_):
 
 
 def run(args) -> int:
-    from ldm_jax.train import loop
+    from ldm_jax.train import export, loop
 
     if args.export_only:
         if args.export == "none":
             raise UserError("--export-only writes RUN_DIR/model: give --export ema or --export raw, not none")
-        loop.export_run(args.out, args.checkpoint, args.preset, ema=args.export != "raw")
+        export.export_run(args.out, args.checkpoint, args.preset, ema=args.export != "raw")
         return 0
     if not args.data:
         raise UserError("--data DIR is required (a folder of captioned images)")
@@ -135,10 +135,10 @@ def check_args(args) -> None:
 
 
 def train_config(args):
-    """The `loop.TrainConfig` of parsed `ldm-jax train` arguments (after the distributed set-up)."""
+    """The `TrainConfig` of parsed `ldm-jax train` arguments (after the distributed set-up)."""
     import jax
 
-    from ldm_jax.train import loop
+    from ldm_jax.train.config import TrainConfig
     from ldm_jax.train.state import OptimConfig
     from ldm_jax.train.step import StepConfig
 
@@ -153,7 +153,7 @@ def train_config(args):
                           multires_noise=args.multires_noise, debiased_loss=args.debiased_loss)
     except ValueError as e:
         raise UserError(str(e)) from None
-    return loop.TrainConfig(
+    return TrainConfig(
         data=args.data, out=args.out, checkpoint=args.checkpoint, preset=args.preset, steps=args.steps,
         batch_size=args.batch_size, resolution=args.resolution, optim=optim, step=step, random_flip=args.random_flip,
         allow_empty_captions=args.allow_empty_captions, seed=args.seed, resume=args.resume,

@@ -1,7 +1,7 @@
 """The allowed range of every number training takes, in one table.
 
 Three places check them, all through `check`: the `ldm-jax train` CLI (before anything loads, named by flag),
-`preflight.check_config` (a `loop.TrainConfig` built in Python) and `OptimConfig` / `StepConfig` (named by field).
+`preflight.check_config` (a `config.TrainConfig` built in Python) and `OptimConfig` / `StepConfig` (named by field).
 The table is keyed by the CLI flag's name (`--adam-betas` -> "adam_betas"); `FIELDS` maps the config fields that
 hold the same number to it.
 

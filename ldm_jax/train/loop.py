@@ -6,6 +6,8 @@ The use case is diffusers' `examples/text_to_image/train_text_to_image_flax.py` 
 Diffusion checkpoint on a folder of captioned images); the objective is Rombach et al. 2022 eq. 2 (`loss.py`). Runs
 on every device of every host (`parallel.data_mesh()`): `batch_size` is the global micro-batch, each host loads its
 rows (`data.batches(shard_index=process, num_shards=processes)`), K = `grad_accum` micro-batches make one update.
+Around the loop: the settings (`config.TrainConfig`), the starting model (`base.py`), restoring a checkpoint
+(`resume.py`), the sample images (`samples.py`) and the exported model (`export.py`).
 
 RUN_DIR layout: checkpoints/<step>/ (orbax, `checkpoint.py`), metrics.jsonl (one JSON object per step), samples/
 (PNG with prompt/seed/step metadata), model/ (converted directory with the EMA weights, or the raw ones),
@@ -13,8 +15,9 @@ latent_cache/. The trained components are the U-Net, and the text encoder with `
 
 Exact resume: the state (params, EMA, optimiser), the step (which fixes every random key), the seed and the data
 position are checkpointed; resuming with the same settings continues bit for bit. A resumed run keeps its seed and
-resolution (another one is refused, `preflight.resume_settings`); other changed settings are named in a note. A
-Ctrl-C saves a checkpoint whose state, step, data position and metrics rows agree (`progress.InterruptGuard`).
+resolution (another one is refused, `preflight.resume_settings`); other changed settings are named in a note
+(`resume.resume_state`). A Ctrl-C saves a checkpoint whose state, step, data position and metrics rows agree
+(`progress.InterruptGuard`).
 """
 
 from __future__ import annotations
@@ -30,127 +33,16 @@ from ldm_jax import parallel
 from ldm_jax.errors import UserError
 from ldm_jax.train import data as D
 from ldm_jax.train import preflight
+from ldm_jax.train.base import base_info, check_resolution, load_base
 from ldm_jax.train.checkpoint import Checkpoints, check_same_model
+from ldm_jax.train.config import TrainConfig
+from ldm_jax.train.export import export_model
 from ldm_jax.train.progress import InterruptGuard, Metrics, progress_bar
-from ldm_jax.train.state import OptimConfig, TrainState, abstract_state, init_state
-from ldm_jax.train.step import (StepConfig, abstract_cached_batch, components, frozen_inputs, jitted_train_step,
-                                 key_data, shard_batch, trainable)
-
-@dataclasses.dataclass
-class TrainConfig:
-    data: str
-    out: str
-    checkpoint: str | None = None  # anything ldm_jax.load reads (None and no preset: the bundled model) ...
-    preset: str | None = None  # ... or random weights of a preset (training from scratch)
-    steps: int = 1000
-    batch_size: int = 1  # global micro-batch (all devices, all hosts)
-    resolution: int | None = None  # default: a resumed run's, else the model's own image size (512 for SD 1.x)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    step: StepConfig = dataclasses.field(default_factory=StepConfig)
-    random_flip: bool = False
-    allow_empty_captions: bool = False
-    seed: int | None = None  # default: a resumed run's, else 0
-    resume: bool = False
-    save_every: int = 500
-    keep: int = 3
-    sample_every: int = 0
-    sample_prompts: tuple[str, ...] = ()
-    sample_steps: int = 20
-    sample_scale: float = 7.5
-    precompute_latents: bool = False
-    export: str = "ema"  # which weights (EMA or raw) RUN_DIR/model gets at the end
-    stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this invocation
-    num_workers: int = 2
-    progress: bool = True
-
-
-def load_base(checkpoint: str | None, preset_name: str | None, seed: int = 0):
-    """The starting model: `ldm_jax.load(checkpoint)` (None: the bundled model), or random weights of a preset
-    (U-Net, VAE and text encoder at random init; the text encoder stays frozen there)."""
-    if checkpoint is not None and preset_name is not None:
-        raise UserError("give one of --checkpoint BASE or --preset NAME, not both")
-    if preset_name is not None:
-        from ldm_jax.configs import preset
-        from ldm_jax.models.build import random_params
-        from ldm_jax.stable_diffusion import StableDiffusion
-
-        try:
-            config = preset(preset_name)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        params = jax.device_put(random_params(config, seed))  # one transfer, no per-shape convert compiles
-        return StableDiffusion(config, params, metadata={"source": f"preset:{preset_name}", "seed": seed})
-    import ldm_jax
-
-    return ldm_jax.load(checkpoint)
-
-
-def base_info(cfg: TrainConfig) -> dict:
-    if cfg.checkpoint is None and cfg.preset is None:
-        from ldm_jax.loading import DEFAULT_MODEL
-
-        return {"checkpoint": DEFAULT_MODEL, "preset": None}
-    return {"checkpoint": cfg.checkpoint and os.path.abspath(cfg.checkpoint), "preset": cfg.preset}
-
-
-def check_sample_steps(config, cfg: TrainConfig) -> None:
-    """Refuse, before training, a --sample-steps that the DDIM sampler of the samples would refuse at the first
-    --sample-every step (CompVis' time steps do not fit every count)."""
-    if not cfg.sample_every:
-        return
-    from ldm_jax.samplers import n_loop_steps
-
-    try:
-        n_loop_steps("ddim", config.schedule.n_steps, cfg.sample_steps)
-    except ValueError as e:
-        raise UserError(f"--sample-steps {cfg.sample_steps}: {e}") from None
-
-
-def check_resolution(config, resolution: int) -> None:
-    levels = len(config.unet.channel_multipliers)
-    multiple = config.vae.downsample_factor * 2 ** (levels - 1)
-    if resolution < multiple or resolution % multiple:
-        raise UserError(f"--resolution must be a positive multiple of {multiple} for this model, got {resolution}")
-
-
-def _state_shapes(config, optim: OptimConfig, step_cfg: StepConfig, mesh):
-    from ldm_jax.models.build import abstract_params
-
-    shapes = abstract_state(trainable(abstract_params(config, step_cfg.trained), step_cfg), optim).as_dict()
-    return parallel.abstract_like(shapes, parallel.replicated(mesh))
-
-
-def export_model(out_dir: str, sd, state: TrainState, step_cfg: StepConfig, *, ema: bool, meta: dict,
-                 resolution: int | None = None):
-    """Write the trained model (the trained components from `state`, the frozen ones from `sd`) as a converted
-    directory; its config's `image_size` (the default sampling size) becomes the training resolution."""
-    from convert.orbax_io import write_converted
-
-    params = {"vae": sd.params["vae"], "text_encoder": sd.params.get("text_encoder"),
-              **components(state.ema_params if ema else state.params, step_cfg)}
-    metadata = {"source": f"ldm-jax train {meta.get('run_dir')} step {meta.get('step')}", "kind": sd.config.name,
-                "ema": bool(ema), "ema_available": True, "train": meta}
-    config = dataclasses.replace(sd.config, image_size=int(resolution)) if resolution else sd.config
-    write_converted(out_dir, config, params, metadata, overwrite=True)
-
-
-def _sample(sd, frozen, state, cfg: TrainConfig, res: int, step: int, run_dir: str, mesh) -> None:
-    """Sample images at the fixed prompts with the EMA weights (one compiled program, reused across calls)."""
-    from ldm_jax.images import save_png
-    from ldm_jax.pipelines.generate import txt2img
-
-    sd.params.update({c: frozen[c] for c in ("vae", "text_encoder") if c in frozen})
-    sd.params.update(components(state.ema_params, cfg.step))
-    sd.cache[("params", id(mesh))] = sd.params  # already replicated on the mesh: no copy (see generate.py)
-    images = txt2img(sd, list(cfg.sample_prompts), steps=cfg.sample_steps, guidance_scale=cfg.sample_scale,
-                     height=res, width=res, seed=cfg.seed)
-    sd.cache.pop(("params", id(mesh)))  # the state is donated to the next step
-    if jax.process_index() == 0:
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-        for i, (img, prompt) in enumerate(zip(images, cfg.sample_prompts)):
-            save_png(os.path.join(run_dir, "samples", f"step{step:07d}-{i:02d}.png"), img,
-                     {"prompt": prompt, "seed": cfg.seed, "index": i, "step": step, "sampler": "ddim",
-                      "steps": cfg.sample_steps, "scale": cfg.sample_scale, "unet": "ema"})
+from ldm_jax.train.resume import resume_state
+from ldm_jax.train.samples import check_sample_steps, save_samples
+from ldm_jax.train.state import init_state
+from ldm_jax.train.step import (abstract_cached_batch, frozen_inputs, jitted_train_step, key_data, shard_batch,
+                                 trainable)
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
@@ -215,18 +107,7 @@ def _train(cfg, dataset, run_dir, ck, log):
 
     with preflight.oom_as_user_error(what):
         if meta:
-            state = TrainState.from_dict(ck.restore(_state_shapes(sd.config, cfg.optim, cfg.step, mesh), latest)[0])
-            log(f"resuming {run_dir} at step {latest} (data position {meta['data']['position']})")
-            now = {"base": base_info(cfg), "optim": dataclasses.asdict(cfg.optim),
-                   "step_config": dataclasses.asdict(cfg.step),
-                   "run": {"batch_size": cfg.batch_size, "random_flip": cfg.random_flip,  # more devices: other
-                           "processes": n_proc, "devices": int(mesh.devices.size)}}  # rounding, not bit-exact
-            defaults = {"base": now["base"], "optim": dataclasses.asdict(OptimConfig()),
-                        "step_config": dataclasses.asdict(StepConfig()), "run": now["run"]}  # keys older runs lack
-            changed = preflight.changed_settings(meta, now, defaults)
-            if changed:
-                log(f"note: settings differ from the checkpoint's ({', '.join(changed)}); the run continues with the "
-                    "new ones (not a bit-exact continuation)")
+            state = resume_state(ck, latest, meta, sd.config, cfg, mesh, run_dir, log)
         else:
             rep = parallel.replicated(mesh)
             state = init_state(parallel.replicate(trainable(sd.params, cfg.step), mesh), cfg.optim, rep)
@@ -333,7 +214,7 @@ def _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, 
                         checkpoint(step, data)
                         saved = step
                 if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
-                    _sample(sampler_sd, frozen, state, cfg, res, step, run_dir, mesh)
+                    save_samples(sampler_sd, frozen, state, cfg, res, step, run_dir, mesh)
                 if step < end:
                     batch, data = next_batch()
             with guard.critical():
@@ -371,26 +252,3 @@ def _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, 
             model_dir = None
             log(f"multi-host run: export with `ldm-jax train --export-only --out {run_dir} ...` on one host")
     return {"step": last, "loss": loss, "run_dir": run_dir, "model_dir": model_dir}
-
-
-def export_run(run_dir: str, checkpoint: str | None, preset_name: str | None, *, ema: bool = True,
-               out_dir: str | None = None, log=print) -> str:
-    """Export the latest checkpoint of RUN_DIR (on demand) as a converted directory (default RUN_DIR/model)."""
-    if not os.path.isdir(run_dir):
-        raise UserError(f"--out {run_dir}: {'a file, ' if os.path.exists(run_dir) else ''}not a run directory")
-    run_dir = os.path.abspath(run_dir)
-    out_dir = out_dir or os.path.join(run_dir, "model")
-    preflight.check_model_dir(out_dir)
-    with Checkpoints(os.path.join(run_dir, "checkpoints"), lazy=True) as ck:
-        step = ck.latest_step()
-        if step is None:
-            raise UserError(f"no checkpoint in {ck.directory}")
-        meta = ck.read_meta(step)
-        sd = load_base(checkpoint, preset_name, int(meta["seed"]))
-        check_same_model(meta, sd.config.to_dict(), f"export {run_dir}")
-        optim, step_cfg = OptimConfig(**meta["optim"]), StepConfig(**meta["step_config"])
-        tree, _ = ck.restore(_state_shapes(sd.config, optim, step_cfg, parallel.data_mesh()), step)
-    export_model(out_dir, sd, TrainState.from_dict(tree), step_cfg, ema=ema,
-                 meta={"run_dir": run_dir, "step": step}, resolution=meta.get("run", {}).get("resolution"))
-    log(f"wrote step {step} ({'ema' if ema else 'raw'} weights) to {out_dir}")
-    return out_dir

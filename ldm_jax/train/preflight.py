@@ -1,6 +1,6 @@
 """Checks a training run makes before it writes anything, and the one-line error an out-of-memory failure becomes.
 
-- `check_config`: the numbers of a `loop.TrainConfig` (each refused with the `ldm-jax train` flag that sets it).
+- `check_config`: the numbers of a `config.TrainConfig` (each refused with the `ldm-jax train` flag that sets it).
 - `check_run_dir`: RUN_DIR (--out) is not a file, not the --data folder or inside it, writable, and its `model/`
   (where the trained model is exported at the end) is absent, empty or an ldm-jax converted directory, so that a
   long run never ends refusing to write its result.
@@ -43,7 +43,7 @@ FLAGS = {
 
 
 def check_config(cfg) -> None:
-    """Refuse out-of-range numbers of a `loop.TrainConfig` with one line naming the flag."""
+    """Refuse out-of-range numbers of a `config.TrainConfig` with one line naming the flag."""
     for name in ("steps", "batch_size", "save_every", "keep", "sample_steps", "sample_every", "num_workers",
                  "stop_after", "resolution", "seed"):
         value = getattr(cfg, name)

@@ -1,0 +1,54 @@
+"""The trained model as a converted directory (readable by `ldm_jax.load` and `ldm-jax export`): `export_model` writes
+it from a `TrainState` (at the end of `loop.train`, as RUN_DIR/model), `export_run` from the latest checkpoint of a
+run directory (`ldm-jax train --export-only`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from ldm_jax import parallel
+from ldm_jax.errors import UserError
+from ldm_jax.train import preflight
+from ldm_jax.train.base import load_base
+from ldm_jax.train.checkpoint import Checkpoints, check_same_model
+from ldm_jax.train.resume import state_shapes
+from ldm_jax.train.state import OptimConfig, TrainState
+from ldm_jax.train.step import StepConfig, components
+
+
+def export_model(out_dir: str, sd, state: TrainState, step_cfg: StepConfig, *, ema: bool, meta: dict,
+                 resolution: int | None = None):
+    """Write the trained model (the trained components from `state`, the frozen ones from `sd`) as a converted
+    directory; its config's `image_size` (the default sampling size) becomes the training resolution."""
+    from convert.orbax_io import write_converted
+
+    params = {"vae": sd.params["vae"], "text_encoder": sd.params.get("text_encoder"),
+              **components(state.ema_params if ema else state.params, step_cfg)}
+    metadata = {"source": f"ldm-jax train {meta.get('run_dir')} step {meta.get('step')}", "kind": sd.config.name,
+                "ema": bool(ema), "ema_available": True, "train": meta}
+    config = dataclasses.replace(sd.config, image_size=int(resolution)) if resolution else sd.config
+    write_converted(out_dir, config, params, metadata, overwrite=True)
+
+
+def export_run(run_dir: str, checkpoint: str | None, preset_name: str | None, *, ema: bool = True,
+               out_dir: str | None = None, log=print) -> str:
+    """Export the latest checkpoint of RUN_DIR (on demand) as a converted directory (default RUN_DIR/model)."""
+    if not os.path.isdir(run_dir):
+        raise UserError(f"--out {run_dir}: {'a file, ' if os.path.exists(run_dir) else ''}not a run directory")
+    run_dir = os.path.abspath(run_dir)
+    out_dir = out_dir or os.path.join(run_dir, "model")
+    preflight.check_model_dir(out_dir)
+    with Checkpoints(os.path.join(run_dir, "checkpoints"), lazy=True) as ck:
+        step = ck.latest_step()
+        if step is None:
+            raise UserError(f"no checkpoint in {ck.directory}")
+        meta = ck.read_meta(step)
+        sd = load_base(checkpoint, preset_name, int(meta["seed"]))
+        check_same_model(meta, sd.config.to_dict(), f"export {run_dir}")
+        optim, step_cfg = OptimConfig(**meta["optim"]), StepConfig(**meta["step_config"])
+        tree, _ = ck.restore(state_shapes(sd.config, optim, step_cfg, parallel.data_mesh()), step)
+    export_model(out_dir, sd, TrainState.from_dict(tree), step_cfg, ema=ema,
+                 meta={"run_dir": run_dir, "step": step}, resolution=meta.get("run", {}).get("resolution"))
+    log(f"wrote step {step} ({'ema' if ema else 'raw'} weights) to {out_dir}")
+    return out_dir

@@ -1,0 +1,45 @@
+"""Sample images during training (`--sample-every`): `check_sample_steps` refuses, before training, a step count the
+sampler would refuse later, and `save_samples` draws the fixed prompts with the EMA weights (DDIM) and writes them as
+RUN_DIR/samples/step<step>-<index>.png with prompt/seed/step metadata."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from ldm_jax.errors import UserError
+from ldm_jax.train.config import TrainConfig
+from ldm_jax.train.step import components
+
+
+def check_sample_steps(config, cfg: TrainConfig) -> None:
+    """Refuse, before training, a --sample-steps that the DDIM sampler of the samples would refuse at the first
+    --sample-every step (CompVis' time steps do not fit every count)."""
+    if not cfg.sample_every:
+        return
+    from ldm_jax.samplers import n_loop_steps
+
+    try:
+        n_loop_steps("ddim", config.schedule.n_steps, cfg.sample_steps)
+    except ValueError as e:
+        raise UserError(f"--sample-steps {cfg.sample_steps}: {e}") from None
+
+
+def save_samples(sd, frozen, state, cfg: TrainConfig, res: int, step: int, run_dir: str, mesh) -> None:
+    """Sample images at the fixed prompts with the EMA weights (one compiled program, reused across calls)."""
+    from ldm_jax.images import save_png
+    from ldm_jax.pipelines.generate import txt2img
+
+    sd.params.update({c: frozen[c] for c in ("vae", "text_encoder") if c in frozen})
+    sd.params.update(components(state.ema_params, cfg.step))
+    sd.cache[("params", id(mesh))] = sd.params  # already replicated on the mesh: no copy (see generate.py)
+    images = txt2img(sd, list(cfg.sample_prompts), steps=cfg.sample_steps, guidance_scale=cfg.sample_scale,
+                     height=res, width=res, seed=cfg.seed)
+    sd.cache.pop(("params", id(mesh)))  # the state is donated to the next step
+    if jax.process_index() == 0:
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+        for i, (img, prompt) in enumerate(zip(images, cfg.sample_prompts)):
+            save_png(os.path.join(run_dir, "samples", f"step{step:07d}-{i:02d}.png"), img,
+                     {"prompt": prompt, "seed": cfg.seed, "index": i, "step": step, "sampler": "ddim",
+                      "steps": cfg.sample_steps, "scale": cfg.sample_scale, "unet": "ema"})
