@@ -12,6 +12,15 @@ vae-ft-mse-840000-ema-pruned.safetensors) while the program compiles; its file n
 Compiled programs are kept in LDM_JAX_CACHE_DIR (default ~/.cache/ldm-jax/xla), so a new process with the same
 model, request shape and code skips tracing and compiling (LDM_JAX_NO_PROGRAM_CACHE=1 keeps JAX's compilation
 cache alone; LDM_JAX_NO_COMPILE_CACHE=1 turns both off).
+
+--from-file FILE (instead of --prompt, as CompVis' scripts/txt2img.py): one prompt a line, UTF-8 (a BOM, CRLF
+and blank lines are fine; spaces around a line are dropped). Every prompt gets --n images and all of them are one
+batch, compiled once (memory grows with prompts x --n as with --n alone: split a file that runs out). Image k of
+prompt p (both from 0, blank lines not counted) is image i = p * n + k of the run: seeded fold_in(seed, i), saved
+as OUT/<seed>-<i>-<its own prompt>.png with its own prompt in the PNG text, so `--prompt "THAT LINE" --seed SEED
+--n N` with N > i draws it again as its image i (bit for bit with N = prompts x n, the same batch size; another
+batch size may move a pixel value by 1 in rounding). The grid, OUT/<seed>-grid-<file name>.png, has a row per
+prompt (with --n 1: a square grid in file order) and all the prompts, one a line, in its PNG text.
 """
 
 from __future__ import annotations
@@ -36,9 +45,14 @@ def add_parser(sub, name, help_):
     p.add_argument("--vae", metavar="FILE", help="replace the model's autoencoder with a standalone CompVis-layout VAE "
                    "file (.safetensors/.ckpt, e.g. vae-ft-mse-840000-ema-pruned.safetensors; its name goes into the "
                    "PNG text)")
-    p.add_argument("--prompt", required=True, help="text prompt")
-    p.add_argument("--negative-prompt", default="", help="what to steer away from (default: none)")
-    p.add_argument("--n", type=int, default=1, help="number of images (default: 1)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="text prompt")
+    source.add_argument("--from-file", metavar="FILE", help="a UTF-8 text file of prompts, one a line (blank lines "
+                        "skipped), each given --n images in one batch: image k of prompt p is image p * n + k of "
+                        "the run (see above)")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from, for every prompt (default: "
+                   "none)")
+    p.add_argument("--n", type=int, default=1, help="number of images (of each prompt of --from-file) (default: 1)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50). DDIM and PLMS use "
                    "CompVis' time steps range(0, T, T // STEPS) + 1 (T = 1000 for SD 1.x and the bundled model): "
                    "a count that does not divide T runs a few more steps (30 runs 31) and counts whose last time "
@@ -89,6 +103,42 @@ def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:limit] or "image"
 
 
+PROMPT_FILE_MAX_BYTES = 16 * 2**20  # far beyond any batch that fits in memory; refuses a wrong (binary) file fast
+
+
+def read_prompt_file(path: str) -> list[tuple[int, str]]:
+    """--from-file: (line number, prompt) for every non-blank line, stripped. UTF-8 with or without a BOM; \\n, \\r\\n
+    or \\r line ends. A missing, unreadable, non-UTF-8 or prompt-less file is a UserError naming the file."""
+    if not os.path.exists(path):
+        raise UserError(f"--from-file {path}: no such file")
+    if os.path.isdir(path):
+        raise UserError(f"--from-file {path}: is a directory, not a text file of prompts")
+    with open(path, "rb") as f:
+        data = f.read(PROMPT_FILE_MAX_BYTES + 1)
+    if len(data) > PROMPT_FILE_MAX_BYTES:
+        raise UserError(f"--from-file {path}: over {PROMPT_FILE_MAX_BYTES // 2**20} MiB; expected a text file of "
+                        "prompts, one a line")
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # the UTF-8 byte order mark
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = len(re.findall(rb"\r\n|\r|\n", data[:e.start])) + 1
+        raise UserError(f"--from-file {path}: not UTF-8 text (line {line}: byte 0x{data[e.start]:02x}); save it as "
+                        "UTF-8") from None
+    lines = [(no, line.strip()) for no, line in enumerate(re.split(r"\r\n|\r|\n", text), 1)]
+    prompts = [(no, line) for no, line in lines if line]
+    if not prompts:
+        raise UserError(f"--from-file {path}: no prompt in it (one prompt a line; blank lines are skipped)")
+    return prompts
+
+
+def _prompt_lines(args) -> list[tuple[str, str]]:
+    """(what to call it in messages, prompt) for --prompt, or for each line of --from-file."""
+    if args.from_file is None:
+        return [("--prompt", args.prompt)]
+    return [(f"{args.from_file} line {no}", text) for no, text in read_prompt_file(args.from_file)]
+
+
 def check_out(out: str) -> None:
     """--out must be a directory that exists or can be created, and is writable: checked before anything is loaded
     or sampled (nothing is created here; the directory is made only when there are images to save)."""
@@ -101,13 +151,13 @@ def check_out(out: str) -> None:
     check_can_write_dir(out, f"--out {out}")
 
 
-def _warn_if_truncated(args, max_length: int) -> None:
+def _warn_if_truncated(args, labelled: list[tuple[str, str]], max_length: int) -> None:
     """CLIP reads max_length - 2 tokens of a prompt (between BOS and EOS); say what a longer one loses, as
     diffusers does, instead of dropping it silently."""
     from ldm_jax.tokenizer import ClipTokenizer
 
     tokenizer = ClipTokenizer(max_length)
-    for flag, text in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
+    for flag, text in [*labelled, ("--negative-prompt", args.negative_prompt)]:
         n = len(tokenizer.encode(text or ""))
         if n > max_length - 2:
             print(f"warning: {flag} is {n} tokens; the text encoder reads the first {max_length - 2}, the rest is "
@@ -139,7 +189,7 @@ def _read_mask(args, hw):
 
 
 @contextlib.contextmanager
-def _out_of_memory_as_one_line(args, request):
+def _out_of_memory_as_one_line(args, request, n_prompts: int = 1):
     """XLA's RESOURCE_EXHAUSTED while compiling or sampling (a huge init image or --height/--width, a large --n) ->
     one line naming the request and what to lower, not a traceback."""
     import jax
@@ -155,8 +205,10 @@ def _out_of_memory_as_one_line(args, request):
         else:
             size = f"{args.width or 'default'}x{args.height or 'default'}"
             hint = "lower --n or --height/--width"
+        if args.from_file is not None:  # all prompts x --n images are one batch
+            hint = hint.replace("lower --n", "use fewer prompts in --from-file, lower --n")
         detail = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"out of memory for {args.n} {size} image(s): {detail}; {hint}") from None
+        raise UserError(f"out of memory for {args.n * n_prompts} {size} image(s): {detail}; {hint}") from None
 
 
 # how the program was obtained (`program_cache.load_or_compile`), as a suffix of the timing lines
@@ -179,6 +231,9 @@ def run(args) -> int:
 
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
+    labelled = _prompt_lines(args)  # a bad --from-file fails here, before anything is loaded
+    texts = [text for _, text in labelled]
+    total = len(texts) * args.n  # image i = p * n + k is image k of prompt p: one batch, seeds fold_in(seed, i)
     check_steps(args.steps)  # fail before loading gigabytes; generate() checks again with the model's factor
     if args.mode == "txt2img":
         check_size(8 if args.height is None else args.height, 8 if args.width is None else args.width)
@@ -195,7 +250,7 @@ def run(args) -> int:
     multi = parallel.init_distributed(args.coordinator, args.num_processes, args.process_id,
                                       log=lambda m: print(m, flush=True))
     if multi:
-        _check_same_request(args)
+        _check_same_request(args, texts)
     import jax
 
     if args.dtype == "float16" and jax.default_backend() == "cpu":  # XLA: "F16_F16_F32 not supported on CPU"
@@ -218,7 +273,7 @@ def run(args) -> int:
             n_loop_steps(args.sampler, config.schedule.n_steps, args.steps)
         except ValueError as e:
             raise UserError(str(e)) from None
-    _warn_if_truncated(args, 77 if config is None else config.text.max_length)
+    _warn_if_truncated(args, labelled, 77 if config is None else config.text.max_length)
     kw = {}
     if args.mode != "txt2img":
         init = imio.read_image(args.init)
@@ -228,9 +283,9 @@ def run(args) -> int:
             kw.update(masks=_read_mask(args, init.shape[:2]))
     if args.mode == "txt2img":
         kw.update(height=args.height, width=args.width)  # None: the model's own size
-    request = dict(negative_prompts=[args.negative_prompt] * args.n, steps=args.steps, sampler=args.sampler,
+    request = dict(negative_prompts=[args.negative_prompt] * total, steps=args.steps, sampler=args.sampler,
                    guidance_scale=args.scale, eta=args.eta, seed=args.seed, **kw)
-    prompts = [args.prompt] * args.n
+    prompts = [text for text in texts for _ in range(args.n)]  # row i = p * n + k
     name = args.checkpoint or "the bundled model"
     t0 = time.perf_counter()
     if config is None:
@@ -243,7 +298,7 @@ def run(args) -> int:
     progress = "steps" if _step_bar(args, unet) else "elapsed"
     if config is not None:
         print(f"loading {name} while compiling the {args.mode} program ...", flush=True)
-        with _out_of_memory_as_one_line(args, request):
+        with _out_of_memory_as_one_line(args, request, len(texts)):
             sd, ahead = load_while_compiling(args.checkpoint, args.mode, prompts, dtype=args.dtype,
                                              progress=progress, load_kwargs={"progress": True, "vae": args.vae},
                                              **request)
@@ -251,10 +306,10 @@ def run(args) -> int:
               f"{_PROGRAM_SOURCE.get(ahead.extra.get('program_cache'), '')} "
               f"(both done after {time.perf_counter() - t0:.1f}s)", flush=True)
     timings = Timings()
-    with _out_of_memory_as_one_line(args, request):
+    with _out_of_memory_as_one_line(args, request, len(texts)):
         images = generate(sd, args.mode, prompts, progress=progress, timings=timings, **request)
     compile_s = timings.compile + (ahead.compile if ahead is not None else 0.0)
-    print(f"sampled {args.n} image(s) in {timings.run:.1f}s (compile {compile_s:.1f}s"
+    print(f"sampled {total} image(s) in {timings.run:.1f}s (compile {compile_s:.1f}s"
           f"{_PROGRAM_SOURCE.get(timings.extra.get('program_cache'), '')})", flush=True)
     os.makedirs(args.out, exist_ok=True)
     meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt or None, "seed": args.seed,
@@ -263,9 +318,9 @@ def run(args) -> int:
             "checkpoint": os.path.basename(os.path.normpath(args.checkpoint or DEFAULT_MODEL)),
             "vae": os.path.basename(args.vae) if args.vae else sd.metadata.get("vae"), "dtype": args.dtype,
             "generator": "ldm-jax"}
-    plan = parallel.plan_batch(args.n)
-    indices = [i for i in plan.local_indices if i < args.n]
-    for path in _save(args, meta, indices, images, multi):
+    plan = parallel.plan_batch(total)
+    indices = [i for i in plan.local_indices if i < total]
+    for path in _save(args, meta, prompts, indices, images, multi):
         print(f"saved {path}")
     return 0
 
@@ -275,29 +330,38 @@ _REQUEST_ARGS = ("mode", "prompt", "negative_prompt", "n", "seed", "steps", "sam
                  "width", "strength", "dtype")
 
 
-def _check_same_request(args) -> None:
+def _check_same_request(args, prompts: list[str]) -> None:
     """Multi-host: refuse (on every host) a run whose hosts were given different settings; each host would make
-    and save its share of a different request (images missing or twice)."""
+    and save its share of a different request (images missing or twice). --from-file: the prompts read, not the
+    path, are compared."""
     from ldm_jax import parallel
 
     flags = ", --".join(k.replace("_", "-") for k in _REQUEST_ARGS[1:])
-    parallel.check_same_everywhere({k: getattr(args, k, None) for k in _REQUEST_ARGS},
-                                   f"the flags among --{flags} must be the same on every host")
+    settings = {k: getattr(args, k, None) for k in _REQUEST_ARGS}
+    parallel.check_same_everywhere(dict(settings, prompts=prompts, from_file=args.from_file is not None),
+                                   f"the flags among --{flags} and the prompts of --from-file must be the same on "
+                                   "every host")
 
 
-def _save(args, meta: dict, indices, images, multi: bool) -> list[str]:
+def _save(args, meta: dict, prompts: list[str], indices, images, multi: bool) -> list[str]:
     """Save this process's images (and the grid) under names no earlier run has taken, one run number for all
-    the run's files (`images.save_new_pngs`); multi-host, process 0 picks it for every host."""
+    the run's files (`images.save_new_pngs`); multi-host, process 0 picks it for every host. `prompts`: every
+    image's own prompt (all the run's images); each file is named after, and its PNG text holds, its own."""
     from ldm_jax import images as imio
 
-    slug = _slug(args.prompt)
-    items = [(f"{args.seed}-{i:04d}-{slug}", image, dict(meta, index=int(i))) for i, image in zip(indices, images)]
-    if args.n > 1 and not multi:
-        items.append((f"{args.seed}-grid-{slug}", imio.grid(images), meta))
+    stem = lambda i: f"{args.seed}-{i:04d}-{_slug(prompts[i])}"  # noqa: E731
+    items = [(stem(i), image, dict(meta, prompt=prompts[i], index=int(i))) for i, image in zip(indices, images)]
+    if len(prompts) > 1 and not multi:
+        if args.from_file is None:
+            items.append((f"{args.seed}-grid-{_slug(args.prompt)}", imio.grid(images), dict(meta, prompt=args.prompt)))
+        else:  # a row per prompt (--n 1: a square grid in file order); its text: the prompts, one a line
+            name = _slug(os.path.splitext(os.path.basename(args.from_file))[0])
+            items.append((f"{args.seed}-grid-{name}", imio.grid(images, cols=args.n if args.n > 1 else None),
+                          dict(meta, prompt="\n".join(prompts[::args.n]))))
     run = 1
     if multi:  # every host starts from the run number that is free for all n names (on a shared --out)
         from ldm_jax import parallel
 
-        names = [f"{args.seed}-{i:04d}-{slug}" for i in range(args.n)]  # process 0 saves without waiting
+        names = [stem(i) for i in range(len(prompts))]  # process 0 saves without waiting
         run = int(parallel.from_process_0("output run number", lambda: str(imio.first_free_run(args.out, names))))
     return imio.save_new_pngs(args.out, items, run=run)
