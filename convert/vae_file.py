@@ -75,6 +75,11 @@ def vae_prefix(path: str, state_dict: Mapping[str, object]) -> str:
         return FULL_PREFIX
     if any(_COMPVIS.match(k) for k in state_dict):
         return ""
+    from convert.file_kinds import describe
+
+    kind = describe(state_dict)  # a LoRA, an embedding, a diffusers U-Net, ...: say which
+    if kind is not None:
+        raise CheckpointError(_where(path, f"has no autoencoder tensors: {kind.split(';')[0]}"))
     example = next(iter(state_dict), None)
     found = f"e.g. {example}" if example else "no tensors at all"
     raise CheckpointError(_where(path, f"has no autoencoder tensors ({found}); expected {EXPECTED_LAYOUT}"))

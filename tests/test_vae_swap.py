@@ -158,6 +158,16 @@ def test_a_diffusers_layout_vae_is_refused_in_one_line(files, tmp_path):
     assert str(path) in message
 
 
+def test_a_lora_given_as_the_vae_is_named(files, tmp_path):
+    path = tmp_path / "style.safetensors"
+    write_safetensors(path, {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight":
+                             np.zeros((4, 32, 1, 1), np.float32)})
+    with pytest.raises(CheckpointError, match=r"style.safetensors: has no autoencoder tensors: this file is a LoRA "
+                                              r"\(lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight\), "
+                                              r"not a full checkpoint$"):
+        ldm_jax.load(files["model"], vae=path)
+
+
 def test_a_vae_of_other_shapes_is_refused_naming_the_tensor(files, tmp_path):
     wide = configs.tiny()
     wide = type(wide)(**{**wide.__dict__, "vae": type(wide.vae)(channels=64, channel_multipliers=(1, 2),
