@@ -31,6 +31,8 @@ SINGLE_FILE = ("ldm-jax reads CompVis single-file checkpoints (model.diffusion_m
 
 _LORA = re.compile(r"^lora_(unet|te\d?)_|[._](lora_[AB]|lora_embedding_[AB]|lora_down|lora_up|lora_mid|"
                    r"lora_linear_layer|lora)\.")
+_KOHYA = re.compile(r"^lora_(unet|te)_.*\.(lora_down|lora_up)\.weight$")  # what `convert.lora` merges
+_OTHER_LORA = re.compile(r"^lora_te\d_|\.(hada_|lokr_|lora_mid|dora_scale)|[._](lora_[AB]|lora_linear_layer|lora)\.")
 _CONTROLNET = re.compile(r"^control_model\.|^(control_model\.)?(input_hint_block|zero_convs|middle_block_out)\.|"
                          r"^controlnet_(cond_embedding|down_blocks|mid_block)\.")
 _VAE = re.compile(r"^(first_stage_model\.)?((encoder|decoder)\.(conv_in|down|up|mid|norm_out|conv_out)\.|"
@@ -74,8 +76,11 @@ def describe(sd: Mapping[str, object]) -> str | None:
         return None
     lora = _first(keys, _LORA)
     if lora is not None:
-        return (f"this file is a LoRA ({lora}), not a full checkpoint; LoRA/LyCORIS files are not supported yet: "
-                f"{BASE}")
+        kohya = _KOHYA.search(lora) and not any(_OTHER_LORA.search(k) for k in keys)
+        note = "" if kohya else (" (kohya-ss SD 1.x LoRA/LoCon files only: LyCORIS LoHa/LoKr, SDXL and "
+                                 "diffusers/PEFT-format LoRAs are not supported yet)")
+        return (f"this file is a LoRA ({lora}), not a full checkpoint; pass it with --lora FILE[:SCALE] (or "
+                f"ldm_jax.load(..., loras=)) next to a full Stable Diffusion checkpoint{note}")
     if _is_embedding(sd):
         return (f"this file is a textual-inversion embedding ({', '.join(keys[:2])}), not a checkpoint; embeddings "
                 f"are not supported yet: {BASE}")

@@ -59,7 +59,7 @@ def load_state_dict_model(state_dict, *, config: ModelConfig | None = None, ema:
 def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, param_dtype="float32", dtype="float32",
          config: ModelConfig | None = None, attention_impl: str = "auto", allow_unexpected: bool = False,
          allow_nonfinite: bool = False, progress: bool = False,
-         vae: str | os.PathLike | None = None) -> StableDiffusion:
+         vae: str | os.PathLike | None = None, loras=None) -> StableDiffusion:
     """Load Stable Diffusion weights.
 
     path: a CompVis `.ckpt` / `.safetensors` file, or a directory written by `ldm-jax convert`; None: the small
@@ -71,6 +71,8 @@ def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, para
     vae: a standalone CompVis-layout autoencoder file (.safetensors / .ckpt, e.g.
         `vae-ft-mse-840000-ema-pruned.safetensors`, or a full SD checkpoint's first_stage_model.*) whose weights
         replace the model's `vae` (`convert.vae_file`); its base name is recorded in `metadata["vae"]`.
+    loras: kohya-ss LoRA files to merge into the weights, [(path, scale), ...] (a bare path: scale 1.0), in order:
+        W += scale * alpha / rank * up @ down for each module (`convert.lora`); recorded in `metadata["loras"]`.
     """
     as_dtype(param_dtype), as_dtype(dtype)  # a bad name fails here, before gigabytes are read
     if path is None:
@@ -82,6 +84,13 @@ def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, para
         from convert.vae_file import check_vae_file, swap_vae  # fails before gigabytes are read
 
         check_vae_file(vae, config or _declared_config(path))
+    if loras:  # a missing file, not a kohya LoRA, or (config declared) a module the model lacks: before loading
+        from convert.lora import check_lora_file, normalise_loras
+
+        loras = normalise_loras(loras)
+        declared = config or _declared_config(path)
+        for lora, _ in loras:
+            check_lora_file(lora, declared)
     if os.path.isdir(path):
         from convert.orbax_io import read_converted
 
@@ -90,9 +99,13 @@ def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, para
         sd = _load_file(path, ema=ema, param_dtype=param_dtype, dtype=dtype, config=config,
                         attention_impl=attention_impl, allow_unexpected=allow_unexpected,
                         allow_nonfinite=allow_nonfinite, progress=progress)
-    if vae is None:
-        return sd
-    return swap_vae(sd, vae, allow_unexpected=allow_unexpected, allow_nonfinite=allow_nonfinite)
+    if vae is not None:
+        sd = swap_vae(sd, vae, allow_unexpected=allow_unexpected, allow_nonfinite=allow_nonfinite)
+    if loras:
+        from convert.lora import apply_loras
+
+        sd = apply_loras(sd, loras)
+    return sd
 
 
 def _declared_config(path: str) -> ModelConfig | None:

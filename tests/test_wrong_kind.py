@@ -79,7 +79,7 @@ CONTROLNET_DIFFUSERS = {
 }
 
 LORA = "is a LoRA"
-LORA_TAIL = "LoRA/LyCORIS files are not supported yet: pass the base Stable Diffusion checkpoint"
+LORA_TAIL = "pass it with --lora FILE[:SCALE] (or ldm_jax.load(..., loras=)) next to a full Stable Diffusion checkpoint"
 EMBEDDING = "is a textual-inversion embedding"
 EMB_TAIL = "embeddings are not supported yet: pass the base Stable Diffusion checkpoint"
 SINGLE = "ldm-jax reads CompVis single-file checkpoints"

@@ -9,6 +9,7 @@ for loading, compiling, and sampling: every step (--step-progress) or the elapse
 LDM_JAX_COORDINATOR, LDM_JAX_NUM_PROCESSES and LDM_JAX_PROCESS_ID (or --coordinator/--num-processes/--process-id);
 each host saves its own share. --vae FILE swaps in a fine-tuned autoencoder (CompVis layout, e.g.
 vae-ft-mse-840000-ema-pruned.safetensors) while the program compiles; its file name goes into the PNG text.
+--lora FILE[:SCALE] (repeatable) merges a kohya-ss LoRA/LoCon into the weights (scale default 1.0), likewise.
 Compiled programs are kept in LDM_JAX_CACHE_DIR (default ~/.cache/ldm-jax/xla), so a new process with the same
 model, request shape and code skips tracing and compiling (LDM_JAX_NO_PROGRAM_CACHE=1 keeps JAX's compilation
 cache alone; LDM_JAX_NO_COMPILE_CACHE=1 turns both off).
@@ -45,6 +46,11 @@ def add_parser(sub, name, help_):
     p.add_argument("--vae", metavar="FILE", help="replace the model's autoencoder with a standalone CompVis-layout VAE "
                    "file (.safetensors/.ckpt, e.g. vae-ft-mse-840000-ema-pruned.safetensors; its name goes into the "
                    "PNG text)")
+    from convert.lora import lora_arg  # numpy: imported when the parser is built, not by `import ldm_jax.cli`
+
+    p.add_argument("--lora", metavar="FILE[:SCALE]", action="append", type=lora_arg, help="merge a kohya-ss "
+                   "LoRA/LoCon file (lora_unet_*/lora_te_*) into the weights with SCALE (default 1.0); repeatable; "
+                   "the files and scales go into the PNG text")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="text prompt")
     source.add_argument("--from-file", metavar="FILE", help="a UTF-8 text file of prompts, one a line (blank lines "
@@ -267,6 +273,10 @@ def run(args) -> int:
         from convert.vae_file import check_vae_file
 
         check_vae_file(args.vae, config)
+    from convert.lora import check_lora_file, describe_loras
+
+    for lora, _ in args.lora or []:  # likewise a LoRA that is missing, not kohya's, or (config known) misfits
+        check_lora_file(lora, config)
     if config is not None:  # the sampler's time-step table (DDIM/PLMS cannot do 3 steps of T=1000), before loading
         check_mode(config, args.mode)
         try:
@@ -290,7 +300,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     if config is None:
         print(f"loading {name} ...", flush=True)
-        sd = ldm_jax.load(args.checkpoint, dtype=args.dtype, progress=True, vae=args.vae)
+        sd = ldm_jax.load(args.checkpoint, dtype=args.dtype, progress=True, vae=args.vae, loras=args.lora)
         ahead = None
         print(f"loaded {sd.config.name} in {time.perf_counter() - t0:.1f}s", flush=True)
     # the loaded weights, else the shapes the warm start compiles against (cached per config: no extra work)
@@ -300,7 +310,8 @@ def run(args) -> int:
         print(f"loading {name} while compiling the {args.mode} program ...", flush=True)
         with _out_of_memory_as_one_line(args, request, len(texts)):
             sd, ahead = load_while_compiling(args.checkpoint, args.mode, prompts, dtype=args.dtype,
-                                             progress=progress, load_kwargs={"progress": True, "vae": args.vae},
+                                             progress=progress, load_kwargs={"progress": True, "vae": args.vae,
+                                                                         "loras": args.lora},
                                              **request)
         print(f"loaded {sd.config.name} in {ahead.extra['load_s']:.1f}s; program ready in {ahead.compile:.1f}s"
               f"{_PROGRAM_SOURCE.get(ahead.extra.get('program_cache'), '')} "
@@ -317,7 +328,7 @@ def run(args) -> int:
             "mode": args.mode, "strength": getattr(args, "strength", None),
             "checkpoint": os.path.basename(os.path.normpath(args.checkpoint or DEFAULT_MODEL)),
             "vae": os.path.basename(args.vae) if args.vae else sd.metadata.get("vae"), "dtype": args.dtype,
-            "generator": "ldm-jax"}
+            "loras": describe_loras(args.lora or []), "generator": "ldm-jax"}
     plan = parallel.plan_batch(total)
     indices = [i for i in plan.local_indices if i < total]
     for path in _save(args, meta, prompts, indices, images, multi):

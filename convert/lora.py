@@ -1,0 +1,259 @@
+"""kohya-ss LoRA files (the common SD 1.x LoRA format, as on civitai): merge them into a model's weights.
+
+A kohya file holds, for each adapted module, `<name>.lora_down.weight` [rank, in(, kh, kw)],
+`<name>.lora_up.weight` [out, rank(, 1, 1)] and optionally `<name>.alpha` (a scalar; absent: alpha = rank). The
+merge is kohya's own: W' = W + scale * (alpha / rank) * (up @ down), for a conv weight with up and down flattened
+to matrices and the product reshaped to W's [out, in, kh, kw] (1x1 convs and LoCon's 3x3 convs, whose up is 1x1).
+
+Names: `lora_unet_` + the diffusers UNet2DConditionModel module path, `lora_te_` + the transformers
+CLIPTextModel module path, dots as underscores. The diffusers U-Net names are generated here from the model's
+config and sent to CompVis names (`diffusers_unet_modules`); tests/test_lora.py proves every module against
+diffusers' own single-file conversion. Anything else is refused in one line naming the key: SDXL
+(`lora_te1_`/`lora_te2_`), LyCORIS LoHa/LoKr/Tucker/DoRA, diffusers/PEFT-format LoRAs, modules this model lacks
+and shapes that do not fit it. No torch; files are read by `convert.readers` (memory-mapped, no code runs).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+
+import numpy as np
+
+from convert.errors import CheckpointError
+from convert.keys import PREFIXES, key_table, to_flax_layout
+from convert.readers import read_state_dict
+
+COMPONENT_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
+_KEY = re.compile(r"^(lora_(?:unet|te)_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_LYCORIS = re.compile(r"\.(hada_|lokr_|lora_mid|dora_scale|diff|w_norm|b_norm|on_input)")
+
+
+def _where(path: str, message: str) -> str:
+    message = message[len(path) + 2:] if message.startswith(f"{path}: ") else message
+    return f"LoRA file {path}: {message}"
+
+
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """--lora FILE[:SCALE] -> (FILE, SCALE); the scale defaults to 1.0. A ValueError (for argparse) on a bad one."""
+    path, sep, tail = text.rpartition(":")
+    if not sep or not re.fullmatch(r"\s*[-+0-9.eE]+\s*", tail):
+        return text, 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        raise ValueError(f"{text!r}: the scale after ':' must be a number (FILE[:SCALE])") from None
+    if not math.isfinite(scale) or not path:
+        raise ValueError(f"{text!r}: expected FILE[:SCALE] with a finite scale")
+    return path, scale
+
+
+def lora_arg(text: str) -> tuple[str, float]:
+    """argparse `type=` of --lora: parse_lora_arg, its error as argparse's one line."""
+    import argparse
+
+    try:
+        return parse_lora_arg(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def diffusers_unet_modules(unet) -> dict[str, str]:
+    """{diffusers UNet2DConditionModel module path: CompVis U-Net module path} for every module a kohya LoRA
+    (LoCon included) can adapt, from the UNetConfig `unet`. conv_shortcut is listed for every resnet (filtered by
+    `module_table` where the model has no skip connection)."""
+    n, levels = unet.n_res_blocks, len(unet.channel_multipliers)
+    out = {"conv_in": "input_blocks.0.0", "conv_out": "out.2",
+           "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2"}
+
+    def resnet(d, c):
+        out.update({f"{d}.conv1": f"{c}.in_layers.2", f"{d}.conv2": f"{c}.out_layers.3",
+                    f"{d}.time_emb_proj": f"{c}.emb_layers.1", f"{d}.conv_shortcut": f"{c}.skip_connection"})
+
+    def attention(d, c):
+        for m in ("proj_in", "proj_out"):
+            out[f"{d}.{m}"] = f"{c}.{m}"
+        for t in range(unet.tf_layers):
+            for m in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                      "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"):
+                out[f"{d}.transformer_blocks.{t}.{m}"] = f"{c}.transformer_blocks.{t}.{m}"
+
+    for i in range(levels):
+        for j in range(n):
+            k = i * (n + 1) + j + 1
+            resnet(f"down_blocks.{i}.resnets.{j}", f"input_blocks.{k}.0")
+            if i in unet.attention_levels:
+                attention(f"down_blocks.{i}.attentions.{j}", f"input_blocks.{k}.1")
+        if i < levels - 1:
+            out[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{(i + 1) * (n + 1)}.0.op"
+    resnet("mid_block.resnets.0", "middle_block.0")
+    attention("mid_block.attentions.0", "middle_block.1")
+    resnet("mid_block.resnets.1", "middle_block.2")
+    for u in range(levels):  # up_blocks.u is level levels-1-u, n+1 resnets each
+        attn = levels - 1 - u in unet.attention_levels
+        for j in range(n + 1):
+            k = u * (n + 1) + j
+            resnet(f"up_blocks.{u}.resnets.{j}", f"output_blocks.{k}.0")
+            if attn:
+                attention(f"up_blocks.{u}.attentions.{j}", f"output_blocks.{k}.1")
+        if u < levels - 1:
+            out[f"up_blocks.{u}.upsamplers.0.conv"] = f"output_blocks.{u * (n + 1) + n}.{2 if attn else 1}.conv"
+    return out
+
+
+def clip_modules(text) -> dict[str, str]:
+    """{transformers CLIPTextModel module path: CompVis path under cond_stage_model.transformer.} (the same)."""
+    names = [f"text_model.encoder.layers.{i}.{m}" for i in range(text.num_layers)
+             for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                       "mlp.fc1", "mlp.fc2")]
+    return {name: name for name in names}
+
+
+def module_table(config) -> dict[str, object]:
+    """{kohya module name (lora_unet_..., lora_te_...): the key-table Entry of the weight it adapts}."""
+    from ldm_jax.models.build import abstract_params
+
+    shapes = abstract_params(config)
+    table = {}
+    for prefix, component, modules, base in (
+            ("lora_unet_", "unet", diffusers_unet_modules(config.unet), PREFIXES["unet"]),
+            ("lora_te_", "text_encoder", clip_modules(config.text), "cond_stage_model.transformer.")):
+        entries = {e.key: e for e in key_table(component, shapes[component])}
+        for diffusers, compvis in modules.items():
+            entry = entries.get(f"{base}{compvis}.weight")
+            if entry is not None:
+                table[prefix + diffusers.replace(".", "_")] = entry
+    return table
+
+
+def read_lora(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+    """{kohya module name: {"down", "up"(, "alpha")}} of a kohya LoRA file; anything else is one line naming it."""
+    path = os.fspath(path)
+    if not path:
+        raise CheckpointError("the LoRA file path is empty")
+    if not os.path.exists(path):
+        raise CheckpointError(_where(path, "no such file"))
+    if os.path.isdir(path):
+        raise CheckpointError(_where(path, "is a directory, expected a kohya-ss LoRA .safetensors file"))
+    try:
+        state_dict = read_state_dict(path)
+    except CheckpointError as e:
+        raise CheckpointError(_where(path, str(e))) from None
+    if not any(k.startswith(("lora_unet_", "lora_te")) for k in state_dict):
+        from convert.file_kinds import describe
+
+        kind = describe(state_dict)
+        what = kind.split(";")[0] if kind else f"e.g. {next(iter(state_dict), 'no tensors at all')}"
+        raise CheckpointError(_where(path, f"is not a kohya-ss LoRA (lora_unet_*/lora_te_* keys): {what}"))
+    modules: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in state_dict.items():
+        m = _KEY.match(key)
+        if key.startswith(("lora_te1_", "lora_te2_")):
+            raise CheckpointError(_where(path, f"{key}: an SDXL LoRA (two text encoders); this model is SD 1.x"))
+        if _LYCORIS.search(key):
+            raise CheckpointError(_where(path, f"{key}: a LyCORIS (LoHa/LoKr/Tucker/DoRA) tensor; only plain "
+                                               "kohya-ss LoRA/LoCon (lora_down, lora_up, alpha) is supported"))
+        if m is None:
+            raise CheckpointError(_where(path, f"{key}: not a kohya-ss LoRA tensor (expected lora_unet_*/lora_te_* "
+                                               "MODULE.lora_down.weight, .lora_up.weight or .alpha)"))
+        part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m.group(2)]
+        modules.setdefault(m.group(1), {})[part] = value
+    for name, parts in modules.items():
+        for need in ("down", "up"):
+            if need not in parts:
+                raise CheckpointError(_where(path, f"{name}: has no .lora_{need}.weight"))
+    return modules
+
+
+def _matrices(path, name, parts, entry):
+    """(up [out, rank], down [rank, in*kh*kw], alpha) checked against the model's weight `entry`."""
+    down, up = parts["down"], parts["up"]
+    target = entry.compvis_shape  # [out, in] or [out, in, kh, kw]
+    rank = down.shape[0] if down.ndim else 0
+    trail = target[2:] if len(target) == 4 else ()
+    ok_trail = {trail, ()} if trail in ((), (1, 1)) else {trail}  # a 1x1 conv may come as a Linear, as in kohya
+    fits = (down.ndim in (2, 4) and rank > 0 and down.shape[1] == target[1] and tuple(down.shape[2:]) in ok_trail
+            and up.ndim in (2, 4) and up.shape[:2] == (target[0], rank) and all(s == 1 for s in up.shape[2:]))
+    if not fits:
+        raise CheckpointError(_where(path, f"{name}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} do "
+                                           f"not fit the model's {entry.key} {target}"))
+    alpha = np.asarray(parts.get("alpha", rank), np.float64)
+    if alpha.size != 1 or not math.isfinite(float(alpha.reshape(-1)[0])):
+        raise CheckpointError(_where(path, f"{name}.alpha: expected one finite number"))
+    alpha = float(alpha.reshape(-1)[0])
+    up2 = np.asarray(up, np.float32).reshape(target[0], rank)
+    down2 = np.asarray(down, np.float32).reshape(rank, -1)
+    return up2, down2, alpha
+
+
+def check_lora_file(path: str | os.PathLike, config=None, table=None) -> dict:
+    """Fail early (before a model is loaded or compiled) on a LoRA file that is missing, not a kohya-ss LoRA, or
+    (when the model's `config` is known) names a module the model lacks or does not fit its shapes. Reads the
+    file's index and the small LoRA matrices only. Returns the parsed modules."""
+    path = os.fspath(path)
+    modules = read_lora(path)
+    if config is None and table is None:
+        return modules
+    table = module_table(config) if table is None else table
+    for name, parts in modules.items():
+        entry = table.get(name)
+        if entry is None:
+            raise CheckpointError(_where(path, f"{name}: no such module in this model (expected kohya-ss SD 1.x "
+                                               "names: lora_unet_<diffusers U-Net module>, lora_te_text_model_*)"))
+        _matrices(path, name, parts, entry)
+    return modules
+
+
+def lora_deltas(loras, config) -> dict[tuple[str, tuple[str, ...]], np.ndarray]:
+    """{(component, Flax path): the summed fp32 update in the Flax layout} of the (path, scale) pairs `loras`."""
+    table = module_table(config)
+    deltas: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}
+    for path, scale in loras:
+        path = os.fspath(path)
+        for name, parts in check_lora_file(path, table=table).items():
+            entry = table[name]
+            up, down, alpha = _matrices(path, name, parts, entry)
+            delta = (np.float32(scale * alpha / up.shape[1]) * (up @ down)).reshape(entry.compvis_shape)
+            where = (entry.component, entry.flax_path)
+            delta = to_flax_layout(entry, delta)
+            deltas[where] = deltas[where] + delta if where in deltas else delta
+    return deltas
+
+
+def _replace(tree: Mapping, path: tuple[str, ...], value):
+    """A copy of the nested dict `tree` with `path` set to `value` (only the dicts on the path are copied)."""
+    return {**tree, path[0]: value if len(path) == 1 else _replace(tree[path[0]], path[1:], value)}
+
+
+def normalise_loras(loras) -> list[tuple[str, float]]:
+    """(path, scale) pairs from (path, scale) pairs or bare paths (scale 1.0)."""
+    out = []
+    for item in loras:
+        path, scale = (item, 1.0) if isinstance(item, (str, os.PathLike)) else item
+        out.append((os.fspath(path), float(scale)))
+    return out
+
+
+def apply_loras(sd, loras):
+    """A copy of the StableDiffusion `sd` with each kohya LoRA (path, scale) of `loras` merged into its weights
+    (in fp32, stored in the dtype of each weight); `metadata["loras"]`: [{"name": base name, "scale": scale}].
+    Weights no LoRA adapts are shared, not copied."""
+    import jax
+
+    loras = normalise_loras(loras)
+    params = sd.params
+    for (component, flax_path), delta in lora_deltas(loras, sd.config).items():
+        node = params[component]
+        for seg in flax_path:
+            node = node[seg]
+        merged = (np.asarray(node, np.float32) + delta).astype(node.dtype)
+        params = _replace(params, (component,) + flax_path, jax.device_put(merged))
+    names = [{"name": os.path.basename(p), "scale": s} for p, s in loras]
+    return sd.replace(params=params, metadata={**sd.metadata, "loras": names})
+
+
+def describe_loras(loras) -> str | None:
+    """PNG text: "name.safetensors:0.8, other.safetensors:1.0" (None without LoRAs)."""
+    return ", ".join(f"{os.path.basename(p)}:{s:g}" for p, s in normalise_loras(loras)) or None
