@@ -40,6 +40,8 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     """--lora FILE[:SCALE] -> (FILE, SCALE); the scale defaults to 1.0. A ValueError (for argparse) on a bad one."""
     path, sep, tail = text.rpartition(":")
     if not sep or not re.fullmatch(r"\s*[-+0-9.eE]+\s*", tail):
+        if sep and path and os.path.isfile(path) and not os.path.exists(text):  # FILE:typo, not a path with ':'
+            raise ValueError(f"{text!r}: the scale after ':' must be a number (FILE[:SCALE])")
         return text, 1.0
     try:
         scale = float(tail)

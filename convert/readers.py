@@ -55,6 +55,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         use_ckpt = False
     else:
         use_ckpt = extension in CKPT_EXTENSIONS or (extension not in SAFETENSORS_EXTENSIONS and head[:1] == b"\x80")
+        if not use_ckpt and extension not in SAFETENSORS_EXTENSIONS:  # a text file, an image, ...: say so plainly
+            raise CheckpointError(f"{path}: not a checkpoint file (by its first bytes neither a safetensors file nor a "
+                                  "torch zip archive or pickle)")
     if not use_ckpt:
         tensors, _metadata = read_safetensors(path)
         return tensors

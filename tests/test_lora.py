@@ -209,7 +209,11 @@ def test_bad_loras_are_refused_in_one_line_naming_the_key(files, tmp_path, tenso
     assert needle in str(e.value) and "\n" not in str(e.value) and f"LoRA file {path}: " in str(e.value)
 
 
-def test_parse_lora_arg():
+def test_parse_lora_arg(tmp_path):
+    existing = tmp_path / "style.safetensors"
+    existing.write_bytes(b"")
+    with pytest.raises(ValueError, match="the scale after ':' must be a number"):  # FILE:typo, not "no such file"
+        parse_lora_arg(f"{existing}:abc")
     assert parse_lora_arg("a.safetensors") == ("a.safetensors", 1.0)
     assert parse_lora_arg("dir/a.safetensors:0.6") == ("dir/a.safetensors", 0.6)
     assert parse_lora_arg("a.safetensors:-1e-1") == ("a.safetensors", -0.1)

@@ -317,6 +317,9 @@ def test_read_state_dict_dispatch_and_file_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x01" * 20)
     with pytest.raises(CheckpointError, match="header size .* exceeds"):
         read_state_dict(tmp_path / "junk.safetensors")
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")  # it was read as a safetensors header
+    with pytest.raises(CheckpointError, match=r"prompts.txt: not a checkpoint file \(by its first bytes neither"):
+        read_state_dict(tmp_path / "prompts.txt")
     (tmp_path / "junk.ckpt").write_bytes(b"\x01" * 20)
     with pytest.raises(CheckpointError, match="neither a zip archive nor a pickle"):
         read_state_dict(tmp_path / "junk.ckpt")
