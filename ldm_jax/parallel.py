@@ -97,7 +97,11 @@ def check_same_everywhere(settings: dict, hint: str) -> None:
     mine = json.dumps(settings, sort_keys=True, default=repr)
     digests = share("settings", hashlib.sha256(mine.encode()).hexdigest(), timeout_s=600)
     differ = [str(i) for i, d in enumerate(digests) if d != digests[0]]
-    if differ:
+    if differ:  # every process takes this path: wait until all have read every digest, since the CLI then leaves
+        try:  # with os._exit, and process 0's exit takes the coordination service down under a slower reader
+            wait_for_all_processes("settings compared", timeout_s=60)
+        except UserError:
+            pass  # one is gone already: the refusal below is still the message
         raise UserError(f"process(es) {', '.join(differ)} were started with other settings than process 0 ({hint})")
 
 
