@@ -86,7 +86,14 @@ def share(name: str, value: str, timeout_s: int = 900) -> list[str]:
         return [value]
     client, key = _client(), f"ldm-jax/{name}/{next(_keys)}"
     client.key_value_set(f"{key}/{jax.process_index()}", value)
-    return [_get(client, f"{key}/{p}", p, name, timeout_s) for p in range(jax.process_count())]
+    values = [_get(client, f"{key}/{p}", p, name, timeout_s) for p in range(jax.process_count())]
+    # no process leaves before all have read every value: a check that fails on every process alike ends the CLI
+    # with os._exit, and process 0's exit takes the coordination service down under a slower reader
+    try:
+        wait_for_all_processes(f"{name} read", timeout_s=60)  # all values are set: everyone is a moment away
+    except UserError:
+        pass  # one is gone since it set its value: what it shared is still the answer
+    return values
 
 
 def check_same_everywhere(settings: dict, hint: str) -> None:
@@ -97,11 +104,7 @@ def check_same_everywhere(settings: dict, hint: str) -> None:
     mine = json.dumps(settings, sort_keys=True, default=repr)
     digests = share("settings", hashlib.sha256(mine.encode()).hexdigest(), timeout_s=600)
     differ = [str(i) for i, d in enumerate(digests) if d != digests[0]]
-    if differ:  # every process takes this path: wait until all have read every digest, since the CLI then leaves
-        try:  # with os._exit, and process 0's exit takes the coordination service down under a slower reader
-            wait_for_all_processes("settings compared", timeout_s=60)
-        except UserError:
-            pass  # one is gone already: the refusal below is still the message
+    if differ:
         raise UserError(f"process(es) {', '.join(differ)} were started with other settings than process 0 ({hint})")
 
 
