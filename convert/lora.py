@@ -24,7 +24,8 @@ import numpy as np
 
 from convert.errors import CheckpointError
 from convert.keys import PREFIXES, key_table, to_flax_layout
-from convert.readers import read_state_dict
+from convert.mapping import leaf_at
+from convert.readers import labelled, read_labelled
 
 COMPONENT_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
 _KEY = re.compile(r"^(lora_(?:unet|te)_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
@@ -32,8 +33,7 @@ _LYCORIS = re.compile(r"\.(hada_|lokr_|lora_mid|dora_scale|diff|w_norm|b_norm|on
 
 
 def _where(path: str, message: str) -> str:
-    message = message[len(path) + 2:] if message.startswith(f"{path}: ") else message
-    return f"LoRA file {path}: {message}"
+    return labelled("LoRA file", path, message)
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
@@ -133,16 +133,7 @@ def module_table(config) -> dict[str, object]:
 def read_lora(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
     """{kohya module name: {"down", "up"(, "alpha")}} of a kohya LoRA file; anything else is one line naming it."""
     path = os.fspath(path)
-    if not path:
-        raise CheckpointError("the LoRA file path is empty")
-    if not os.path.exists(path):
-        raise CheckpointError(_where(path, "no such file"))
-    if os.path.isdir(path):
-        raise CheckpointError(_where(path, "is a directory, expected a kohya-ss LoRA .safetensors file"))
-    try:
-        state_dict = read_state_dict(path)
-    except CheckpointError as e:
-        raise CheckpointError(_where(path, str(e))) from None
+    state_dict = read_labelled(path, "LoRA file", "a kohya-ss LoRA .safetensors file")
     if not any(k.startswith(("lora_unet_", "lora_te")) for k in state_dict):
         from convert.file_kinds import describe
 
@@ -169,8 +160,9 @@ def read_lora(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
     return modules
 
 
-def _matrices(path, name, parts, entry):
-    """(up [out, rank], down [rank, in*kh*kw], alpha) checked against the model's weight `entry`."""
+def _fit(path, name, parts, entry) -> tuple[int, float]:
+    """(rank, alpha) of one module's LoRA, its shapes checked against the model's weight `entry` (shapes and the
+    scalar alpha only: the matrices are not read)."""
     down, up = parts["down"], parts["up"]
     target = entry.compvis_shape  # [out, in] or [out, in, kh, kw]
     rank = down.shape[0] if down.ndim else 0
@@ -184,16 +176,13 @@ def _matrices(path, name, parts, entry):
     alpha = np.asarray(parts.get("alpha", rank), np.float64)
     if alpha.size != 1 or not math.isfinite(float(alpha.reshape(-1)[0])):
         raise CheckpointError(_where(path, f"{name}.alpha: expected one finite number"))
-    alpha = float(alpha.reshape(-1)[0])
-    up2 = np.asarray(up, np.float32).reshape(target[0], rank)
-    down2 = np.asarray(down, np.float32).reshape(rank, -1)
-    return up2, down2, alpha
+    return rank, float(alpha.reshape(-1)[0])
 
 
 def check_lora_file(path: str | os.PathLike, config=None, table=None) -> dict:
     """Fail early (before a model is loaded or compiled) on a LoRA file that is missing, not a kohya-ss LoRA, or
     (when the model's `config` is known) names a module the model lacks or does not fit its shapes. Reads the
-    file's index and the small LoRA matrices only. Returns the parsed modules."""
+    file's index (shapes) and the alphas only. Returns the parsed modules."""
     path = os.fspath(path)
     modules = read_lora(path)
     if config is None and table is None:
@@ -204,7 +193,7 @@ def check_lora_file(path: str | os.PathLike, config=None, table=None) -> dict:
         if entry is None:
             raise CheckpointError(_where(path, f"{name}: no such module in this model (expected kohya-ss SD 1.x "
                                                "names: lora_unet_<diffusers U-Net module>, lora_te_text_model_*)"))
-        _matrices(path, name, parts, entry)
+        _fit(path, name, parts, entry)
     return modules
 
 
@@ -216,8 +205,10 @@ def lora_deltas(loras, config) -> dict[tuple[str, tuple[str, ...]], np.ndarray]:
         path = os.fspath(path)
         for name, parts in check_lora_file(path, table=table).items():
             entry = table[name]
-            up, down, alpha = _matrices(path, name, parts, entry)
-            delta = (np.float32(scale * alpha / up.shape[1]) * (up @ down)).reshape(entry.compvis_shape)
+            rank, alpha = _fit(path, name, parts, entry)
+            up = np.asarray(parts["up"], np.float32).reshape(entry.compvis_shape[0], rank)  # [out, rank]
+            down = np.asarray(parts["down"], np.float32).reshape(rank, -1)  # [rank, in*kh*kw]
+            delta = (np.float32(scale * alpha / rank) * (up @ down)).reshape(entry.compvis_shape)
             where = (entry.component, entry.flax_path)
             delta = to_flax_layout(entry, delta)
             deltas[where] = deltas[where] + delta if where in deltas else delta
@@ -247,9 +238,7 @@ def apply_loras(sd, loras):
     loras = normalise_loras(loras)
     params = sd.params
     for (component, flax_path), delta in lora_deltas(loras, sd.config).items():
-        node = params[component]
-        for seg in flax_path:
-            node = node[seg]
+        node = leaf_at(params[component], flax_path)
         merged = (np.asarray(node, np.float32) + delta).astype(node.dtype)
         params = _replace(params, (component,) + flax_path, jax.device_put(merged))
     names = [{"name": os.path.basename(p), "scale": s} for p, s in loras]

@@ -92,7 +92,8 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def _get(tree: Mapping, path: tuple[str, ...]):
+def leaf_at(tree: Mapping, path: tuple[str, ...]):
+    """tree[path[0]][path[1]]... (a Flax path of a key-table Entry)."""
     for p in path:
         tree = tree[p]
     return tree
@@ -238,7 +239,7 @@ def params_to_state_dict(params: Mapping[str, Mapping], dtype=None) -> dict[str,
     out = {}
     for component, tree in params.items():
         for entry in key_table(component, tree):
-            value = np.asarray(_get(tree, entry.flax_path))
+            value = np.asarray(leaf_at(tree, entry.flax_path))
             value = to_compvis_layout(entry, value)
             if dtype is not None and np.dtype(dtype) != value.dtype:
                 with np.errstate(over="ignore", invalid="ignore"):

@@ -64,6 +64,30 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return _state_dict_of(path, read_ckpt(path))
 
 
+def labelled(label: str, path: str, message: str) -> str:
+    """`LABEL PATH: message`, whether or not `message` already starts with the path (the readers' own errors do)."""
+    message = message[len(path) + 2:] if message.startswith(f"{path}: ") else message
+    return f"{label} {path}: {message}"
+
+
+def read_labelled(path: str | os.PathLike, label: str, expected: str) -> dict[str, np.ndarray]:
+    """`read_state_dict` of a file given beside a checkpoint (a VAE, a LoRA): every error is one line starting
+    `LABEL PATH:` (label e.g. "VAE file"); `expected` names the kind of file wanted, for a directory."""
+    path = os.fspath(path)
+    if not path:
+        raise CheckpointError(f"the {label} path is empty")
+    if not os.path.exists(path):
+        raise CheckpointError(labelled(label, path, "no such file"))
+    if os.path.isdir(path):
+        raise CheckpointError(labelled(label, path, f"is a directory, expected {expected}"))
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(labelled(label, path, "cannot read: permission denied"))
+    try:
+        return read_state_dict(path)
+    except CheckpointError as e:
+        raise CheckpointError(labelled(label, path, str(e))) from None
+
+
 def _state_dict_of(path: str, obj: dict) -> dict[str, np.ndarray]:
     """Unwrap (nested) Lightning ``state_dict`` levels, then check that every value is an array."""
     known = describe_container(obj)  # an A1111 embedding or hypernetwork, before its non-tensor values are refused

@@ -26,7 +26,7 @@ import numpy as np
 from convert.errors import CheckpointError
 from convert.keys import PREFIXES
 from convert.mapping import LOSS_REASON, MappingReport, state_dict_to_params
-from convert.readers import read_state_dict
+from convert.readers import labelled, read_labelled
 
 FULL_PREFIX = PREFIXES["vae"]  # "first_stage_model."
 _COMPVIS = re.compile(r"^(encoder|decoder)\.(conv_in|down|up|mid|norm_out|conv_out)\.|^(post_)?quant_conv\.")
@@ -43,26 +43,12 @@ NOT_VAE_REASON = "not the autoencoder (the VAE is taken from the file's first_st
 
 
 def _where(path: str, message: str) -> str:
-    """`VAE file PATH: message`, whether or not the reader's message already starts with the path."""
-    message = message[len(path) + 2:] if message.startswith(f"{path}: ") else message
-    return f"VAE file {path}: {message}"
+    return labelled("VAE file", path, message)
 
 
 def read_vae_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The flat state dict of a VAE file (.safetensors or .ckpt), errors as one line naming it as the VAE file."""
-    path = os.fspath(path)
-    if not path:
-        raise CheckpointError("the VAE file path is empty")
-    if not os.path.exists(path):
-        raise CheckpointError(_where(path, "no such file"))
-    if os.path.isdir(path):
-        raise CheckpointError(_where(path, "is a directory, expected a .safetensors or .ckpt VAE file"))
-    if not os.access(path, os.R_OK):
-        raise CheckpointError(_where(path, "cannot read: permission denied"))
-    try:
-        return read_state_dict(path)
-    except CheckpointError as e:
-        raise CheckpointError(_where(path, str(e))) from None
+    return read_labelled(path, "VAE file", "a .safetensors or .ckpt VAE file")
 
 
 def vae_prefix(path: str, state_dict: Mapping[str, object]) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 
 from convert import torch_reference
 from convert.keys import key_table, to_compvis_layout
-from convert.mapping import normalise_keys, params_to_state_dict
+from convert.mapping import leaf_at, normalise_keys, params_to_state_dict
 from ldm_jax.stable_diffusion import StableDiffusion
 
 
@@ -64,17 +64,11 @@ def reference_weights(sd: StableDiffusion, component: str, reference) -> tuple[d
             return weights, Row(component, "weights vs file", float("inf"), 0.0,
                                 f"{key}: shape {want.shape} in the file, {entry.compvis_shape} in the model")
         weights[entry.key] = want = want.reshape(entry.compvis_shape)  # a Linear stored for a 1x1 conv
-        err = rel_err(to_compvis_layout(entry, np.asarray(_leaf(sd.params[component], entry.flax_path))), want)
+        err = rel_err(to_compvis_layout(entry, np.asarray(leaf_at(sd.params[component], entry.flax_path))), want)
         if not worst or not err <= worst_err:  # NaN counts as the worst
             worst, worst_err = key, err
     detail = f"max at {worst}" if worst_err != 0 else f"all {len(weights)} tensors equal"
     return weights, Row(component, "weights vs file", worst_err, 0.0, detail)
-
-
-def _leaf(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
 
 
 def verify(sd: StableDiffusion, *, components=("unet", "vae", "text_encoder"), tolerance: float = 1e-4,

@@ -80,15 +80,15 @@ def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, para
             raise CheckpointError("the bundled default model is missing from this install; pass a checkpoint path")
         path = DEFAULT_MODEL
     path = os.fspath(path)
+    declared = (config or _declared_config(path)) if vae is not None or loras else None
     if vae is not None:  # a missing, diffusers-layout or (where the model declares its config) misshapen VAE
         from convert.vae_file import check_vae_file, swap_vae  # fails before gigabytes are read
 
-        check_vae_file(vae, config or _declared_config(path))
+        check_vae_file(vae, declared)
     if loras:  # a missing file, not a kohya LoRA, or (config declared) a module the model lacks: before loading
         from convert.lora import check_lora_file, normalise_loras
 
         loras = normalise_loras(loras)
-        declared = config or _declared_config(path)
         for lora, _ in loras:
             check_lora_file(lora, declared)
     if os.path.isdir(path):
