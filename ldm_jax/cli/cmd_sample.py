@@ -256,7 +256,9 @@ def run(args) -> int:
     multi = parallel.init_distributed(args.coordinator, args.num_processes, args.process_id,
                                       log=lambda m: print(m, flush=True))
     if multi:
-        _check_same_request(args, texts)
+        from ldm_jax.cli.same_request import check_same_request
+
+        check_same_request(args, texts)
     import jax
 
     if args.dtype == "float16" and jax.default_backend() == "cpu":  # XLA: "F16_F16_F32 not supported on CPU"
@@ -334,24 +336,6 @@ def run(args) -> int:
     for path in _save(args, meta, prompts, indices, images, multi):
         print(f"saved {path}")
     return 0
-
-
-# what every host of a multi-host run must be given alike (paths may differ between hosts)
-_REQUEST_ARGS = ("mode", "prompt", "negative_prompt", "n", "seed", "steps", "sampler", "scale", "eta", "height",
-                 "width", "strength", "dtype")
-
-
-def _check_same_request(args, prompts: list[str]) -> None:
-    """Multi-host: refuse (on every host) a run whose hosts were given different settings; each host would make
-    and save its share of a different request (images missing or twice). --from-file: the prompts read, not the
-    path, are compared."""
-    from ldm_jax import parallel
-
-    flags = ", --".join(k.replace("_", "-") for k in _REQUEST_ARGS[1:])
-    settings = {k: getattr(args, k, None) for k in _REQUEST_ARGS}
-    parallel.check_same_everywhere(dict(settings, prompts=prompts, from_file=args.from_file is not None),
-                                   f"the flags among --{flags} and the prompts of --from-file must be the same on "
-                                   "every host")
 
 
 def _save(args, meta: dict, prompts: list[str], indices, images, multi: bool) -> list[str]:
