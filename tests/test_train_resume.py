@@ -107,6 +107,37 @@ def test_ctrl_c_saves_a_consistent_checkpoint(straight, data, tmp_path, monkeypa
     assert [(r["loss"], r["position"]) for r in ours] == [(r["loss"], r["position"]) for r in theirs]
 
 
+def test_ctrl_c_while_drawing_samples_redraws_them_on_resume(data, tmp_path, monkeypatch):
+    """A Ctrl-C while the samples of step 2 are drawn (checkpoint 2 already saved) left that step without samples
+    for good: the resumed run started at step 3. It now draws them first, from checkpoint 2's EMA weights, and they
+    equal the ones an uninterrupted run draws."""
+    from ldm_jax.train import loop
+
+    args = ["--steps", "3", "--save-every", "2", "--sample-every", "2", "--sample-prompt", "a red square",
+            "--sample-prompt", "a blue circle", "--sample-steps", "2"]
+    ref = tmp_path / "straight"
+    _train(data, ref, *args)
+    save = loop.save_samples
+
+    def ctrl_c_then_save(*a, **kw):
+        os.kill(os.getpid(), signal.SIGINT)
+        save(*a, **kw)
+
+    run = tmp_path / "interrupted"
+    monkeypatch.setattr(loop, "save_samples", ctrl_c_then_save)
+    assert main(["train", *COMMON, "--data", data, "--out", str(run), *args]) == 130
+    monkeypatch.undo()
+    assert not os.path.exists(run / "samples" / "step0000002-00.png")
+    _train(data, run, *args, "--resume")
+    names = sorted(os.listdir(run / "samples"))
+    assert names == sorted(os.listdir(ref / "samples")) == [f"step000000{s}-0{i}.png" for s in (2, 3) for i in (0, 1)]
+    from PIL import Image
+
+    pixels = lambda path: np.asarray(Image.open(path))  # noqa: E731
+    for name in names:
+        assert np.array_equal(pixels(run / "samples" / name), pixels(ref / "samples" / name)), name
+
+
 def _env(devices: int, fast_compile: bool = False, **extra) -> dict:
     # fast_compile: LLVM -O0 for programs compared to float rounding only (compiles ~30% faster on 2 CPU cores)
     flags = f"--xla_force_host_platform_device_count={devices}"

@@ -39,7 +39,7 @@ from ldm_jax.train.config import TrainConfig
 from ldm_jax.train.export import export_model
 from ldm_jax.train.progress import InterruptGuard, Metrics, progress_bar
 from ldm_jax.train.resume import resume_state
-from ldm_jax.train.samples import check_sample_steps, save_samples
+from ldm_jax.train.samples import check_sample_steps, samples_missing, save_samples
 from ldm_jax.train.state import init_state
 from ldm_jax.train.step import (abstract_cached_batch, frozen_inputs, jitted_train_step, key_data, shard_batch,
                                  trainable)
@@ -190,6 +190,9 @@ def _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, 
     guard = InterruptGuard()
     try:
         with loader, guard:
+            if samples_missing(cfg, start, run_dir):  # resumed from a run stopped while it drew them
+                log(f"drawing the samples of step {start} (not in {os.path.join(run_dir, 'samples')})")
+                save_samples(sampler_sd, frozen, state, cfg, res, start, run_dir, mesh)
             if start < end:
                 batch, data = next_batch()
                 if checked is None or jax.tree_util.tree_map(_spec, batch) != jax.tree_util.tree_map(_spec, checked):

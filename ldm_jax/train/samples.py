@@ -1,6 +1,7 @@
 """Sample images during training (`--sample-every`): `check_sample_steps` refuses, before training, a step count the
 sampler would refuse later, and `save_samples` draws the fixed prompts with the EMA weights (DDIM) and writes them as
-RUN_DIR/samples/step<step>-<index>.png with prompt/seed/step metadata."""
+RUN_DIR/samples/step<step>-<index>.png with prompt/seed/step metadata. `samples_missing` tells a resumed run that
+the samples of its checkpoint's step were never written (the run stopped while drawing them), so it draws them."""
 
 from __future__ import annotations
 
@@ -26,6 +27,19 @@ def check_sample_steps(config, cfg: TrainConfig) -> None:
         raise UserError(f"--sample-steps {cfg.sample_steps}: {e}") from None
 
 
+def _sample_path(run_dir: str, step: int, index: int) -> str:
+    return os.path.join(run_dir, "samples", f"step{step:07d}-{index:02d}.png")
+
+
+def samples_missing(cfg: TrainConfig, step: int, run_dir: str) -> bool:
+    """Whether step `step` is a sampling step (every --sample-every steps, and the last) whose images are not all
+    in RUN_DIR/samples (each PNG is written atomically: one that exists is whole). Every process reads the same
+    answer: multi-host runs share RUN_DIR (`preflight.check_shared_run_dir`)."""
+    if not cfg.sample_every or not step or (step % cfg.sample_every and step != cfg.steps):
+        return False
+    return not all(os.path.exists(_sample_path(run_dir, step, i)) for i in range(len(cfg.sample_prompts)))
+
+
 def save_samples(sd, frozen, state, cfg: TrainConfig, res: int, step: int, run_dir: str, mesh) -> None:
     """Sample images at the fixed prompts with the EMA weights (one compiled program, reused across calls)."""
     from ldm_jax.images import save_png
@@ -40,6 +54,6 @@ def save_samples(sd, frozen, state, cfg: TrainConfig, res: int, step: int, run_d
     if jax.process_index() == 0:
         os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
         for i, (img, prompt) in enumerate(zip(images, cfg.sample_prompts)):
-            save_png(os.path.join(run_dir, "samples", f"step{step:07d}-{i:02d}.png"), img,
+            save_png(_sample_path(run_dir, step, i), img,
                      {"prompt": prompt, "seed": cfg.seed, "index": i, "step": step, "sampler": "ddim",
                       "steps": cfg.sample_steps, "scale": cfg.sample_scale, "unet": "ema"})
