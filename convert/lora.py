@@ -1,16 +1,22 @@
-"""kohya-ss LoRA files (the common SD 1.x LoRA format, as on civitai): merge them into a model's weights.
+"""kohya-ss LoRA files (the common SD 1.x LoRA format, as on civitai), LyCORIS ones included: merge them into a
+model's weights.
 
 A kohya file holds, for each adapted module, `<name>.lora_down.weight` [rank, in(, kh, kw)],
 `<name>.lora_up.weight` [out, rank(, 1, 1)] and optionally `<name>.alpha` (a scalar; absent: alpha = rank). The
 merge is kohya's own: W' = W + scale * (alpha / rank) * (up @ down), for a conv weight with up and down flattened
 to matrices and the product reshaped to W's [out, in, kh, kw] (1x1 convs and LoCon's 3x3 convs, whose up is 1x1).
+LyCORIS files use the same names with other tensors per module: LoHa (`hada_*`), LoKr (`lokr_*`), LoCon with a
+Tucker core (`lora_mid.weight`) and full updates (`diff`, `diff_b`); W' = W + scale * dW, dW from `convert.lycoris`.
+Each module is merged by the kind of its tensors; one file may hold modules of several kinds.
 
 Names: `lora_unet_` + the diffusers UNet2DConditionModel module path, `lora_te_` + the transformers
 CLIPTextModel module path, dots as underscores. The diffusers U-Net names are generated here from the model's
 config and sent to CompVis names (`diffusers_unet_modules`); tests/test_lora.py proves every module against
-diffusers' own single-file conversion. Anything else is refused in one line naming the key: SDXL
-(`lora_te1_`/`lora_te2_`), LyCORIS LoHa/LoKr/Tucker/DoRA, diffusers/PEFT-format LoRAs, modules this model lacks
-and shapes that do not fit it. No torch; files are read by `convert.readers` (memory-mapped, no code runs).
+diffusers' own single-file conversion. Anything else is refused in one line naming the key, before the model is
+loaded (`check_lora_file` reads shapes and alphas only): SDXL (`lora_te1_`/`lora_te2_`), DoRA (`dora_scale`) and
+the other LyCORIS algorithms ((IA)^3, OFT, GLoRA, ...), diffusers/PEFT-format LoRAs, unknown tensors, modules
+that mix kinds or lack a tensor, modules this model lacks and shapes that do not fit it. No torch; files are read
+by `convert.readers` (memory-mapped, no code runs).
 """
 
 from __future__ import annotations
@@ -22,14 +28,14 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from convert import lycoris
 from convert.errors import CheckpointError
 from convert.keys import PREFIXES, key_table, to_flax_layout
 from convert.mapping import leaf_at
 from convert.readers import labelled, read_labelled
 
 COMPONENT_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
-_KEY = re.compile(r"^(lora_(?:unet|te)_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
-_LYCORIS = re.compile(r"\.(hada_|lokr_|lora_mid|dora_scale|diff|w_norm|b_norm|on_input)")
+_KEY = re.compile(r"^(lora_(?:unet|te)_[A-Za-z0-9_]+)\.(.+)$")
 
 
 def _where(path: str, message: str) -> str:
@@ -113,25 +119,34 @@ def clip_modules(text) -> dict[str, str]:
     return {name: name for name in names}
 
 
-def module_table(config) -> dict[str, object]:
-    """{kohya module name (lora_unet_..., lora_te_...): the key-table Entry of the weight it adapts}."""
+def module_tables(config) -> tuple[dict[str, object], dict[str, object]]:
+    """({kohya module name (lora_unet_..., lora_te_...): the key-table Entry of the weight it adapts},
+    {kohya module name: the Entry of that module's bias, where it has one})."""
     from ldm_jax.models.build import abstract_params
 
     shapes = abstract_params(config)
-    table = {}
+    weights, biases = {}, {}
     for prefix, component, modules, base in (
             ("lora_unet_", "unet", diffusers_unet_modules(config.unet), PREFIXES["unet"]),
             ("lora_te_", "text_encoder", clip_modules(config.text), "cond_stage_model.transformer.")):
         entries = {e.key: e for e in key_table(component, shapes[component])}
         for diffusers, compvis in modules.items():
-            entry = entries.get(f"{base}{compvis}.weight")
-            if entry is not None:
-                table[prefix + diffusers.replace(".", "_")] = entry
-    return table
+            name = prefix + diffusers.replace(".", "_")
+            for table, leaf in ((weights, "weight"), (biases, "bias")):
+                entry = entries.get(f"{base}{compvis}.{leaf}")
+                if entry is not None and (leaf == "weight" or name in weights):
+                    table[name] = entry
+    return weights, biases
+
+
+def module_table(config) -> dict[str, object]:
+    """{kohya module name (lora_unet_..., lora_te_...): the key-table Entry of the weight it adapts}."""
+    return module_tables(config)[0]
 
 
 def read_lora(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
-    """{kohya module name: {"down", "up"(, "alpha")}} of a kohya LoRA file; anything else is one line naming it."""
+    """{kohya module name: {tensor suffix ("lora_down.weight", "hada_w1_a", "alpha", ...): array}} of a kohya LoRA
+    or LyCORIS file, each module of one known kind (`lycoris.module_kind`); anything else is one line naming it."""
     path = os.fspath(path)
     state_dict = read_labelled(path, "LoRA file", "a kohya-ss LoRA .safetensors file")
     if not any(k.startswith(("lora_unet_", "lora_te")) for k in state_dict):
@@ -142,29 +157,52 @@ def read_lora(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
         raise CheckpointError(_where(path, f"is not a kohya-ss LoRA (lora_unet_*/lora_te_* keys): {what}"))
     modules: dict[str, dict[str, np.ndarray]] = {}
     for key, value in state_dict.items():
-        m = _KEY.match(key)
         if key.startswith(("lora_te1_", "lora_te2_")):
             raise CheckpointError(_where(path, f"{key}: an SDXL LoRA (two text encoders); this model is SD 1.x"))
-        if _LYCORIS.search(key):
-            raise CheckpointError(_where(path, f"{key}: a LyCORIS (LoHa/LoKr/Tucker/DoRA) tensor; only plain "
-                                               "kohya-ss LoRA/LoCon (lora_down, lora_up, alpha) is supported"))
-        if m is None:
-            raise CheckpointError(_where(path, f"{key}: not a kohya-ss LoRA tensor (expected lora_unet_*/lora_te_* "
-                                               "MODULE.lora_down.weight, .lora_up.weight or .alpha)"))
-        part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m.group(2)]
-        modules.setdefault(m.group(1), {})[part] = value
+        m = _KEY.match(key)
+        suffix = m.group(2) if m else None
+        if suffix in lycoris.REFUSED:
+            raise CheckpointError(_where(path, f"{key}: {lycoris.REFUSED[suffix]}"))
+        if suffix != "alpha" and suffix not in lycoris.KIND_OF_SUFFIX:
+            raise CheckpointError(_where(path, f"{key}: not a kohya-ss LoRA or LyCORIS tensor (expected "
+                                               f"lora_unet_*/lora_te_* MODULE.{lycoris.EXPECTED})"))
+        modules.setdefault(m.group(1), {})[suffix] = value
     for name, parts in modules.items():
-        for need in ("down", "up"):
-            if need not in parts:
-                raise CheckpointError(_where(path, f"{name}: has no .lora_{need}.weight"))
+        try:
+            lycoris.module_kind(parts)
+        except ValueError as e:
+            raise CheckpointError(_where(path, f"{name}: {e}")) from None
     return modules
 
 
-def _fit(path, name, parts, entry) -> tuple[int, float]:
-    """(rank, alpha) of one module's LoRA, its shapes checked against the model's weight `entry` (shapes and the
-    scalar alpha only: the matrices are not read)."""
-    down, up = parts["down"], parts["up"]
+def _alpha(path, name, parts, rank) -> float | None:
+    """The module's alpha (absent: `rank`), checked to be one finite number."""
+    if "alpha" not in parts:
+        return rank
+    alpha = np.asarray(parts["alpha"], np.float64)
+    if alpha.size != 1 or not math.isfinite(float(alpha.reshape(-1)[0])):
+        raise CheckpointError(_where(path, f"{name}.alpha: expected one finite number"))
+    return float(alpha.reshape(-1)[0])
+
+
+def _fit(path, name, parts, entry, bias) -> tuple[str, float]:
+    """(kind, alpha factor) of one module, its shapes checked against the model's weight `entry` and, for a full
+    module's diff_b, its `bias` Entry (None: the model's module has no bias). Shapes and the alpha only are read."""
+    kind = lycoris.module_kind(parts)
     target = entry.compvis_shape  # [out, in] or [out, in, kh, kw]
+    if kind != "LoRA":
+        try:
+            rank = lycoris.rank_of(kind, parts, target)
+        except ValueError as e:
+            shapes = ", ".join(f"{s} {tuple(v.shape)}" for s, v in sorted(parts.items()) if s != "alpha")
+            raise CheckpointError(_where(path, f"{name}: {kind} tensors {shapes} do not fit the model's {entry.key} "
+                                               f"{target}: {e}")) from None
+        if "diff_b" in parts and (bias is None or tuple(parts["diff_b"].shape) != bias.compvis_shape):
+            where = (f"the model's {bias.key} {bias.compvis_shape}" if bias is not None else
+                     f"the model's {entry.key.rsplit('.', 1)[0]} has no bias")
+            raise CheckpointError(_where(path, f"{name}.diff_b {tuple(parts['diff_b'].shape)} does not fit: {where}"))
+        return kind, lycoris.alpha_factor(_alpha(path, name, parts, rank), rank)
+    down, up = parts["lora_down.weight"], parts["lora_up.weight"]
     rank = down.shape[0] if down.ndim else 0
     trail = target[2:] if len(target) == 4 else ()
     ok_trail = {trail, ()} if trail in ((), (1, 1)) else {trail}  # a 1x1 conv may come as a Linear, as in kohya
@@ -173,45 +211,53 @@ def _fit(path, name, parts, entry) -> tuple[int, float]:
     if not fits:
         raise CheckpointError(_where(path, f"{name}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} do "
                                            f"not fit the model's {entry.key} {target}"))
-    alpha = np.asarray(parts.get("alpha", rank), np.float64)
-    if alpha.size != 1 or not math.isfinite(float(alpha.reshape(-1)[0])):
-        raise CheckpointError(_where(path, f"{name}.alpha: expected one finite number"))
-    return rank, float(alpha.reshape(-1)[0])
+    return kind, _alpha(path, name, parts, rank) / rank
 
 
-def check_lora_file(path: str | os.PathLike, config=None, table=None) -> dict:
-    """Fail early (before a model is loaded or compiled) on a LoRA file that is missing, not a kohya-ss LoRA, or
-    (when the model's `config` is known) names a module the model lacks or does not fit its shapes. Reads the
-    file's index (shapes) and the alphas only. Returns the parsed modules."""
+def check_lora_file(path: str | os.PathLike, config=None, tables=None) -> dict:
+    """Fail early (before a model is loaded or compiled) on a LoRA file that is missing, not a kohya-ss LoRA or
+    LyCORIS file, or (when the model's `config` is known) names a module the model lacks or does not fit its
+    shapes. Reads the file's index (shapes) and the alphas only. Returns the parsed modules (`read_lora`);
+    `tables`: `module_tables(config)`, when the caller has them."""
     path = os.fspath(path)
     modules = read_lora(path)
-    if config is None and table is None:
+    if config is None and tables is None:
         return modules
-    table = module_table(config) if table is None else table
+    weights, biases = module_tables(config) if tables is None else tables
     for name, parts in modules.items():
-        entry = table.get(name)
+        entry = weights.get(name)
         if entry is None:
             raise CheckpointError(_where(path, f"{name}: no such module in this model (expected kohya-ss SD 1.x "
                                                "names: lora_unet_<diffusers U-Net module>, lora_te_text_model_*)"))
-        _fit(path, name, parts, entry)
+        _fit(path, name, parts, entry, biases.get(name))
     return modules
 
 
 def lora_deltas(loras, config) -> dict[tuple[str, tuple[str, ...]], np.ndarray]:
     """{(component, Flax path): the summed fp32 update in the Flax layout} of the (path, scale) pairs `loras`."""
-    table = module_table(config)
+    tables = module_tables(config)
     deltas: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}
+
+    def add(entry, delta):
+        where = (entry.component, entry.flax_path)
+        delta = to_flax_layout(entry, delta)
+        deltas[where] = deltas[where] + delta if where in deltas else delta
+
     for path, scale in loras:
         path = os.fspath(path)
-        for name, parts in check_lora_file(path, table=table).items():
-            entry = table[name]
-            rank, alpha = _fit(path, name, parts, entry)
-            up = np.asarray(parts["up"], np.float32).reshape(entry.compvis_shape[0], rank)  # [out, rank]
-            down = np.asarray(parts["down"], np.float32).reshape(rank, -1)  # [rank, in*kh*kw]
-            delta = (np.float32(scale * alpha / rank) * (up @ down)).reshape(entry.compvis_shape)
-            where = (entry.component, entry.flax_path)
-            delta = to_flax_layout(entry, delta)
-            deltas[where] = deltas[where] + delta if where in deltas else delta
+        for name, parts in check_lora_file(path, tables=tables).items():
+            entry, bias = tables[0][name], tables[1].get(name)
+            kind, factor = _fit(path, name, parts, entry, bias)
+            if kind == "LoRA":
+                rank = parts["lora_down.weight"].shape[0]
+                up = np.asarray(parts["lora_up.weight"], np.float32).reshape(entry.compvis_shape[0], rank)  # [out, r]
+                down = np.asarray(parts["lora_down.weight"], np.float32).reshape(rank, -1)  # [r, in*kh*kw]
+                delta = (up @ down).reshape(entry.compvis_shape)
+            else:
+                delta = lycoris.delta(kind, parts, entry.compvis_shape)
+            add(entry, np.float32(scale * factor) * delta)
+            if "diff_b" in parts:
+                add(bias, np.float32(scale) * np.asarray(parts["diff_b"], np.float32))
     return deltas
 
 
@@ -230,7 +276,7 @@ def normalise_loras(loras) -> list[tuple[str, float]]:
 
 
 def apply_loras(sd, loras):
-    """A copy of the StableDiffusion `sd` with each kohya LoRA (path, scale) of `loras` merged into its weights
+    """A copy of the StableDiffusion `sd` with each LoRA file (path, scale) of `loras` merged into its weights
     (in fp32, stored in the dtype of each weight); `metadata["loras"]`: [{"name": base name, "scale": scale}].
     Weights no LoRA adapts are shared, not copied."""
     import jax

@@ -197,7 +197,8 @@ def _write(path, tensors):
       "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": np.zeros((64, 4, 1, 1))},
      "lora_unet_mid_block_attentions_0_proj_in: lora_down (4, 32, 1, 1) and lora_up (64, 4, 1, 1) do not fit the "
      "model's model.diffusion_model.middle_block.1.proj_in.weight (64, 64, 1, 1)"),
-    ({"lora_unet_mid_block_attentions_0_proj_out.hada_w1_a": np.zeros((64, 4))}, "a LyCORIS (LoHa/LoKr"),
+    ({"lora_unet_mid_block_attentions_0_proj_out.hada_w1_a": np.zeros((64, 4))},
+     "lora_unet_mid_block_attentions_0_proj_out: has no .hada_w1_b"),
     ({"unet.mid_block.attentions.0.proj_in.lora_A.weight": np.zeros((4, 64))}, "is not a kohya-ss LoRA"),
     ({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": np.zeros((4, 64, 1, 1))},
      "lora_unet_mid_block_attentions_0_proj_in: has no .lora_up.weight"),
