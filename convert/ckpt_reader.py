@@ -17,9 +17,11 @@ size, stride, requires_grad, backward_hooks, dtype[, metadata])`` with ``torch.<
 Safety: data.pkl is read by a restricted ``pickle.Unpickler`` whose ``find_class`` resolves only the names in
 ``_PLAIN_TYPES`` (builtin containers and numbers, OrderedDict), ``_FUNCTIONS`` (torch-free replacements for the
 Parameter rebuilders, ``_codecs.encode`` and numpy scalars), our own tensor rebuilders, and immutable markers for
-storage types and torch dtypes; it turns a short list of known training-state classes (``_STUBBED``: Lightning
-callbacks) into inert stubs; every other global is refused with a :class:`CheckpointError` before anything is
-called. Nothing is imported from the file, and what the pickle receives cannot be modified by its BUILD opcodes.
+storage types and torch dtypes; it turns a short list of known classes (``_STUBBED``: Lightning callbacks and
+hparams, and ``torch.nn.ParameterDict``, the holder of rinongal-era textual-inversion embeddings) into inert stubs
+that keep what they are given as data and run nothing; every other global is refused with a
+:class:`CheckpointError` before anything is called. Nothing is imported from the file, and what the pickle
+receives cannot be modified by its BUILD opcodes.
 
 Memory: storages of uncompressed members are ``np.frombuffer`` views of one read-only ``mmap`` of the file, so
 contiguous tensors (the normal case: every tensor of a state dict) are views and copy nothing; a
@@ -83,7 +85,12 @@ _STUBBED = frozenset(
         "callbacks.lr_monitor.LearningRateMonitor",
         "utilities.parsing.AttributeDict",  # hparams
     )
-)
+) | {
+    # rinongal/textual_inversion embeddings.pt: {"string_to_token": {...}, "string_to_param": nn.ParameterDict}.
+    # The stub only lets the reader reach those two key names (convert.file_kinds then names the file); being no
+    # tensor, it is refused like any other non-tensor value if it ever turns up inside a state dict.
+    "torch.nn.modules.container.ParameterDict",
+}
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of a torch < 1.6 (non-zip) file
 _ZIP_MAGIC = b"PK\x03\x04"

@@ -10,7 +10,9 @@ parameter tree (shapes from `jax.eval_shape`, no compute) by two fixed rules:
 
 Component prefixes are those of CompVis' LatentDiffusion (`model.diffusion_model.`, `first_stage_model.`,
 `cond_stage_model.transformer.text_model.`). EMA copies of U-Net weights live at `model_ema.` + the model
-key minus `model.` with the dots removed (CompVis `LitEma`).
+key minus `model.` with the dots removed (CompVis `LitEma`). SD 2.x keeps its text tower under OpenCLIP names
+(`text_layout="open_clip"`: `convert.open_clip_keys`), where one tensor can hold several Flax parameters stacked
+along its first axis (`Entry.part` of `Entry.parts`: q, k, v in one `in_proj_weight`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from ldm_jax.configs import TEXT_KEY_LAYOUTS
 
 PREFIXES = {
     "unet": "model.diffusion_model.",
@@ -39,15 +43,24 @@ class Entry:
     key: str  # full CompVis key
     flax_shape: tuple[int, ...]
     layout: str  # "conv" (OIHW <-> HWIO), "dense" ([out,in] <-> [in,out]) or "same"
+    part: int = 0  # this parameter is rows [part * n, (part + 1) * n) of the tensor `key` ...
+    parts: int = 1  # ... which stacks `parts` parameters of compvis_shape along axis 0 (n = compvis_shape[0])
 
     @property
     def compvis_shape(self) -> tuple[int, ...]:
+        """This parameter's own shape in the CompVis layout (one part of a stacked tensor)."""
         s = self.flax_shape
         if self.layout == "conv":
             return (s[3], s[2], s[0], s[1])
         if self.layout == "dense":
             return (s[1], s[0])
         return s
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape of the whole tensor `key` in the checkpoint (compvis_shape unless stacked)."""
+        s = self.compvis_shape
+        return (self.parts * s[0],) + s[1:] if self.parts > 1 else s
 
     @property
     def ema_key(self) -> str | None:
@@ -78,9 +91,18 @@ def _layout(leaf: str, ndim: int) -> str:
     return "same"
 
 
-def key_table(component: str, abstract_params, prefix: str | None = None) -> list[Entry]:
+def key_table(component: str, abstract_params, prefix: str | None = None,
+              text_layout: str = "transformers") -> list[Entry]:
     """All entries of one component, from its (abstract) Flax parameter tree (leaves need `.shape`).
-    `prefix` overrides the component's CompVis prefix (e.g. "" for a single block's own state dict)."""
+    `prefix` overrides the component's CompVis prefix (e.g. "" for a single block's own state dict).
+    text_layout: the names of the text tower, "transformers" (SD 1.x) or "open_clip" (SD 2.x; the config's
+    `text.key_layout`); other components ignore it."""
+    if text_layout not in TEXT_KEY_LAYOUTS:
+        raise ValueError(f"unknown text key layout {text_layout!r}; choose from {', '.join(TEXT_KEY_LAYOUTS)}")
+    if component == "text_encoder" and text_layout == "open_clip":
+        from convert.open_clip_keys import open_clip_table
+
+        return open_clip_table(key_table(component, abstract_params, prefix=""), prefix)
     prefix = PREFIXES[component] if prefix is None else prefix
     entries = []
 
@@ -99,6 +121,14 @@ def key_table(component: str, abstract_params, prefix: str | None = None) -> lis
     if len(set(keys)) != len(keys):
         raise AssertionError(f"key table for {component} is not one-to-one")
     return entries
+
+
+def take_part(entry: Entry, value):
+    """The rows of the checkpoint tensor `value` (shape `entry.stored_shape`) that hold `entry` (a view)."""
+    if entry.parts == 1:
+        return value
+    n = value.shape[0] // entry.parts
+    return value[entry.part * n:(entry.part + 1) * n]
 
 
 def to_flax_layout(entry: Entry, value):

@@ -277,7 +277,8 @@ def normalise_loras(loras) -> list[tuple[str, float]]:
 
 def apply_loras(sd, loras):
     """A copy of the StableDiffusion `sd` with each LoRA file (path, scale) of `loras` merged into its weights
-    (in fp32, stored in the dtype of each weight); `metadata["loras"]`: [{"name": base name, "scale": scale}].
+    (in fp32, stored in the dtype of each weight); `metadata["loras"]`: [{"name": base name, "scale": scale}]
+    after those the checkpoint says were baked into it.
     Weights no LoRA adapts are shared, not copied."""
     import jax
 
@@ -287,10 +288,23 @@ def apply_loras(sd, loras):
         node = leaf_at(params[component], flax_path)
         merged = (np.asarray(node, np.float32) + delta).astype(node.dtype)
         params = _replace(params, (component,) + flax_path, jax.device_put(merged))
-    names = [{"name": os.path.basename(p), "scale": s} for p, s in loras]
+    earlier = sd.metadata.get("loras")  # baked into the checkpoint (`ldm-jax export/convert --lora`)
+    names = (list(earlier) if isinstance(earlier, list) else []) + [
+        {"name": os.path.basename(p), "scale": s} for p, s in loras]
     return sd.replace(params=params, metadata={**sd.metadata, "loras": names})
 
 
-def describe_loras(loras) -> str | None:
-    """PNG text: "name.safetensors:0.8, other.safetensors:1.0" (None without LoRAs)."""
-    return ", ".join(f"{os.path.basename(p)}:{s:g}" for p, s in normalise_loras(loras)) or None
+def describe_merged(metadata: Mapping) -> str | None:
+    """PNG text, "name.safetensors:0.8, other.safetensors:1" (None without LoRAs), of every LoRA a loaded model
+    carries (`metadata["loras"]`: those baked into its checkpoint, then those merged at loading); entries that are
+    not {"name", "scale"} are left out."""
+    entries = metadata.get("loras")
+    if not isinstance(entries, list):
+        return None
+    out = []
+    for e in entries:
+        try:
+            out.append(f"{e['name']}:{float(e['scale']):g}")
+        except (TypeError, KeyError, ValueError):
+            continue
+    return ", ".join(out) or None

@@ -22,7 +22,8 @@ import numpy as np
 
 from convert.errors import CheckpointError
 from convert.readers import release_pages
-from convert.keys import PREFIXES, Entry, key_table, to_compvis_layout, to_flax_layout
+from convert.keys import PREFIXES, Entry, key_table, take_part, to_compvis_layout, to_flax_layout
+from convert.open_clip_keys import IGNORED as OPEN_CLIP_IGNORED, PREFIX as OPEN_CLIP_PREFIX
 
 # Schedule buffers CompVis' DDPM registers (recomputed from the config instead).
 SCHEDULE_BUFFERS = (
@@ -37,7 +38,7 @@ _IGNORED = [
     (re.compile(r"^cond_stage_model\.transformer\.text_model\.embeddings\.position_ids$"), "position ids (arange)"),
     (re.compile(r"^model_ema\.(decay|num_updates)$"), "EMA bookkeeping"),
     (re.compile(r"^first_stage_model\.loss\."), LOSS_REASON),
-]
+] + [(re.compile("^" + re.escape(OPEN_CLIP_PREFIX + name) + "$"), reason) for name, reason in OPEN_CLIP_IGNORED.items()]
 _FLOAT_DTYPES = {np.dtype(t) for t in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16)}
 _OLD_CLIP = "cond_stage_model.transformer."
 
@@ -51,6 +52,12 @@ def normalise_keys(state_dict: Mapping[str, object]) -> dict[str, object]:
             k = new + k[len(_OLD_CLIP):]
         out[k] = v
     return out
+
+
+def text_layout_of(state_dict: Mapping[str, object]) -> str:
+    """Where the state dict keeps its text tower: "open_clip" (SD 2.x, `cond_stage_model.model.*`) or
+    "transformers" (SD 1.x, `cond_stage_model.transformer.*`; also when it has none)."""
+    return "open_clip" if any(k.startswith(OPEN_CLIP_PREFIX) for k in state_dict) else "transformers"
 
 
 def has_ema(state_dict: Mapping[str, object]) -> bool:
@@ -103,13 +110,14 @@ def _convert_one(entry: Entry, key: str, value, dtype, allow_nonfinite: bool):
     if not hasattr(value, "shape") or not hasattr(value, "dtype"):
         raise CheckpointError(f"{key}: expected a tensor, found {type(value).__name__}")
     arr = np.asarray(value)
-    ok_shapes = {entry.compvis_shape}
+    ok_shapes = {entry.stored_shape}
     if entry.layout == "conv" and entry.flax_shape[:2] == (1, 1):
         ok_shapes.add(entry.compvis_shape[:2])  # a Linear where CompVis has a 1x1 conv
     if tuple(arr.shape) not in ok_shapes:
-        raise CheckpointError(f"{key}: shape {tuple(arr.shape)} does not match the model's {entry.compvis_shape}")
+        raise CheckpointError(f"{key}: shape {tuple(arr.shape)} does not match the model's {entry.stored_shape}")
     if arr.dtype not in _FLOAT_DTYPES:
         raise CheckpointError(f"{key}: expected a floating-point tensor, found {arr.dtype}")
+    arr = take_part(entry, arr)  # q, k or v of a stacked in_proj: a view of its rows
     # relayout and cast in one pass into a fresh contiguous array (astype of the transposed view, then a
     # contiguous copy, made two passes and two allocations: 5.4 s against 2.8 s for SD 1.x fp16 on 2 cores)
     view = to_flax_layout(entry, arr)
@@ -171,14 +179,18 @@ def _ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
 def state_dict_to_params(state_dict: Mapping[str, object], abstract_params: Mapping[str, Mapping], *,
                          ema: bool | None = None, dtype=np.float32, allow_unexpected: bool = False,
                          allow_nonfinite: bool = False, place=None, progress=None,
-                         prefixes: Mapping[str, str] | None = None, workers: int | None = None):
+                         prefixes: Mapping[str, str] | None = None, workers: int | None = None,
+                         text_layout: str | None = None):
     """Map a CompVis state dict onto the parameter trees whose shapes `abstract_params` gives.
 
     ema: use `model_ema.*` U-Net weights (None: if present). `place(array) -> array` puts each converted
     tensor where it should live (e.g. `jax.device_put`), in order on the calling thread, while `workers`
     threads (default `conversion_workers()`) convert the next few, so a few extra tensors are held at most.
     prefixes: per-component CompVis prefixes other than the standard ones ("" maps a single block).
-    Returns ({component: tree}, MappingReport).
+    text_layout: "transformers" or "open_clip" names for the text tower (`convert.keys.key_table`); None: as the
+    state dict has it (`text_layout_of`). The Flax tree is the same either way.
+    Returns ({component: tree}, MappingReport); a tensor holding several parameters (OpenCLIP's in_proj) is
+    reported once.
     """
     state_dict = normalise_keys(state_dict)
     ema_present = has_ema(state_dict)
@@ -191,7 +203,8 @@ def state_dict_to_params(state_dict: Mapping[str, object], abstract_params: Mapp
     used: set[str] = set()
     params: dict = {}
     prefixes = prefixes or {}
-    entries = [e for c in abstract_params for e in key_table(c, abstract_params[c], prefixes.get(c))]
+    text_layout = text_layout or text_layout_of(state_dict)
+    entries = [e for c in abstract_params for e in key_table(c, abstract_params[c], prefixes.get(c), text_layout)]
     keys = [entry.ema_key if (ema and entry.ema_key) else entry.key for entry in entries]
     for entry, key in zip(entries, keys):  # before any work: a missing tensor fails at once
         if key not in state_dict:
@@ -200,15 +213,17 @@ def state_dict_to_params(state_dict: Mapping[str, object], abstract_params: Mapp
 
     def convert(i: int):
         value = _convert_one(entries[i], keys[i], state_dict[keys[i]], dtype, allow_nonfinite)
-        release_pages(state_dict[keys[i]])  # converted: its file pages need not stay in our resident set
+        # converted: its file pages (this part's rows of a stacked tensor) need not stay in our resident set
+        release_pages(take_part(entries[i], state_dict[keys[i]]))
         return value
 
     converted = _ordered_map(convert, range(len(entries)),
                              conversion_workers() if workers is None else workers)
     for entry, key, value in zip(entries, keys, converted):
         _set(params.setdefault(entry.component, {}), entry.flax_path, place(value) if place else value)
-        used.add(key)
-        report.mapped.append(key)
+        if key not in used:
+            used.add(key)
+            report.mapped.append(key)
         if progress:
             progress(entry)
     model_keys = {e.key for e in entries}
@@ -231,14 +246,18 @@ def state_dict_to_params(state_dict: Mapping[str, object], abstract_params: Mapp
     return params, report
 
 
-def params_to_state_dict(params: Mapping[str, Mapping], dtype=None) -> dict[str, np.ndarray]:
+def params_to_state_dict(params: Mapping[str, Mapping], dtype=None,
+                         text_layout: str = "transformers") -> dict[str, np.ndarray]:
     """Flax parameter trees -> a CompVis-layout state dict (model weights only, canonical shapes).
 
     dtype: cast every tensor to it; a finite weight that does not fit (fp16: |w| > 65504 becomes Inf) is a
-    CheckpointError naming the tensor and its max |value|, never a silent Inf."""
+    CheckpointError naming the tensor and its max |value|, never a silent Inf.
+    text_layout: the text tower's names, the model config's `text.key_layout` ("open_clip" for SD 2.x, which
+    stacks q, k, v into one in_proj tensor)."""
     out = {}
+    stacked: dict[str, list] = {}
     for component, tree in params.items():
-        for entry in key_table(component, tree):
+        for entry in key_table(component, tree, text_layout=text_layout):
             value = np.asarray(leaf_at(tree, entry.flax_path))
             value = to_compvis_layout(entry, value)
             if dtype is not None and np.dtype(dtype) != value.dtype:
@@ -247,5 +266,13 @@ def params_to_state_dict(params: Mapping[str, Mapping], dtype=None) -> dict[str,
                 if _narrows(value.dtype, cast.dtype) and not np.isfinite(cast).all():
                     check_fits(entry.key, value, cast)
                 value = cast
-            out[entry.key] = np.ascontiguousarray(value)
+            if entry.parts == 1:
+                out[entry.key] = np.ascontiguousarray(value)
+                continue
+            parts = stacked.setdefault(entry.key, [None] * entry.parts)
+            parts[entry.part] = value
+            if all(p is not None for p in parts):
+                out[entry.key] = np.concatenate(stacked.pop(entry.key))
+    if stacked:
+        raise AssertionError(f"stacked tensors with missing parts: {', '.join(stacked)}")
     return out

@@ -1,6 +1,7 @@
 """Parity of a loaded model against the torch reference with the same weights (`ldm-jax verify`).
 
-The torch side (labml U-Net / autoencoder, transformers CLIPTextModel) is fed the checkpoint file's own
+The torch side (labml U-Net / autoencoder, transformers CLIPTextModel; for SD 2.x diffusers' U-Net and the
+OpenCLIP tower loaded through diffusers' own conversions, `convert.torch_reference`) is fed the checkpoint file's own
 tensors (`reference`: its state dict; the EMA copies of the U-Net when the model was loaded with them), so
 everything between the file and the Flax parameters is checked: the key table, the layout rules, EMA
 selection and dtype upcasting. Each component first gets a "weights" row: the Flax parameters written back
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 
 from convert import torch_reference
-from convert.keys import key_table, to_compvis_layout
+from convert.keys import key_table, take_part, to_compvis_layout
 from convert.mapping import leaf_at, normalise_keys, params_to_state_dict
 from ldm_jax.stable_diffusion import StableDiffusion
 
@@ -55,15 +56,16 @@ def reference_weights(sd: StableDiffusion, component: str, reference) -> tuple[d
     U-Net's EMA copies if `sd` was loaded with them) and a Row comparing them with `sd`'s parameters."""
     ema = bool(sd.metadata.get("ema")) and component == "unet"
     weights, worst, worst_err = {}, "", 0.0
-    for entry in key_table(component, sd.params[component]):
+    for entry in key_table(component, sd.params[component], text_layout=sd.config.text.key_layout):
         key = entry.ema_key if ema else entry.key
         if key not in reference:
             return weights, Row(component, "weights vs file", float("inf"), 0.0, f"{key} missing from the file")
         want = np.asarray(reference[key], np.float32)
-        if want.size != np.prod(entry.compvis_shape):
+        if want.size != np.prod(entry.stored_shape):
             return weights, Row(component, "weights vs file", float("inf"), 0.0,
-                                f"{key}: shape {want.shape} in the file, {entry.compvis_shape} in the model")
-        weights[entry.key] = want = want.reshape(entry.compvis_shape)  # a Linear stored for a 1x1 conv
+                                f"{key}: shape {want.shape} in the file, {entry.stored_shape} in the model")
+        weights[entry.key] = want = want.reshape(entry.stored_shape)  # a Linear stored for a 1x1 conv
+        want = take_part(entry, want)  # q, k or v of an OpenCLIP in_proj
         err = rel_err(to_compvis_layout(entry, np.asarray(leaf_at(sd.params[component], entry.flax_path))), want)
         if not worst or not err <= worst_err:  # NaN counts as the worst
             worst, worst_err = key, err
@@ -88,7 +90,7 @@ def verify(sd: StableDiffusion, *, components=("unet", "vae", "text_encoder"), t
     for c in components:
         log(f"verifying {c} ...")
         if reference is None:
-            weights = params_to_state_dict({c: sd.params[c]})
+            weights = params_to_state_dict({c: sd.params[c]}, text_layout=sd.config.text.key_layout)
         else:
             weights, row = reference_weights(sd, c, normalise_keys(reference))
             rows.append(row)
@@ -115,8 +117,9 @@ def verify(sd: StableDiffusion, *, components=("unet", "vae", "text_encoder"), t
             else:
                 ids = sd.tokenize(["a photograph of an astronaut riding a horse", "a red circle, 8k, детально"])
                 want = ref(input_ids=torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
-                rows.append(Row(c, "last hidden state", rel_err(jax.jit(sd.encode_text)(sd.params, ids), want),
-                                tolerance))
+                skip = sd.config.text.skip_last_layers  # SD 2.x: the penultimate layer through the final LayerNorm
+                check = "last hidden state" if not skip else f"layer {sd.config.text.num_layers - skip} + final LN"
+                rows.append(Row(c, check, rel_err(jax.jit(sd.encode_text)(sd.params, ids), want), tolerance))
         del ref
         gc.collect()
     return rows

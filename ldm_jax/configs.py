@@ -95,6 +95,9 @@ class AutoencoderConfig:
         return 2 ** (len(self.channel_multipliers) - 1)
 
 
+TEXT_KEY_LAYOUTS = ("transformers", "open_clip")  # TextEncoderConfig.key_layout (`convert.keys.key_table`)
+
+
 @dataclass(frozen=True)
 class TextEncoderConfig:
     """The CLIP text tower (transformers `CLIPTextModel`; ViT-L/14 for SD 1.x)."""
@@ -113,6 +116,18 @@ class TextEncoderConfig:
     bos_token_id: int = 49406
     eos_token_id: int = 49407
     pad_token_id: int = 49407
+    # where a CompVis checkpoint keeps it: "transformers" (SD 1.x: cond_stage_model.transformer.text_model.*,
+    # transformers CLIPTextModel names) or "open_clip" (SD 2.x: cond_stage_model.model.*, OpenCLIP names with
+    # q, k and v packed in one in_proj); the Flax tree is the same either way
+    key_layout: str = "transformers"
+
+    def __post_init__(self):
+        if self.key_layout not in TEXT_KEY_LAYOUTS:
+            raise ValueError(f"text.key_layout must be one of {', '.join(map(repr, TEXT_KEY_LAYOUTS))} (the text "
+                             f"tower's names in CompVis checkpoints: SD 1.x / SD 2.x), got {self.key_layout!r}")
+
+
+PREDICTIONS = ("eps", "v")  # ScheduleConfig.prediction: what the U-Net is trained to output
 
 
 @dataclass(frozen=True)
@@ -123,7 +138,14 @@ class ScheduleConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     n_steps: int = 1000
-    prediction: str = "eps"  # SD 1.x predicts eps
+    # what the U-Net outputs: "eps" (the noise; SD 1.x, SD 2.x 512) or "v" (v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0,
+    # Salimans & Ho 2022; SD 2.x 768-v). Samplers always get eps (`pipelines.program.eps_from_output`).
+    prediction: str = "eps"
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"schedule.prediction must be one of {', '.join(map(repr, PREDICTIONS))} (diffusers' "
+                             f"prediction_type 'epsilon' / 'v_prediction'), got {self.prediction!r}")
 
 
 @dataclass(frozen=True)
@@ -176,6 +198,34 @@ def sd1_inpaint() -> ModelConfig:
     return ModelConfig(name="sd1-inpaint", unet=UNetConfig(in_channels=9))
 
 
+def _sd2_unet(**kw) -> UNetConfig:
+    """SD 2.x U-Net: SD 1.x's layout with 64-wide heads, Linear proj_in/out and a 1024-wide context."""
+    return UNetConfig(n_heads=None, d_head=64, d_cond=1024, use_linear_proj=True, **kw)
+
+
+def _open_clip_h() -> TextEncoderConfig:
+    """SD 2.x's text tower: OpenCLIP ViT-H/14's (24 layers, exact GELU), read at the penultimate layer, padded
+    with 0 (OpenCLIP's tokenizer)."""
+    return TextEncoderConfig(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, hidden_act="gelu",
+                             skip_last_layers=1, pad_token_id=0, key_layout="open_clip")
+
+
+def sd2() -> ModelConfig:
+    """Stable Diffusion 2.0 / 2.1 base (512x512, eps-prediction; `512-base-ema.ckpt`, `v2-1_512-ema-pruned`)."""
+    return ModelConfig(name="sd2", unet=_sd2_unet(), text=_open_clip_h())
+
+
+def sd2_v() -> ModelConfig:
+    """Stable Diffusion 2.0 / 2.1 at 768x768, v-prediction (`768-v-ema.ckpt`, `v2-1_768-ema-pruned`)."""
+    return ModelConfig(name="sd2-v", unet=_sd2_unet(), text=_open_clip_h(),
+                       schedule=ScheduleConfig(prediction="v"), image_size=768)
+
+
+def sd2_inpaint() -> ModelConfig:
+    """SD 2.0 inpainting (`512-inpainting-ema`): the SD 2.x base U-Net taking 9 channels."""
+    return ModelConfig(name="sd2-inpaint", unet=_sd2_unet(in_channels=9), text=_open_clip_h())
+
+
 def tiny() -> ModelConfig:
     """A tiny model with every kind of block, for tests (channels must stay multiples of 32 for GroupNorm)."""
     return ModelConfig(
@@ -202,7 +252,8 @@ def shapes() -> ModelConfig:
     )
 
 
-PRESETS = {"sd1": sd1, "sd1-inpaint": sd1_inpaint, "tiny": tiny, "shapes": shapes}
+PRESETS = {"sd1": sd1, "sd1-inpaint": sd1_inpaint, "sd2": sd2, "sd2-v": sd2_v, "sd2-inpaint": sd2_inpaint,
+           "tiny": tiny, "shapes": shapes}
 
 
 def preset(name: str) -> ModelConfig:

@@ -7,21 +7,26 @@ the file's pages plus one set of parameters.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from convert.detect import infer_config
+from convert.detect import infer_config, prediction_note
 from convert.errors import CheckpointError
 from convert.mapping import normalise_keys, state_dict_to_params
+from convert.prediction import check_prediction, with_prediction
 from convert.readers import read_state_dict
 from ldm_jax.configs import ModelConfig
 from ldm_jax.models.build import abstract_params
 from ldm_jax.stable_diffusion import StableDiffusion, as_dtype
 
 CONFIG_METADATA_KEY = "ldm_jax.config"  # safetensors __metadata__ entry written by `ldm-jax export`
+# __metadata__ entries of `ldm-jax export --vae/--lora`: what was baked into the weights (the loras entry is JSON)
+BAKED_HEADER_KEYS = {"vae": "ldm_jax.vae", "vae_sha256": "ldm_jax.vae_sha256", "loras": "ldm_jax.loras"}
 # The small model ldm-jax trains and ships (scripts/train_shapes_model.py), used when no checkpoint is given.
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes", "model.safetensors")
 
@@ -41,11 +46,28 @@ def file_config(path: str) -> ModelConfig | None:
     return None
 
 
+def baked_in(header) -> dict:
+    """What a safetensors `__metadata__` written by `ldm-jax export --vae/--lora` says was baked into the weights:
+    {"vae": file name, "vae_sha256": hex, "loras": [{"name", "scale", "sha256"}]}, only the entries it has (a
+    damaged loras entry is left out: it labels the weights, it does not describe them)."""
+    out = {name: header[key] for name, key in BAKED_HEADER_KEYS.items() if key in (header or {})}
+    if "loras" in out:
+        try:
+            out["loras"] = json.loads(out["loras"])
+        except ValueError:
+            out["loras"] = None
+        if not isinstance(out["loras"], list):
+            del out["loras"]
+    return out
+
+
 def load_state_dict_model(state_dict, *, config: ModelConfig | None = None, ema: bool | None = None,
-                          param_dtype="float32", allow_unexpected=False, allow_nonfinite=False, progress=True):
-    """A CompVis state dict -> (config, params, MappingReport)."""
+                          param_dtype="float32", allow_unexpected=False, allow_nonfinite=False, progress=True,
+                          prediction: str | None = None):
+    """A CompVis state dict -> (config, params, MappingReport). prediction: "eps" / "v" instead of the config's
+    (an inferred SD 2.x config then also takes that flavour's name and resolution: `convert.detect.infer_config`)."""
     state_dict = normalise_keys(state_dict)
-    config = config or infer_config(state_dict)
+    config = with_prediction(config, prediction) if config else infer_config(state_dict, prediction)
     shapes = abstract_params(config)
     total = len(jax.tree_util.tree_leaves(shapes))
     # disable=None: bars only on a terminal (no progress noise in logs or in one-line errors)
@@ -59,7 +81,7 @@ def load_state_dict_model(state_dict, *, config: ModelConfig | None = None, ema:
 def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, param_dtype="float32", dtype="float32",
          config: ModelConfig | None = None, attention_impl: str = "auto", allow_unexpected: bool = False,
          allow_nonfinite: bool = False, progress: bool = False,
-         vae: str | os.PathLike | None = None, loras=None) -> StableDiffusion:
+         vae: str | os.PathLike | None = None, loras=None, prediction: str | None = None) -> StableDiffusion:
     """Load Stable Diffusion weights.
 
     path: a CompVis `.ckpt` / `.safetensors` file, or a directory written by `ldm-jax convert`; None: the small
@@ -68,6 +90,12 @@ def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, para
     param_dtype: dtype of the loaded parameters (fp16/bf16 files are upcast; default fp32).
     dtype: compute dtype of the modules (e.g. "bfloat16" on GPU/TPU).
     config: override the architecture inferred from tensor shapes (e.g. the tiny test preset).
+    progress: progress bars on a terminal, and for an SD 2.x file whose config is inferred one line on stderr saying
+        which prediction type (eps or v) was inferred and why (also in `metadata["prediction_note"]`).
+    prediction: "eps" or "v": what the U-Net predicts, instead of the config's. SD 2.x files do not say: the 768x768
+        models predict v, the 512x512 ones eps, and an inferred config follows ComfyUI's weight test
+        (`convert.prediction`); this overrides it (an inferred SD 2.x config then also takes the name and
+        resolution of that flavour: sd2 512 / sd2-v 768).
     vae: a standalone CompVis-layout autoencoder file (.safetensors / .ckpt, e.g.
         `vae-ft-mse-840000-ema-pruned.safetensors`, or a full SD checkpoint's first_stage_model.*) whose weights
         replace the model's `vae` (`convert.vae_file`); its base name is recorded in `metadata["vae"]`.
@@ -75,6 +103,7 @@ def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, para
         W += scale * alpha / rank * up @ down for each module (`convert.lora`); recorded in `metadata["loras"]`.
     """
     as_dtype(param_dtype), as_dtype(dtype)  # a bad name fails here, before gigabytes are read
+    check_prediction(prediction)
     if path is None:
         if not os.path.exists(DEFAULT_MODEL):
             raise CheckpointError("the bundled default model is missing from this install; pass a checkpoint path")
@@ -95,10 +124,13 @@ def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, para
         from convert.orbax_io import read_converted
 
         sd = read_converted(path, ema=ema, param_dtype=param_dtype, dtype=dtype, attention_impl=attention_impl)
+        predicting = with_prediction(sd.config, prediction)
+        if predicting is not sd.config:
+            sd = sd.replace(config=predicting)
     else:
         sd = _load_file(path, ema=ema, param_dtype=param_dtype, dtype=dtype, config=config,
                         attention_impl=attention_impl, allow_unexpected=allow_unexpected,
-                        allow_nonfinite=allow_nonfinite, progress=progress)
+                        allow_nonfinite=allow_nonfinite, progress=progress, prediction=prediction)
     if vae is not None:
         sd = swap_vae(sd, vae, allow_unexpected=allow_unexpected, allow_nonfinite=allow_nonfinite)
     if loras:
@@ -118,16 +150,23 @@ def _declared_config(path: str) -> ModelConfig | None:
 
 
 def _load_file(path: str, *, ema, param_dtype, dtype, config, attention_impl, allow_unexpected, allow_nonfinite,
-               progress) -> StableDiffusion:
+               progress, prediction=None) -> StableDiffusion:
     """A CompVis .ckpt / .safetensors file -> StableDiffusion (`load`'s file case)."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
     config = config or file_config(path)
     state_dict = read_state_dict(path)
+    note = None if config else prediction_note(normalise_keys(state_dict), prediction)
+    if note and progress:
+        print(f"{os.path.basename(path)}: {note}", file=sys.stderr, flush=True)
     config, params, report = load_state_dict_model(
         state_dict, config=config, ema=ema, param_dtype=param_dtype, allow_unexpected=allow_unexpected,
-        allow_nonfinite=allow_nonfinite, progress=progress)
+        allow_nonfinite=allow_nonfinite, progress=progress, prediction=prediction)
     meta = {"source": os.path.basename(path), "kind": config.name, "ema": report.used_ema,
-            "report": report.summary()}
+            "report": report.summary(), **({"prediction_note": note} if note else {})}
+    if path.endswith(".safetensors"):  # an `ldm-jax export --vae/--lora` names what it baked in (PNG text)
+        from convert.safetensors_io import read_safetensors
+
+        meta.update(baked_in(read_safetensors(path)[1]))
     return StableDiffusion(config, params, dtype=dtype, attention_impl=attention_impl, metadata=meta)
 

@@ -100,7 +100,9 @@ class StableDiffusion:
         return self.modules["text_encoder"].apply({"params": params["text_encoder"]}, jnp.asarray(ids, jnp.int32))
 
     def predict_noise(self, params, x, t, ctx):
-        """eps_theta(x_t, t, c): x [B, h, w, C], t int32 [B] (or a scalar), ctx [B, S, d] -> [B, h, w, 4] fp32."""
+        """The U-Net's output at (x_t, t, c): eps_theta, or v for a v-prediction model (`config.schedule.prediction`;
+        `pipelines.program.eps_from_output` converts it). x [B, h, w, C], t int32 [B] (or a scalar), ctx [B, S, d]
+        -> [B, h, w, 4] fp32."""
         t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))
         return self.modules["unet"].apply({"params": params["unet"]}, x, t, ctx)
 

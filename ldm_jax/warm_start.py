@@ -41,6 +41,10 @@ def load_while_compiling(path, mode: str, prompts, *, dtype="float32", attention
     it just loads). Returns the model, holding that program when it matched, and `compile_while`'s timings."""
     load_kwargs = dict(load_kwargs or {}, dtype=dtype, attention_impl=attention_impl)
     config = None if load_kwargs.get("config") else peek_config(path)
+    if config is not None and load_kwargs.get("prediction"):  # load() gives the loaded model this prediction too
+        from convert.prediction import with_prediction
+
+        config = with_prediction(config, load_kwargs["prediction"])
     if config is None:
         t0 = time.perf_counter()
         sd = load(path, **load_kwargs)

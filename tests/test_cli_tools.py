@@ -81,7 +81,7 @@ def test_export_refuses_bad_paths_before_reading_weights(tiny_file, tmp_path, mo
     monkeypatch.setattr(convert.orbax_io, "read_converted", lambda *a, **k: pytest.fail("weights read first"))
     cases = [(conv, tmp_path / "missing" / "a.safetensors", "does not exist"),
              (tmp_path / "nope", tmp_path / "a.safetensors", "nope: no such directory"),
-             (tiny_file, tmp_path / "a.safetensors", "is a file; export takes a directory written by"),
+             (tiny_file, tiny_file, "is the source file"),
              (conv, tmp_path, "is a directory")]
     for src, out, message in cases:
         assert main(["export", str(src), str(out)]) == 2

@@ -7,10 +7,8 @@ the point (torch not importable). Bad inputs are in test_convert_bad_input.py.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-import io
 import json
 import os
 import subprocess
@@ -31,9 +29,9 @@ from convert.safetensors_io import read_safetensors, write_safetensors
 from convert.torch_reference import build, random_state_dict
 from ldm_jax import configs
 from ldm_jax.cli.cmd_convert import compvis_schedule_buffers
-from ldm_jax.cli.main import main
 from ldm_jax.configs import ModelConfig, UNetConfig
 from ldm_jax.loading import CONFIG_METADATA_KEY
+from tests.cli_run import cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = configs.tiny()
@@ -61,14 +59,6 @@ def save_ckpt(path, state_dict, **extras) -> Path:
     sd = {k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v for k, v in state_dict.items()}
     torch.save({"state_dict": sd, "global_step": 1, "epoch": 0, **extras}, path)
     return Path(path)
-
-
-def cli(*argv) -> tuple[int, str, str]:
-    """Run `ldm-jax ARGV` in-process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def leftovers(out_dir: Path) -> list[str]:

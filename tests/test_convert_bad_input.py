@@ -134,10 +134,10 @@ CASES = {
         "unexpected tensor(s), e.g. model.diffusion_model.extra.weight"),
     "SD 2.x (OpenCLIP)": (lambda d: save_safetensors(d / "m.safetensors", _modified(
         **{"cond_stage_model.model.token_embedding.weight": np.ones((4, 8), np.float32)})), [],
-        "SD 2.x checkpoints are not supported yet"),
+        "two text encoders"),
     "SD 2.x (1024-wide context)": (lambda d: save_safetensors(d / "m.safetensors", _modified(
         **{"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight":
-           np.ones((32, 1024), np.float32)})), [], "SD 2.x checkpoints are not supported yet"),
+           np.ones((32, 1024), np.float32)})), [], "incomplete SD 2.x checkpoint"),
     "SDXL": (lambda d: save_safetensors(d / "m.safetensors", _modified(
         **{"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": np.ones(8, np.float32)})), [],
         "SDXL checkpoints are not supported yet"),
@@ -375,7 +375,7 @@ def test_empty_paths_are_named(tmp_path, converted):
     _, src = converted
     for argv, needle in ((("convert", src, ""), "output directory path is empty"),
                          (("convert", "", tmp_path / "o"), "source file path is empty"),
-                         (("export", "", tmp_path / "o.safetensors"), "converted directory path is empty")):
+                         (("export", "", tmp_path / "o.safetensors"), "the source path is empty")):
         rc, stdout, err = cli(*argv)
         assert rc == 2 and stdout == ""
         assert_failed(rc, err, None, needle)

@@ -9,9 +9,7 @@ the identical tensor. The merge is checked against kohya's formula computed with
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import os
 
 import numpy as np
@@ -28,6 +26,7 @@ from convert.readers import read_state_dict
 from convert.safetensors_io import write_safetensors
 from ldm_jax import configs
 from ldm_jax.cli.main import main
+from tests.cli_run import cli
 
 TINY = configs.tiny()
 # level 0 without attention and 2 resnets a level: the other index rules (upsampler conv at .1, n_res + 1 = 3)
@@ -222,16 +221,6 @@ def test_parse_lora_arg(tmp_path):
     for bad in ("a.safetensors:1.2.3", ":0.5", "a.safetensors:1e999"):
         with pytest.raises(ValueError):
             parse_lora_arg(bad)
-
-
-def cli(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as e:  # argparse's one-line usage error
-            rc = e.code
-    return rc, out.getvalue(), err.getvalue()
 
 
 def _txt2img(files, out, *extra):

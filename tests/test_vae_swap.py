@@ -9,8 +9,6 @@ the VAE file's own tensors: <= 1e-5 (DESIGN.md §5, as tests/test_parity_models.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 
@@ -33,6 +31,7 @@ from ldm_jax.pipelines import Timings, txt2img
 from ldm_jax.pipelines.generate import adopt_programs
 from ldm_jax.warm_start import load_while_compiling
 from tests.parity import nchw, nhwc, rel_err
+from tests.cli_run import cli
 
 TINY = configs.tiny()
 PREFIX = "first_stage_model."
@@ -78,13 +77,6 @@ def assert_same(a, b) -> None:
     assert la.keys() == lb.keys()
     for k in la:
         np.testing.assert_array_equal(la[k], lb[k], err_msg=k)
-
-
-def cli(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.mark.parametrize("kind", ["bare", "prefixed", "ckpt"])

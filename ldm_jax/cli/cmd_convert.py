@@ -1,19 +1,25 @@
 """`ldm-jax convert SRC OUT_DIR`: a CompVis .ckpt/.safetensors -> an ldm-jax converted (orbax) directory.
 
     ldm-jax convert sd-v1-4.ckpt sd-v1-4/ [--ema/--no-ema] [--dtype fp32|bf16|fp16] [--vae VAE_FILE]
-                    [--preset NAME | --config CONFIG.json] [--allow-unexpected] [--allow-nonfinite] [--overwrite]
+                    [--lora FILE[:SCALE] ...] [--preset NAME | --config CONFIG.json] [--prediction eps|v]
+                    [--allow-unexpected] [--allow-nonfinite] [--overwrite]
 
-Steps: read the file torch-free (`convert.readers`: memory-mapped, no code from the file runs), recognise the
-model kind (SD 1.x and the 9-channel inpainting U-Net; SD 2.x / SDXL are refused by name), infer the
-architecture (or take --preset / --config / the config an `ldm-jax export` stored), compare the schedule buffers
+Steps: read the file torch-free (`convert.readers`: memory-mapped, no code from the file runs), recognise the model
+kind (SD 1.x, SD 2.x and their 9-channel inpainting U-Nets; SDXL is refused by name), infer the architecture (or
+take --preset / --config / the config an `ldm-jax export` stored; SD 2.x's eps- or v-prediction is guessed from the
+weights, `convert.prediction`, and printed with the reason; --prediction overrides), compare the schedule buffers
 the file carries with the recomputed schedule (a warning per differing buffer), hash the file (sha256), map every
 tensor strictly (`convert.mapping`), with --vae replace the autoencoder by a standalone VAE file's
-(`convert.vae_file`; its name, sha256 and report go into metadata.json as "vae", "vae_sha256", "vae_report") and
-write the directory atomically (`convert.orbax_io`).
+(`convert.vae_file`), with --lora merge kohya-ss LoRAs into the weights (`convert.lora`, as `ldm_jax.load(loras=)`
+does; before a narrower --dtype they are merged into the wider weights and rounded once: `ldm_jax.cli.bake`) and
+write the directory atomically (`convert.orbax_io`). metadata.json records what was baked in: "vae", "vae_sha256",
+"vae_report" (the VAE file's mapping counts) and "loras" ([{"name", "scale", "sha256"}]); a source exported with a
+VAE or LoRAs baked in keeps its record (a new --vae replaces it, new LoRAs follow its LoRAs).
 
 Memory: tensors are converted one at a time from the memory-mapped file, placed on the CPU as jax arrays (which
 orbax writes without another copy), and the file's pages of each converted tensor are dropped from this
-process's resident set, so the peak is about one copy of the parameters (in the stored dtype) plus one tensor.
+process's resident set, so the peak is about one copy of the parameters (in the stored dtype; with --lora and a
+narrower --dtype, in the file's dtype, plus the narrower copy) plus one tensor.
 The command keeps jax on the CPU (no GPU context or preallocated GPU memory) when nothing initialised it before.
 """
 
@@ -43,11 +49,14 @@ def add_parser(subparsers, name: str, help: str) -> None:
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="use the EMA U-Net weights (model_ema.*); default: when the file has them, as CompVis does")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="stored parameter dtype (default fp32)")
-    p.add_argument("--vae", metavar="VAE_FILE", help="bake in a standalone CompVis-layout autoencoder (.safetensors/"
-                   ".ckpt, e.g. vae-ft-mse-840000-ema-pruned.safetensors) instead of SRC's own")
+    from ldm_jax.cli import bake
+
+    bake.add_arguments(p)
     arch = p.add_mutually_exclusive_group()
     arch.add_argument("--preset", choices=sorted(PRESETS), help="architecture preset instead of inferring it")
     arch.add_argument("--config", metavar="CONFIG.json", help="architecture (ModelConfig JSON) instead of inferring it")
+    p.add_argument("--prediction", choices=("eps", "v"), help="what the U-Net predicts, instead of what the config "
+                   "says or is inferred (SD 2.x files do not say: the 768x768 models predict v, the 512x512 ones eps)")
     p.add_argument("--allow-unexpected", action="store_true", help="ignore tensors the model does not use")
     p.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty OUT_DIR (atomically)")
@@ -90,14 +99,19 @@ def run(args) -> int:
     cpu_only_unless_initialised()
     metadata, report = convert_checkpoint(
         args.src, args.out_dir, ema=args.ema, dtype=args.dtype, config=config_from_args(args.preset, args.config),
+        prediction=args.prediction,
         allow_unexpected=args.allow_unexpected, allow_nonfinite=args.allow_nonfinite, overwrite=args.overwrite,
         progress=args.progress, warn=lambda msg: print(f"ldm-jax convert: warning: {msg}", file=sys.stderr),
-        vae=args.vae)
+        vae=args.vae, loras=args.lora)
     print(f"converted {args.src} -> {args.out_dir}: {metadata['kind']}, "
           f"{'EMA' if metadata['ema'] else 'raw'} U-Net, {metadata['dtype']}, sha256 {metadata['source_sha256']}")
+    if metadata.get("prediction_note"):  # an inferred SD 2.x config: eps or v, and why
+        print(metadata["prediction_note"])
     print(report.summary())
-    if args.vae:
-        print(f"VAE from {args.vae} (sha256 {metadata['vae_sha256']}):\n{metadata['vae_report_text']}")
+    from ldm_jax.cli import bake
+
+    for line in bake.describe(args.vae, args.lora, metadata, metadata.get("vae_report_text")):
+        print(line)
     return 0
 
 
@@ -107,24 +121,32 @@ def run(args) -> int:
 def convert_checkpoint(src, out_dir, *, ema: bool | None = None, dtype: str = "fp32",
                        config: ModelConfig | None = None, allow_unexpected: bool = False,
                        allow_nonfinite: bool = False, overwrite: bool = False, progress: bool | None = None,
-                       warn=None, vae: str | os.PathLike | None = None):
+                       warn=None, vae: str | os.PathLike | None = None, loras=(), prediction: str | None = None):
     """Convert `src` into the directory `out_dir`; returns (metadata written, MappingReport of `src`).
 
     warn(message) receives one line per schedule buffer that differs from the recomputed schedule.
     vae: a standalone VAE file whose weights replace `src`'s autoencoder (`convert.vae_file`); the metadata then
     names it ("vae", "vae_sha256", "vae_report"; the returned dict also has "vae_report_text", not written).
+    loras: kohya-ss LoRA files merged into the weights, [(path, scale), ...] or bare paths, in order
+    (`convert.lora.apply_loras`); the metadata lists them ("loras": [{"name", "scale", "sha256"}]).
+    prediction: "eps" or "v" instead of the config's (`convert.prediction`); an SD 2.x file whose config is inferred
+    gets "prediction_note" in the metadata: which prediction type and why.
     """
     import jax
     from tqdm.auto import tqdm
 
-    from convert.detect import detect_kind, infer_config
+    from convert.detect import detect_kind, infer_config, prediction_note
+    from convert.prediction import with_prediction
+    from convert.lora import apply_loras, normalise_loras
     from convert.mapping import has_ema, normalise_keys, state_dict_to_params
     from convert.orbax_io import check_output_dir, write_converted
     from convert.readers import read_state_dict
-    from convert.vae_file import check_vae_file, report_counts, vae_params
+    from convert.vae_file import report_counts, vae_params
     from ldm_jax import __version__
+    from ldm_jax.cli import bake
     from ldm_jax.loading import as_dtype, file_config
     from ldm_jax.models.build import abstract_params
+    from ldm_jax.stable_diffusion import StableDiffusion
 
     src, out_dir = os.fspath(src), os.fspath(out_dir)
     if not src:
@@ -132,16 +154,17 @@ def convert_checkpoint(src, out_dir, *, ema: bool | None = None, dtype: str = "f
     if dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     check_output_dir(out_dir, overwrite)
-    if vae is not None:  # missing, unreadable or diffusers-layout: refused before SRC is read
-        vae = os.fspath(vae)
-        check_vae_file(vae)
+    vae = None if vae is None else os.fspath(vae)
+    loras = normalise_loras(loras)
+    bake.check_files(vae, loras)  # missing, unreadable, diffusers-layout, not a kohya LoRA: before SRC is read
     if os.path.commonpath([os.path.abspath(src), os.path.abspath(out_dir)]) == os.path.abspath(out_dir):
         raise UserError(f"{src}: the source file is inside OUT_DIR {out_dir}; choose another OUT_DIR")
     state_dict = normalise_keys(read_state_dict(src))
     kind = detect_kind(state_dict)
-    config = config or file_config(src) or infer_config(state_dict)
-    if vae is not None:  # its shapes against the architecture, before hashing and converting
-        check_vae_file(vae, config)
+    declared = config or file_config(src)
+    config = with_prediction(declared, prediction) if declared else infer_config(state_dict, prediction)
+    note = None if declared else prediction_note(state_dict, prediction)  # SD 2.x: eps or v, and why
+    bake.check_files(vae, loras, config)  # their shapes against the architecture, before hashing and converting
     for message in schedule_warnings(state_dict, config.schedule):
         (warn or print)(message)
     size = os.path.getsize(src)
@@ -151,21 +174,27 @@ def convert_checkpoint(src, out_dir, *, ema: bool | None = None, dtype: str = "f
     ema_available = has_ema(state_dict)
     shapes = abstract_params(config)
     cpu = jax.devices("cpu")[0]
+    place = lambda a: jax.device_put(a, cpu)  # noqa: E731
+    target = np.dtype(as_dtype(DTYPES[dtype]))
+    work = bake.work_dtype(target, bake.stored_dtype(state_dict), loras)  # merge LoRAs before narrowing
     with tqdm(total=len(jax.tree_util.tree_leaves(shapes)), desc="converting", unit="tensor", disable=not show,
               leave=False) as bar:
         params, report = state_dict_to_params(
-            state_dict, shapes, ema=ema, dtype=np.dtype(as_dtype(DTYPES[dtype])), allow_unexpected=allow_unexpected,
-            allow_nonfinite=allow_nonfinite, place=lambda a: jax.device_put(a, cpu), progress=lambda _: bar.update())
-    extra = {}
+            state_dict, shapes, ema=ema, dtype=work, allow_unexpected=allow_unexpected,
+            allow_nonfinite=allow_nonfinite, place=place, progress=lambda _: bar.update())
+    extra = bake.record(vae, loras, bake.earlier_record(src), show)
     if vae is not None:
-        params["vae"], vae_report = vae_params(
-            vae, shapes["vae"], dtype=np.dtype(as_dtype(DTYPES[dtype])), place=lambda a: jax.device_put(a, cpu),
-            allow_unexpected=allow_unexpected, allow_nonfinite=allow_nonfinite)
-        extra = {"vae": os.path.basename(vae), "vae_sha256": sha256_file(vae, show),
-                 "vae_report": report_counts(vae_report)}
+        params["vae"], vae_report = vae_params(vae, shapes["vae"], dtype=work, place=place,
+                                               allow_unexpected=allow_unexpected, allow_nonfinite=allow_nonfinite)
+        extra["vae_report"] = report_counts(vae_report)
+    if loras:
+        params = apply_loras(StableDiffusion(config, params), loras).params
+        if work != target:
+            params = bake.cast_params(params, target, place)
     metadata = {
         "source": os.path.basename(src), "source_size": size, "source_sha256": digest, "kind": kind,
         "config_name": config.name, "ema": report.used_ema, "ema_available": ema_available,
+        **({"prediction_note": note} if note else {}),
         "ldm_jax_version": __version__, "converter": "ldm-jax convert",
         "report": report_counts(report), **extra,
     }

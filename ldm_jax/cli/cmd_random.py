@@ -37,7 +37,8 @@ def run(args) -> int:
         raise UserError(f"--seed must be a non-negative integer, got {args.seed}")
     check_output_path(args.out)  # before the weights (SD 1.x: ~20 s and 4 GB)
     config = preset(args.preset)
-    state_dict = params_to_state_dict(random_params(config, args.seed), dtype=_STORE[args.dtype])
+    state_dict = params_to_state_dict(random_params(config, args.seed), dtype=_STORE[args.dtype],
+                                      text_layout=config.text.key_layout)
     write_safetensors(args.out, state_dict, {CONFIG_METADATA_KEY: config.to_json(), "format": "pt"})
     print(f"wrote {args.out}: random {config.name} weights ({len(state_dict)} tensors, {args.dtype}, seed {args.seed})")
     return 0

@@ -49,8 +49,11 @@ def add_parser(sub, name, help_):
     from convert.lora import lora_arg  # numpy: imported when the parser is built, not by `import ldm_jax.cli`
 
     p.add_argument("--lora", metavar="FILE[:SCALE]", action="append", type=lora_arg, help="merge a kohya-ss "
-                   "LoRA/LoCon file (lora_unet_*/lora_te_*) into the weights with SCALE (default 1.0); repeatable; "
-                   "the files and scales go into the PNG text")
+                   "LoRA/LoCon or LyCORIS (LoHa/LoKr) file (lora_unet_*/lora_te_*) into the weights with SCALE "
+                   "(default 1.0); repeatable; the files and scales go into the PNG text")
+    p.add_argument("--prediction", choices=("eps", "v"), help="what the U-Net predicts, instead of what the "
+                   "checkpoint says or (SD 2.x files, which do not say) what its weights suggest: the 768x768 SD 2.x "
+                   "models predict v, the 512x512 ones eps (default: the checkpoint's)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="text prompt")
     source.add_argument("--from-file", metavar="FILE", help="a UTF-8 text file of prompts, one a line (blank lines "
@@ -275,7 +278,7 @@ def run(args) -> int:
         from convert.vae_file import check_vae_file
 
         check_vae_file(args.vae, config)
-    from convert.lora import check_lora_file, describe_loras
+    from convert.lora import check_lora_file, describe_merged
 
     for lora, _ in args.lora or []:  # likewise a LoRA that is missing, not kohya's, or (config known) misfits
         check_lora_file(lora, config)
@@ -302,7 +305,8 @@ def run(args) -> int:
     t0 = time.perf_counter()
     if config is None:
         print(f"loading {name} ...", flush=True)
-        sd = ldm_jax.load(args.checkpoint, dtype=args.dtype, progress=True, vae=args.vae, loras=args.lora)
+        sd = ldm_jax.load(args.checkpoint, dtype=args.dtype, progress=True, vae=args.vae, loras=args.lora,
+                          prediction=args.prediction)
         ahead = None
         print(f"loaded {sd.config.name} in {time.perf_counter() - t0:.1f}s", flush=True)
     # the loaded weights, else the shapes the warm start compiles against (cached per config: no extra work)
@@ -313,7 +317,8 @@ def run(args) -> int:
         with _out_of_memory_as_one_line(args, request, len(texts)):
             sd, ahead = load_while_compiling(args.checkpoint, args.mode, prompts, dtype=args.dtype,
                                              progress=progress, load_kwargs={"progress": True, "vae": args.vae,
-                                                                         "loras": args.lora},
+                                                                         "loras": args.lora,
+                                                                         "prediction": args.prediction},
                                              **request)
         print(f"loaded {sd.config.name} in {ahead.extra['load_s']:.1f}s; program ready in {ahead.compile:.1f}s"
               f"{_PROGRAM_SOURCE.get(ahead.extra.get('program_cache'), '')} "
@@ -330,7 +335,7 @@ def run(args) -> int:
             "mode": args.mode, "strength": getattr(args, "strength", None),
             "checkpoint": os.path.basename(os.path.normpath(args.checkpoint or DEFAULT_MODEL)),
             "vae": os.path.basename(args.vae) if args.vae else sd.metadata.get("vae"), "dtype": args.dtype,
-            "loras": describe_loras(args.lora or []), "generator": "ldm-jax"}
+            "loras": describe_merged(sd.metadata), "generator": "ldm-jax"}
     plan = parallel.plan_batch(total)
     indices = [i for i in plan.local_indices if i < total]
     for path in _save(args, meta, prompts, indices, images, multi):

@@ -1,7 +1,9 @@
 """`ldm-jax verify SRC`: check a checkpoint's Flax outputs against the torch reference.
 
 Loads SRC (CompVis .ckpt / .safetensors, or a converted directory) with `ldm_jax.load`, builds the torch
-reference (labml U-Net and autoencoder, transformers CLIPTextModel) with the file's own tensors, runs every
+reference (labml U-Net and autoencoder, transformers CLIPTextModel; for SD 2.x, whose U-Net labml cannot build,
+diffusers' UNet2DConditionModel, and the OpenCLIP text tower as a CLIPTextModel, both through diffusers' own
+single-file conversions) with the file's own tensors, runs every
 component on random inputs in fp32 and prints the max relative error of each output; for a file, a "weights"
 row per component also compares the loaded parameters with the file's tensors and names the one that differs
 most (a converted directory's torch side gets its own parameters: the source file is not at hand). Exit

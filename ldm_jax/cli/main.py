@@ -20,7 +20,8 @@ from ldm_jax.cli.interrupts import redeliver_dropped_interrupts
 # (command, module, one-line help)
 COMMANDS = [
     ("convert", "cmd_convert", "convert a CompVis .ckpt/.safetensors into an ldm-jax (orbax) directory"),
-    ("export", "cmd_export", "write a converted directory back to a CompVis-layout .safetensors"),
+    ("export", "cmd_export", "write a converted directory or a CompVis checkpoint file as one CompVis .safetensors "
+                             "(fp16, VAE/LoRA baked in)"),
     ("verify", "cmd_verify", "check a checkpoint's Flax outputs against the torch reference"),
     ("random-checkpoint", "cmd_random", "write a random-weight CompVis checkpoint of a preset (demos, benchmarks)"),
     ("txt2img", "cmd_sample", "generate images from text prompts"),

@@ -6,6 +6,18 @@ guidance scale, eta, img2img strength (as the loop's start step) and the seed (p
 
 Guidance (Ho & Salimans 2022): eps = eps_u + s (eps_c - eps_u), with the unconditional and conditional
 rows interleaved ([x_0, x_0, x_1, x_1, ...]) so that a batch shard stays on its device.
+
+v-prediction models (`ScheduleConfig.prediction == "v"`, SD 2.x 768-v; Salimans & Ho 2022): the U-Net outputs
+v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0, and the samplers, which take eps, get eps = sqrt(ab_t) v + sqrt(1 - ab_t) x_t
+(`eps_from_output`). Guidance is applied to the U-Net's output, v or eps: the conversion is affine in the output
+with the same x_t and coefficients for both rows, so guiding v then converting equals converting both then guiding
+(the sqrt(1 - ab_t) x_t terms cancel in the difference), and it costs one conversion instead of two (diffusers also
+guides v). The t is the integer time step the U-Net gets, also for the k-samplers (dpmpp_2m, euler_a), which round
+their continuous sigma's t: converting with that t's alpha_bar inverts exactly what a v-model is told, so a v-model
+equals its eps-model twin whatever the sampler. diffusers' k-schedulers (and k-diffusion) convert with the
+continuous sigma instead: the same where the grid's t are integers (euler_a with S - 1 dividing T - 1), close
+elsewhere (1e-4 .. 2.5e-4 relative on tests/test_v_prediction.py's toy chains). PLMS thus combines eps, each
+converted at its own (x, t); diffusers' PNDMScheduler combines the raw v of different steps instead (not followed).
 """
 
 from __future__ import annotations
@@ -34,16 +46,36 @@ def _split_pairs(y):
     return y[:, 0], y[:, 1]
 
 
-def guided_eps_fn(sd, params, ctx, uncond_ctx, guidance, extra_channels=None):
+def eps_from_output(schedule, prediction: str, out, x, t):
+    """eps_theta(x_t, t) from the U-Net's output `out` at x_t = x [B, h, w, C] and integer t [B] (or a scalar):
+    `out` itself for an eps-prediction model (unchanged, bit for bit); for a v-prediction model
+    eps = sqrt(ab_t) v + sqrt(1 - ab_t) x_t in fp32 (from v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0 and
+    x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps; diffusers' DDIMScheduler `pred_epsilon` for "v_prediction")."""
+    if prediction == "eps":
+        return out
+    if prediction != "v":
+        raise ValueError(f"schedule.prediction must be 'eps' or 'v', got {prediction!r}")
+    t = jnp.asarray(t, jnp.int32)
+    shape = t.shape + (1,) * (x.ndim - t.ndim)
+    a = schedule.sqrt_alphas_cumprod[t].reshape(shape)
+    b = schedule.sqrt_one_minus_alphas_cumprod[t].reshape(shape)
+    return a * out.astype(jnp.float32) + b * x.astype(jnp.float32)
+
+
+def guided_eps_fn(sd, params, ctx, uncond_ctx, guidance, extra_channels=None, schedule=None):
     """eps(x, t) with classifier-free guidance; `extra_channels` [B, h, w, k] are concatenated to x
-    (the inpainting U-Net's mask and masked-image latents)."""
+    (the inpainting U-Net's mask and masked-image latents). A v-prediction model's guided output is converted to
+    eps (`eps_from_output`) with `schedule` (default: the model's own, `make_schedule(sd.config.schedule)`)."""
+    prediction = sd.config.schedule.prediction
+    if prediction != "eps" and schedule is None:
+        schedule = make_schedule(sd.config.schedule)
 
     def eps_fn(x, t):
         xin = x if extra_channels is None else jnp.concatenate([x, extra_channels.astype(x.dtype)], axis=-1)
         # rows [u0, c0, u1, c1, ...]
-        eps_u, eps_c = _split_pairs(sd.predict_noise(params, _interleave(xin, xin), jnp.repeat(t, 2),
+        out_u, out_c = _split_pairs(sd.predict_noise(params, _interleave(xin, xin), jnp.repeat(t, 2),
                                                      _interleave(uncond_ctx, ctx)))
-        return eps_u + guidance * (eps_c - eps_u)
+        return eps_from_output(schedule, prediction, out_u + guidance * (out_c - out_u), x, t)
 
     return eps_fn
 
@@ -116,7 +148,7 @@ def build_program(sd, *, mode: str, sampler: str, steps: int, output: str, laten
                     known = samplers.Known(z0, 1.0 - m_lat, _normal(streams[INIT_IMAGE_NOISE], (h, w, c)))
                 x_T = samplers.noise_to_start(sampler, schedule, z0, noise, steps, start_step)
                 start = start_step
-        eps_fn = guided_eps_fn(sd, params, ctx, uncond_ctx, guidance, extra)
+        eps_fn = guided_eps_fn(sd, params, ctx, uncond_ctx, guidance, extra, schedule)
         z = samplers.sample(sampler, eps_fn, x_T, schedule, streams[SAMPLER_NOISE], steps=steps, eta=eta,
                             start_step=start, progress=progress, known=known)
         if known is not None:

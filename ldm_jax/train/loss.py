@@ -13,6 +13,10 @@ t is uniform over the T table indices, the text encoder is frozen, and with prob
 context is replaced by the empty-prompt embedding (the SD 1.x/2.x recipe that makes classifier-free guidance work;
 diffusers' `--proportion_empty_prompts`).
 
+v-prediction (`ScheduleConfig.prediction == "v"`, SD 2.x 768-v; Salimans & Ho 2022, "Progressive Distillation for
+Fast Sampling of Diffusion Models", sec. 4): the same loss with the target v = sqrt(ab_t) eps - sqrt(1 - ab_t) z_0
+(`velocity`; diffusers' `DDPMScheduler.get_velocity`, used as the target by its train_text_to_image.py).
+
 Randomness is explicit and independent of how the batch is split over devices and hosts: example i of a step uses
 `fold_in(step_key, i)` with i its index in the step's global batch (micro-batch k of a K-step accumulation uses
 i = k * B + row), and splits that key into (t, noise, posterior sample, caption dropout).
@@ -102,13 +106,18 @@ def snr(schedule: Schedule, t: jax.Array) -> jax.Array:
     return ab / (1.0 - ab)
 
 
-def min_snr_weight(schedule: Schedule, t: jax.Array, gamma: float) -> jax.Array:
-    """Min-SNR-gamma loss weight of an eps-prediction loss, min(SNR_t, gamma) / SNR_t [B] (Hang et al. 2023,
-    "Efficient Diffusion Training via Min-SNR Weighting Strategy", eq. 7 with the eps target; diffusers'
-    `--snr_gamma`). SNR_t = alpha_bar_t / (1 - alpha_bar_t). Nearly noise-free steps (SNR_t > gamma), whose large
-    and noisy eps errors otherwise dominate the gradient, are down-weighted; noisy steps (layout, colour: where the
-    caption matters) keep weight 1."""
+def min_snr_weight(schedule: Schedule, t: jax.Array, gamma: float, prediction: str = "eps") -> jax.Array:
+    """Min-SNR-gamma loss weight [B] (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+    Strategy", eq. 7; diffusers' `--snr_gamma`): min(SNR_t, gamma) / SNR_t for the eps target, and
+    min(SNR_t, gamma) / (SNR_t + 1) for the v target (diffusers' train_text_to_image.py, kohya sd-scripts'
+    apply_snr_weight): at a fixed x_t, ||eps - eps_theta||^2 = SNR_t ||x_0 - x0_theta||^2 and ||v - v_theta||^2 =
+    (SNR_t + 1) ||x_0 - x0_theta||^2, so both weigh the x_0 error by min(SNR_t, gamma).
+    SNR_t = alpha_bar_t / (1 - alpha_bar_t). Nearly noise-free steps (SNR_t > gamma), whose large and noisy eps
+    errors otherwise dominate the gradient, are down-weighted; with eps, noisy steps (layout, colour: where the
+    caption matters) keep weight 1 (with v they get SNR_t / (SNR_t + 1): 0.005 at t = 999 of SD's schedule)."""
     snr_t = snr(schedule, t)
+    if _check_prediction(prediction) == "v":
+        return jnp.minimum(snr_t, gamma) / (snr_t + 1.0)
     return jnp.minimum(snr_t, gamma) / snr_t
 
 
@@ -119,18 +128,44 @@ def debiased_weight(schedule: Schedule, t: jax.Array) -> jax.Array:
     return jax.lax.rsqrt(jnp.minimum(snr(schedule, t), 1000.0))
 
 
-def diffusion_loss(eps_fn: Callable, schedule: Schedule, z0: jax.Array, t: jax.Array, noise: jax.Array,
-                   ctx: jax.Array, snr_gamma: float | None = None, debiased: bool = False) -> jax.Array:
-    """mean || noise - eps_fn(q_sample(z0, t, noise), t, ctx) ||^2 in fp32 (the L_simple of the module docstring);
-    with `snr_gamma` each example's mean squared error is weighted by `min_snr_weight` first, with `debiased` (also)
-    by `debiased_weight`.
+def _check_prediction(prediction: str) -> str:
+    if prediction not in ("eps", "v"):
+        raise ValueError(f"schedule.prediction must be 'eps' or 'v', got {prediction!r}")
+    return prediction
 
-    eps_fn(x_t, t, ctx) -> predicted noise; z0, noise [B, h, w, C]; t int32 [B]; ctx [B, S, d]."""
+
+DEBIASED_V_REFUSED = ("--debiased-loss is for eps-prediction models only: this model predicts v, where its weight is "
+                      "unsettled (kohya sd-scripts applies the eps weight 1/sqrt(SNR); its issue #1058 and PR #1715 "
+                      "propose 1/(SNR+1)); train without --debiased-loss")
+
+
+def velocity(schedule: Schedule, z0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+    """The v-prediction target v = sqrt(ab_t) eps - sqrt(1 - ab_t) z_0 [B, h, w, C] in fp32 (Salimans & Ho 2022;
+    diffusers `DDPMScheduler.get_velocity`). z0, noise [B, h, w, C]; t int [B]."""
+    t = jnp.asarray(t, jnp.int32)
+    shape = t.shape + (1,) * (z0.ndim - t.ndim)
+    a = schedule.sqrt_alphas_cumprod[t].reshape(shape)
+    b = schedule.sqrt_one_minus_alphas_cumprod[t].reshape(shape)
+    return a * noise.astype(jnp.float32) - b * z0.astype(jnp.float32)
+
+
+def diffusion_loss(eps_fn: Callable, schedule: Schedule, z0: jax.Array, t: jax.Array, noise: jax.Array,
+                   ctx: jax.Array, snr_gamma: float | None = None, debiased: bool = False,
+                   prediction: str = "eps") -> jax.Array:
+    """mean || target - eps_fn(q_sample(z0, t, noise), t, ctx) ||^2 in fp32 (the L_simple of the module docstring)
+    with target = noise (prediction "eps") or `velocity(schedule, z0, t, noise)` (prediction "v"); with `snr_gamma`
+    each example's mean squared error is weighted by `min_snr_weight` (of that prediction) first, with `debiased`
+    (also) by `debiased_weight` (eps only: a ValueError for v, see DEBIASED_V_REFUSED).
+
+    eps_fn(x_t, t, ctx) -> the U-Net's output (eps or v); z0, noise [B, h, w, C]; t int32 [B]; ctx [B, S, d]."""
+    if _check_prediction(prediction) == "v" and debiased:
+        raise ValueError(DEBIASED_V_REFUSED)
     x_t = q_sample(schedule, z0, t, noise)
     pred = eps_fn(x_t, t, ctx).astype(jnp.float32)
-    per_example = jnp.mean(jnp.square(noise.astype(jnp.float32) - pred), axis=tuple(range(1, pred.ndim)))  # [B]
+    target = noise.astype(jnp.float32) if prediction == "eps" else velocity(schedule, z0, t, noise)
+    per_example = jnp.mean(jnp.square(target - pred), axis=tuple(range(1, pred.ndim)))  # [B]
     if snr_gamma:
-        per_example = per_example * min_snr_weight(schedule, t, snr_gamma)
+        per_example = per_example * min_snr_weight(schedule, t, snr_gamma, prediction)
     if debiased:
         per_example = per_example * debiased_weight(schedule, t)
     return jnp.mean(per_example)

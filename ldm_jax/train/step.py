@@ -14,7 +14,8 @@ One step = one optimiser update from K micro-batches (gradient accumulation, `la
 differentiated loss, and a precomputed batch carries {"moments", "ids"}.
 
 The loss is `loss.diffusion_loss` (Rombach et al. 2022 eq. 2; Ho et al. 2020 L_simple) on z_0 sampled from the frozen
-autoencoder's posterior, as diffusers' `train_text_to_image_flax.py`. Data parallelism (`compile_step`): the state
+autoencoder's posterior, as diffusers' `train_text_to_image_flax.py`; its target is the noise, or v for a
+v-prediction model (`config.schedule.prediction`). Data parallelism (`compile_step`): the state
 and `frozen` are replicated over the "data" mesh, the batch is sharded on its B axis; the mean over the global batch
 makes XLA insert the gradient all-reduce (on every device of every host). The state is donated.
 """
@@ -31,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ldm_jax import parallel
 from ldm_jax.configs import ModelConfig
+from ldm_jax.errors import UserError
 from ldm_jax.models.build import modules
 from ldm_jax.schedules import make_schedule
 from ldm_jax.train import limits, loss as L
@@ -83,6 +85,9 @@ def components(params, step_cfg: StepConfig) -> dict:
 
 def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfig):
     """The pure step function for this model and these hyper-parameters (see the module docstring)."""
+    prediction = config.schedule.prediction
+    if prediction == "v" and step_cfg.debiased_loss:
+        raise UserError(L.DEBIASED_V_REFUSED)
     mods = modules(config, step_cfg.dtype, step_cfg.attention_impl, remat=step_cfg.remat)
     unet, vae, text = mods["unet"], mods["vae"], mods["text_encoder"]
     schedule = make_schedule(config.schedule)
@@ -118,7 +123,7 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
         unet_params = params["unet"] if step_cfg.train_text_encoder else params
         eps_fn = lambda x, tt, c: unet.apply({"params": unet_params}, x, tt, c)  # noqa: E731
         return L.diffusion_loss(eps_fn, schedule, z0, t, noise, context(params, cond, uncond, drop),
-                                step_cfg.snr_gamma, step_cfg.debiased_loss)
+                                step_cfg.snr_gamma, step_cfg.debiased_loss, prediction)
 
     grad_fn = jax.value_and_grad(micro_loss)
 
