@@ -286,6 +286,11 @@ def test_cli_export_writes_open_clip_names_bit_exact(tiny, tmp_path):
     assert again.config == TINY2
     for a, b in zip(jax.tree_util.tree_leaves(again.params), jax.tree_util.tree_leaves(model.params)):
         np.testing.assert_array_equal(a, b)
+    # --prediction v: recorded in the exported config (a later load needs no flag); the tensors are the same
+    rc, _, err = cli("export", path, tmp_path / "v.safetensors", "--prediction", "v")
+    assert rc == 0, err
+    assert ldm_jax.load(tmp_path / "v.safetensors").config.schedule.prediction == "v"
+    assert all(np.array_equal(t, exported[k]) for k, t in read_state_dict(tmp_path / "v.safetensors").items())
 
 
 def test_cli_convert_and_txt2img(tmp_path):

@@ -12,8 +12,9 @@ EMA copy, schedule buffers or training loss, so torch tools load it (labml, diff
 A1111/ComfyUI-style loaders). The U-Net is the EMA one when SRC has EMA weights, as `convert` chooses (--no-ema: the
 raw one; a converted directory holds the U-Net it was converted with, and a contrary --ema/--no-ema is refused).
 A checkpoint file is read as `convert` reads it: torch-free and memory-mapped (no code from the file runs), the
-architecture inferred (or --preset / --config / the config an earlier export stored), a warning per schedule
-buffer that differs from the recomputed schedule, the file hashed (sha256). --vae and --lora bake a VAE file and
+architecture inferred (or --preset / --config / the config an earlier export stored; SD 2.x's eps- or
+v-prediction guessed from the weights and printed with the reason, or given by --prediction), a warning per
+schedule buffer that differs from the recomputed schedule, the file hashed (sha256). --vae and --lora bake a VAE file and
 kohya-ss LoRAs into the weights: the weights `ldm_jax.load(SRC, vae=, loras=)` gives at sampling time, rounded once
 to a narrower --dtype (`ldm_jax.cli.bake`).
 
@@ -66,6 +67,9 @@ def add_parser(subparsers, name: str, help: str) -> None:
                       "inferring it")
     arch.add_argument("--config", metavar="CONFIG.json", help="checkpoint file: architecture (ModelConfig JSON) "
                       "instead of inferring it")
+    p.add_argument("--prediction", choices=("eps", "v"), help="what the U-Net predicts, recorded in the file's "
+                   "config, instead of what SRC says or (SD 2.x files do not say) what its weights suggest: the "
+                   "768x768 SD 2.x models predict v, the 512x512 ones eps")
     p.add_argument("--allow-unexpected", action="store_true", help="ignore tensors the model does not use")
     p.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf weights")
     p.set_defaults(func=run)
@@ -76,7 +80,7 @@ def run(args) -> int:
     metadata, lines = export_checkpoint(
         args.src, args.out, dtype=args.dtype, ema=args.ema, config=config_from_args(args.preset, args.config),
         vae=args.vae, loras=args.lora, allow_unexpected=args.allow_unexpected, allow_nonfinite=args.allow_nonfinite,
-        warn=lambda msg: print(f"ldm-jax export: warning: {msg}", file=sys.stderr))
+        warn=lambda msg: print(f"ldm-jax export: warning: {msg}", file=sys.stderr), prediction=args.prediction)
     ema = "EMA" if metadata["ldm_jax.ema"] == "true" else "raw"
     print(f"exported {args.src} -> {args.out}: {metadata['ldm_jax.kind']}, {ema} U-Net, "
           f"{metadata['ldm_jax.tensors']} tensors, {metadata['ldm_jax.dtype']}")
@@ -87,11 +91,12 @@ def run(args) -> int:
 
 def export_checkpoint(src, out, dtype: str | None = None, *, ema: bool | None = None, config=None, vae=None,
                       loras=(), allow_unexpected: bool = False, allow_nonfinite: bool = False, warn=None,
-                      progress: bool | None = None) -> tuple[dict[str, str], list[str]]:
+                      progress: bool | None = None, prediction: str | None = None) -> tuple[dict[str, str], list[str]]:
     """Write the CompVis-layout .safetensors of `src` (a converted directory or a CompVis checkpoint file) with the
     VAE file `vae` and the (path, scale) `loras` baked in; returns (the `__metadata__` written, lines saying what was
     baked in). config: the architecture of a checkpoint file (None: as `convert` finds it). warn(message): one line
-    per schedule buffer of a file that differs from the recomputed schedule."""
+    per schedule buffer of a file that differs from the recomputed schedule. prediction: "eps" / "v" instead of the
+    config's (`convert.prediction`; an SD 2.x file whose config is inferred prints which it guessed, and why)."""
     from convert.errors import CheckpointError
     from convert.lora import normalise_loras
     from convert.mapping import params_to_state_dict
@@ -128,7 +133,7 @@ def export_checkpoint(src, out, dtype: str | None = None, *, ema: bool | None = 
     read = _read_directory if is_dir else _read_file
     sd, origin, target, show = read(src, target=target, ema=ema, config=config, vae=vae, loras=loras,
                                     allow_unexpected=allow_unexpected, allow_nonfinite=allow_nonfinite,
-                                    warn=warn or print, progress=progress)
+                                    warn=warn or print, progress=progress, prediction=prediction)
     sd, vae_report = bake.bake(sd, vae, loras, allow_unexpected=allow_unexpected, allow_nonfinite=allow_nonfinite)
     rec = bake.record(vae, loras, bake.earlier_record(src), show)
     config = sd.config
@@ -153,9 +158,10 @@ def export_checkpoint(src, out, dtype: str | None = None, *, ema: bool | None = 
     return metadata, bake.describe(vae, loras, rec, vae_report)
 
 
-def _read_directory(src, *, target, ema, vae, loras, **_):
+def _read_directory(src, *, target, ema, vae, loras, prediction, **_):
     """(StableDiffusion read in the dtype to bake in, where it came from, the output dtype, progress bars?)."""
     from convert.orbax_io import read_converted, read_info
+    from convert.prediction import with_prediction
 
     config, info = read_info(src)
     bake.check_files(vae, loras, config)
@@ -163,17 +169,19 @@ def _read_directory(src, *, target, ema, vae, loras, **_):
     target = stored if target is None else target
     # never narrower than stored: the cast to the output dtype (params_to_state_dict) checks each weight fits
     sd = read_converted(src, ema=ema, param_dtype=bake.wider(stored, target).name)
-    return sd, info, target, False
+    return sd.replace(config=with_prediction(sd.config, prediction)), info, target, False
 
 
-def _read_file(src, *, target, ema, config, vae, loras, allow_unexpected, allow_nonfinite, warn, progress):
+def _read_file(src, *, target, ema, config, vae, loras, allow_unexpected, allow_nonfinite, warn, progress,
+               prediction):
     """`_read_directory` for a CompVis checkpoint file, read as `ldm-jax convert` reads it."""
     import jax
     from tqdm.auto import tqdm
 
-    from convert.detect import detect_kind, infer_config
+    from convert.detect import detect_kind, infer_config, prediction_note
     from convert.errors import CheckpointError
     from convert.mapping import has_ema, normalise_keys, state_dict_to_params
+    from convert.prediction import with_prediction
     from convert.readers import read_state_dict
     from ldm_jax.cli.cmd_convert import PROGRESS_MIN_BYTES, schedule_warnings, sha256_file
     from ldm_jax.loading import file_config
@@ -182,7 +190,11 @@ def _read_file(src, *, target, ema, config, vae, loras, allow_unexpected, allow_
 
     state_dict = normalise_keys(read_state_dict(src))
     kind = detect_kind(state_dict)
-    config = config or file_config(src) or infer_config(state_dict)
+    declared = config or file_config(src)
+    config = with_prediction(declared, prediction) if declared else infer_config(state_dict, prediction)
+    note = None if declared else prediction_note(state_dict, prediction)  # SD 2.x: eps or v, and why
+    if note:
+        print(note)
     bake.check_files(vae, loras, config)
     if ema and not has_ema(state_dict):
         raise CheckpointError(f"{src}: --ema: the checkpoint has no model_ema.* weights")
