@@ -334,15 +334,20 @@ def run_bench(*, preset_name="sd1", dtype="bfloat16", images=(1, 8), size=512, s
     rows = []
     if torch_ref:  # torch lives in the convert package: ldm_jax itself never imports it
         from convert import torch_bench
-        with_diffusers = torch_bench.diffusers_available()
+        from convert.torch_reference import labml_builds
+
+        with_diffusers, with_labml = torch_bench.diffusers_available(), labml_builds(sd.config)
+        if not with_labml:
+            peers = "diffusers' only" if with_diffusers else "left out (diffusers is not installed)"
+            log(f"labml has no U-Net of {preset_name}'s kind (SD 2.x: 64-wide heads, Linear proj): its torch U-Net "
+                f"rows are {peers}")
     for n in images:
         log(f"U-Net step, {n} image(s) + CFG ...")
         rows.append(bench_unet(sd, n, latent, iters, prec))
-        if torch_ref:
+        if torch_ref and with_labml:
             rows.append(torch_bench.bench_labml_unet(sd.config, n, latent, iters, sd.latent_factor))
-            if with_diffusers:
-                rows += torch_bench.bench_diffusers(sd.config, n, latent, iters, sd.latent_factor,
-                                                    vae=n == max(images))
+        if torch_ref and with_diffusers:
+            rows += torch_bench.bench_diffusers(sd.config, n, latent, iters, sd.latent_factor, vae=n == max(images))
     log(f"VAE decode, {max(images)} image(s) ...")
     rows.append(bench_vae(sd, max(images), latent, iters, prec))
     if torch_ref:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ldm_jax.cli.main import main
+from ldm_jax import configs
 from ldm_jax.configs import preset
 from ldm_jax.models.build import abstract_params
 
@@ -29,6 +30,25 @@ def test_bench_unet_vae_and_torch_ratio(tmp_path, capsys):
     assert all(r["seconds"] > 0 for r in rows.values())
     assert rows[("unet_step_cfg", "ldm-jax")]["batch"] == 2  # one image with classifier-free guidance
     assert rows[("unet_step_cfg", "ldm-jax")]["extra"]["cudnn_attention"] == 0  # XLA attention on the CPU
+
+
+def test_bench_torch_sd2_kind_times_diffusers_u_net_only(tmp_path, capsys, monkeypatch):
+    """labml has no SD 2.x-style U-Net: `--torch` leaves its U-Net rows out (it used to fail after the ldm-jax
+    timings) and times diffusers' SD 2.x U-Net, built from the preset with as many parameters as ours."""
+    from convert.torch_bench import diffusers_models
+    from tests.test_sd2 import TINY2
+
+    monkeypatch.setitem(configs.PRESETS, "tiny-sd2", lambda: TINY2)
+    unet, _ = diffusers_models(TINY2)
+    count = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(abstract_params(TINY2)["unet"]))
+    assert sum(p.numel() for p in unet.parameters()) == count
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny-sd2", "--size", "64", "--images", "1", "--iters", "1", "--torch",
+                 "--json", str(out)]) == 0
+    assert "labml has no U-Net of tiny-sd2's kind" in capsys.readouterr().out
+    rows = {(r["what"], r["impl"]) for r in json.loads(out.read_text())}
+    assert ("unet_step_cfg", "labml-torch") not in rows
+    assert {("unet_step_cfg", "diffusers"), ("vae_decode", "labml-torch"), ("vae_decode", "diffusers")} <= rows
 
 
 def test_bench_memory_is_compile_only_and_grows_with_the_batch(tmp_path):
