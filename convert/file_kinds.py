@@ -66,6 +66,8 @@ _VAE = re.compile(r"^(first_stage_model\.)?((encoder|decoder)\.(conv_in|down|up|
 _DIFFUSERS_VAE = re.compile(r"^(encoder|decoder)\.(down_blocks|up_blocks|mid_block|conv_norm_out)\.")
 _DIFFUSERS_UNET = re.compile(r"^(conv_in|time_embedding|down_blocks|mid_block|up_blocks|conv_norm_out)\.")
 _EMBEDDING_WIDTHS = (768, 1024, 1280)  # CLIP-L (SD 1.x), OpenCLIP-H (SD 2.x), OpenCLIP-bigG (SDXL)
+EMBEDDING_USE = ("pass it with --embedding FILE[:TOKEN] (or ldm_jax.load(..., embeddings=)) next to a full Stable "
+                 "Diffusion checkpoint")
 SUPPORTED = ("ldm-jax supports Stable Diffusion 1.x and 2.x checkpoints (e.g. v1-5-pruned-emaonly.safetensors, "
              "sd-v1-5-inpainting.ckpt or v2-1_768-ema-pruned.safetensors)")
 
@@ -192,8 +194,10 @@ def describe(sd: Mapping[str, object]) -> str | None:
         return (f"this file is a LoRA ({lora}), not a full checkpoint; pass it with --lora FILE[:SCALE] (or "
                 f"ldm_jax.load(..., loras=)) next to a full Stable Diffusion checkpoint{note}")
     if _is_embedding(sd):
-        return (f"this file is a textual-inversion embedding ({', '.join(keys[:2])}), not a checkpoint; embeddings "
-                f"are not supported yet: {BASE}")
+        if set(keys) <= {"clip_l", "clip_g"}:
+            return (f"this file is an SDXL textual-inversion embedding ({', '.join(keys[:2])}), not a checkpoint; "
+                    f"SDXL is not supported: {BASE}")
+        return f"this file is a textual-inversion embedding ({', '.join(keys[:2])}), not a checkpoint; {EMBEDDING_USE}"
     found = _first(keys, _DIFFUSERS_VAE)
     if found is not None:
         return (f"this file is a diffusers-layout autoencoder (AutoencoderKL: {found}), not a full checkpoint; "
@@ -227,8 +231,7 @@ def describe_container(obj: Mapping) -> str | None:
     dict wrapped in `params_ema`, `params`, ...); None otherwise. Looks at key names only."""
     keys = [k for k in obj if isinstance(k, str)]
     if any(k in ("string_to_param", "string_to_token") for k in keys):
-        return (f"is a textual-inversion embedding (string_to_param, string_to_token), not a checkpoint; embeddings "
-                f"are not supported yet: {BASE}")
+        return f"is a textual-inversion embedding (string_to_param, string_to_token), not a checkpoint; {EMBEDDING_USE}"
     if "layer_structure" in keys or "activation_func" in keys:
         return f"is a hypernetwork (layer_structure), not a checkpoint; hypernetworks are not supported: {BASE}"
     nested = {f"{k}.{name}": None for k in ("image_proj", "ip_adapter") if isinstance(obj.get(k), Mapping)

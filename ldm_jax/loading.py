@@ -81,7 +81,8 @@ def load_state_dict_model(state_dict, *, config: ModelConfig | None = None, ema:
 def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, param_dtype="float32", dtype="float32",
          config: ModelConfig | None = None, attention_impl: str = "auto", allow_unexpected: bool = False,
          allow_nonfinite: bool = False, progress: bool = False,
-         vae: str | os.PathLike | None = None, loras=None, prediction: str | None = None) -> StableDiffusion:
+         vae: str | os.PathLike | None = None, loras=None, prediction: str | None = None,
+         embeddings=None) -> StableDiffusion:
     """Load Stable Diffusion weights.
 
     path: a CompVis `.ckpt` / `.safetensors` file, or a directory written by `ldm-jax convert`; None: the small
@@ -101,6 +102,9 @@ def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, para
         replace the model's `vae` (`convert.vae_file`); its base name is recorded in `metadata["vae"]`.
     loras: kohya-ss LoRA files to merge into the weights, [(path, scale), ...] (a bare path: scale 1.0), in order:
         W += scale * alpha / rank * up @ down for each module (`convert.lora`); recorded in `metadata["loras"]`.
+    embeddings: textual-inversion files (A1111 .pt/.safetensors, diffusers learned_embeds), [path or (path, token),
+        ...]: the prompt word `token` (default: the file's base name, as A1111) stands for the file's vectors
+        (`convert.embeddings`, `StableDiffusion.add_tokens`); recorded in `metadata["embeddings"]`.
     """
     as_dtype(param_dtype), as_dtype(dtype)  # a bad name fails here, before gigabytes are read
     check_prediction(prediction)
@@ -109,7 +113,7 @@ def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, para
             raise CheckpointError("the bundled default model is missing from this install; pass a checkpoint path")
         path = DEFAULT_MODEL
     path = os.fspath(path)
-    declared = (config or _declared_config(path)) if vae is not None or loras else None
+    declared = (config or _declared_config(path)) if vae is not None or loras or embeddings else None
     if vae is not None:  # a missing, diffusers-layout or (where the model declares its config) misshapen VAE
         from convert.vae_file import check_vae_file, swap_vae  # fails before gigabytes are read
 
@@ -120,6 +124,10 @@ def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, para
         loras = normalise_loras(loras)
         for lora, _ in loras:
             check_lora_file(lora, declared)
+    if embeddings:  # likewise a missing or misfitting embedding, or a token that cannot be used
+        from convert.embeddings import apply_embeddings, check_embeddings
+
+        embeddings = check_embeddings(embeddings, declared)
     if os.path.isdir(path):
         from convert.orbax_io import read_converted
 
@@ -137,6 +145,8 @@ def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, para
         from convert.lora import apply_loras
 
         sd = apply_loras(sd, loras)
+    if embeddings:
+        sd = apply_embeddings(sd, embeddings)
     return sd
 
 

@@ -7,6 +7,10 @@ The functions take params first so they can be jitted, pmapped and sharded (DESI
     eps = sd.predict_noise(sd.params, x, t, ctx)    # x NHWC latents [B, h, w, 4], t int32 [B]
     z   = sd.encode_image(sd.params, images)        # NHWC in [-1, 1] -> scaled posterior mean
     img = sd.decode_latents(sd.params, z)           # scaled latents -> NHWC in [-1, 1]
+
+Textual inversion: `sd.add_tokens([(word, vectors)])` is a model whose prompts may use `word` for those learned
+vectors (new rows of the token embedding); `ldm_jax.load(..., embeddings=)` reads them from files
+(`convert.embeddings`).
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ class StableDiffusion:
     dtype: Any = jnp.float32  # compute dtype (params stay as loaded, fp32 by default)
     attention_impl: str = "auto"
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)  # where the weights came from
+    # textual-inversion words, ((word, token ids), ...): each whole word of a prompt stands for its ids (`add_tokens`)
+    added_tokens: tuple = ()
 
     def __post_init__(self):  # "bf16", jnp.bfloat16, np.dtype(...) -> one scalar type; others refused here
         object.__setattr__(self, "dtype", as_dtype(self.dtype))
@@ -64,7 +70,8 @@ class StableDiffusion:
     def _tokenizer(self):
         from ldm_jax.tokenizer import ClipTokenizer
 
-        return ClipTokenizer(max_length=self.config.text.max_length, pad_token_id=self.config.text.pad_token_id)
+        return ClipTokenizer(max_length=self.config.text.max_length, pad_token_id=self.config.text.pad_token_id,
+                             added_tokens=self.added_tokens)
 
     @cached_property
     def cache(self) -> dict:
@@ -76,6 +83,33 @@ class StableDiffusion:
         a model keeps its weights placed on the devices after its first request, so changing `sd.params` in place
         would not reach the compiled programs."""
         return dataclasses.replace(self, **changes)
+
+    def add_tokens(self, tokens) -> "StableDiffusion":
+        """A copy whose prompts may use new words (textual inversion, as diffusers' `load_textual_inversion`):
+        tokens = [(word, vectors [n, hidden] or [hidden]), ...]. Each word gets n new token ids, from
+        `config.text.vocab_size` up in order, whose rows of the token embedding are its vectors (config.text.vocab_size
+        grows by them); the whole word in a prompt, in any case, becomes those n ids (`ClipTokenizer`). A ValueError
+        for a word that is empty, not one word, a CLIP token already or given twice, or vectors of another width."""
+        from ldm_jax.tokenizer import ClipTokenizer, added_token_ids
+
+        text, rows, tokens = self.config.text, [], list(tokens)
+        for word, vectors in tokens:
+            v = np.asarray(vectors, np.float32)
+            v = v[None] if v.ndim == 1 else v
+            if v.ndim != 2 or v.shape[0] < 1 or v.shape[1] != text.hidden_size:
+                raise ValueError(f"token {word!r}: vectors of shape {np.shape(vectors)}, expected [n, "
+                                 f"{text.hidden_size}] (the text encoder's width)")
+            rows.append(v)
+        added = self.added_tokens + added_token_ids([(w, len(v)) for (w, _), v in zip(tokens, rows)], text.vocab_size)
+        ClipTokenizer(text.max_length, text.pad_token_id, added)  # checks the words
+        if not rows:
+            return self
+        old = self.params["text_encoder"]["embeddings"]["token_embedding"]["embedding"]
+        table = jnp.concatenate([old, jnp.asarray(np.concatenate(rows), old.dtype)])
+        encoder = dict(self.params["text_encoder"])
+        encoder["embeddings"] = {**encoder["embeddings"], "token_embedding": {"embedding": table}}
+        config = dataclasses.replace(self.config, text=dataclasses.replace(text, vocab_size=table.shape[0]))
+        return self.replace(config=config, params={**self.params, "text_encoder": encoder}, added_tokens=added)
 
     def cast_params(self, params):
         """Kernels in the compute dtype: what every Dense/Conv would cast them to on each call, done once (e.g.

@@ -18,10 +18,17 @@ OpenAI's original additionally runs `ftfy.fix_text` and `html.unescape`; transfo
 the fast one of v4) does not, and neither do we: e.g. "&amp;" stays 3 tokens "&", "amp", ";", curly quotes stay curly. Two more
 small differences from the original, again as transformers: a word-final Greek "Σ" lower-cases to "σ" (Python's
 str.lower gives "ς"), and U+001C..U+001F at the ends of a prompt are kept (Python's str.strip drops them).
+
+Added words (textual inversion, `StableDiffusion.add_tokens`): `ClipTokenizer(added_tokens=((word, ids), ...))`
+makes each whole word `word` stand for its token ids (new ids past CLIP's 49,408). The words are `tokenizers`
+added tokens, matched in the normalised (lower-cased) prompt before the CLIP split and BPE, only where no letter,
+digit or "_" touches them (`single_word`); the rest of the prompt is tokenised as without them. A word with n ids
+becomes all n, as diffusers expands a multi-vector token in the prompt, and the 77-token truncation comes after.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import threading
 from collections.abc import Sequence
@@ -99,32 +106,96 @@ def _get_backend():
     return _backend
 
 
+CLIP_VOCAB_SIZE = 49408
+
+
+def added_word(word: str) -> str:
+    """`word` as the tokenizer matches it (NFC, lower-case); a ValueError saying why it cannot be an added word:
+    empty, not one word (white space), or already a token of CLIP's vocabulary (a word such as "cat", a piece of
+    one such as "ing", a special token), which it would take over in every prompt (diffusers refuses those too)."""
+    if not isinstance(word, str) or not word.strip():
+        raise ValueError(f"token {word!r} is empty")
+    normal = _get_backend().normalizer.normalize_str(word)
+    if normal.split() != [normal]:
+        raise ValueError(f"token {word!r} is not one word (it has spaces)")
+    vocab = _get_backend().get_vocab()
+    if normal in vocab or normal + "</w>" in vocab:
+        raise ValueError(f"token {word!r} is already a token of CLIP's vocabulary (it would take its place in "
+                         "prompts)")
+    return normal
+
+
+def added_token_ids(words_and_counts, first_id: int = CLIP_VOCAB_SIZE) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """((word, ids), ...) for [(word, n), ...]: consecutive new ids from `first_id`, n for each word in order."""
+    out, next_id = [], first_id
+    for word, n in words_and_counts:
+        out.append((word, tuple(range(next_id, next_id + int(n)))))
+        next_id += int(n)
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=8)
+def _added_backend(words: tuple[str, ...]):
+    """A copy of the CLIP backend with `words` (normalised) as whole-word added tokens."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_str(_get_backend().to_str())
+    tok.add_tokens([AddedToken(w, single_word=True, normalized=True) for w in words])
+    return tok
+
+
 class ClipTokenizer:
     """Prompts -> int32 ids [B, max_length]: BOS, BPE tokens (truncated), EOS, then padding.
 
     `pad_token_id` is 49407 (<|endoftext|>) for SD 1.x (openai/clip-vit-large-patch14); SD 2.x's OpenCLIP
     tokenizer pads with 0 instead. Truncation keeps EOS last, like `clip.tokenize(truncate=True)` and
-    transformers' `truncation=True`: at most `max_length - 2` text tokens.
+    transformers' `truncation=True`: at most `max_length - 2` text tokens. `added_tokens`: ((word, ids), ...),
+    whole words that stand for those ids (see the module's docstring); ids from 49408 up, each used once.
     """
 
     bos_token_id = 49406
     eos_token_id = 49407
 
-    def __init__(self, max_length: int = 77, pad_token_id: int = 49407):
+    def __init__(self, max_length: int = 77, pad_token_id: int = 49407, added_tokens=()):
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (BOS and EOS), got {max_length}")
+        self.added_tokens = tuple((word, tuple(int(i) for i in ids)) for word, ids in added_tokens)
         if not 0 <= pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id must be in [0, {self.vocab_size}), got {pad_token_id}")
         self.max_length = int(max_length)
         self.pad_token_id = int(pad_token_id)
+        words = [added_word(word) for word, _ in self.added_tokens]
+        twice = next((w for i, w in enumerate(words) if w in words[:i]), None)
+        if twice is not None:
+            raise ValueError(f"token {twice!r} is added twice")
+        ids = [i for _, group in self.added_tokens for i in group]
+        if any(not group for _, group in self.added_tokens) or len(set(ids)) != len(ids) or any(
+                i < CLIP_VOCAB_SIZE for i in ids):
+            raise ValueError("each added token needs ids of its own, from 49408 up")
+        self._words = tuple(words)
+        self._expand = {}  # backend id of an added word -> its ids (filled with the backend)
+
+    @property
+    def _backend(self):
+        if not self._words:
+            return _get_backend()
+        backend = _added_backend(self._words)
+        if not self._expand:
+            self._expand = {backend.token_to_id(w): ids for w, (_, ids) in zip(self._words, self.added_tokens)}
+        return backend
 
     @property
     def vocab_size(self) -> int:
-        return 49408
+        return max([CLIP_VOCAB_SIZE] + [i + 1 for _, ids in self.added_tokens for i in ids])
+
+    def _ids(self, encoding) -> list[int]:
+        if not self._words:
+            return encoding.ids
+        return [j for i in encoding.ids for j in self._expand.get(i, (i,))]
 
     def encode(self, text: str) -> list[int]:
-        """BPE ids of one prompt without BOS/EOS, padding or truncation."""
-        return _get_backend().encode(text, add_special_tokens=False).ids
+        """Token ids of one prompt (added words expanded) without BOS/EOS, padding or truncation."""
+        return self._ids(self._backend.encode(text, add_special_tokens=False))
 
     def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
         if isinstance(prompts, str):
@@ -136,8 +207,8 @@ class ClipTokenizer:
         if not prompts:
             return out
         n = self.max_length - 2  # room for text tokens between BOS and EOS
-        for row, enc in zip(out, _get_backend().encode_batch(prompts, add_special_tokens=False)):
-            ids = enc.ids[:n]
+        for row, enc in zip(out, self._backend.encode_batch(prompts, add_special_tokens=False)):
+            ids = self._ids(enc)[:n]
             row[0] = self.bos_token_id
             row[1 : len(ids) + 1] = ids
             row[len(ids) + 1] = self.eos_token_id

@@ -45,6 +45,11 @@ def load_while_compiling(path, mode: str, prompts, *, dtype="float32", attention
         from convert.prediction import with_prediction
 
         config = with_prediction(config, load_kwargs["prediction"])
+    if config is not None and load_kwargs.get("embeddings"):  # and these rows more in its token embedding
+        from convert.embeddings import check_embeddings, with_embedding_rows
+
+        load_kwargs["embeddings"] = check_embeddings(load_kwargs["embeddings"], config)  # read once, here
+        config = with_embedding_rows(config, load_kwargs["embeddings"])
     if config is None:
         t0 = time.perf_counter()
         sd = load(path, **load_kwargs)

@@ -81,7 +81,7 @@ CONTROLNET_DIFFUSERS = {
 LORA = "is a LoRA"
 LORA_TAIL = "pass it with --lora FILE[:SCALE] (or ldm_jax.load(..., loras=)) next to a full Stable Diffusion checkpoint"
 EMBEDDING = "is a textual-inversion embedding"
-EMB_TAIL = "embeddings are not supported yet: pass the base Stable Diffusion checkpoint"
+EMB_TAIL = "pass it with --embedding FILE[:TOKEN] (or ldm_jax.load(..., embeddings=)) next to a full Stable"
 SINGLE = "ldm-jax reads CompVis single-file checkpoints"
 CONTROL = "ControlNets are not supported yet"
 
@@ -100,7 +100,7 @@ CASES = {
         "name": "emb", "step": 1000, "sd_checkpoint": "7460a6fa", "sd_checkpoint_name": "sd-v1-4"}),
         [EMBEDDING, "string_to_param", EMB_TAIL]),
     "SDXL embedding": (lambda d: _st(d, "xl.safetensors", {"clip_l": _t(2, 768), "clip_g": _t(2, 1280)}),
-                       [EMBEDDING, "clip_", EMB_TAIL]),
+                       ["is an SDXL textual-inversion embedding", "clip_", "SDXL is not supported"]),
     "diffusers learned_embeds": (lambda d: _pt(d, "learned_embeds.bin", {"<cat-toy>": torch.zeros(768)}),
                                  [EMBEDDING, "<cat-toy>"]),
     "A1111 hypernetwork": (lambda d: _pt(d, "hn.pt", {

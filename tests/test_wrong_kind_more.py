@@ -175,7 +175,8 @@ CASES = {
         ["SDXL checkpoints are not supported yet: this file is a Stable Diffusion XL model "
          "(conditioner.embedders.1.model.positional_embedding", SD1]),
     "rinongal embedding (ParameterDict)": (_rinongal_embedding, [
-        "is a textual-inversion embedding (string_to_param, string_to_token)", "embeddings are not supported yet"]),
+        "is a textual-inversion embedding (string_to_param, string_to_token)",
+        "pass it with --embedding FILE[:TOKEN]"]),
 }
 
 

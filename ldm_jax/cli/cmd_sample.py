@@ -10,6 +10,8 @@ LDM_JAX_COORDINATOR, LDM_JAX_NUM_PROCESSES and LDM_JAX_PROCESS_ID (or --coordina
 each host saves its own share. --vae FILE swaps in a fine-tuned autoencoder (CompVis layout, e.g.
 vae-ft-mse-840000-ema-pruned.safetensors) while the program compiles; its file name goes into the PNG text.
 --lora FILE[:SCALE] (repeatable) merges a kohya-ss LoRA/LoCon into the weights (scale default 1.0), likewise.
+--embedding FILE[:TOKEN] (repeatable) makes the prompt word TOKEN (default: the file's base name, as A1111) stand
+for a textual-inversion embedding's vectors (A1111 .pt/.safetensors, diffusers learned_embeds), likewise.
 Compiled programs are kept in LDM_JAX_CACHE_DIR (default ~/.cache/ldm-jax/xla), so a new process with the same
 model, request shape and code skips tracing and compiling (LDM_JAX_NO_PROGRAM_CACHE=1 keeps JAX's compilation
 cache alone; LDM_JAX_NO_COMPILE_CACHE=1 turns both off).
@@ -51,6 +53,11 @@ def add_parser(sub, name, help_):
     p.add_argument("--lora", metavar="FILE[:SCALE]", action="append", type=lora_arg, help="merge a kohya-ss "
                    "LoRA/LoCon or LyCORIS (LoHa/LoKr) file (lora_unet_*/lora_te_*) into the weights with SCALE "
                    "(default 1.0); repeatable; the files and scales go into the PNG text")
+    from convert.embeddings import embedding_arg
+
+    p.add_argument("--embedding", metavar="FILE[:TOKEN]", action="append", type=embedding_arg, help="a "
+                   "textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds): the prompt word "
+                   "TOKEN (default: the file's base name) stands for its vectors; repeatable; named in the PNG text")
     p.add_argument("--prediction", choices=("eps", "v"), help="what the U-Net predicts, instead of what the "
                    "checkpoint says or (SD 2.x files, which do not say) what its weights suggest: the 768x768 SD 2.x "
                    "models predict v, the 512x512 ones eps (default: the checkpoint's)")
@@ -160,12 +167,12 @@ def check_out(out: str) -> None:
     check_can_write_dir(out, f"--out {out}")
 
 
-def _warn_if_truncated(args, labelled: list[tuple[str, str]], max_length: int) -> None:
+def _warn_if_truncated(args, labelled: list[tuple[str, str]], max_length: int, embeddings=()) -> None:
     """CLIP reads max_length - 2 tokens of a prompt (between BOS and EOS); say what a longer one loses, as
-    diffusers does, instead of dropping it silently."""
-    from ldm_jax.tokenizer import ClipTokenizer
+    diffusers does, instead of dropping it silently. An embedding's word counts as its vectors."""
+    from ldm_jax.tokenizer import ClipTokenizer, added_token_ids
 
-    tokenizer = ClipTokenizer(max_length)
+    tokenizer = ClipTokenizer(max_length, added_tokens=added_token_ids([(e.token, len(e.vectors)) for e in embeddings]))
     for flag, text in [*labelled, ("--negative-prompt", args.negative_prompt)]:
         n = len(tokenizer.encode(text or ""))
         if n > max_length - 2:
@@ -278,17 +285,19 @@ def run(args) -> int:
         from convert.vae_file import check_vae_file
 
         check_vae_file(args.vae, config)
+    from convert.embeddings import check_embeddings, describe_embeddings
     from convert.lora import check_lora_file, describe_merged
 
     for lora, _ in args.lora or []:  # likewise a LoRA that is missing, not kohya's, or (config known) misfits
         check_lora_file(lora, config)
+    embeddings = check_embeddings(args.embedding, config)  # and embeddings (read once: they are small)
     if config is not None:  # the sampler's time-step table (DDIM/PLMS cannot do 3 steps of T=1000), before loading
         check_mode(config, args.mode)
         try:
             n_loop_steps(args.sampler, config.schedule.n_steps, args.steps)
         except ValueError as e:
             raise UserError(str(e)) from None
-    _warn_if_truncated(args, labelled, 77 if config is None else config.text.max_length)
+    _warn_if_truncated(args, labelled, 77 if config is None else config.text.max_length, embeddings)
     kw = {}
     if args.mode != "txt2img":
         init = imio.read_image(args.init)
@@ -306,7 +315,7 @@ def run(args) -> int:
     if config is None:
         print(f"loading {name} ...", flush=True)
         sd = ldm_jax.load(args.checkpoint, dtype=args.dtype, progress=True, vae=args.vae, loras=args.lora,
-                          prediction=args.prediction)
+                          prediction=args.prediction, embeddings=embeddings)
         ahead = None
         print(f"loaded {sd.config.name} in {time.perf_counter() - t0:.1f}s", flush=True)
     # the loaded weights, else the shapes the warm start compiles against (cached per config: no extra work)
@@ -315,10 +324,9 @@ def run(args) -> int:
     if config is not None:
         print(f"loading {name} while compiling the {args.mode} program ...", flush=True)
         with _out_of_memory_as_one_line(args, request, len(texts)):
-            sd, ahead = load_while_compiling(args.checkpoint, args.mode, prompts, dtype=args.dtype,
-                                             progress=progress, load_kwargs={"progress": True, "vae": args.vae,
-                                                                         "loras": args.lora,
-                                                                         "prediction": args.prediction},
+            sd, ahead = load_while_compiling(args.checkpoint, args.mode, prompts, dtype=args.dtype, progress=progress,
+                                             load_kwargs={"progress": True, "vae": args.vae, "loras": args.lora,
+                                                          "prediction": args.prediction, "embeddings": embeddings},
                                              **request)
         print(f"loaded {sd.config.name} in {ahead.extra['load_s']:.1f}s; program ready in {ahead.compile:.1f}s"
               f"{_PROGRAM_SOURCE.get(ahead.extra.get('program_cache'), '')} "
@@ -335,7 +343,8 @@ def run(args) -> int:
             "mode": args.mode, "strength": getattr(args, "strength", None),
             "checkpoint": os.path.basename(os.path.normpath(args.checkpoint or DEFAULT_MODEL)),
             "vae": os.path.basename(args.vae) if args.vae else sd.metadata.get("vae"), "dtype": args.dtype,
-            "loras": describe_merged(sd.metadata), "generator": "ldm-jax"}
+            "loras": describe_merged(sd.metadata), "embeddings": describe_embeddings(sd.metadata),
+            "generator": "ldm-jax"}
     plan = parallel.plan_batch(total)
     indices = [i for i in plan.local_indices if i < total]
     for path in _save(args, meta, prompts, indices, images, multi):

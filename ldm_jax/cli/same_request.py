@@ -14,18 +14,28 @@ REQUEST_ARGS = ("mode", "prompt", "negative_prompt", "n", "seed", "steps", "samp
 
 def check_same_request(args, prompts: list[str]) -> None:
     """Refuse, on every host alike, a run whose hosts were given different settings. --from-file: the prompts
-    read are compared, not the path; --checkpoint, --vae, --lora: what `file_identity` says of each file."""
+    read are compared, not the path; --checkpoint, --vae, --lora, --embedding: what `file_identity` says of each
+    file (and each embedding's prompt word)."""
     from ldm_jax import parallel
 
     flags = ", --".join(k.replace("_", "-") for k in REQUEST_ARGS[1:])
     settings = {k: getattr(args, k, None) for k in REQUEST_ARGS}
-    loras = args.lora or []
+    loras, embeddings = args.lora or [], getattr(args, "embedding", None) or []
     files = {"checkpoint": file_identity(args.checkpoint), "vae": file_identity(args.vae),
-             "loras": [(file_identity(path), scale) for path, scale in loras]}
+             "loras": [(file_identity(path), scale) for path, scale in loras],
+             "embeddings": [(file_identity(path), _token(path, token)) for path, token in embeddings]}
     parallel.check_same_everywhere(dict(settings, prompts=prompts, from_file=args.from_file is not None, files=files),
-                                   f"the flags among --{flags}, the prompts of --from-file, the --lora scales and the "
-                                   "checkpoint, --vae and --lora files (compared by size) must be the same on every "
-                                   "host")
+                                   f"the flags among --{flags}, the prompts of --from-file, the --lora scales, the "
+                                   "--embedding tokens and the checkpoint, --vae, --lora and --embedding files "
+                                   "(compared by size) must be the same on every host")
+
+
+def _token(path: str, token: str | None) -> str:
+    """The prompt word an --embedding FILE[:TOKEN] gives (default: the file's base name, which may differ between
+    hosts' copies)."""
+    from convert.embeddings import default_token
+
+    return default_token(path) if token is None else token
 
 
 def file_identity(path: str | None):

@@ -1,0 +1,257 @@
+"""Textual-inversion embeddings (Gal et al. 2022, "An Image is Worth One Word"): read them, check them against a
+model, and give the model their words (`StableDiffusion.add_tokens`).
+
+An embedding is n learned vectors of the text encoder's width (768 for SD 1.x's CLIP ViT-L/14, 1024 for SD 2.x's
+OpenCLIP ViT-H/14) that a prompt word stands for. The files users have (A1111 `modules/textual_inversion/
+textual_inversion.py` and diffusers `loaders/textual_inversion.py` read the same ones):
+
+* A1111 / rinongal `.pt` (a torch zip pickle): {"string_to_param": {"*": tensor [n, d]}, "string_to_token":
+  {"*": 265}, "name": ..., "step": ..., "sd_checkpoint": ..., ...}; in rinongal-era files `string_to_param` is a
+  `torch.nn.ParameterDict` (read through `convert.ckpt_reader`'s inert stub: its `_parameters`). One term only.
+* A1111 / kohya-ss `.safetensors` (or `.pt`): {"emb_params": [n, d]}.
+* diffusers `learned_embeds.safetensors` / `.bin`: {"<token>": [d] or [n, d]}, the one tensor named after its
+  token (sd-concepts-library).
+* SDXL files ({"clip_l": [n, 768], "clip_g": [n, 1280]}) are refused: SDXL is not supported.
+
+The prompt word (TOKEN) is, as in A1111, the file's base name without its extension unless given
+(`--embedding FILE:TOKEN`, `embeddings=[(path, token)]`); diffusers' own default (the key or "name" inside) is
+not used. It is matched as a whole word in any case (CLIP lower-cases prompts) and must not already be a CLIP
+token. An n-vector embedding takes n new token ids (as diffusers' TOKEN, TOKEN_1, ..., TOKEN_{n-1}); the prompt's
+word becomes all n. No torch: files are read by `convert.ckpt_reader` / `convert.safetensors_io` (memory-mapped,
+no code from the file runs), and every problem is one line naming the file, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+from convert.errors import CheckpointError
+from convert.readers import labelled
+
+FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL"}  # text widths: CLIP-L, OpenCLIP-H, OpenCLIP-bigG
+RETRY = "choose another with --embedding FILE:TOKEN (ldm_jax.load(..., embeddings=[(FILE, TOKEN)]))"
+
+
+def _error(path: str, message: str) -> CheckpointError:
+    return CheckpointError(labelled("embedding file", path, message))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Embedding:
+    """One embedding file, read: its path, the prompt word, vectors float32 [n, width], format and sha256."""
+
+    path: str
+    token: str
+    vectors: np.ndarray
+    format: str
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    def record(self) -> dict:
+        """What `metadata["embeddings"]` keeps of it."""
+        return {"name": self.name, "token": self.token, "vectors": int(self.vectors.shape[0]), "sha256": self.sha256}
+
+
+def default_token(path: str | os.PathLike) -> str:
+    """The prompt word of an embedding file given without one: its base name without the extension (A1111)."""
+    return os.path.splitext(os.path.basename(os.fspath(path)))[0]
+
+
+def parse_embedding_arg(text: str) -> tuple[str, str | None]:
+    """--embedding FILE[:TOKEN] -> (FILE, TOKEN or None). A path that exists is taken whole (it may hold ':');
+    a tail with a path separator is part of the path (c:\\x.pt)."""
+    if os.path.exists(text):
+        return text, None
+    path, sep, token = text.rpartition(":")
+    if not sep or not path or "/" in token or "\\" in token:
+        return text, None
+    if not token.strip():
+        raise ValueError(f"{text!r}: the token after ':' is empty (FILE[:TOKEN])")
+    return path, token
+
+
+def embedding_arg(text: str) -> tuple[str, str | None]:
+    """argparse `type=` of --embedding: parse_embedding_arg, its error as argparse's one line."""
+    import argparse
+
+    try:
+        return parse_embedding_arg(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _container(path: str) -> Mapping:
+    """The top-level dict of an embedding file (torch zip pickle or safetensors), every error one line."""
+    from convert.ckpt_reader import read_ckpt
+    from convert.safetensors_io import read_safetensors
+
+    if not path:
+        raise CheckpointError("the embedding file path is empty")
+    if not os.path.exists(path):
+        raise _error(path, "no such file")
+    if os.path.isdir(path):
+        raise _error(path, "is a directory, expected an embedding file (.pt, .safetensors or .bin)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise _error(path, f"cannot read: {e.strerror or e}") from None
+    if not head:
+        raise _error(path, "file is empty")
+    torch_file = head.startswith(b"PK\x03\x04") or (head[8:9] != b"{" and head[:1] == b"\x80")
+    if not torch_file and head[8:9] != b"{" and not path.lower().endswith(".safetensors"):
+        raise _error(path, "not an embedding file (by its first bytes neither a safetensors file nor a torch zip "
+                           "archive; embeddings stored in images are not supported)")
+    try:
+        return read_ckpt(path) if torch_file else read_safetensors(path)[0]
+    except CheckpointError as e:
+        raise _error(path, str(e)) from None
+
+
+def _parameters(value):
+    """The {name: tensor} of A1111's string_to_param: a dict, or the inert stub of a torch.nn.ParameterDict."""
+    if isinstance(value, Mapping):
+        return value
+    state = getattr(value, "state", None)
+    state = state[0] if isinstance(state, tuple) and state else state
+    inner = state.get("_parameters") if isinstance(state, Mapping) else None
+    return inner if isinstance(inner, Mapping) else None
+
+
+def _tensor_and_format(path: str, data: Mapping) -> tuple[object, str]:
+    keys = [str(k) for k in data]
+    if "clip_l" in data or "clip_g" in data:
+        raise _error(path, "is an SDXL embedding (clip_l, clip_g: vectors for two text encoders); SDXL is not "
+                           "supported: ldm-jax runs Stable Diffusion 1.x and 2.x")
+    if "string_to_param" in data:
+        params = _parameters(data["string_to_param"])
+        if params is None:
+            raise _error(path, f"string_to_param is a {type(data['string_to_param']).__name__}, expected a dict "
+                               "of tensors")
+        if len(params) != 1:
+            raise _error(path, f"string_to_param holds {len(params)} terms ({', '.join(map(str, params))}); an "
+                               "A1111 embedding has one")
+        return next(iter(params.values())), "A1111 .pt (string_to_param)"
+    if "emb_params" in data:
+        return data["emb_params"], "A1111 .safetensors (emb_params)"
+    if len(data) == 1 and isinstance(next(iter(data.values())), np.ndarray):
+        return next(iter(data.values())), f"diffusers learned_embeds ({keys[0]})"
+    from convert.file_kinds import describe
+
+    tensors = all(isinstance(v, np.ndarray) for v in data.values())
+    kind = describe(data) if tensors else None
+    if kind is None and any(k.startswith("model.diffusion_model.") for k in keys):
+        kind = "this file is a full Stable Diffusion checkpoint (pass it as the checkpoint)"
+    what = kind.split(";")[0] if kind else f"keys {', '.join(keys[:3]) or 'none'}"
+    raise _error(path, f"is not a textual-inversion embedding (A1111 string_to_param or emb_params, or one diffusers "
+                       f"token tensor): {what}")
+
+
+def _width(d: int) -> str:
+    return f"an {FAMILIES[d]} embedding ({d} wide)" if d in FAMILIES else f"a {d}-wide embedding"
+
+
+def _vectors(path: str, tensor, where: str) -> np.ndarray:
+    """The [n, d] float32 vectors of `tensor` ([d] is one vector), checked."""
+    if not isinstance(tensor, np.ndarray):
+        raise _error(path, f"{where} is a {type(tensor).__name__}, expected a tensor")
+    shape = tuple(tensor.shape)
+    if tensor.ndim not in (1, 2) or 0 in shape or tensor.dtype.kind not in "fV":
+        raise _error(path, f"{where}: {tensor.dtype} {shape}, expected float vectors [n, width] or [width]")
+    vectors = np.array(tensor.reshape(-1, shape[-1]), dtype=np.float32)
+    if not np.isfinite(vectors).all():
+        raise _error(path, f"{where}: has non-finite values (NaN or inf)")
+    if vectors.shape[1] == 1280:
+        raise _error(path, f"{_width(1280)} (OpenCLIP bigG); SDXL is not supported: ldm-jax runs Stable Diffusion "
+                           "1.x and 2.x")
+    return vectors
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_embedding(path: str | os.PathLike, token: str | None = None) -> Embedding:
+    """The embedding in `path` for the prompt word `token` (default: the file's base name); a CheckpointError
+    naming the file for a missing or unreadable file, another kind of file, SDXL, bad vectors or a bad token."""
+    from ldm_jax.tokenizer import added_word
+
+    path = os.fspath(path)
+    tensor, kind = _tensor_and_format(path, _container(path))
+    vectors = _vectors(path, tensor, kind.split(" (")[-1].rstrip(")"))
+    token = default_token(path) if token is None else token
+    try:
+        added_word(token)
+    except ValueError as e:
+        raise _error(path, f"{e}; {RETRY}") from None
+    return Embedding(path, token, vectors, kind, _sha256(path))
+
+
+def _model(config) -> str:
+    d = config.text.hidden_size
+    return f"an {FAMILIES[d]} model ({d})" if d in FAMILIES else f"this {config.name} model (text width {d})"
+
+
+def check_embeddings(embeddings, config=None, taken=()) -> list[Embedding]:
+    """Read and check embeddings given as paths, (path, token or None) pairs or `Embedding`s, before a model is
+    loaded: each file (`read_embedding`), its width against the model's text encoder when `config` is known, and
+    no word given twice, nor one of `taken` (words the model already has)."""
+    from ldm_jax.tokenizer import added_word
+
+    out, seen = [], {added_word(w): None for w in taken}
+    for item in embeddings or ():
+        if not isinstance(item, Embedding):
+            path, token = (item, None) if isinstance(item, (str, os.PathLike)) else item
+            item = read_embedding(path, token)
+        d = item.vectors.shape[1]
+        if config is not None and d != config.text.hidden_size:
+            raise _error(item.path, f"{_width(d)} for {_model(config)}; use an embedding trained for this model")
+        word = added_word(item.token)
+        if word in seen:
+            other = seen[word]
+            where = f"also the token of {other.path}" if other else "a word the model already has an embedding for"
+            raise _error(item.path, f"token {item.token!r} is {where}; {RETRY}")
+        seen[word] = item
+        out.append(item)
+    return out
+
+
+def with_embedding_rows(config, embeddings):
+    """`config` with the text encoder's vocabulary grown by every vector of `embeddings` (what `apply_embeddings`
+    makes of it: the shapes a program can compile against while the weights load)."""
+    n = sum(e.vectors.shape[0] for e in embeddings)
+    if not n:
+        return config
+    return dataclasses.replace(config, text=dataclasses.replace(config.text, vocab_size=config.text.vocab_size + n))
+
+
+def apply_embeddings(sd, embeddings):
+    """A copy of the StableDiffusion `sd` whose prompts may use each embedding's word (`check_embeddings`, then
+    `sd.add_tokens`); `metadata["embeddings"]`: [{"name", "token", "vectors", "sha256"}], after any earlier ones."""
+    checked = check_embeddings(embeddings, sd.config, taken=[w for w, _ in sd.added_tokens])
+    out = sd.add_tokens([(e.token, e.vectors) for e in checked])
+    earlier = sd.metadata.get("embeddings")
+    records = (list(earlier) if isinstance(earlier, list) else []) + [e.record() for e in checked]
+    return out.replace(metadata={**out.metadata, "embeddings": records})
+
+
+def describe_embeddings(metadata: Mapping) -> str | None:
+    """PNG text, "file.pt:token, other.safetensors:other" (None without embeddings), of `metadata["embeddings"]`;
+    entries that are not {"name", "token"} are left out."""
+    entries = metadata.get("embeddings")
+    if not isinstance(entries, list):
+        return None
+    out = [f"{e['name']}:{e['token']}" for e in entries if isinstance(e, Mapping) and "name" in e and "token" in e]
+    return ", ".join(out) or None
