@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from convert.errors import CheckpointError
 from convert.file_kinds import SUPPORTED, describe
 from convert.open_clip_keys import PREFIX as OC
-from convert.prediction import check_prediction, infer_prediction, sd2_flavour, with_prediction
+from convert.prediction import SD2_NAME, check_prediction, infer_prediction, sd2_flavour, with_prediction
 from ldm_jax.configs import AutoencoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
 
 U = "model.diffusion_model."
@@ -26,9 +26,10 @@ V = "first_stage_model."
 T = "cond_stage_model.transformer.text_model."
 
 
-def detect_kind(sd: Mapping[str, object]) -> str:
-    """'sd1', 'sd1-inpaint', 'sd2', 'sd2-v' (`convert.prediction`) or 'sd2-inpaint'; raises CheckpointError naming
-    any other recognised or unknown kind."""
+def detect_kind(sd: Mapping[str, object], prediction: str | None = None) -> str:
+    """'sd1', 'sd1-inpaint', 'sd2', 'sd2-v' (`convert.prediction`; `prediction` given: 'sd2' for eps, 'sd2-v' for v)
+    or 'sd2-inpaint'; raises CheckpointError naming any other recognised or unknown kind."""
+    check_prediction(prediction)
     keys = sd.keys()
     wrong = describe(sd)
     if wrong is not None:
@@ -55,7 +56,7 @@ def detect_kind(sd: Mapping[str, object]) -> str:
         raise CheckpointError("unsupported checkpoint: no CLIP text encoder (cond_stage_model.transformer.*)")
     c_in = sd[first].shape[1]
     if c_in == 4:
-        return ("sd2-v" if infer_prediction(sd, True, 4)[0] == "v" else "sd2") if sd2 else "sd1"
+        return SD2_NAME[prediction or infer_prediction(sd, True, 4)[0]] if sd2 else "sd1"
     if c_in == 9:
         return "sd2-inpaint" if sd2 else "sd1-inpaint"
     if c_in == 8:

@@ -158,7 +158,8 @@ def read_lora(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
     modules: dict[str, dict[str, np.ndarray]] = {}
     for key, value in state_dict.items():
         if key.startswith(("lora_te1_", "lora_te2_")):
-            raise CheckpointError(_where(path, f"{key}: an SDXL LoRA (two text encoders); this model is SD 1.x"))
+            raise CheckpointError(_where(path, f"{key}: an SDXL LoRA (two text encoders); ldm-jax merges SD 1.x and "
+                                               "2.x LoRAs"))
         m = _KEY.match(key)
         suffix = m.group(2) if m else None
         if suffix in lycoris.REFUSED:
@@ -214,6 +215,39 @@ def _fit(path, name, parts, entry, bias) -> tuple[str, float]:
     return kind, _alpha(path, name, parts, rank) / rank
 
 
+FAMILY_OF_TEXT_WIDTH = {768: "SD 1.x", 1024: "SD 2.x"}  # CLIP ViT-L/14, OpenCLIP ViT-H/14
+
+
+def _input_width(parts) -> int | None:
+    """The input width of a Linear module's update (LoRA, LoHa, full); None where its tensors do not show it."""
+    for key, tucker in (("lora_down.weight", "lora_mid.weight"), ("hada_w1_b", "hada_t1"), ("diff", None)):
+        if key in parts and tucker not in parts and getattr(parts[key], "ndim", 0) >= 2:
+            return int(parts[key].shape[1])
+    return None
+
+
+def _check_family(path, modules, config) -> None:
+    """An SD 1.x LoRA on an SD 2.x model, or the reverse: one line naming both families, from the width of the text
+    features the LoRA's text-encoder attention and U-Net cross-attention (attn2 to_k/to_v) modules take."""
+    for name, parts in modules.items():
+        if name.startswith("lora_te_") and name.endswith("_self_attn_q_proj"):
+            have, what = config.text.hidden_size, "text encoder"
+        elif name.startswith("lora_unet_") and name.endswith(("_attn2_to_k", "_attn2_to_v")):
+            have, what = config.unet.d_cond, "cross-attention context"
+        else:
+            continue
+        width = _input_width(parts)
+        if width is None or width == have:
+            continue
+        lora, model = FAMILY_OF_TEXT_WIDTH.get(width), FAMILY_OF_TEXT_WIDTH.get(have)
+        if lora and model:
+            raise CheckpointError(_where(path, f"an {lora} LoRA ({name} takes {width}-wide text features) and this "
+                                               f"model is {model} ({have}-wide {what}); use a LoRA trained for "
+                                               f"{model}"))
+        raise CheckpointError(_where(path, f"a LoRA for another model: {name} takes {width}-wide text features, this "
+                                           f"model's {what} is {have}-wide"))
+
+
 def check_lora_file(path: str | os.PathLike, config=None, tables=None) -> dict:
     """Fail early (before a model is loaded or compiled) on a LoRA file that is missing, not a kohya-ss LoRA or
     LyCORIS file, or (when the model's `config` is known) names a module the model lacks or does not fit its
@@ -224,10 +258,12 @@ def check_lora_file(path: str | os.PathLike, config=None, tables=None) -> dict:
     if config is None and tables is None:
         return modules
     weights, biases = module_tables(config) if tables is None else tables
+    if config is not None:
+        _check_family(path, modules, config)
     for name, parts in modules.items():
         entry = weights.get(name)
         if entry is None:
-            raise CheckpointError(_where(path, f"{name}: no such module in this model (expected kohya-ss SD 1.x "
+            raise CheckpointError(_where(path, f"{name}: no such module in this model (expected kohya-ss SD 1.x/2.x "
                                                "names: lora_unet_<diffusers U-Net module>, lora_te_text_model_*)"))
         _fit(path, name, parts, entry, biases.get(name))
     return modules
@@ -245,7 +281,7 @@ def lora_deltas(loras, config) -> dict[tuple[str, tuple[str, ...]], np.ndarray]:
 
     for path, scale in loras:
         path = os.fspath(path)
-        for name, parts in check_lora_file(path, tables=tables).items():
+        for name, parts in check_lora_file(path, config, tables=tables).items():
             entry, bias = tables[0][name], tables[1].get(name)
             kind, factor = _fit(path, name, parts, entry, bias)
             if kind == "LoRA":

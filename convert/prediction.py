@@ -24,6 +24,7 @@ from ldm_jax.configs import PREDICTIONS, ModelConfig, ScheduleConfig
 U = "model.diffusion_model."
 V_STD_THRESHOLD = 0.09  # ComfyUI SD20.model_type
 SD2_IMAGE_SIZE = {"eps": 512, "v": 768}  # the resolution each flavour was trained at
+SD2_NAME = {"eps": "sd2", "v": "sd2-v"}  # the name of each 4-channel flavour (the presets')
 _OUTPUT_BLOCK = re.compile(re.escape(U) + r"output_blocks\.(\d+)\.")
 
 
@@ -56,17 +57,30 @@ def check_prediction(prediction: str | None) -> None:
 
 
 def with_prediction(config: ModelConfig, prediction: str | None) -> ModelConfig:
-    """`config` predicting `prediction` (None: unchanged); only the schedule's prediction type changes."""
+    """`config` predicting `prediction` (None: unchanged): the schedule's prediction type changes, and an SD 2.x
+    config named and sized as a flavour (sd2 at 512, sd2-v at 768: the presets, inferred configs and what convert
+    and export store for them) becomes the other flavour, as `infer_config(sd, prediction)` names it, so a file, its
+    converted directory and its export given the same --prediction load as the same model (name, default size)."""
     check_prediction(prediction)
     if prediction is None or prediction == config.schedule.prediction:
         return config
-    return dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, prediction=prediction))
+    flavour = {}
+    if config.name == SD2_NAME[config.schedule.prediction] and config.image_size == SD2_IMAGE_SIZE[
+            config.schedule.prediction]:
+        flavour = {"name": SD2_NAME[prediction], "image_size": SD2_IMAGE_SIZE[prediction]}
+    return dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, prediction=prediction), **flavour)
+
+
+def kind_predicting(kind: str, prediction: str | None) -> str:
+    """The kind ('sd2' / 'sd2-v') of a 4-channel SD 2.x model predicting `prediction` (None: `kind` as found);
+    other kinds are unchanged (SD 1.x, the inpainting models)."""
+    return SD2_NAME[prediction] if prediction is not None and kind in SD2_NAME.values() else kind
 
 
 def sd2_flavour(kind: str, prediction: str) -> dict:
     """ModelConfig fields of an inferred SD 2.x config predicting `prediction`: its name ("sd2", "sd2-v" or
     "sd2-inpaint", as the presets), schedule and training resolution."""
     inpaint = kind == "sd2-inpaint"  # 512x512 whatever it predicts
-    name = "sd2-inpaint" if inpaint else ("sd2-v" if prediction == "v" else "sd2")
+    name = "sd2-inpaint" if inpaint else SD2_NAME[prediction]
     return {"name": name, "schedule": ScheduleConfig(prediction=prediction),
             "image_size": 512 if inpaint else SD2_IMAGE_SIZE[prediction]}

@@ -104,8 +104,8 @@ def verify(sd: StableDiffusion, *, components=("unet", "vae", "text_encoder"), t
                 ctx = rng.standard_normal((2, sd.config.text.max_length, sd.config.unet.d_cond)).astype(np.float32)
                 t = np.array([0, sd.config.schedule.n_steps - 1])
                 want = _nhwc(ref(_nchw(torch, x), torch.from_numpy(t), torch.from_numpy(ctx)))
-                rows.append(Row(c, "eps, t in {0, 999}", rel_err(jax.jit(sd.predict_noise)(sd.params, x, t, ctx),
-                                                                  want), tolerance))
+                what = f"{sd.config.schedule.prediction}, t in {{0, {t[1]}}}"  # the output: eps, or v (SD 2.x 768)
+                rows.append(Row(c, what, rel_err(jax.jit(sd.predict_noise)(sd.params, x, t, ctx), want), tolerance))
             elif c == "vae":
                 img = rng.uniform(-1, 1, (2, h * f, w * f, sd.config.vae.in_channels)).astype(np.float32)
                 z = rng.standard_normal((2, h, w, sd.config.vae.z_channels)).astype(np.float32)

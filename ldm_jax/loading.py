@@ -135,6 +135,9 @@ def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, para
         predicting = with_prediction(sd.config, prediction)
         if predicting is not sd.config:
             sd = sd.replace(config=predicting)
+        if prediction is not None and "prediction_note" in sd.metadata:  # the conversion's guess no longer holds
+            note = f"prediction {prediction} (given; not inferred from the weights)"
+            sd = sd.replace(metadata={**sd.metadata, "prediction_note": note})
     else:
         sd = _load_file(path, ema=ema, param_dtype=param_dtype, dtype=dtype, config=config,
                         attention_impl=attention_impl, allow_unexpected=allow_unexpected,

@@ -160,9 +160,9 @@ def convert_checkpoint(src, out_dir, *, ema: bool | None = None, dtype: str = "f
     if os.path.commonpath([os.path.abspath(src), os.path.abspath(out_dir)]) == os.path.abspath(out_dir):
         raise UserError(f"{src}: the source file is inside OUT_DIR {out_dir}; choose another OUT_DIR")
     state_dict = normalise_keys(read_state_dict(src))
-    kind = detect_kind(state_dict)
     declared = config or file_config(src)
     config = with_prediction(declared, prediction) if declared else infer_config(state_dict, prediction)
+    kind = detect_kind(state_dict, config.schedule.prediction)  # sd2 / sd2-v: what the model predicts
     note = None if declared else prediction_note(state_dict, prediction)  # SD 2.x: eps or v, and why
     bake.check_files(vae, loras, config)  # their shapes against the architecture, before hashing and converting
     for message in schedule_warnings(state_dict, config.schedule):

@@ -14,9 +14,9 @@ raw one; a converted directory holds the U-Net it was converted with, and a cont
 A checkpoint file is read as `convert` reads it: torch-free and memory-mapped (no code from the file runs), the
 architecture inferred (or --preset / --config / the config an earlier export stored; SD 2.x's eps- or
 v-prediction guessed from the weights and printed with the reason, or given by --prediction), a warning per
-schedule buffer that differs from the recomputed schedule, the file hashed (sha256). --vae and --lora bake a VAE file and
-kohya-ss LoRAs into the weights: the weights `ldm_jax.load(SRC, vae=, loras=)` gives at sampling time, rounded once
-to a narrower --dtype (`ldm_jax.cli.bake`).
+schedule buffer that differs from the recomputed schedule, the file hashed (sha256). --vae and --lora bake a VAE
+file and kohya-ss/LyCORIS LoRAs into the weights: the weights `ldm_jax.load(SRC, vae=, loras=)` gives at sampling
+time, rounded once to a narrower --dtype (`ldm_jax.cli.bake`).
 
 The safetensors `__metadata__` carries `"format": "pt"` (torch layout, as Hugging Face tools expect), the config
 JSON under `ldm_jax.config` (so `ldm_jax.load(file)` needs no inference), where the weights came from (source name
@@ -161,7 +161,7 @@ def export_checkpoint(src, out, dtype: str | None = None, *, ema: bool | None = 
 def _read_directory(src, *, target, ema, vae, loras, prediction, **_):
     """(StableDiffusion read in the dtype to bake in, where it came from, the output dtype, progress bars?)."""
     from convert.orbax_io import read_converted, read_info
-    from convert.prediction import with_prediction
+    from convert.prediction import kind_predicting, with_prediction
 
     config, info = read_info(src)
     bake.check_files(vae, loras, config)
@@ -169,6 +169,7 @@ def _read_directory(src, *, target, ema, vae, loras, prediction, **_):
     target = stored if target is None else target
     # never narrower than stored: the cast to the output dtype (params_to_state_dict) checks each weight fits
     sd = read_converted(src, ema=ema, param_dtype=bake.wider(stored, target).name)
+    info = {**info, "kind": kind_predicting(info.get("kind", ""), prediction)}  # sd2 / sd2-v as it now predicts
     return sd.replace(config=with_prediction(sd.config, prediction)), info, target, False
 
 
@@ -189,9 +190,9 @@ def _read_file(src, *, target, ema, config, vae, loras, allow_unexpected, allow_
     from ldm_jax.stable_diffusion import StableDiffusion
 
     state_dict = normalise_keys(read_state_dict(src))
-    kind = detect_kind(state_dict)
     declared = config or file_config(src)
     config = with_prediction(declared, prediction) if declared else infer_config(state_dict, prediction)
+    kind = detect_kind(state_dict, config.schedule.prediction)  # sd2 / sd2-v: what the model predicts
     note = None if declared else prediction_note(state_dict, prediction)  # SD 2.x: eps or v, and why
     if note:
         print(note)

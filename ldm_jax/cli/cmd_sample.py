@@ -342,6 +342,7 @@ def run(args) -> int:
             "sampler": args.sampler, "steps": args.steps, "scale": args.scale, "eta": args.eta,
             "mode": args.mode, "strength": getattr(args, "strength", None),
             "checkpoint": os.path.basename(os.path.normpath(args.checkpoint or DEFAULT_MODEL)),
+            "model": sd.config.name, "prediction": sd.config.schedule.prediction,
             "vae": os.path.basename(args.vae) if args.vae else sd.metadata.get("vae"), "dtype": args.dtype,
             "loras": describe_merged(sd.metadata), "embeddings": describe_embeddings(sd.metadata),
             "generator": "ldm-jax"}

@@ -28,6 +28,10 @@ def add_parser(sub, name, help_):
     base.add_argument("--checkpoint", metavar="BASE", help="starting model: .ckpt/.safetensors or converted directory "
                       "(default: the bundled shapes model, as every ldm-jax command)")
     base.add_argument("--preset", help="start from random weights of a preset (e.g. tiny) instead")
+    p.add_argument("--prediction", choices=("eps", "v"), help="what the U-Net learns to predict, instead of what "
+                   "the base model says or (SD 2.x files, which do not say) what its weights suggest: the 768x768 SD "
+                   "2.x models predict v, the 512x512 ones eps (default: the base's; --resume and --export-only: "
+                   "the run's)")
     p.add_argument("--data", metavar="DIR", help="folder of captioned images")
     p.add_argument("--out", metavar="RUN_DIR", required=True, help="run directory")
     p.add_argument("--steps", type=int, default=1000, help="optimiser steps in total (default: 1000)")
@@ -97,7 +101,7 @@ def run(args) -> int:
     if args.export_only:
         if args.export == "none":
             raise UserError("--export-only writes RUN_DIR/model: give --export ema or --export raw, not none")
-        export.export_run(args.out, args.checkpoint, args.preset, ema=args.export != "raw")
+        export.export_run(args.out, args.checkpoint, args.preset, ema=args.export != "raw", prediction=args.prediction)
         return 0
     if not args.data:
         raise UserError("--data DIR is required (a folder of captioned images)")
@@ -154,7 +158,8 @@ def train_config(args):
     except ValueError as e:
         raise UserError(str(e)) from None
     return TrainConfig(
-        data=args.data, out=args.out, checkpoint=args.checkpoint, preset=args.preset, steps=args.steps,
+        data=args.data, out=args.out, checkpoint=args.checkpoint, preset=args.preset, prediction=args.prediction,
+        steps=args.steps,
         batch_size=args.batch_size, resolution=args.resolution, optim=optim, step=step, random_flip=args.random_flip,
         allow_empty_captions=args.allow_empty_captions, seed=args.seed, resume=args.resume,
         save_every=args.save_every, keep=args.keep, sample_every=args.sample_every,

@@ -12,9 +12,10 @@ from ldm_jax.errors import UserError
 from ldm_jax.train.config import TrainConfig
 
 
-def load_base(checkpoint: str | None, preset_name: str | None, seed: int = 0):
+def load_base(checkpoint: str | None, preset_name: str | None, seed: int = 0, prediction: str | None = None):
     """The starting model: `ldm_jax.load(checkpoint)` (None: the bundled model), or random weights of a preset
-    (U-Net, VAE and text encoder at random init; the text encoder stays frozen there)."""
+    (U-Net, VAE and text encoder at random init; the text encoder stays frozen there). prediction: "eps" / "v"
+    instead of the base's (`ldm_jax.load(prediction=)`: SD 2.x files do not say; their guess is from the weights)."""
     if checkpoint is not None and preset_name is not None:
         raise UserError("give one of --checkpoint BASE or --preset NAME, not both")
     if preset_name is not None:
@@ -22,15 +23,37 @@ def load_base(checkpoint: str | None, preset_name: str | None, seed: int = 0):
         from ldm_jax.models.build import random_params
         from ldm_jax.stable_diffusion import StableDiffusion
 
+        from convert.prediction import with_prediction
+
         try:
-            config = preset(preset_name)
+            config = with_prediction(preset(preset_name), prediction)
         except ValueError as e:
             raise UserError(str(e)) from None
         params = jax.device_put(random_params(config, seed))  # one transfer, no per-shape convert compiles
         return StableDiffusion(config, params, metadata={"source": f"preset:{preset_name}", "seed": seed})
     import ldm_jax
 
-    return ldm_jax.load(checkpoint)
+    return ldm_jax.load(checkpoint, prediction=prediction)
+
+
+def run_prediction(meta: dict, prediction: str | None, where: str) -> str:
+    """What the U-Net of the run whose checkpoint metadata is `meta` was trained to predict (its base model's config
+    as the run recorded it); a different `prediction` (--prediction) is refused: the U-Net's target would change."""
+    run = ((meta.get("config") or {}).get("schedule") or {}).get("prediction", "eps")
+    if prediction is not None and prediction != run:
+        raise UserError(f"{where}: the run trains its U-Net to predict {run}, not {prediction}; leave --prediction out "
+                        "or give the same (a new --out starts another run)")
+    return run
+
+
+def prediction_line(sd, given: str | None) -> str | None:
+    """For a model that predicts v or is SD 2.x (whose files do not say which), one line saying what the U-Net is
+    trained to predict and why: `given` ("--prediction", "the run's"), else the loader's note, else the config."""
+    config = sd.config
+    if config.schedule.prediction == "eps" and config.text.key_layout != "open_clip":
+        return None
+    why = given or (sd.metadata or {}).get("prediction_note") or "as the base model's config says"
+    return f"training the U-Net to predict {config.schedule.prediction} ({why})"
 
 
 def base_info(cfg: TrainConfig) -> dict:

@@ -16,6 +16,7 @@ class TrainConfig:
     out: str
     checkpoint: str | None = None  # anything ldm_jax.load reads (None and no preset: the bundled model) ...
     preset: str | None = None  # ... or random weights of a preset (training from scratch)
+    prediction: str | None = None  # "eps" / "v": what the U-Net learns (None: the base's; resumed: the run's)
     steps: int = 1000
     batch_size: int = 1  # global micro-batch (all devices, all hosts)
     resolution: int | None = None  # default: a resumed run's, else the model's own image size (512 for SD 1.x)

@@ -10,7 +10,7 @@ import os
 from ldm_jax import parallel
 from ldm_jax.errors import UserError
 from ldm_jax.train import preflight
-from ldm_jax.train.base import load_base
+from ldm_jax.train.base import load_base, run_prediction
 from ldm_jax.train.checkpoint import Checkpoints, check_same_model
 from ldm_jax.train.resume import state_shapes
 from ldm_jax.train.state import OptimConfig, TrainState
@@ -32,8 +32,10 @@ def export_model(out_dir: str, sd, state: TrainState, step_cfg: StepConfig, *, e
 
 
 def export_run(run_dir: str, checkpoint: str | None, preset_name: str | None, *, ema: bool = True,
-               out_dir: str | None = None, log=print) -> str:
-    """Export the latest checkpoint of RUN_DIR (on demand) as a converted directory (default RUN_DIR/model)."""
+               out_dir: str | None = None, log=print, prediction: str | None = None) -> str:
+    """Export the latest checkpoint of RUN_DIR (on demand) as a converted directory (default RUN_DIR/model). The
+    model predicts what the run trained its U-Net to (a base that guesses otherwise is loaded as the run did;
+    `prediction`, --prediction, must agree)."""
     if not os.path.isdir(run_dir):
         raise UserError(f"--out {run_dir}: {'a file, ' if os.path.exists(run_dir) else ''}not a run directory")
     run_dir = os.path.abspath(run_dir)
@@ -44,7 +46,8 @@ def export_run(run_dir: str, checkpoint: str | None, preset_name: str | None, *,
         if step is None:
             raise UserError(f"no checkpoint in {ck.directory}")
         meta = ck.read_meta(step)
-        sd = load_base(checkpoint, preset_name, int(meta["seed"]))
+        predicting = run_prediction(meta, prediction, f"export {run_dir}")
+        sd = load_base(checkpoint, preset_name, int(meta["seed"]), predicting)
         check_same_model(meta, sd.config.to_dict(), f"export {run_dir}")
         optim, step_cfg = OptimConfig(**meta["optim"]), StepConfig(**meta["step_config"])
         tree, _ = ck.restore(state_shapes(sd.config, optim, step_cfg, parallel.data_mesh()), step)

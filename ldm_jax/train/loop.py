@@ -33,7 +33,7 @@ from ldm_jax import parallel
 from ldm_jax.errors import UserError
 from ldm_jax.train import data as D
 from ldm_jax.train import preflight
-from ldm_jax.train.base import base_info, check_resolution, load_base
+from ldm_jax.train.base import base_info, check_resolution, load_base, prediction_line, run_prediction
 from ldm_jax.train.checkpoint import Checkpoints, check_same_model
 from ldm_jax.train.config import TrainConfig
 from ldm_jax.train.export import export_model
@@ -84,7 +84,11 @@ def _train(cfg, dataset, run_dir, ck, log):
         seed, res = preflight.resume_settings(meta, cfg, f"--resume {run_dir}")
     else:
         seed, res = 0 if cfg.seed is None else cfg.seed, None
-    sd = load_base(cfg.checkpoint, cfg.preset, seed)
+    prediction = run_prediction(meta, cfg.prediction, f"--resume {run_dir}") if meta else cfg.prediction
+    sd = load_base(cfg.checkpoint, cfg.preset, seed, prediction)
+    line = prediction_line(sd, "the run's" if meta else cfg.prediction and "--prediction")
+    if line:
+        log(line)
     config_dict = sd.config.to_dict()
     if meta:
         check_same_model(meta, config_dict, f"--resume {run_dir}")
