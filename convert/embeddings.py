@@ -24,14 +24,13 @@ no code from the file runs), and every problem is one line naming the file, befo
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from collections.abc import Mapping
 
 import numpy as np
 
 from convert.errors import CheckpointError
-from convert.readers import labelled
+from convert.readers import labelled, sha256_file
 
 FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL"}  # text widths: CLIP-L, OpenCLIP-H, OpenCLIP-bigG
 RETRY = "choose another with --embedding FILE:TOKEN (ldm_jax.load(..., embeddings=[(FILE, TOKEN)]))"
@@ -175,14 +174,6 @@ def _vectors(path: str, tensor, where: str) -> np.ndarray:
     return vectors
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_embedding(path: str | os.PathLike, token: str | None = None) -> Embedding:
     """The embedding in `path` for the prompt word `token` (default: the file's base name); a CheckpointError
     naming the file for a missing or unreadable file, another kind of file, SDXL, bad vectors or a bad token."""
@@ -196,7 +187,7 @@ def read_embedding(path: str | os.PathLike, token: str | None = None) -> Embeddi
         added_word(token)
     except ValueError as e:
         raise _error(path, f"{e}; {RETRY}") from None
-    return Embedding(path, token, vectors, kind, _sha256(path))
+    return Embedding(path, token, vectors, kind, sha256_file(path))
 
 
 def _model(config) -> str:

@@ -17,6 +17,7 @@ a nested dict) is a :class:`CheckpointError` naming the key, never silently drop
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 
@@ -131,3 +132,18 @@ def release_pages(array) -> None:
         mm.madvise(mmap.MADV_DONTNEED, begin, end - begin)
     except (OSError, ValueError):
         pass
+
+
+def sha256_file(path: str, progress: bool = False, chunk: int = 16 << 20) -> str:
+    """Streamed sha256 of a file (constant memory; read() goes through the page cache, not our RSS)."""
+    from tqdm.auto import tqdm
+
+    h = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb") as f, tqdm(total=os.path.getsize(path), desc="sha256", unit="B", unit_scale=True,
+                                     disable=not progress, leave=False) as bar:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            bar.update(n)
+    return h.hexdigest()

@@ -12,7 +12,7 @@ import time
 from ldm_jax.bench import Row
 from ldm_jax.configs import ModelConfig
 
-from convert.torch_reference import build_unet, build_vae, import_torch
+from convert.torch_reference import build_unet, build_vae, diffusers_unet, import_torch
 
 
 def _device(torch):
@@ -77,21 +77,10 @@ def diffusers_available() -> bool:
 
 def diffusers_models(cfg: ModelConfig):
     """(UNet2DConditionModel, AutoencoderKL) with the preset's architecture and diffusers' random init."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
-    u, v = cfg.unet, cfg.vae
-    levels = range(len(u.channel_multipliers))
-    widths = tuple(u.channels * m for m in u.channel_multipliers)
-    # diffusers' SD 1.x configs name the head COUNT attention_head_dim; SD 2.x configs list it per level
-    heads = u.n_heads if u.n_heads is not None else tuple(w // u.d_head for w in widths)
-    unet = UNet2DConditionModel(
-        in_channels=u.in_channels, out_channels=u.out_channels, block_out_channels=widths,
-        down_block_types=tuple("CrossAttnDownBlock2D" if i in u.attention_levels else "DownBlock2D" for i in levels),
-        up_block_types=tuple("CrossAttnUpBlock2D" if i in u.attention_levels else "UpBlock2D"
-                             for i in reversed(levels)),
-        layers_per_block=u.n_res_blocks, cross_attention_dim=u.d_cond, attention_head_dim=heads,
-        transformer_layers_per_block=u.tf_layers, use_linear_projection=u.use_linear_proj,
-        norm_num_groups=u.norm_groups)
+    v = cfg.vae
+    unet = diffusers_unet(cfg)
     n = len(v.channel_multipliers)
     vae = AutoencoderKL(in_channels=v.in_channels, out_channels=v.out_channels,
                         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,

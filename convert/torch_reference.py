@@ -66,20 +66,15 @@ def build_vae(config: ModelConfig):
                        emb_channels=v.emb_channels, z_channels=v.z_channels)
 
 
-def _diffusers_unet(config: ModelConfig):
-    import torch
+def diffusers_unet(config: ModelConfig):
+    """diffusers' UNet2DConditionModel with `config`'s U-Net architecture (diffusers' random init): the reference
+    of U-Nets labml cannot build, and `bench --torch`'s diffusers peer (`convert.torch_bench`)."""
+    from diffusers import UNet2DConditionModel
 
-    try:
-        from diffusers import UNet2DConditionModel
-        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-    except ImportError as e:
-        raise CheckpointError(f"the torch reference of this U-Net ({config.name}: heads of width "
-                              f"{config.unet.d_head}, Linear proj_in/out) is diffusers': pip install diffusers ({e})"
-                              ) from None
     u = config.unet
     levels = range(len(u.channel_multipliers))
     widths = tuple(u.channels * m for m in u.channel_multipliers)
-    unet = UNet2DConditionModel(  # diffusers' attention_head_dim is the number of heads (per level for SD 2.x)
+    return UNet2DConditionModel(  # diffusers' attention_head_dim is the number of heads (per level for SD 2.x)
         in_channels=u.in_channels, out_channels=u.out_channels, block_out_channels=widths,
         down_block_types=tuple("CrossAttnDownBlock2D" if i in u.attention_levels else "DownBlock2D" for i in levels),
         up_block_types=tuple("CrossAttnUpBlock2D" if i in u.attention_levels else "UpBlock2D"
@@ -87,6 +82,18 @@ def _diffusers_unet(config: ModelConfig):
         layers_per_block=u.n_res_blocks, cross_attention_dim=u.d_cond,
         attention_head_dim=tuple(u.heads_for(w)[0] for w in widths), transformer_layers_per_block=u.tf_layers,
         use_linear_projection=u.use_linear_proj, norm_num_groups=u.norm_groups)
+
+
+def _diffusers_unet(config: ModelConfig):
+    import torch
+
+    try:
+        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    except ImportError as e:
+        raise CheckpointError(f"the torch reference of this U-Net ({config.name}: heads of width "
+                              f"{config.unet.d_head}, Linear proj_in/out) is diffusers': pip install diffusers ({e})"
+                              ) from None
+    unet = diffusers_unet(config)
 
     class DiffusersUNet(torch.nn.Module):
         """labml's call signature; weights from a CompVis state dict through diffusers' own conversion."""

@@ -47,3 +47,18 @@ def torch_q_sample(z0: np.ndarray, noise: np.ndarray, t: np.ndarray):
     x0, eps = (torch.from_numpy(np.asarray(a).transpose(0, 3, 1, 2).copy()) for a in (z0, noise))
     ab = alpha_bar[t].view(-1, 1, 1, 1)
     return ab**0.5 * x0 + (1 - ab) ** 0.5 * eps, eps, t
+
+
+def original_config(config) -> dict:
+    """`config`'s architecture as a CompVis / Stability inference YAML spells it (v1-inference.yaml: num_heads,
+    1x1-conv proj; v2-inference.yaml: num_head_channels, use_linear_in_transformer), the form diffusers' single-file
+    conversion (`create_unet_diffusers_config_from_ldm`) reads: the tests' independent route to diffusers' U-Net."""
+    u = config.unet
+    heads = {"num_heads": u.n_heads} if u.n_heads is not None else {"num_head_channels": u.d_head}
+    return {"model": {"params": {
+        "unet_config": {"params": {
+            "in_channels": u.in_channels, "out_channels": u.out_channels, "model_channels": u.channels,
+            "channel_mult": list(u.channel_multipliers), "num_res_blocks": u.n_res_blocks,
+            "attention_resolutions": [2**level for level in u.attention_levels], **heads,
+            "transformer_depth": u.tf_layers, "context_dim": u.d_cond, "use_linear_in_transformer": u.use_linear_proj}},
+        "first_stage_config": {"params": {"ddconfig": {"ch_mult": list(config.vae.channel_multipliers)}}}}}}

@@ -261,12 +261,12 @@ def test_refusals_are_one_line_before_the_weights_are_read_and_leave_nothing(fil
                                                                             argv, needle):
     import convert.mapping
     import convert.orbax_io
-    from ldm_jax.cli import cmd_convert
+    import convert.readers
 
     fail = lambda *a, **k: pytest.fail("the weights were read or hashed before the refusal")  # noqa: E731
     monkeypatch.setattr(convert.mapping, "state_dict_to_params", fail)
     monkeypatch.setattr(convert.orbax_io, "read_converted", fail)
-    monkeypatch.setattr(cmd_convert, "sha256_file", fail)
+    monkeypatch.setattr(convert.readers, "sha256_file", fail)
     names = {**files, **bad, "out": tmp_path / "out.safetensors", "out_dir": tmp_path / "conv"}
     before = sorted(os.listdir(files["dir"]))
     rc, _, err = cli(*[a.format(**names) for a in argv])

@@ -27,6 +27,7 @@ from convert.safetensors_io import write_safetensors
 from ldm_jax import configs
 from ldm_jax.cli.main import main
 from tests.cli_run import cli
+from tests.parity import original_config
 
 TINY = configs.tiny()
 # level 0 without attention and 2 resnets a level: the other index rules (upsampler conv at .1, n_res + 1 = 3)
@@ -43,14 +44,7 @@ def _diffusers_unet(config):
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 
-    u = config.unet
-    original = {"model": {"params": {
-        "unet_config": {"params": {
-            "in_channels": u.in_channels, "out_channels": u.out_channels, "model_channels": u.channels,
-            "channel_mult": list(u.channel_multipliers), "num_res_blocks": u.n_res_blocks,
-            "attention_resolutions": [2 ** level for level in u.attention_levels], "num_heads": u.n_heads,
-            "transformer_depth": u.tf_layers, "context_dim": u.d_cond, "use_linear_in_transformer": False}},
-        "first_stage_config": {"params": {"ddconfig": {"ch_mult": list(config.vae.channel_multipliers)}}}}}}
+    original = original_config(config)
     compvis = torch_reference.random_state_dict(config, seed=5, components=("unet",))
     dconfig = create_unet_diffusers_config_from_ldm(original, compvis, image_size=64)
     converted = convert_ldm_unet_checkpoint({k: torch.from_numpy(v) for k, v in compvis.items()}, dconfig)

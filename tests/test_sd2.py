@@ -32,7 +32,7 @@ from ldm_jax.configs import AutoencoderConfig, ModelConfig, TextEncoderConfig, U
 from ldm_jax.loading import CONFIG_METADATA_KEY
 from ldm_jax.models.build import abstract_params, random_params
 from ldm_jax.tokenizer import ClipTokenizer
-from tests.parity import nchw, nhwc, rel_err
+from tests.parity import nchw, nhwc, original_config, rel_err
 from tests.cli_run import cli
 
 TOL = 1e-5
@@ -138,13 +138,7 @@ def test_unet_matches_diffusers_through_its_own_conversion(tiny):
 
     sd, _, model = tiny
     u = TINY2.unet
-    original = {"model": {"params": {  # as Stability-AI's v2-inference.yaml spells an SD 2.x U-Net
-        "unet_config": {"params": {
-            "in_channels": u.in_channels, "out_channels": u.out_channels, "model_channels": u.channels,
-            "channel_mult": list(u.channel_multipliers), "num_res_blocks": u.n_res_blocks,
-            "attention_resolutions": [2**level for level in u.attention_levels], "num_head_channels": u.d_head,
-            "transformer_depth": u.tf_layers, "context_dim": u.d_cond, "use_linear_in_transformer": True}},
-        "first_stage_config": {"params": {"ddconfig": {"ch_mult": list(TINY2.vae.channel_multipliers)}}}}}}
+    original = original_config(TINY2)  # as Stability-AI's v2-inference.yaml spells an SD 2.x U-Net
     dconfig = create_unet_diffusers_config_from_ldm(original, sd, image_size=64)
     assert dconfig["use_linear_projection"] and list(dconfig["attention_head_dim"]) == [2, 4]  # heads per level
     ref = UNet2DConditionModel(**dconfig).eval()

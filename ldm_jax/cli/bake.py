@@ -103,17 +103,13 @@ def cast_params(params, dtype, place=None):
     """{component: tree} with every leaf cast to `dtype` (through `place`, e.g. `jax.device_put`); a finite weight
     that does not fit (fp16: |w| > 65504) is a CheckpointError naming its CompVis tensor, never a silent Inf."""
     from convert.keys import key_table
-    from convert.mapping import check_fits, leaf_at
+    from convert.mapping import cast_checked, leaf_at
 
     dtype = np.dtype(dtype)
     out: dict = {}
     for component, tree in params.items():
         for entry in key_table(component, tree):
-            value = np.asarray(leaf_at(tree, entry.flax_path))
-            with np.errstate(over="ignore", invalid="ignore"):
-                cast = value.astype(dtype)
-            if not np.isfinite(cast).all():
-                check_fits(entry.key, value, cast)
+            cast = cast_checked(entry.key, np.asarray(leaf_at(tree, entry.flax_path)), dtype)
             node = out.setdefault(component, {})
             for name in entry.flax_path[:-1]:
                 node = node.setdefault(name, {})
@@ -144,7 +140,7 @@ def earlier_record(src: str) -> dict:
 def record(vae, loras, earlier: Mapping | None = None, progress: bool = False) -> dict:
     """{"vae", "vae_sha256", "loras"} of what the result carries: `earlier` (the source's record) with the VAE file
     `vae` replacing its VAE and the (path, scale) `loras` after its LoRAs; the files are hashed (sha256) here."""
-    from ldm_jax.cli.cmd_convert import sha256_file
+    from convert.readers import sha256_file
 
     out = dict(earlier or {})
     if vae is not None:

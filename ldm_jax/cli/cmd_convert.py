@@ -26,7 +26,6 @@ The command keeps jax on the CPU (no GPU context or preallocated GPU memory) whe
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 from collections.abc import Mapping
@@ -138,6 +137,7 @@ def convert_checkpoint(src, out_dir, *, ema: bool | None = None, dtype: str = "f
     from convert.detect import detect_kind, infer_config, prediction_note
     from convert.prediction import with_prediction
     from convert.lora import apply_loras, normalise_loras
+    from convert.readers import sha256_file
     from convert.mapping import has_ema, normalise_keys, state_dict_to_params
     from convert.orbax_io import check_output_dir, write_converted
     from convert.readers import read_state_dict
@@ -204,20 +204,6 @@ def convert_checkpoint(src, out_dir, *, ema: bool | None = None, dtype: str = "f
     text = {"vae_report_text": vae_report.summary()} if vae is not None else {}
     return {**metadata, "dtype": DTYPES[dtype], **text}, report
 
-
-def sha256_file(path: str, progress: bool = False, chunk: int = 16 << 20) -> str:
-    """Streamed sha256 of a file (constant memory; read() goes through the page cache, not our RSS)."""
-    from tqdm.auto import tqdm
-
-    h = hashlib.sha256()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb") as f, tqdm(total=os.path.getsize(path), desc="sha256", unit="B", unit_scale=True,
-                                     disable=not progress, leave=False) as bar:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-            bar.update(n)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------- schedule

@@ -184,7 +184,8 @@ def _read_file(src, *, target, ema, config, vae, loras, allow_unexpected, allow_
     from convert.mapping import has_ema, normalise_keys, state_dict_to_params
     from convert.prediction import with_prediction
     from convert.readers import read_state_dict
-    from ldm_jax.cli.cmd_convert import PROGRESS_MIN_BYTES, schedule_warnings, sha256_file
+    from convert.readers import sha256_file
+    from ldm_jax.cli.cmd_convert import PROGRESS_MIN_BYTES, schedule_warnings
     from ldm_jax.loading import file_config
     from ldm_jax.models.build import abstract_params
     from ldm_jax.stable_diffusion import StableDiffusion
