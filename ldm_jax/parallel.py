@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -119,6 +120,25 @@ def from_process_0(name: str, make_value, timeout_s: int = 3600) -> str:
         client.key_value_set(key, value)
         return value
     return _get(client, key, 0, name, timeout_s)
+
+
+def leave_in_order(timeout_s: float = 10.0) -> None:
+    """Before an error exit (os._exit) of a multi-host run: processes other than 0 say they are leaving, and process
+    0, which hosts the coordination service, waits for them (at most `timeout_s`: one may never get here) and a moment
+    more, so that its exit does not take the service away under a slower peer; JAX aborts a process whose
+    coordination service vanishes (SIGABRT instead of that process's own one-line error and exit status 2)."""
+    try:
+        client = _client()
+        if jax.process_index() != 0:
+            client.key_value_set(f"ldm-jax/leaving/{jax.process_index()}", "1")
+            return
+        deadline = time.monotonic() + timeout_s
+        for p in range(1, jax.process_count()):
+            left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+            client.blocking_key_value_get(f"ldm-jax/leaving/{p}", max(left_ms, 1))
+        time.sleep(0.2)  # each leaves right after saying so
+    except Exception:  # noqa: BLE001 - a peer gone or the wait timed out: leave anyway
+        pass
 
 
 def _get(client, key: str, process: int, name: str, timeout_s: int) -> str:

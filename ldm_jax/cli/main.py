@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv is None and _multi_process():  # JAX's shutdown at exit waits for every peer: one may be gone
             sys.stdout.flush()
             sys.stderr.flush()
+            from ldm_jax.parallel import leave_in_order
+
+            leave_in_order()  # process 0 last: its exit ends the coordination service
             os._exit(2)
         return 2
     except KeyboardInterrupt:
