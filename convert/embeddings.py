@@ -11,7 +11,8 @@ textual_inversion.py` and diffusers `loaders/textual_inversion.py` read the same
 * A1111 / kohya-ss `.safetensors` (or `.pt`): {"emb_params": [n, d]}.
 * diffusers `learned_embeds.safetensors` / `.bin`: {"<token>": [d] or [n, d]}, the one tensor named after its
   token (sd-concepts-library).
-* SDXL files ({"clip_l": [n, 768], "clip_g": [n, 1280]}) are refused: SDXL is not supported.
+* SDXL files ({"clip_l": [n, 768], "clip_g": [n, 1280]}) are refused: SDXL embeddings are not supported yet (nor
+  embeddings on an SDXL model: `ldm_jax.loading.refuse_sdxl_add_ons`).
 
 The prompt word (TOKEN) is, as in A1111, the file's base name without its extension unless given
 (`--embedding FILE:TOKEN`, `embeddings=[(path, token)]`); diffusers' own default (the key or "name" inside) is
@@ -128,8 +129,8 @@ def _parameters(value):
 def _tensor_and_format(path: str, data: Mapping) -> tuple[object, str]:
     keys = [str(k) for k in data]
     if "clip_l" in data or "clip_g" in data:
-        raise _error(path, "is an SDXL embedding (clip_l, clip_g: vectors for two text encoders); SDXL is not "
-                           "supported: ldm-jax runs Stable Diffusion 1.x and 2.x")
+        raise _error(path, "is an SDXL embedding (clip_l, clip_g: vectors for two text encoders); SDXL embeddings "
+                           "are not supported yet: ldm-jax takes Stable Diffusion 1.x and 2.x embeddings")
     if "string_to_param" in data:
         params = _parameters(data["string_to_param"])
         if params is None:
@@ -169,8 +170,8 @@ def _vectors(path: str, tensor, where: str) -> np.ndarray:
     if not np.isfinite(vectors).all():
         raise _error(path, f"{where}: has non-finite values (NaN or inf)")
     if vectors.shape[1] == 1280:
-        raise _error(path, f"{_width(1280)} (OpenCLIP bigG); SDXL is not supported: ldm-jax runs Stable Diffusion "
-                           "1.x and 2.x")
+        raise _error(path, f"{_width(1280)} (OpenCLIP bigG); SDXL embeddings are not supported yet: ldm-jax takes "
+                           "Stable Diffusion 1.x and 2.x embeddings")
     return vectors
 
 

@@ -69,7 +69,8 @@ _EMBEDDING_WIDTHS = (768, 1024, 1280)  # CLIP-L (SD 1.x), OpenCLIP-H (SD 2.x), O
 EMBEDDING_USE = ("pass it with --embedding FILE[:TOKEN] (or ldm_jax.load(..., embeddings=)) next to a full Stable "
                  "Diffusion checkpoint")
 SUPPORTED = ("ldm-jax supports Stable Diffusion 1.x and 2.x checkpoints (e.g. v1-5-pruned-emaonly.safetensors, "
-             "sd-v1-5-inpainting.ckpt or v2-1_768-ema-pruned.safetensors)")
+             "sd-v1-5-inpainting.ckpt or v2-1_768-ema-pruned.safetensors) and SDXL 1.0 base "
+             "(sd_xl_base_1.0.safetensors)")
 
 _IP_ADAPTER = re.compile(r"^(image_proj|ip_adapter)\.")
 _T2I_ADAPTER = re.compile(r"^(adapter\.)?body\.\d+\.((resnets|body)\.\d+\.)?(block1|block2|in_conv|out_conv|skep|"
@@ -122,7 +123,7 @@ def _other_architecture(sd: Mapping[str, object], keys: list[str]) -> str | None
     for rx, name in _ARCHITECTURES:
         found = next((k for k in keys if rx.match(k, _ARCH_PREFIX.match(k).end()) and not _LORA.search(k)), None)
         if found is not None:
-            return f"this file is {name} model ({found}), not a Stable Diffusion 1.x/2.x checkpoint; {SUPPORTED}"
+            return f"this file is {name} model ({found}), not a Stable Diffusion 1.x/2.x/XL checkpoint; {SUPPORTED}"
     first = _shape(sd.get(UNET + "input_blocks.0.0.weight"))
     found = next((k for k in keys if k.startswith("low_scale_model.")), None)
     if found is not None or (len(first) == 4 and first[1] == 7):
@@ -196,7 +197,7 @@ def describe(sd: Mapping[str, object]) -> str | None:
     if _is_embedding(sd):
         if set(keys) <= {"clip_l", "clip_g"}:
             return (f"this file is an SDXL textual-inversion embedding ({', '.join(keys[:2])}), not a checkpoint; "
-                    f"SDXL is not supported: {BASE}")
+                    f"SDXL embeddings are not supported yet: {BASE}")
         return f"this file is a textual-inversion embedding ({', '.join(keys[:2])}), not a checkpoint; {EMBEDDING_USE}"
     found = _first(keys, _DIFFUSERS_VAE)
     if found is not None:

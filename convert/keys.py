@@ -13,6 +13,11 @@ Component prefixes are those of CompVis' LatentDiffusion (`model.diffusion_model
 key minus `model.` with the dots removed (CompVis `LitEma`). SD 2.x keeps its text tower under OpenCLIP names
 (`text_layout="open_clip"`: `convert.open_clip_keys`), where one tensor can hold several Flax parameters stacked
 along its first axis (`Entry.part` of `Entry.parts`: q, k, v in one `in_proj_weight`).
+
+SDXL files are in the sgm layout (`text_layout="sgm"`, Stability-AI/generative-models `DiffusionEngine`): U-Net and
+VAE as CompVis, the text encoders under `GeneralConditioner.embedders` (`SGM_PREFIXES`): CLIP ViT-L/14 under
+transformers' names (`FrozenCLIPEmbedder`) and OpenCLIP ViT-bigG/14 under OpenCLIP's (`FrozenOpenCLIPEmbedder2`,
+whose `text_projection` SDXL uses). `layout_of(config)` says which layout a model's files have.
 """
 
 from __future__ import annotations
@@ -28,6 +33,15 @@ PREFIXES = {
     "vae": "first_stage_model.",
     "text_encoder": "cond_stage_model.transformer.text_model.",
 }
+# sgm's (SDXL): sgm/models/diffusion.py DiffusionEngine (model, first_stage_model, conditioner) and
+# configs/inference/sd_xl_base.yaml (embedders 0: FrozenCLIPEmbedder, 1: FrozenOpenCLIPEmbedder2)
+SGM_PREFIXES = {
+    **PREFIXES,
+    "text_encoder": "conditioner.embedders.0.transformer.text_model.",
+    "text_encoder_2": "conditioner.embedders.1.model.",
+}
+SGM = "sgm"  # the layout of SDXL files (both text towers under conditioner.embedders.*)
+LAYOUTS = TEXT_KEY_LAYOUTS + (SGM,)
 _INDEXED = re.compile(r"^(.*?)((?:_\d+)+)$")
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 # CompVis' VAE mid block names its children `block_1`, `attn_1`, `block_2` (attributes, not list indices).
@@ -38,7 +52,7 @@ _VERBATIM_UNDER = {"mid"}
 class Entry:
     """One row of the table: where a tensor lives on each side and how its layout changes."""
 
-    component: str  # "unet" | "vae" | "text_encoder"
+    component: str  # "unet" | "vae" | "text_encoder" | "text_encoder_2"
     flax_path: tuple[str, ...]  # path inside sd.params[component]
     key: str  # full CompVis key
     flax_shape: tuple[int, ...]
@@ -91,19 +105,33 @@ def _layout(leaf: str, ndim: int) -> str:
     return "same"
 
 
+def layout_of(config) -> str:
+    """The `text_layout` of a ModelConfig's checkpoints: "sgm" for SDXL (two text encoders), else the config's
+    `text.key_layout` ("transformers" for SD 1.x, "open_clip" for SD 2.x)."""
+    return SGM if config.text_2 is not None else config.text.key_layout
+
+
 def key_table(component: str, abstract_params, prefix: str | None = None,
               text_layout: str = "transformers") -> list[Entry]:
     """All entries of one component, from its (abstract) Flax parameter tree (leaves need `.shape`).
     `prefix` overrides the component's CompVis prefix (e.g. "" for a single block's own state dict).
-    text_layout: the names of the text tower, "transformers" (SD 1.x) or "open_clip" (SD 2.x; the config's
-    `text.key_layout`); other components ignore it."""
-    if text_layout not in TEXT_KEY_LAYOUTS:
-        raise ValueError(f"unknown text key layout {text_layout!r}; choose from {', '.join(TEXT_KEY_LAYOUTS)}")
-    if component == "text_encoder" and text_layout == "open_clip":
+    text_layout: where the checkpoint keeps its text towers (`layout_of(config)`): "transformers" (SD 1.x),
+    "open_clip" (SD 2.x) or "sgm" (SDXL: `SGM_PREFIXES`). SDXL's "text_encoder_2" is always sgm's OpenCLIP tower;
+    U-Net and VAE ignore the layout."""
+    if text_layout not in LAYOUTS:
+        raise ValueError(f"unknown text key layout {text_layout!r}; choose from {', '.join(LAYOUTS)}")
+    if component == "text_encoder_2" or (component == "text_encoder" and text_layout == "open_clip"):
         from convert.open_clip_keys import open_clip_table
 
-        return open_clip_table(key_table(component, abstract_params, prefix=""), prefix)
-    prefix = PREFIXES[component] if prefix is None else prefix
+        own = SGM_PREFIXES[component] if component == "text_encoder_2" and prefix is None else prefix
+        return open_clip_table(_walk_table(component, abstract_params, ""), own)
+    if prefix is None:
+        prefix = (SGM_PREFIXES if text_layout == SGM else PREFIXES)[component]
+    return _walk_table(component, abstract_params, prefix)
+
+
+def _walk_table(component: str, abstract_params, prefix: str) -> list[Entry]:
+    """The generic table: every leaf of the tree under its CompVis name (`compvis_name`) after `prefix`."""
     entries = []
 
     def walk(tree, path):

@@ -22,8 +22,9 @@ import numpy as np
 
 from convert.errors import CheckpointError
 from convert.readers import release_pages
-from convert.keys import PREFIXES, Entry, key_table, take_part, to_compvis_layout, to_flax_layout
+from convert.keys import PREFIXES, SGM, Entry, key_table, take_part, to_compvis_layout, to_flax_layout
 from convert.open_clip_keys import IGNORED as OPEN_CLIP_IGNORED, PREFIX as OPEN_CLIP_PREFIX
+from convert.open_clip_keys import SDXL_IGNORED, SDXL_PREFIX
 
 # Schedule buffers CompVis' DDPM registers (recomputed from the config instead).
 SCHEDULE_BUFFERS = (
@@ -35,12 +36,16 @@ LOSS_REASON = "autoencoder training loss (LPIPS / discriminator)"
 _IGNORED = [
     (re.compile(r"^(%s)$" % "|".join(SCHEDULE_BUFFERS)), "noise schedule buffer (recomputed from the config)"),
     (re.compile(r"^logvar$"), "training-only learned log-variance"),
-    (re.compile(r"^cond_stage_model\.transformer\.text_model\.embeddings\.position_ids$"), "position ids (arange)"),
+    (re.compile(r"^(cond_stage_model|conditioner\.embedders\.0)\.transformer\.text_model\.embeddings\.position_ids$"),
+     "position ids (arange)"),
     (re.compile(r"^model_ema\.(decay|num_updates)$"), "EMA bookkeeping"),
     (re.compile(r"^first_stage_model\.loss\."), LOSS_REASON),
-] + [(re.compile("^" + re.escape(OPEN_CLIP_PREFIX + name) + "$"), reason) for name, reason in OPEN_CLIP_IGNORED.items()]
+] + [(re.compile("^" + re.escape(prefix + name) + "$"), reason)  # OpenCLIP towers: SD 2.x's, SDXL's second
+      for prefix, ignored in ((OPEN_CLIP_PREFIX, OPEN_CLIP_IGNORED), (SDXL_PREFIX, SDXL_IGNORED))
+      for name, reason in ignored.items()]
 _FLOAT_DTYPES = {np.dtype(t) for t in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16)}
 _OLD_CLIP = "cond_stage_model.transformer."
+_SGM_TEXT = "conditioner.embedders."  # sgm's GeneralConditioner (SDXL: `convert.keys.SGM_PREFIXES`)
 
 
 def normalise_keys(state_dict: Mapping[str, object]) -> dict[str, object]:
@@ -55,9 +60,13 @@ def normalise_keys(state_dict: Mapping[str, object]) -> dict[str, object]:
 
 
 def text_layout_of(state_dict: Mapping[str, object]) -> str:
-    """Where the state dict keeps its text tower: "open_clip" (SD 2.x, `cond_stage_model.model.*`) or
-    "transformers" (SD 1.x, `cond_stage_model.transformer.*`; also when it has none)."""
+    """Where the state dict keeps its text towers: "sgm" (SDXL, `conditioner.embedders.*`), "open_clip" (SD 2.x,
+    `cond_stage_model.model.*`) or "transformers" (SD 1.x, `cond_stage_model.transformer.*`; also when it has
+    none)."""
+    if any(k.startswith(_SGM_TEXT) for k in state_dict):
+        return SGM
     return "open_clip" if any(k.startswith(OPEN_CLIP_PREFIX) for k in state_dict) else "transformers"
+
 
 
 def has_ema(state_dict: Mapping[str, object]) -> bool:
@@ -197,8 +206,8 @@ def state_dict_to_params(state_dict: Mapping[str, object], abstract_params: Mapp
     tensor where it should live (e.g. `jax.device_put`), in order on the calling thread, while `workers`
     threads (default `conversion_workers()`) convert the next few, so a few extra tensors are held at most.
     prefixes: per-component CompVis prefixes other than the standard ones ("" maps a single block).
-    text_layout: "transformers" or "open_clip" names for the text tower (`convert.keys.key_table`); None: as the
-    state dict has it (`text_layout_of`). The Flax tree is the same either way.
+    text_layout: "transformers", "open_clip" or "sgm" names for the text towers (`convert.keys.key_table`); None: as
+    the state dict has it (`text_layout_of`). The Flax tree is the same either way.
     Returns ({component: tree}, MappingReport); a tensor holding several parameters (OpenCLIP's in_proj) is
     reported once.
     """
@@ -262,8 +271,10 @@ def params_to_state_dict(params: Mapping[str, Mapping], dtype=None,
 
     dtype: cast every tensor to it; a finite weight that does not fit (fp16: |w| > 65504 becomes Inf) is a
     CheckpointError naming the tensor and its max |value|, never a silent Inf.
-    text_layout: the text tower's names, the model config's `text.key_layout` ("open_clip" for SD 2.x, which
-    stacks q, k, v into one in_proj tensor)."""
+    text_layout: the text towers' names, `convert.keys.layout_of(config)` ("open_clip" for SD 2.x, which stacks q, k,
+    v into one in_proj tensor; "sgm" for SDXL, whose params with "text_encoder_2" are always written so)."""
+    if "text_encoder_2" in params:  # only SDXL has it, and SDXL files have one layout
+        text_layout = SGM
     out = {}
     stacked: dict[str, list] = {}
     for component, tree in params.items():

@@ -1,4 +1,5 @@
-"""The OpenCLIP names of the text tower in SD 2.x CompVis checkpoints (`cond_stage_model.model.*`).
+"""The OpenCLIP names of the text tower in SD 2.x CompVis checkpoints (`cond_stage_model.model.*`) and of SDXL's
+second text encoder (`conditioner.embedders.1.model.*`).
 
 Stability AI's SD 2.x (`ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder`) wraps OpenCLIP's ViT-H/14 `CLIP`
 with its vision tower deleted, so the checkpoint holds the text tower under OpenCLIP's module names
@@ -16,10 +17,16 @@ renames them, one fixed rule per row (`i` a layer index, `w` weight or bias):
     encoder.layers.i.mlp.fc1.w               transformer.resblocks.i.mlp.c_fc.w
     encoder.layers.i.mlp.fc2.w               transformer.resblocks.i.mlp.c_proj.w
     final_layer_norm.w                       ln_final.w
+    text_projection.kernel [d, p] (SDXL)     text_projection [d, p] (no .weight; as stored, not transposed)
 
-`text_projection` [d, embed_dim] and `logit_scale` [] (CLIP's contrastive head) are in the files but SD does not
+`text_projection` [d, embed_dim] and `logit_scale` [] (CLIP's contrastive head) are in the files but SD 2.x does not
 use them: `convert.mapping` ignores them by name, with that reason. OpenCLIP's causal `attn_mask` is a
 non-persistent buffer (not in files). Layouts are transformers' (Linear [out, in]), so the generic rules apply.
+
+SDXL's bigG tower (sgm `FrozenOpenCLIPEmbedder2`, `always_return_pooled`) uses its projection: the pooled output
+is `ln_final(x)[eos] @ text_projection` (open_clip `CLIP.encode_text`), so the Flax Dense kernel [d, embed_dim]
+of our `text_projection` IS the stored tensor, one more row with layout "same" (no transpose; diffusers'
+`convert_open_clip_checkpoint` transposes it into transformers' Linear). Only `logit_scale` is ignored there.
 """
 
 from __future__ import annotations
@@ -29,17 +36,21 @@ import re
 from convert.keys import Entry
 
 PREFIX = "cond_stage_model.model."
+SDXL_PREFIX = "conditioner.embedders.1.model."  # sgm (`convert.keys.SGM_PREFIXES["text_encoder_2"]`)
 # CompVis keys of the OpenCLIP tower that SD does not use, with the reason they are ignored
 IGNORED = {
     "text_projection": "OpenCLIP text projection (contrastive head; SD uses the token states)",
     "logit_scale": "OpenCLIP logit scale (contrastive loss temperature)",
     "attn_mask": "causal attention mask buffer (rebuilt by the model)",
 }
+SDXL_IGNORED = {k: v for k, v in IGNORED.items() if k != "text_projection"}  # SDXL pools through the projection
+PROJECTION = "text_projection"  # stored as used, x @ P: the Flax kernel itself (layout "same")
 _QKV = ("q", "k", "v")
 _RULES = [  # (transformers name without the text_model prefix, OpenCLIP name); \1 the layer, \2 weight/bias
     (r"embeddings\.token_embedding\.weight", "token_embedding.weight"),
     (r"embeddings\.position_embedding\.weight", "positional_embedding"),
     (r"final_layer_norm\.(weight|bias)", r"ln_final.\1"),
+    (r"text_projection\.weight", PROJECTION),
     (r"encoder\.layers\.(\d+)\.layer_norm1\.(weight|bias)", r"transformer.resblocks.\1.ln_1.\2"),
     (r"encoder\.layers\.(\d+)\.layer_norm2\.(weight|bias)", r"transformer.resblocks.\1.ln_2.\2"),
     (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", r"transformer.resblocks.\1.attn.out_proj.\2"),
@@ -67,7 +78,8 @@ def open_clip_table(transformers_entries: list[Entry], prefix: str | None = None
     out = []
     for e in transformers_entries:
         name, part, parts = open_clip_name(e.key)
-        out.append(Entry(e.component, e.flax_path, prefix + name, e.flax_shape, e.layout, part, parts))
+        layout = "same" if name == PROJECTION else e.layout
+        out.append(Entry(e.component, e.flax_path, prefix + name, e.flax_shape, layout, part, parts))
     slots = [(e.key, e.part) for e in out]
     if len(set(slots)) != len(slots):
         raise AssertionError("OpenCLIP key table for the text encoder is not one-to-one")

@@ -5,8 +5,8 @@ Layout (`FORMAT`, version `FORMAT_VERSION`)::
     OUT_DIR/config.json     ModelConfig.to_json(): the architecture
     OUT_DIR/metadata.json   {"format", "format_version", "source", "source_sha256", "kind", "ema", "dtype",
                              "ldm_jax_version", "report": {"mapped", "ignored", "unexpected"}, ...}
-    OUT_DIR/params/         an orbax PyTree checkpoint (OCDBT, uncompressed) of {"unet", "vae", "text_encoder"},
-                            every leaf stored in the dtype named by metadata["dtype"]
+    OUT_DIR/params/         an orbax PyTree checkpoint (OCDBT, uncompressed) of {"unet", "vae", "text_encoder"}
+                            (SDXL: and "text_encoder_2"), every leaf stored in the dtype named by metadata["dtype"]
 
 Writing is atomic: everything is built in a temporary sibling directory `<OUT_DIR>.tmp-<random>` that is renamed
 to OUT_DIR only when complete; on any failure (exception, Ctrl-C) the temporary directory is removed, so OUT_DIR
@@ -41,7 +41,7 @@ from ldm_jax.configs import ModelConfig
 FORMAT = "ldm-jax-converted"
 FORMAT_VERSION = 1
 CONFIG_FILE, METADATA_FILE, PARAMS_DIR = "config.json", "metadata.json", "params"
-COMPONENTS = ("unet", "vae", "text_encoder")
+COMPONENTS = ("unet", "vae", "text_encoder")  # every model's; SDXL adds "text_encoder_2" (`build.components_of`)
 PARAMS_FILES = "params_files"  # metadata entry: {file under params/: size}, checked before reading
 
 
@@ -182,13 +182,17 @@ def install_dir(tmp: str, out_dir: str, overwrite: bool) -> None:
 
 def write_converted(out_dir: str | os.PathLike, config: ModelConfig, params, metadata: dict, *,
                     overwrite: bool = False) -> None:
-    """Write config, metadata and params ({"unet", "vae", "text_encoder"} trees) to `out_dir`, atomically.
+    """Write config, metadata and params ({"unet", "vae", "text_encoder"} trees; SDXL: and "text_encoder_2") to
+    `out_dir`, atomically.
 
     Pass `jax.Array` leaves to avoid a copy (orbax copies numpy leaves). `metadata` must be JSON-serialisable;
     `format`, `format_version` and `dtype` (the leaves' dtype) are filled in here.
     """
     out_dir = os.fspath(out_dir)
-    missing = [c for c in COMPONENTS if c not in params]
+    from ldm_jax.models.build import components_of
+
+    components = components_of(config)
+    missing = [c for c in components if c not in params]
     if missing:
         raise CheckpointError(f"{out_dir}: params lack the component(s) {', '.join(missing)}")
     dtypes = {np.dtype(leaf.dtype).name for leaf in jax.tree_util.tree_leaves(params)}
@@ -198,7 +202,7 @@ def write_converted(out_dir: str | os.PathLike, config: ModelConfig, params, met
     check_output_dir(out_dir, overwrite)
     with staging_dir(out_dir) as tmp:
         _write_json(os.path.join(tmp, CONFIG_FILE), config.to_json())
-        finish_despite_interrupt(_save_params, os.path.join(tmp, PARAMS_DIR), {c: params[c] for c in COMPONENTS})
+        finish_despite_interrupt(_save_params, os.path.join(tmp, PARAMS_DIR), {c: params[c] for c in components})
         metadata[PARAMS_FILES] = _file_sizes(os.path.join(tmp, PARAMS_DIR))
         _write_json(os.path.join(tmp, METADATA_FILE), json.dumps(metadata, indent=2, sort_keys=True))
         finish_despite_interrupt(install_dir, tmp, out_dir, overwrite)
@@ -345,7 +349,9 @@ def read_converted(path: str | os.PathLike, ema: bool | None = None, param_dtype
         _collect_quietly()
         raise CheckpointError(f"{path}: damaged converted directory: cannot restore its orbax parameters "
                               f"({failure}); convert the source file again")
-    if set(params) != set(COMPONENTS):
-        raise CheckpointError(f"{path}: parameters hold {sorted(params)}, expected {list(COMPONENTS)}")
+    from ldm_jax.models.build import components_of
+
+    if set(params) != set(components_of(config)):
+        raise CheckpointError(f"{path}: parameters hold {sorted(params)}, expected {list(components_of(config))}")
     return StableDiffusion(config, dict(params), dtype=dtype, attention_impl=attention_impl,
                            metadata={**metadata, "path": path})

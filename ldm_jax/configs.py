@@ -62,13 +62,29 @@ class UNetConfig:
     n_heads: int | None = 8  # either a fixed number of heads (SD 1.x) ...
     d_head: int | None = None  # ... or a fixed head size (SD 2.x: 64)
     tf_layers: int = 1  # transformer depth
+    # transformer depth at each level, where it differs between levels (SDXL: (0, 2, 10)); empty: tf_layers at
+    # every level. The middle block takes the last level's depth (sgm's transformer_depth_middle default).
+    tf_layers_by_level: tuple[int, ...] = ()
     d_cond: int = 768  # context dim
     use_linear_proj: bool = False  # SD 1.x: 1x1-conv proj_in/proj_out; SD 2.x: Linear
     norm_groups: int = 32
+    # width of the vector conditioning y added to the time embedding through `label_emb` (sgm's adm_in_channels;
+    # SDXL: 2816 = pooled text 1280 + 6 x 256 size/crop embeddings); 0: none (SD 1.x / 2.x)
+    adm_in_channels: int = 0
 
     def __post_init__(self):
         if (self.n_heads is None) == (self.d_head is None):
             raise ValueError("UNetConfig needs exactly one of n_heads or d_head")
+        levels = len(self.channel_multipliers)
+        if self.tf_layers_by_level and len(self.tf_layers_by_level) != levels:
+            raise ValueError(f"UNetConfig.tf_layers_by_level needs one depth per level ({levels}), "
+                             f"got {self.tf_layers_by_level}")
+        if any(self.tf_layers_at(level) < 1 for level in self.attention_levels):
+            raise ValueError(f"UNetConfig: a transformer depth of 0 at an attention level {self.attention_levels}")
+
+    def tf_layers_at(self, level: int) -> int:
+        """The transformer depth of the SpatialTransformers at `level` (level -1: the middle block's)."""
+        return self.tf_layers_by_level[level] if self.tf_layers_by_level else self.tf_layers
 
     def heads_for(self, channels: int) -> tuple[int, int]:
         """(n_heads, d_head) of a SpatialTransformer with `channels` channels."""
@@ -116,6 +132,12 @@ class TextEncoderConfig:
     bos_token_id: int = 49406
     eos_token_id: int = 49407
     pad_token_id: int = 49407
+    # below the last layer (skip_last_layers > 0), whether the output goes through the final LayerNorm (SD 2.x's
+    # penultimate layer: yes; SDXL's two encoders: no, sgm's `layer="hidden"` / `"penultimate"`)
+    norm_skipped_output: bool = True
+    # width of the pooled text embedding: the final-LayerNorm'd last-layer state at the (first) EOS token through
+    # `text_projection` (OpenCLIP's, no bias); SDXL's second encoder: 1280; 0: no pooled output (SD 1.x / 2.x)
+    projection_dim: int = 0
     # where a CompVis checkpoint keeps it: "transformers" (SD 1.x: cond_stage_model.transformer.text_model.*,
     # transformers CLIPTextModel names) or "open_clip" (SD 2.x: cond_stage_model.model.*, OpenCLIP names with
     # q, k and v packed in one in_proj); the Flax tree is the same either way
@@ -126,6 +148,8 @@ class TextEncoderConfig:
             raise ValueError(f"text.key_layout must be one of {', '.join(map(repr, TEXT_KEY_LAYOUTS))} (the text "
                              f"tower's names in CompVis checkpoints: SD 1.x / SD 2.x), got {self.key_layout!r}")
 
+
+SIZE_EMBED_DIM = 256  # SDXL: each of the six size/crop numbers -> a 256-wide sinusoidal embedding
 
 PREDICTIONS = ("eps", "v")  # ScheduleConfig.prediction: what the U-Net is trained to output
 
@@ -159,10 +183,34 @@ class ModelConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     latent_scale: float = 0.18215
     image_size: int = 512  # the resolution the model was trained at (the default height and width)
+    # SDXL's second text encoder (OpenCLIP bigG): the context is [text(ids), text_2(ids)] along the width, and its
+    # pooled output starts the U-Net's vector conditioning y (`ldm_jax.conditioning`); None: one text encoder
+    text_2: TextEncoderConfig | None = None
+
+    def __post_init__(self):
+        u = self.unet
+        if self.text_2 is None:
+            if u.adm_in_channels:
+                raise ValueError("model config: unet.adm_in_channels needs a second text encoder (text_2, SDXL)")
+            return
+        width = self.text.hidden_size + self.text_2.hidden_size
+        if u.d_cond != width:
+            raise ValueError(f"model config: unet.d_cond {u.d_cond} != text + text_2 widths {width} (SDXL's "
+                             f"context is both encoders' states side by side)")
+        y = self.text_2.projection_dim + 6 * SIZE_EMBED_DIM
+        if not self.text_2.projection_dim or u.adm_in_channels != y:
+            raise ValueError(f"model config: unet.adm_in_channels {u.adm_in_channels} != text_2.projection_dim "
+                             f"{self.text_2.projection_dim} + 6 x {SIZE_EMBED_DIM} (pooled text, size and crop "
+                             f"embeddings; projection_dim must be > 0)")
 
     @property
     def is_inpainting(self) -> bool:
         return self.unet.in_channels == 9
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Two text encoders and a vector conditioning (pooled text, image size and crop): SDXL's conditioner."""
+        return self.text_2 is not None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,8 +227,10 @@ class ModelConfig:
         missing = [k for k in ("unet", "vae", "text") if k not in d]
         if missing:
             raise ValueError(f"model config: missing {', '.join(missing)}")
-        sub = {"unet": UNetConfig, "vae": AutoencoderConfig, "text": TextEncoderConfig, "schedule": ScheduleConfig}
-        nested = {k: (lambda v, where, c=c: _from_fields(c, v, where)) for k, c in sub.items()}
+        sub = {"unet": UNetConfig, "vae": AutoencoderConfig, "text": TextEncoderConfig, "schedule": ScheduleConfig,
+               "text_2": TextEncoderConfig}
+        nested = {k: (lambda v, where, c=c, k=k: None if v is None and k == "text_2" else _from_fields(c, v, where))
+                  for k, c in sub.items()}
         return _from_fields(cls, {"name": "custom", **d}, "model config", nested)
 
     @classmethod
@@ -226,6 +276,21 @@ def sd2_inpaint() -> ModelConfig:
     return ModelConfig(name="sd2-inpaint", unet=_sd2_unet(in_channels=9), text=_open_clip_h())
 
 
+def sdxl() -> ModelConfig:
+    """Stable Diffusion XL 1.0 base (`sd_xl_base_1.0`, sgm layout, 1024x1024, eps): a 3-level U-Net (no attention at
+    the first level, depth 2 and 10 at the others, heads of width 64, a 2048-wide context) taking a 2816-wide vector
+    (pooled bigG text, original size, crop, target size); text encoders CLIP ViT-L/14 and OpenCLIP ViT-bigG/14, both
+    read at their penultimate layer without the final LayerNorm; the VAE of SD 1.x with latent scale 0.13025."""
+    clip_l = TextEncoderConfig(skip_last_layers=1, norm_skipped_output=False)
+    big_g = TextEncoderConfig(hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=20,
+                              hidden_act="gelu", skip_last_layers=1, norm_skipped_output=False, pad_token_id=0,
+                              projection_dim=1280, key_layout="open_clip")
+    unet = UNetConfig(channel_multipliers=(1, 2, 4), attention_levels=(1, 2), n_heads=None, d_head=64,
+                      tf_layers_by_level=(0, 2, 10), d_cond=2048, use_linear_proj=True,
+                      adm_in_channels=1280 + 6 * SIZE_EMBED_DIM)
+    return ModelConfig(name="sdxl", unet=unet, text=clip_l, text_2=big_g, latent_scale=0.13025, image_size=1024)
+
+
 def tiny() -> ModelConfig:
     """A tiny model with every kind of block, for tests (channels must stay multiples of 32 for GroupNorm)."""
     return ModelConfig(
@@ -234,6 +299,26 @@ def tiny() -> ModelConfig:
                         n_heads=2, d_cond=64),
         vae=AutoencoderConfig(channels=32, channel_multipliers=(1, 2), n_resnet_blocks=1),
         text=TextEncoderConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2),
+    )
+
+
+def tiny_xl() -> ModelConfig:
+    """SDXL's architecture at test size: two text encoders (the second pooled and projected), vector conditioning,
+    no attention at the first level and two transformer layers at the second."""
+    t = tiny()
+    return ModelConfig(
+        name="tiny-xl",
+        unet=UNetConfig(channels=32, channel_multipliers=(1, 2), n_res_blocks=1, attention_levels=(1,), n_heads=None,
+                        d_head=32, tf_layers_by_level=(0, 2), d_cond=96, use_linear_proj=True,
+                        adm_in_channels=32 + 6 * SIZE_EMBED_DIM),
+        vae=t.vae,
+        text=TextEncoderConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, skip_last_layers=1,
+                               norm_skipped_output=False),
+        text_2=TextEncoderConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2, hidden_act="gelu",
+                                 skip_last_layers=1, norm_skipped_output=False, pad_token_id=0, projection_dim=32,
+                                 key_layout="open_clip"),
+        latent_scale=0.13025,
+        image_size=64,
     )
 
 
@@ -253,7 +338,7 @@ def shapes() -> ModelConfig:
 
 
 PRESETS = {"sd1": sd1, "sd1-inpaint": sd1_inpaint, "sd2": sd2, "sd2-v": sd2_v, "sd2-inpaint": sd2_inpaint,
-           "tiny": tiny, "shapes": shapes}
+           "sdxl": sdxl, "tiny": tiny, "tiny-xl": tiny_xl, "shapes": shapes}
 
 
 def preset(name: str) -> ModelConfig:

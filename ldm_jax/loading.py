@@ -85,8 +85,9 @@ def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, para
          embeddings=None) -> StableDiffusion:
     """Load Stable Diffusion weights.
 
-    path: a CompVis `.ckpt` / `.safetensors` file, or a directory written by `ldm-jax convert`; None: the small
-        bundled model (64x64 coloured shapes, trained by ldm-jax itself).
+    path: a CompVis `.ckpt` / `.safetensors` file (SD 1.x / 2.x; SDXL 1.0 base in sgm's layout), or a directory
+        written by `ldm-jax convert`; None: the small bundled model (64x64 coloured shapes, trained by ldm-jax
+        itself).
     ema: use the EMA U-Net weights (default: when the checkpoint has them, as CompVis does).
     param_dtype: dtype of the loaded parameters (fp16/bf16 files are upcast; default fp32).
     dtype: compute dtype of the modules (e.g. "bfloat16" on GPU/TPU).
@@ -102,6 +103,7 @@ def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, para
         replace the model's `vae` (`convert.vae_file`); its base name is recorded in `metadata["vae"]`.
     loras: kohya-ss LoRA files to merge into the weights, [(path, scale), ...] (a bare path: scale 1.0), in order:
         W += scale * alpha / rank * up @ down for each module (`convert.lora`); recorded in `metadata["loras"]`.
+        Not for SDXL models yet (nor `embeddings`).
     embeddings: textual-inversion files (A1111 .pt/.safetensors, diffusers learned_embeds), [path or (path, token),
         ...]: the prompt word `token` (default: the file's base name, as A1111) stands for the file's vectors
         (`convert.embeddings`, `StableDiffusion.add_tokens`); recorded in `metadata["embeddings"]`.
@@ -114,6 +116,8 @@ def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, para
         path = DEFAULT_MODEL
     path = os.fspath(path)
     declared = (config or _declared_config(path)) if vae is not None or loras or embeddings else None
+    if loras or embeddings:  # SDXL: not yet (two text encoders), before gigabytes are read
+        refuse_sdxl_add_ons(path, _is_sdxl(path, declared), loras, embeddings)
     if vae is not None:  # a missing, diffusers-layout or (where the model declares its config) misshapen VAE
         from convert.vae_file import check_vae_file, swap_vae  # fails before gigabytes are read
 
@@ -151,6 +155,34 @@ def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, para
     if embeddings:
         sd = apply_embeddings(sd, embeddings)
     return sd
+
+
+def refuse_sdxl_add_ons(what: str, is_sdxl: bool, loras=(), embeddings=()) -> None:
+    """One CheckpointError line for LoRAs or textual-inversion embeddings on an SDXL model (not supported yet);
+    `what`: the model (its path)."""
+    if not is_sdxl:
+        return
+    if loras:
+        raise CheckpointError(f"SDXL LoRAs are not supported yet ({what} is an SDXL model); --lora (loras=) merges "
+                              "SD 1.x and 2.x LoRAs")
+    if embeddings:
+        raise CheckpointError(f"SDXL textual-inversion embeddings are not supported yet ({what} is an SDXL model); "
+                              "--embedding (embeddings=) takes SD 1.x and 2.x embeddings")
+
+
+def _is_sdxl(path: str, declared: ModelConfig | None) -> bool:
+    """Whether `path` holds an SDXL model: its declared config says so, or (a file without one) its tensor names are
+    sgm's (`conditioner.embedders.*`; the file's index only, no tensor data is read)."""
+    if declared is not None:
+        return declared.is_sdxl
+    if not os.path.isfile(path):
+        return False
+    from convert.mapping import text_layout_of
+
+    try:
+        return text_layout_of(read_state_dict(path)) == "sgm"
+    except CheckpointError:  # not a readable checkpoint: loading it says why
+        return False
 
 
 def _declared_config(path: str) -> ModelConfig | None:

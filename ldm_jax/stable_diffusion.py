@@ -5,6 +5,8 @@ The functions take params first so they can be jitted, pmapped and sharded (DESI
     ids = sd.tokenize(prompts)                      # int32 [B, 77]
     ctx = sd.encode_text(sd.params, ids)            # [B, 77, d] last hidden state
     eps = sd.predict_noise(sd.params, x, t, ctx)    # x NHWC latents [B, h, w, 4], t int32 [B]
+    # SDXL: ctx, pooled = sd.encode_text(sd.params, ids, pooled=True); y = sd.vector_conditioning(pooled, (H, W));
+    #       eps = sd.predict_noise(sd.params, x, t, ctx, y)
     z   = sd.encode_image(sd.params, images)        # NHWC in [-1, 1] -> scaled posterior mean
     img = sd.decode_latents(sd.params, z)           # scaled latents -> NHWC in [-1, 1]
 
@@ -92,6 +94,8 @@ class StableDiffusion:
         for a word that is empty, not one word, a CLIP token already or given twice, or vectors of another width."""
         from ldm_jax.tokenizer import ClipTokenizer, added_token_ids
 
+        if self.config.is_sdxl and tokens:
+            raise ValueError("textual-inversion tokens are not supported for SDXL models yet (two text encoders)")
         text, rows, tokens = self.config.text, [], list(tokens)
         for word, vectors in tokens:
             v = np.asarray(vectors, np.float32)
@@ -126,19 +130,40 @@ class StableDiffusion:
         """CLIP BPE ids int32 [B, max_length]: BOS, tokens, EOS, padded with pad_token_id."""
         return self._tokenizer(prompts)
 
-    def encode_text(self, params, ids):
+    def encode_text(self, params, ids, pooled: bool = False):
         """ids int32 [B, L] -> context c [B, L, hidden] (fp32); L <= config.text.max_length (77: the position
-        embeddings end there), ids < vocab_size (not checked: ids may be traced)."""
+        embeddings end there), ids < vocab_size (not checked: ids may be traced). SDXL: c is both encoders' states
+        side by side [B, L, 768 + 1280] (the second reads the ids re-padded with its pad token), and `pooled=True`
+        returns (c, pooled [B, 1280]), the second encoder's projected EOS state (for `vector_conditioning`)."""
         if np.ndim(ids) != 2 or np.shape(ids)[1] > self.config.text.max_length:
             raise ValueError(f"ids must be [B, L] with L <= {self.config.text.max_length}, got shape {np.shape(ids)}")
-        return self.modules["text_encoder"].apply({"params": params["text_encoder"]}, jnp.asarray(ids, jnp.int32))
+        ids = jnp.asarray(ids, jnp.int32)
+        ctx = self.modules["text_encoder"].apply({"params": params["text_encoder"]}, ids)
+        t2 = self.config.text_2
+        if t2 is None:
+            if pooled:
+                raise ValueError("pooled=True is for SDXL models (a second, projected text encoder)")
+            return ctx
+        from ldm_jax.conditioning import repad
 
-    def predict_noise(self, params, x, t, ctx):
+        ids_2 = repad(ids, self.config.text.eos_token_id, t2.pad_token_id)
+        ctx_2, pool = self.modules["text_encoder_2"].apply({"params": params["text_encoder_2"]}, ids_2, pooled=True)
+        ctx = jnp.concatenate([ctx, ctx_2], axis=-1)
+        return (ctx, pool) if pooled else ctx
+
+    def vector_conditioning(self, pooled, size_hw, original_hw=None, crop_top_left=(0, 0)):
+        """SDXL's y [B, 2816] from the pooled text [B, 1280] and the image's pixel size (height, width): the
+        original size (default: the same) and crop offsets it was "taken" at (`ldm_jax.conditioning`)."""
+        from ldm_jax.conditioning import size_numbers, vector_conditioning
+
+        return vector_conditioning(pooled, size_numbers(pooled.shape[0], size_hw, original_hw, crop_top_left))
+
+    def predict_noise(self, params, x, t, ctx, y=None):
         """The U-Net's output at (x_t, t, c): eps_theta, or v for a v-prediction model (`config.schedule.prediction`;
-        `pipelines.program.eps_from_output` converts it). x [B, h, w, C], t int32 [B] (or a scalar), ctx [B, S, d]
-        -> [B, h, w, 4] fp32."""
+        `pipelines.program.eps_from_output` converts it). x [B, h, w, C], t int32 [B] (or a scalar), ctx [B, S, d],
+        y [B, adm_in_channels] (SDXL only: `vector_conditioning`) -> [B, h, w, 4] fp32."""
         t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))
-        return self.modules["unet"].apply({"params": params["unet"]}, x, t, ctx)
+        return self.modules["unet"].apply({"params": params["unet"]}, x, t, ctx, y)
 
     def encode_moments(self, params, images):
         """images [B, H, W, 3] in [-1, 1] -> posterior moments [B, H/f, W/f, 2 * 4] (unscaled)."""

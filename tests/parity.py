@@ -62,3 +62,32 @@ def original_config(config) -> dict:
             "attention_resolutions": [2**level for level in u.attention_levels], **heads,
             "transformer_depth": u.tf_layers, "context_dim": u.d_cond, "use_linear_in_transformer": u.use_linear_proj}},
         "first_stage_config": {"params": {"ddconfig": {"ch_mult": list(config.vae.channel_multipliers)}}}}}}
+
+
+def sgm_original_config(config) -> dict:
+    """An SDXL `config` as Stability-AI/generative-models' `configs/inference/sd_xl_base.yaml` spells it (sgm's
+    `network_config`: num_head_channels, a transformer depth per level, `num_classes: sequential` with
+    adm_in_channels), the form diffusers' `create_unet_diffusers_config_from_ldm` reads."""
+    u = config.unet
+    return {"model": {"params": {
+        "network_config": {"params": {
+            "adm_in_channels": u.adm_in_channels, "num_classes": "sequential", "in_channels": u.in_channels,
+            "out_channels": u.out_channels, "model_channels": u.channels, "num_res_blocks": u.n_res_blocks,
+            "attention_resolutions": [2**level for level in u.attention_levels],
+            "channel_mult": list(u.channel_multipliers), "num_head_channels": u.d_head,
+            "use_linear_in_transformer": u.use_linear_proj,
+            "transformer_depth": [max(u.tf_layers_at(i), 1) for i in range(len(u.channel_multipliers))],
+            "context_dim": u.d_cond}},
+        "first_stage_config": {"params": {"ddconfig": {"ch_mult": list(config.vae.channel_multipliers)}}}}}}
+
+
+def saved_with_config(directory, name: str, state_dict: dict, config):
+    """(state dict, path of `name` written in `directory` with the config in its header, the loaded model): the
+    module-scoped file the SD 2.x / SDXL checkpoint tests share."""
+    import ldm_jax
+    from convert.safetensors_io import write_safetensors
+    from ldm_jax.loading import CONFIG_METADATA_KEY
+
+    path = directory / name
+    write_safetensors(path, state_dict, {CONFIG_METADATA_KEY: config.to_json()})
+    return state_dict, path, ldm_jax.load(path)

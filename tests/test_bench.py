@@ -173,3 +173,16 @@ def test_bench_json_is_strict_and_training_rows_have_images_per_s():
     text = json.dumps(_no_nan(rows_as_dicts(rows)), allow_nan=False)
     first, second = json.loads(text)
     assert first["seconds"] is None and first["images_per_s"] is None and second["images_per_s"] == 8.0
+
+
+def test_bench_sdxl_kind_times_its_unet_and_refuses_training(tmp_path, capsys):
+    """SDXL's U-Net step takes its vector conditioning; --torch keeps the VAE rows only; --train says it cannot.
+    (Its txt2img program: tests/test_sdxl_pipeline.py.)"""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny-xl", "--size", "64", "--images", "1", "--iters", "1", "--torch",
+                 "--json", str(out)]) == 0
+    assert "torch U-Net rows are left out for SDXL" in capsys.readouterr().out
+    rows = {(r["what"], r["impl"]) for r in json.loads(out.read_text())}
+    assert rows == {("unet_step_cfg", "ldm-jax"), ("vae_decode", "ldm-jax"), ("vae_decode", "labml-torch")}
+    assert main(["bench", "--train", "--preset", "tiny-xl", "--size", "64", "--images", "1", "--iters", "1"]) == 2
+    assert "training SDXL models is not supported yet" in capsys.readouterr().err

@@ -140,7 +140,7 @@ CASES = {
            np.ones((32, 1024), np.float32)})), [], "incomplete SD 2.x checkpoint"),
     "SDXL": (lambda d: save_safetensors(d / "m.safetensors", _modified(
         **{"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": np.ones(8, np.float32)})), [],
-        "SDXL checkpoints are not supported yet"),
+        "this file holds text encoders of two layouts"),
     "config in header not JSON": (lambda d: _with_header_config(d, "not json"), [], "(ldm_jax.config) is damaged"),
     "config in header wrong type": (lambda d: _with_header_config(d, '{"unet": 5, "vae": {}, "text": {}}'), [],
                                     "model config.unet: expected a JSON object"),

@@ -181,7 +181,7 @@ def test_infer_sd1_config_from_shapes():
 
 @pytest.mark.parametrize("extra,kind", [
     ({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,)},
-     "SDXL checkpoints are not supported"),
+     "this file holds text encoders of two layouts"),
     ({"cond_stage_model.model.ln_final.weight": (1024,)}, "two text encoders"),  # SD 1.x's and SD 2.x's
     ({"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024)},
      "incomplete SD 2.x checkpoint"),

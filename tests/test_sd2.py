@@ -29,10 +29,9 @@ from convert.readers import read_state_dict
 from convert.safetensors_io import write_safetensors
 from ldm_jax import configs
 from ldm_jax.configs import AutoencoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
-from ldm_jax.loading import CONFIG_METADATA_KEY
 from ldm_jax.models.build import abstract_params, random_params
 from ldm_jax.tokenizer import ClipTokenizer
-from tests.parity import nchw, nhwc, original_config, rel_err
+from tests.parity import nchw, nhwc, original_config, rel_err, saved_with_config
 from tests.cli_run import cli
 
 TOL = 1e-5
@@ -79,10 +78,8 @@ def expected_open_clip_keys(t: TextEncoderConfig) -> set[str]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(state dict, path of the file with its config in the header, the loaded model)."""
-    sd = sd2_state_dict(TINY2, seed=1)
-    path = tmp_path_factory.mktemp("sd2") / "tiny_sd2.safetensors"
-    write_safetensors(path, sd, {CONFIG_METADATA_KEY: TINY2.to_json()})
-    return sd, path, ldm_jax.load(path)
+    return saved_with_config(tmp_path_factory.mktemp("sd2"), "tiny_sd2.safetensors", sd2_state_dict(TINY2, seed=1),
+                             TINY2)
 
 
 # ------------------------------------------------------------------------------------------- key table, mapping

@@ -100,7 +100,7 @@ CASES = {
         "name": "emb", "step": 1000, "sd_checkpoint": "7460a6fa", "sd_checkpoint_name": "sd-v1-4"}),
         [EMBEDDING, "string_to_param", EMB_TAIL]),
     "SDXL embedding": (lambda d: _st(d, "xl.safetensors", {"clip_l": _t(2, 768), "clip_g": _t(2, 1280)}),
-                       ["is an SDXL textual-inversion embedding", "clip_", "SDXL is not supported"]),
+                       ["is an SDXL textual-inversion embedding", "clip_", "SDXL embeddings are not supported yet"]),
     "diffusers learned_embeds": (lambda d: _pt(d, "learned_embeds.bin", {"<cat-toy>": torch.zeros(768)}),
                                  [EMBEDDING, "<cat-toy>"]),
     "A1111 hypernetwork": (lambda d: _pt(d, "hn.pt", {
@@ -210,7 +210,7 @@ def test_full_checkpoints_are_not_mistaken_for_other_kinds(tmp_path):
         detect_kind(sd)
     for extra, message in (({"cond_stage_model.model.ln_final.weight": _t(8)}, "this file holds two text encoders"),
                            ({"conditioner.embedders.0.model.ln_final.weight": _t(8)},
-                            "SDXL checkpoints are not supported yet: ")):
+                            "this file holds text encoders of two layouts")):
         with pytest.raises(CheckpointError, match=f"^{message}"):
             detect_kind({**tiny_state_dict(), **extra})
     with pytest.raises(CheckpointError, match="^not a Stable Diffusion checkpoint"):

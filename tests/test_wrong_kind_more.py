@@ -172,8 +172,8 @@ CASES = {
                     ["is a PixArt / Sana (DiT) model (y_embedder.y_proj.fc1.weight)", SD1]),
     "SDXL": (lambda d: save_safetensors(d / "sd_xl_base_1.0.safetensors", _sd1(**{
         "conditioner.embedders.1.model.positional_embedding": _t(77, 8)}), None),
-        ["SDXL checkpoints are not supported yet: this file is a Stable Diffusion XL model "
-         "(conditioner.embedders.1.model.positional_embedding", SD1]),
+        ["this file holds text encoders of two layouts, SDXL's (conditioner.embedders.1.model.positional_embedding",
+         SD1]),
     "rinongal embedding (ParameterDict)": (_rinongal_embedding, [
         "is a textual-inversion embedding (string_to_param, string_to_token)",
         "pass it with --embedding FILE[:TOKEN]"]),

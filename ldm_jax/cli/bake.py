@@ -41,9 +41,14 @@ def add_arguments(p) -> None:
 
 def check_files(vae, loras, config=None) -> None:
     """A VAE or LoRA file that is missing, of another kind or layout, or (`config` given) does not fit the model is
-    a one-line CheckpointError; reads the files' indexes (and the LoRAs' alphas) only."""
+    a one-line CheckpointError, as are LoRAs for an SDXL `config` (not supported yet); reads the files' indexes (and
+    the LoRAs' alphas) only."""
     from convert.lora import check_lora_file
     from convert.vae_file import check_vae_file
+    from ldm_jax.loading import refuse_sdxl_add_ons
+
+    if config is not None:
+        refuse_sdxl_add_ons("the checkpoint", config.is_sdxl, loras)
 
     if vae is not None:
         check_vae_file(vae, config)
@@ -64,9 +69,9 @@ def wider(a, b) -> np.dtype:
 def stored_dtype(state_dict: Mapping[str, object]) -> np.dtype:
     """The dtype of a CompVis state dict's model tensors (U-Net, EMA U-Net, VAE, text encoder; the widest where they
     mix); fp32 if none is a float."""
-    from convert.keys import PREFIXES
+    from convert.keys import PREFIXES, SGM_PREFIXES
 
-    prefixes = tuple(PREFIXES.values()) + ("model_ema.",)
+    prefixes = tuple(PREFIXES.values()) + tuple(SGM_PREFIXES.values()) + ("model_ema.",)
     found = {np.dtype(v.dtype) for k, v in state_dict.items()
              if k.startswith(prefixes) and not k.startswith("first_stage_model.loss.")
              and k not in ("model_ema.decay", "model_ema.num_updates") and hasattr(v, "dtype")}
@@ -102,13 +107,14 @@ def bake(sd, vae=None, loras=(), *, allow_unexpected: bool = False, allow_nonfin
 def cast_params(params, dtype, place=None):
     """{component: tree} with every leaf cast to `dtype` (through `place`, e.g. `jax.device_put`); a finite weight
     that does not fit (fp16: |w| > 65504) is a CheckpointError naming its CompVis tensor, never a silent Inf."""
-    from convert.keys import key_table
+    from convert.keys import SGM, key_table
     from convert.mapping import cast_checked, leaf_at
 
     dtype = np.dtype(dtype)
+    layout = SGM if "text_encoder_2" in params else "transformers"  # SDXL: its text encoders' names in the errors
     out: dict = {}
     for component, tree in params.items():
-        for entry in key_table(component, tree):
+        for entry in key_table(component, tree, text_layout=layout):
             cast = cast_checked(entry.key, np.asarray(leaf_at(tree, entry.flax_path)), dtype)
             node = out.setdefault(component, {})
             for name in entry.flax_path[:-1]:

@@ -7,7 +7,8 @@
                    [--vae vae-ft-mse-840000-ema-pruned.safetensors]
 
 The file holds the model tensors only, under their CompVis names and layouts (`convert.mapping.params_to_state_dict`:
-OIHW convolutions, [out, in] linears, `cond_stage_model.transformer.text_model.*`): one U-Net, no optimizer state,
+OIHW convolutions, [out, in] linears, `cond_stage_model.transformer.text_model.*`; SD 2.x's OpenCLIP tower under
+`cond_stage_model.model.*`; SDXL in sgm's layout, `conditioner.embedders.{0,1}.*`): one U-Net, no optimizer state,
 EMA copy, schedule buffers or training loss, so torch tools load it (labml, diffusers' single-file loader,
 A1111/ComfyUI-style loaders). The U-Net is the EMA one when SRC has EMA weights, as `convert` chooses (--no-ema: the
 raw one; a converted directory holds the U-Net it was converted with, and a contrary --ema/--no-ema is refused).
@@ -98,6 +99,7 @@ def export_checkpoint(src, out, dtype: str | None = None, *, ema: bool | None = 
     per schedule buffer of a file that differs from the recomputed schedule. prediction: "eps" / "v" instead of the
     config's (`convert.prediction`; an SD 2.x file whose config is inferred prints which it guessed, and why)."""
     from convert.errors import CheckpointError
+    from convert.keys import layout_of
     from convert.lora import normalise_loras
     from convert.mapping import params_to_state_dict
     from convert.safetensors_io import check_output_path, write_safetensors
@@ -137,9 +139,8 @@ def export_checkpoint(src, out, dtype: str | None = None, *, ema: bool | None = 
     sd, vae_report = bake.bake(sd, vae, loras, allow_unexpected=allow_unexpected, allow_nonfinite=allow_nonfinite)
     rec = bake.record(vae, loras, bake.earlier_record(src), show)
     config = sd.config
-    layout = getattr(config.text, "key_layout", "transformers")  # SD 2.x: OpenCLIP names for the text tower
-    state_dict = params_to_state_dict(sd.params, dtype=target,  # the cast checks every weight fits
-                                      **({"text_layout": layout} if layout != "transformers" else {}))
+    # SD 2.x: OpenCLIP names for the text tower; SDXL: sgm's (conditioner.embedders.*)
+    state_dict = params_to_state_dict(sd.params, dtype=target, text_layout=layout_of(config))  # casts checked
     del sd
     metadata = {
         "format": "pt",

@@ -1,4 +1,5 @@
-"""`ldm-jax random-checkpoint`: a CompVis-layout .safetensors with random weights of a preset.
+"""`ldm-jax random-checkpoint`: a CompVis-layout .safetensors with random weights of a preset (SDXL presets: sgm's
+layout, as `sd_xl_base_1.0.safetensors`).
 
 For demos, benchmarks and `ldm-jax verify` without downloading weights (`ldm_jax.models.build.random_params`:
 LeCun-normal kernels, unit norm scales, zero biases, every tensor perturbed). The config is stored in the
@@ -11,6 +12,7 @@ import argparse
 
 import numpy as np
 
+from convert.keys import layout_of
 from convert.mapping import params_to_state_dict
 from convert.safetensors_io import check_output_path, write_safetensors
 from ldm_jax.configs import PRESETS, preset
@@ -38,7 +40,7 @@ def run(args) -> int:
     check_output_path(args.out)  # before the weights (SD 1.x: ~20 s and 4 GB)
     config = preset(args.preset)
     state_dict = params_to_state_dict(random_params(config, args.seed), dtype=_STORE[args.dtype],
-                                      text_layout=config.text.key_layout)
+                                      text_layout=layout_of(config))
     write_safetensors(args.out, state_dict, {CONFIG_METADATA_KEY: config.to_json(), "format": "pt"})
     print(f"wrote {args.out}: random {config.name} weights ({len(state_dict)} tensors, {args.dtype}, seed {args.seed})")
     return 0

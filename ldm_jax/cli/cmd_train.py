@@ -106,6 +106,9 @@ def run(args) -> int:
     if not args.data:
         raise UserError("--data DIR is required (a folder of captioned images)")
     check_args(args)
+    from ldm_jax.train.base import check_trainable_early
+
+    check_trainable_early(args.checkpoint, args.preset)
     import logging
 
     # orbax logs through absl, with tracebacks on a failed save; the failures reach the user as one UserError line.

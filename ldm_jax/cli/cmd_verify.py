@@ -1,9 +1,10 @@
 """`ldm-jax verify SRC`: check a checkpoint's Flax outputs against the torch reference.
 
-Loads SRC (CompVis .ckpt / .safetensors, or a converted directory) with `ldm_jax.load`, builds the torch
-reference (labml U-Net and autoencoder, transformers CLIPTextModel; for SD 2.x, whose U-Net labml cannot build,
-diffusers' UNet2DConditionModel, and the OpenCLIP text tower as a CLIPTextModel, both through diffusers' own
-single-file conversions) with the file's own tensors, runs every
+Loads SRC (CompVis .ckpt / .safetensors, SDXL's sgm layout, or a converted directory) with `ldm_jax.load`, builds
+the torch reference (labml U-Net and autoencoder, transformers CLIPTextModel; for SD 2.x and SDXL, whose U-Nets
+labml cannot build, diffusers' UNet2DConditionModel, and the OpenCLIP text towers as transformers' CLIP models,
+through diffusers' own single-file conversions; SDXL's U-Net with its vector conditioning, its second text encoder's
+pooled output too) with the file's own tensors, runs every
 component on random inputs in fp32 and prints the max relative error of each output; for a file, a "weights"
 row per component also compares the loaded parameters with the file's tensors and names the one that differs
 most (a converted directory's torch side gets its own parameters: the source file is not at hand). Exit
@@ -23,7 +24,7 @@ import os
 from ldm_jax.configs import PRESETS
 from ldm_jax.errors import UserError
 
-COMPONENTS = ("unet", "vae", "text_encoder")
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the last: SDXL's only
 
 
 def add_parser(sub, name, help_):
@@ -31,8 +32,8 @@ def add_parser(sub, name, help_):
     p.add_argument("src", metavar="SRC", help="CompVis .ckpt/.safetensors or a directory from `ldm-jax convert`")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="use the EMA U-Net weights (default: when present)")
-    p.add_argument("--components", default=",".join(COMPONENTS),
-                   help="comma-separated subset of unet,vae,text_encoder (default: all)")
+    p.add_argument("--components", default=None,
+                   help=f"comma-separated subset of {','.join(COMPONENTS)} (default: all of the model's)")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="max relative error of the outputs, > 0 (default: 1e-4; loaded weights must equal the file's)")
     p.add_argument("--latent-size", default="16x24", help="latent HxW of the random inputs (default: 16x24)")
@@ -55,9 +56,19 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def _check_components(config, components) -> None:
+    """--components naming a part the model lacks (text_encoder_2 of a model with one text encoder)."""
+    from ldm_jax.models.build import components_of
+
+    lacking = [c for c in components or () if c not in components_of(config)]
+    if lacking:
+        raise UserError(f"--components: this {config.name} model has no {', '.join(lacking)} (only SDXL models "
+                        f"have text_encoder_2); choose from {', '.join(components_of(config))}")
+
+
 def check_latent_size(size: tuple[int, int], config, components) -> None:
     """The torch U-Net halves the latent once per level after the first: its sides must be multiples of that."""
-    if "unet" not in components:
+    if components is not None and "unet" not in components:
         return
     factor = 2 ** (len(config.unet.channel_multipliers) - 1)
     if any(v % factor for v in size):
@@ -78,9 +89,10 @@ def _known_config(src: str, config):
 
 
 def run(args) -> int:
-    components = tuple(c.strip() for c in args.components.split(",") if c.strip())
-    bad = [c for c in components if c not in COMPONENTS]
-    if bad or not components:
+    components = None if args.components is None else tuple(
+        c.strip() for c in args.components.split(",") if c.strip())
+    bad = [c for c in components or () if c not in COMPONENTS]
+    if bad or components == ():
         raise UserError(f"--components: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(COMPONENTS)}")
     size = _size(args.latent_size)
     if not 0 < args.tolerance < float("inf"):  # NaN too
@@ -99,12 +111,14 @@ def run(args) -> int:
     known = _known_config(args.src, config)
     if known is not None:
         check_latent_size(size, known, components)
+        _check_components(known, components)
     import_torch()  # fail early, before loading gigabytes, if the reference is not installed
     import ldm_jax
 
     sd = ldm_jax.load(args.src, ema=args.ema, config=config, allow_unexpected=args.allow_unexpected,
                       allow_nonfinite=args.allow_nonfinite, progress=True)
     check_latent_size(size, sd.config, components)
+    _check_components(sd.config, components)
     print(f"loaded {args.src}: {sd.config.name}" + (", EMA U-Net" if sd.metadata.get("ema") else ""))
     reference = None if os.path.isdir(args.src) else read_state_dict(args.src)  # memory-mapped, read as needed
     rows = verify(sd, components=components, tolerance=args.tolerance, latent_hw=size, seed=args.seed,

@@ -1,4 +1,5 @@
-"""Build the three Flax modules of a ModelConfig, their parameter shapes, or random parameters."""
+"""Build the Flax modules of a ModelConfig (U-Net, VAE, text encoder; SDXL's second text encoder), their parameter
+shapes, or random parameters."""
 
 from __future__ import annotations
 
@@ -14,48 +15,66 @@ from ldm_jax.models.clip_text import CLIPTextModel
 from ldm_jax.models.shape_cache import cached_shapes
 from ldm_jax.models.unet import UNetModel
 
-COMPONENTS = ("unet", "vae", "text_encoder")
+COMPONENTS = ("unet", "vae", "text_encoder")  # every model's; SDXL adds "text_encoder_2"
+
+
+def components_of(config: ModelConfig) -> tuple[str, ...]:
+    """The parameter trees of a model of this config: COMPONENTS, and "text_encoder_2" for SDXL."""
+    return COMPONENTS + (("text_encoder_2",) if config.text_2 is not None else ())
 
 
 def modules(config: ModelConfig, dtype=jnp.float32, attention_impl: str = "auto", remat: bool = False):
-    """{"unet": UNetModel, "vae": Autoencoder, "text_encoder": CLIPTextModel} in compute dtype `dtype`."""
-    return {
+    """{"unet": UNetModel, "vae": Autoencoder, "text_encoder": CLIPTextModel[, "text_encoder_2": CLIPTextModel]}
+    in compute dtype `dtype`. SDXL's VAE overflows in float16 (activations past 65504: black or NaN images; diffusers
+    upcasts it, `force_upcast`), so with float16 it computes in float32; bfloat16 has float32's range."""
+    vae_dtype = jnp.float32 if config.is_sdxl and jnp.dtype(dtype) == jnp.float16 else dtype
+    mods = {
         "unet": UNetModel(config.unet, dtype=dtype, attention_impl=attention_impl, remat=remat),
-        "vae": Autoencoder(config.vae, dtype=dtype, attention_impl=attention_impl),
+        "vae": Autoencoder(config.vae, dtype=vae_dtype, attention_impl=attention_impl),
         "text_encoder": CLIPTextModel(config.text, dtype=dtype),
     }
+    if config.text_2 is not None:
+        mods["text_encoder_2"] = CLIPTextModel(config.text_2, dtype=dtype)
+    return mods
 
 
 def _init_inputs(config: ModelConfig):
     f = config.vae.downsample_factor
-    return {
-        "unet": (jnp.zeros((1, 8, 8, config.unet.in_channels)), jnp.zeros((1,), jnp.int32),
-                 jnp.zeros((1, config.text.max_length, config.unet.d_cond))),
+    u = config.unet
+    y = (jnp.zeros((1, u.adm_in_channels)),) if u.adm_in_channels else ()
+    inputs = {
+        "unet": (jnp.zeros((1, 8, 8, u.in_channels)), jnp.zeros((1,), jnp.int32),
+                 jnp.zeros((1, config.text.max_length, u.d_cond))) + y,
         "vae": (jnp.zeros((1, 2 * f, 2 * f, config.vae.in_channels)),),
         "text_encoder": (jnp.zeros((1, config.text.max_length), jnp.int32),),
     }
+    if config.text_2 is not None:
+        inputs["text_encoder_2"] = (jnp.zeros((1, config.text_2.max_length), jnp.int32),)
+    return inputs
 
 
-def init_params(config: ModelConfig, key, components=COMPONENTS):
+def init_params(config: ModelConfig, key, components=None):
     """Random parameters (Flax default initialisers), fp32: {"unet": ..., "vae": ..., "text_encoder": ...}."""
-    mods, inputs = modules(config), _init_inputs(config)
-    keys = dict(zip(COMPONENTS, jax.random.split(key, len(COMPONENTS))))
-    return {c: jax.jit(mods[c].init)(keys[c], *inputs[c])["params"] for c in components}
+    mods, inputs, every = modules(config), _init_inputs(config), components_of(config)
+    keys = dict(zip(every, jax.random.split(key, len(every))))
+    return {c: jax.jit(mods[c].init)(keys[c], *inputs[c])["params"] for c in components or every}
 
 
 @functools.lru_cache(maxsize=None)
-def abstract_params(config: ModelConfig, components=COMPONENTS):
+def abstract_params(config: ModelConfig, components=None):
     """Parameter shapes only (jax.ShapeDtypeStruct leaves), computed without running the model (cached per
     config, in memory and on disk (`shape_cache`): tracing the full-size model takes seconds; callers must not
     mutate the result)."""
+    components = tuple(components or components_of(config))
+
     def compute():
         mods, inputs = modules(config), _init_inputs(config)
         return {c: jax.eval_shape(mods[c].init, jax.random.key(0), *inputs[c])["params"] for c in components}
 
-    return cached_shapes(config.to_json(), tuple(components), compute)
+    return cached_shapes(config.to_json(), components, compute)
 
 
-def random_params(config: ModelConfig, seed: int = 0, components=COMPONENTS, perturb: float = 0.05):
+def random_params(config: ModelConfig, seed: int = 0, components=None, perturb: float = 0.05):
     """Random fp32 numpy parameters without compiling anything (fast even at full size): kernels and
     embeddings N(0, 1/fan_in) (LeCun), norm scales 1 and biases 0, then every tensor perturbed by
     `perturb` so that no scale, bias or zero-init is trivial. For benchmarks, demos and random checkpoints.

@@ -81,24 +81,43 @@ class _Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        """-> (the output of layer L - skip_last_layers, the last layer's output)."""
         n = self.config.num_layers - self.config.skip_last_layers
+        out = x
         for i in range(self.config.num_layers):
-            # Layers past the requested output are still created (they are part of the checkpoint) but
-            # their results are discarded; XLA removes the dead computation.
-            y = CLIPEncoderLayer(self.config, self.dtype, name=f"layers_{i}")(x)
-            x = y if i < n else x
-        return x
+            # Layers past the requested output are still created (they are part of the checkpoint); unless the
+            # pooled output reads the last layer, their results are unused and XLA removes the dead computation.
+            x = CLIPEncoderLayer(self.config, self.dtype, name=f"layers_{i}")(x)
+            out = x if i < n else out
+        return out, x
 
 
 class CLIPTextModel(nn.Module):
-    """ids int32 [B, L] -> hidden states [B, L, hidden_size] (fp32), after the final LayerNorm."""
+    """ids int32 [B, L] -> hidden states [B, L, hidden_size] (fp32), after the final LayerNorm (unless read below the
+    last layer with `norm_skipped_output` off, SDXL). With `pooled=True` also the pooled embedding
+    [B, projection_dim]: the final-LayerNorm'd LAST layer's state at the first EOS token, through `text_projection`
+    (OpenCLIP's `text.argmax` pooling, which finds the same token while EOS is the largest id; transformers'
+    `CLIPTextModelWithProjection.text_embeds`)."""
 
     config: TextEncoderConfig
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, ids):
+    def __call__(self, ids, pooled: bool = False):
         cfg = self.config
         x = _Embeddings(cfg, self.dtype, name="embeddings")(ids)
-        x = _Encoder(cfg, self.dtype, name="encoder")(x)
-        return LayerNorm(cfg.layer_norm_eps, self.dtype, name="final_layer_norm")(x).astype(jnp.float32)
+        x, last = _Encoder(cfg, self.dtype, name="encoder")(x)
+        final_norm = LayerNorm(cfg.layer_norm_eps, self.dtype, name="final_layer_norm")
+        skipped = cfg.skip_last_layers > 0
+        out = x if skipped and not cfg.norm_skipped_output else final_norm(x)
+        if self.is_initializing():  # the checkpoint holds the final LayerNorm even where `out` skips it
+            final_norm(last)
+        proj = (dense(cfg.projection_dim, use_bias=False, name="text_projection", dtype=self.dtype)
+                if cfg.projection_dim else None)
+        if pooled and proj is None:
+            raise ValueError("pooled=True needs a text encoder with a projection (projection_dim > 0)")
+        if not pooled and not (proj is not None and self.is_initializing()):  # init creates text_projection
+            return out.astype(jnp.float32)
+        eos = jnp.argmax(ids == cfg.eos_token_id, axis=-1)  # [B] first EOS (0 if none)
+        p = proj(final_norm(last)[jnp.arange(ids.shape[0]), eos]).astype(jnp.float32)  # [B, projection_dim]
+        return (out.astype(jnp.float32), p) if pooled else out.astype(jnp.float32)

@@ -75,7 +75,9 @@ class Upsample(nn.Module):
 
 
 class UNetModel(nn.Module):
-    """eps_theta(x [B, h, w, C_in], t int [B], cond [B, S, d_cond]) -> [B, h, w, C_out] (fp32)."""
+    """eps_theta(x [B, h, w, C_in], t int [B], cond [B, S, d_cond], y [B, adm_in_channels] or None) -> [B, h, w, C_out]
+    (fp32). y, SDXL's vector conditioning, is given iff `config.adm_in_channels` > 0; it is added to the time
+    embedding through `label_emb` (sgm `openaimodel.UNetModel`, num_classes="sequential")."""
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
@@ -83,7 +85,7 @@ class UNetModel(nn.Module):
     remat: bool = False  # rematerialise ResBlocks and transformers in the backward pass (training)
 
     @nn.compact
-    def __call__(self, x, t, cond):
+    def __call__(self, x, t, cond, y=None):
         cfg, dt = self.config, self.dtype
         res_cls = nn.remat(ResBlock) if self.remat else ResBlock
         st_cls = nn.remat(SpatialTransformer) if self.remat else SpatialTransformer
@@ -91,15 +93,21 @@ class UNetModel(nn.Module):
         def res(c_out, name):
             return res_cls(c_out, cfg.norm_groups, dtype=dt, name=name)
 
-        def transformer(c, name):
+        def transformer(c, level, name):
             n_heads, d_head = cfg.heads_for(c)
-            return st_cls(n_heads, d_head, cfg.tf_layers, cfg.use_linear_proj, cfg.norm_groups, dtype=dt,
+            return st_cls(n_heads, d_head, cfg.tf_layers_at(level), cfg.use_linear_proj, cfg.norm_groups, dtype=dt,
                           attention_impl=self.attention_impl, name=name)
 
         c = cfg.channels
         t_emb = timestep_embedding(t, c).astype(dt)  # [B, c]
         t_emb = dense(4 * c, name="time_embed_0", dtype=dt)(t_emb)
         t_emb = dense(4 * c, name="time_embed_2", dtype=dt)(nn.silu(t_emb))  # [B, 4c]
+        if (y is None) != (cfg.adm_in_channels == 0):
+            raise ValueError(f"this U-Net takes a vector conditioning y of width {cfg.adm_in_channels} (SDXL)"
+                             if y is None else "y given to a U-Net without vector conditioning (adm_in_channels 0)")
+        if y is not None:  # emb = time_embed(t) + label_emb(y)
+            e = dense(4 * c, name="label_emb_0_0", dtype=dt)(y.astype(dt))
+            t_emb = t_emb + dense(4 * c, name="label_emb_0_2", dtype=dt)(nn.silu(e))
         cond = cond.astype(dt)
 
         levels = len(cfg.channel_multipliers)
@@ -110,7 +118,7 @@ class UNetModel(nn.Module):
             for _ in range(cfg.n_res_blocks):
                 h = res(c * mult, f"input_blocks_{block}_0")(h, t_emb)
                 if level in cfg.attention_levels:
-                    h = transformer(c * mult, f"input_blocks_{block}_1")(h, cond)
+                    h = transformer(c * mult, level, f"input_blocks_{block}_1")(h, cond)
                 skips.append(h)
                 block += 1
             if level != levels - 1:
@@ -120,7 +128,7 @@ class UNetModel(nn.Module):
 
         ch = c * cfg.channel_multipliers[-1]
         h = res(ch, "middle_block_0")(h, t_emb)
-        h = transformer(ch, "middle_block_1")(h, cond)
+        h = transformer(ch, levels - 1, "middle_block_1")(h, cond)
         h = res(ch, "middle_block_2")(h, t_emb)
 
         block = 0
@@ -131,7 +139,7 @@ class UNetModel(nn.Module):
                 h = res(ch, f"output_blocks_{block}_0")(h, t_emb)
                 idx = 1
                 if level in cfg.attention_levels:
-                    h = transformer(ch, f"output_blocks_{block}_{idx}")(h, cond)
+                    h = transformer(ch, level, f"output_blocks_{block}_{idx}")(h, cond)
                     idx += 1
                 if level != 0 and j == cfg.n_res_blocks:
                     h = Upsample(dtype=dt, name=f"output_blocks_{block}_{idx}")(h, skips[-1].shape[1:3])

@@ -62,19 +62,21 @@ def eps_from_output(schedule, prediction: str, out, x, t):
     return a * out.astype(jnp.float32) + b * x.astype(jnp.float32)
 
 
-def guided_eps_fn(sd, params, ctx, uncond_ctx, guidance, extra_channels=None, schedule=None):
+def guided_eps_fn(sd, params, ctx, uncond_ctx, guidance, extra_channels=None, schedule=None, y=None, uncond_y=None):
     """eps(x, t) with classifier-free guidance; `extra_channels` [B, h, w, k] are concatenated to x
-    (the inpainting U-Net's mask and masked-image latents). A v-prediction model's guided output is converted to
-    eps (`eps_from_output`) with `schedule` (default: the model's own, `make_schedule(sd.config.schedule)`)."""
+    (the inpainting U-Net's mask and masked-image latents); y / uncond_y [B, adm]: SDXL's vector conditioning.
+    A v-prediction model's guided output is converted to eps (`eps_from_output`) with `schedule` (default: the
+    model's own, `make_schedule(sd.config.schedule)`)."""
     prediction = sd.config.schedule.prediction
     if prediction != "eps" and schedule is None:
         schedule = make_schedule(sd.config.schedule)
+    y_pairs = None if y is None else _interleave(uncond_y, y)
 
     def eps_fn(x, t):
         xin = x if extra_channels is None else jnp.concatenate([x, extra_channels.astype(x.dtype)], axis=-1)
         # rows [u0, c0, u1, c1, ...]
         out_u, out_c = _split_pairs(sd.predict_noise(params, _interleave(xin, xin), jnp.repeat(t, 2),
-                                                     _interleave(uncond_ctx, ctx)))
+                                                     _interleave(uncond_ctx, ctx), y_pairs))
         return eps_from_output(schedule, prediction, out_u + guidance * (out_c - out_u), x, t)
 
     return eps_fn
@@ -128,8 +130,8 @@ def build_program(sd, *, mode: str, sampler: str, steps: int, output: str, laten
         streams = _streams(seeds)
         # one text-encoder pass over [c0, u0, c1, u1, ...] (one trace of CLIP instead of two: ~0.35 s less per
         # new program at SD 1.x size)
-        ctx, uncond_ctx = _split_pairs(sd.encode_text(params, _interleave(ids, uncond_ids)))
         h, w = latent_hw
+        ctx, uncond_ctx, y, uncond_y = _conditioning(sd, params, ids, uncond_ids, (h * f, w * f))
         c = sd.config.unet.out_channels
         noise = latents.astype(jnp.float32) if given_latents else _normal(streams[INIT_NOISE], (h, w, c))
         extra, known = None, None
@@ -148,7 +150,7 @@ def build_program(sd, *, mode: str, sampler: str, steps: int, output: str, laten
                     known = samplers.Known(z0, 1.0 - m_lat, _normal(streams[INIT_IMAGE_NOISE], (h, w, c)))
                 x_T = samplers.noise_to_start(sampler, schedule, z0, noise, steps, start_step)
                 start = start_step
-        eps_fn = guided_eps_fn(sd, params, ctx, uncond_ctx, guidance, extra, schedule)
+        eps_fn = guided_eps_fn(sd, params, ctx, uncond_ctx, guidance, extra, schedule, y, uncond_y)
         z = samplers.sample(sampler, eps_fn, x_T, schedule, streams[SAMPLER_NOISE], steps=steps, eta=eta,
                             start_step=start, progress=progress, known=known)
         if known is not None:
@@ -163,6 +165,23 @@ def build_program(sd, *, mode: str, sampler: str, steps: int, output: str, laten
         return jnp.clip(jnp.round((img + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
     return run
+
+
+def _conditioning(sd, params, ids, uncond_ids, size_hw):
+    """(ctx, uncond_ctx, y, uncond_y) of a request; y are None but for SDXL, whose y carries the pooled text and
+    the image's pixel size `size_hw` (original = target, crop (0, 0)) and whose unconditional side is zeros, context
+    and pooled text, for an empty negative prompt (`conditioning.is_empty_prompt`)."""
+    pairs = _interleave(ids, uncond_ids)
+    if not sd.config.is_sdxl:
+        ctx, uncond_ctx = _split_pairs(sd.encode_text(params, pairs))
+        return ctx, uncond_ctx, None, None
+    from ldm_jax.conditioning import is_empty_prompt
+
+    ctx_pairs, pooled_pairs = sd.encode_text(params, pairs, pooled=True)
+    (ctx, uncond_ctx), (pooled, uncond_pooled) = _split_pairs(ctx_pairs), _split_pairs(pooled_pairs)
+    keep = 1.0 - is_empty_prompt(uncond_ids, sd.config.text.eos_token_id).astype(jnp.float32)  # [B]
+    uncond_ctx, uncond_pooled = uncond_ctx * keep[:, None, None], uncond_pooled * keep[:, None]
+    return ctx, uncond_ctx, sd.vector_conditioning(pooled, size_hw), sd.vector_conditioning(uncond_pooled, size_hw)
 
 
 def _downsample_mask(mask, f: int):

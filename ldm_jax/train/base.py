@@ -29,11 +29,53 @@ def load_base(checkpoint: str | None, preset_name: str | None, seed: int = 0, pr
             config = with_prediction(preset(preset_name), prediction)
         except ValueError as e:
             raise UserError(str(e)) from None
+        check_trainable(config)
         params = jax.device_put(random_params(config, seed))  # one transfer, no per-shape convert compiles
         return StableDiffusion(config, params, metadata={"source": f"preset:{preset_name}", "seed": seed})
     import ldm_jax
 
-    return ldm_jax.load(checkpoint, prediction=prediction)
+    sd = ldm_jax.load(checkpoint, prediction=prediction)
+    check_trainable(sd.config)
+    return sd
+
+
+def check_trainable_early(checkpoint: str | None, preset_name: str | None) -> None:
+    """`check_trainable` before the data is read or the weights loaded, where the base tells its kind cheaply: a
+    preset, a file or directory declaring its config, or a .safetensors file's tensor names (SDXL's
+    `conditioner.embedders.*`; memory-mapped, nothing read). Other files are checked once loaded."""
+    import os
+
+    from ldm_jax.configs import preset
+
+    if preset_name is not None:
+        try:
+            check_trainable(preset(preset_name))
+        except ValueError:
+            return  # an unknown preset is refused where the base loads
+        return
+    from ldm_jax.warm_start import peek_config
+
+    config = peek_config(checkpoint)
+    if config is not None:
+        check_trainable(config)
+    elif checkpoint and checkpoint.endswith(".safetensors") and os.path.isfile(checkpoint):
+        from convert.errors import CheckpointError
+        from convert.readers import read_state_dict
+
+        try:
+            keys = read_state_dict(checkpoint).keys()
+        except CheckpointError:
+            return  # the loader names what is wrong with the file
+        if any(k.startswith("conditioner.embedders.") for k in keys):
+            raise UserError(f"training SDXL models is not supported yet ({checkpoint} is an SDXL checkpoint); "
+                            "ldm-jax trains SD 1.x and 2.x U-Nets")
+
+
+def check_trainable(config) -> None:
+    """SDXL (two text encoders, vector conditioning) samples but does not train yet: one line saying so."""
+    if config.is_sdxl:
+        raise UserError(f"training SDXL models is not supported yet ({config.name}: two text encoders and a vector "
+                        "conditioning the trainer does not feed); ldm-jax trains SD 1.x and 2.x U-Nets")
 
 
 def run_prediction(meta: dict, prediction: str | None, where: str) -> str:

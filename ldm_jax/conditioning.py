@@ -1,0 +1,53 @@
+"""SDXL's conditioning beyond the text context (Podell et al. 2023, "SDXL", section 2.2; sgm
+`modules/encoders/modules.py`: `GeneralConditioner`, `ConcatTimestepEmbedderND`).
+
+The U-Net's vector conditioning y [B, 2816] is, in the conditioner's order of embedders,
+
+    y = [pooled text (OpenCLIP bigG, 1280), emb(original h, w), emb(crop top, left), emb(target h, w)]
+
+where emb embeds each number on its own with the U-Net's sinusoidal time-step embedding (256 wide, cos then sin)
+and the two of a pair sit side by side (512). Sizes are in pixels, (height, width), as diffusers' `add_time_ids`.
+
+The two text encoders read the same prompt with different padding: CLIP ViT-L pads with EOS (transformers'
+tokenizer), OpenCLIP bigG with 0; `repad` makes the second's ids from the first's on the device.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from ldm_jax.configs import SIZE_EMBED_DIM
+from ldm_jax.models.unet import timestep_embedding
+
+
+def size_embedding(sizes):
+    """sizes [B, k] (numbers: pixel sizes, crop offsets) -> [B, k * 256]: each number's sinusoidal embedding."""
+    sizes = jnp.asarray(sizes, jnp.float32)
+    b, k = sizes.shape
+    return timestep_embedding(sizes.reshape(-1), SIZE_EMBED_DIM).reshape(b, k * SIZE_EMBED_DIM)
+
+
+def size_numbers(batch: int, target_hw, original_hw=None, crop_top_left=(0, 0)):
+    """[B, 6] float32: original (h, w), crop (top, left), target (h, w); original defaults to the target (what
+    diffusers and sgm's demo pass for a plain txt2img request)."""
+    original_hw = target_hw if original_hw is None else original_hw
+    row = jnp.asarray(tuple(original_hw) + tuple(crop_top_left) + tuple(target_hw), jnp.float32)
+    return jnp.broadcast_to(row, (batch, 6))
+
+
+def vector_conditioning(pooled, sizes):
+    """y = [pooled [B, P], size_embedding(sizes [B, 6])] -> [B, P + 6 * 256] (fp32)."""
+    return jnp.concatenate([pooled.astype(jnp.float32), size_embedding(sizes)], axis=-1)
+
+
+def repad(ids, eos_token_id: int, pad_token_id: int):
+    """ids int32 [B, L] padded any way after their first EOS -> the same tokens padded with pad_token_id."""
+    pos = jnp.arange(ids.shape[1])[None]
+    first_eos = jnp.argmax(ids == eos_token_id, axis=-1)[:, None]  # [B, 1]
+    return jnp.where(pos > first_eos, jnp.int32(pad_token_id), ids)
+
+
+def is_empty_prompt(ids, eos_token_id: int):
+    """[B] bool: rows whose prompt is empty (BOS, then EOS). SDXL's unconditional side is then zeros rather than
+    the encoding of "" (diffusers' `force_zeros_for_empty_prompt`, sgm's `force_uc_zero_embeddings=["txt"]`)."""
+    return ids[:, 1] == eos_token_id

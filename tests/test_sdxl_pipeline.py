@@ -1,0 +1,112 @@
+"""SDXL sampling (`ldm_jax.conditioning`, `pipelines.program._conditioning`) against diffusers.
+
+(a) The vector conditioning's size/crop part equals diffusers' UNet2DConditionModel `add_time_proj` of
+    `add_time_ids` (Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)): <= 1e-4 relative (cos/sin of
+    fp32 arguments up to ~1000, where one ulp is 6e-5: XLA's and torch's range reductions differ by 3e-5).
+(b) The ids of the second text encoder: the first's, padded with 0 after their first EOS.
+(c) Whole txt2img chains: DDIM (eta 0), CFG 7.5, 5 steps, from the same x_T, against diffusers'
+    `StableDiffusionXLPipeline` run on the torch reference U-Net (diffusers' own single-file conversion of the same
+    sgm-layout weights) with our text encodings handed in as `prompt_embeds` / `pooled_prompt_embeds` (the text
+    towers have their own parity tests in tests/test_sdxl_convert.py): its add_time_ids (original = target size,
+    crop 0), guidance and DDIM steps; an empty negative prompt is zeros on both sides (`force_zeros_for_empty_prompt`),
+    a non-empty one is encoded. Final latents <= 1e-4 relative (measured 2.1e-6 / 2.8e-6; fp32, highest matmul
+    precision).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import ldm_jax
+from ldm_jax import configs
+from ldm_jax.conditioning import repad, size_embedding, size_numbers
+from ldm_jax.models.build import random_params
+from ldm_jax.stable_diffusion import StableDiffusion
+from tests.parity import rel_err
+
+CFG = configs.tiny_xl()
+SD = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return StableDiffusion(CFG, random_params(CFG, seed=3))
+
+
+def test_size_embedding_matches_diffusers_add_time_proj():
+    from diffusers.models.embeddings import Timesteps
+
+    sizes = np.array([[1024, 768, 0, 0, 1024, 768], [512, 512, 64, 32, 896, 1152]], np.float32)
+    proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
+    want = proj(torch.from_numpy(sizes).flatten()).reshape(2, -1).numpy()
+    got = np.asarray(size_embedding(sizes))
+    assert got.shape == (2, 6 * 256)
+    assert rel_err(got, want) <= 1e-4
+    row = np.asarray(size_numbers(3, (768, 1024)))
+    assert row.shape == (3, 6) and row[2].tolist() == [768, 1024, 0, 0, 768, 1024]
+
+
+def test_second_encoder_ids_are_padded_with_zero(model):
+    ids = model.tokenize(["a red cat", ""])
+    got = np.asarray(repad(ids, CFG.text.eos_token_id, CFG.text_2.pad_token_id))
+    assert got[0, :5].tolist() == ids[0, :5].tolist() and ids[0, 4] == 49407  # BOS a red cat EOS
+    assert (got[0, 5:] == 0).all() and got[1, :2].tolist() == [49406, 49407] and (got[1, 2:] == 0).all()
+
+
+def _diffusers_sdxl_latents(model, prompts, negative, x_T, steps, scale, height, width):
+    """diffusers' StableDiffusionXLPipeline (DDIM as CompVis: leading spacing, steps_offset 1) on the torch reference
+    U-Net loaded from our sgm-layout export of the same weights, fed our text encodings."""
+    import diffusers
+
+    from convert import torch_reference
+    from convert.keys import layout_of
+    from convert.mapping import params_to_state_dict
+
+    ref = torch_reference.build_unet(CFG)
+    ref.load_compvis(params_to_state_dict({"unet": model.params["unet"]}, text_layout=layout_of(CFG)))
+    vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), norm_num_groups=32)  # only its scale factor 2 is read
+    sched = diffusers.DDIMScheduler(**SD, steps_offset=1, set_alpha_to_one=False, clip_sample=False,
+                                    timestep_spacing="leading")
+    pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                               tokenizer_2=None, unet=ref.unet.eval(), scheduler=sched,
+                                               add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def encode(texts):
+        ctx, pooled = model.encode_text(model.params, model.tokenize(texts), pooled=True)
+        return torch.from_numpy(np.asarray(ctx)), torch.from_numpy(np.asarray(pooled))
+
+    ctx, pooled = encode(prompts)
+    kw = {}
+    if negative:  # else diffusers' zeros (force_zeros_for_empty_prompt)
+        kw = dict(zip(("negative_prompt_embeds", "negative_pooled_prompt_embeds"), encode([negative] * len(prompts))))
+    with torch.no_grad():
+        out = pipe(prompt_embeds=ctx, pooled_prompt_embeds=pooled, num_inference_steps=steps, guidance_scale=scale,
+                   height=height, width=width, latents=torch.from_numpy(x_T.transpose(0, 3, 1, 2)),
+                   output_type="latent", **kw).images
+    return out.numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("negative", ["", "blurry, low quality"])
+def test_txt2img_chain_matches_diffusers_sdxl_pipeline(model, negative):
+    prompts = ["a red cat on a mat", "two blue squares"]
+    height, width, steps = 32, 48, 5  # 5 divides T: CompVis and diffusers take the same steps
+    x_T = np.random.default_rng(5).standard_normal((2, height // 2, width // 2, 4)).astype(np.float32)
+    got = ldm_jax.txt2img(model, prompts, negative_prompts=[negative] * 2, steps=steps, guidance_scale=7.5,
+                          height=height, width=width, latents=x_T, output="latents")
+    want = _diffusers_sdxl_latents(model, prompts, negative, x_T, steps, 7.5, height, width)
+    err = rel_err(np.asarray(got), want)
+    print(f"SDXL DDIM {steps} steps, negative {negative!r}: rel err {err:.2e}")
+    assert err <= 1e-4
+
+
+def test_train_refuses_sdxl_before_reading_data(tmp_path):
+    """A preset, or a .safetensors file whose tensor names are sgm's, is refused before --data is looked at."""
+    from convert.safetensors_io import write_safetensors
+    from tests.cli_run import cli
+
+    xl = tmp_path / "xl.safetensors"
+    write_safetensors(xl, {"conditioner.embedders.1.model.positional_embedding": np.zeros((77, 8), np.float32)})
+    for base in (["--preset", "tiny-xl"], ["--checkpoint", xl]):
+        rc, _, err = cli("train", *base, "--data", tmp_path / "missing", "--out", tmp_path / "run")
+        assert rc == 2 and err.count("\n") == 1 and "training SDXL models is not supported yet" in err, err
