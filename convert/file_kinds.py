@@ -57,8 +57,8 @@ SINGLE_FILE = ("ldm-jax reads CompVis single-file checkpoints (model.diffusion_m
 
 _LORA = re.compile(r"^lora_(unet|te\d?)_|[._](lora_[AB]|lora_embedding_[AB]|lora_down|lora_up|lora_mid|"
                    r"lora_linear_layer|lora)\.")
-_KOHYA = re.compile(r"^lora_(unet|te)_.*\.(lora_down|lora_up)\.weight$")  # what `convert.lora` merges
-_OTHER_LORA = re.compile(r"^lora_te\d_|\.dora_scale|[._](lora_[AB]|lora_linear_layer|lora)\.")  # what --lora refuses
+_KOHYA = re.compile(r"^lora_(unet|te[12]?)_.*\.(lora_down|lora_up)\.weight$")  # what `convert.lora` merges
+_OTHER_LORA = re.compile(r"\.dora_scale|[._](lora_[AB]|lora_linear_layer|lora)\.")  # what --lora refuses
 _CONTROLNET = re.compile(r"^control_model\.|^(control_model\.)?(input_hint_block|zero_convs|middle_block_out)\.|"
                          r"^controlnet_(cond_embedding|down_blocks|mid_block)\.")
 _VAE = re.compile(r"^(first_stage_model\.)?((encoder|decoder)\.(conv_in|down|up|mid|norm_out|conv_out)\.|"
@@ -68,6 +68,8 @@ _DIFFUSERS_UNET = re.compile(r"^(conv_in|time_embedding|down_blocks|mid_block|up
 _EMBEDDING_WIDTHS = (768, 1024, 1280)  # CLIP-L (SD 1.x), OpenCLIP-H (SD 2.x), OpenCLIP-bigG (SDXL)
 EMBEDDING_USE = ("pass it with --embedding FILE[:TOKEN] (or ldm_jax.load(..., embeddings=)) next to a full Stable "
                  "Diffusion checkpoint")
+SDXL_EMBEDDING_USE = ("pass it with --embedding FILE[:TOKEN] (or ldm_jax.load(..., embeddings=)) next to a full "
+                      "Stable Diffusion XL checkpoint (e.g. sd_xl_base_1.0.safetensors)")
 SUPPORTED = ("ldm-jax supports Stable Diffusion 1.x and 2.x checkpoints (e.g. v1-5-pruned-emaonly.safetensors, "
              "sd-v1-5-inpainting.ckpt or v2-1_768-ema-pruned.safetensors) and SDXL 1.0 base "
              "(sd_xl_base_1.0.safetensors)")
@@ -190,14 +192,14 @@ def describe(sd: Mapping[str, object]) -> str | None:
     lora = _first(keys, _LORA)
     if lora is not None:
         kohya = _KOHYA.search(lora) and not any(_OTHER_LORA.search(k) for k in keys)
-        note = "" if kohya else (" (kohya-ss LoRA/LoCon and LyCORIS LoHa/LoKr files only: DoRA, SDXL and "
-                                 "diffusers/PEFT-format LoRAs are not supported yet)")
+        note = "" if kohya else (" (kohya-ss LoRA/LoCon and LyCORIS LoHa/LoKr files only, SD 1.x/2.x and SDXL: "
+                                 "DoRA and diffusers/PEFT-format LoRAs are not supported yet)")
         return (f"this file is a LoRA ({lora}), not a full checkpoint; pass it with --lora FILE[:SCALE] (or "
                 f"ldm_jax.load(..., loras=)) next to a full Stable Diffusion checkpoint{note}")
     if _is_embedding(sd):
         if set(keys) <= {"clip_l", "clip_g"}:
             return (f"this file is an SDXL textual-inversion embedding ({', '.join(keys[:2])}), not a checkpoint; "
-                    f"SDXL embeddings are not supported yet: {BASE}")
+                    f"{SDXL_EMBEDDING_USE}")
         return f"this file is a textual-inversion embedding ({', '.join(keys[:2])}), not a checkpoint; {EMBEDDING_USE}"
     found = _first(keys, _DIFFUSERS_VAE)
     if found is not None:

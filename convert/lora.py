@@ -1,5 +1,5 @@
-"""kohya-ss LoRA files (the common SD 1.x LoRA format, as on civitai), LyCORIS ones included: merge them into a
-model's weights.
+"""kohya-ss LoRA files (the common SD 1.x / 2.x / SDXL LoRA format, as on civitai), LyCORIS ones included: merge
+them into a model's weights.
 
 A kohya file holds, for each adapted module, `<name>.lora_down.weight` [rank, in(, kh, kw)],
 `<name>.lora_up.weight` [out, rank(, 1, 1)] and optionally `<name>.alpha` (a scalar; absent: alpha = rank). The
@@ -9,14 +9,27 @@ LyCORIS files use the same names with other tensors per module: LoHa (`hada_*`),
 Tucker core (`lora_mid.weight`) and full updates (`diff`, `diff_b`); W' = W + scale * dW, dW from `convert.lycoris`.
 Each module is merged by the kind of its tensors; one file may hold modules of several kinds.
 
-Names: `lora_unet_` + the diffusers UNet2DConditionModel module path, `lora_te_` + the transformers
-CLIPTextModel module path, dots as underscores. The diffusers U-Net names are generated here from the model's
-config and sent to CompVis names (`diffusers_unet_modules`); tests/test_lora.py proves every module against
-diffusers' own single-file conversion. Anything else is refused in one line naming the key, before the model is
-loaded (`check_lora_file` reads shapes and alphas only): SDXL (`lora_te1_`/`lora_te2_`), DoRA (`dora_scale`) and
-the other LyCORIS algorithms ((IA)^3, OFT, GLoRA, ...), diffusers/PEFT-format LoRAs, unknown tensors, modules
-that mix kinds or lack a tensor, modules this model lacks and shapes that do not fit it. No torch; files are read
-by `convert.readers` (memory-mapped, no code runs).
+Names: a component prefix and the module's path in the model kohya trains, dots as underscores.
+* SD 1.x / 2.x (kohya's train_network.py trains diffusers' models): `lora_unet_` + the diffusers
+  UNet2DConditionModel module path, `lora_te_` + the transformers CLIPTextModel one.
+* SDXL (sdxl_train_network.py trains kohya's own sgm-named U-Net, library/sdxl_original_unet.py, and the two text
+  encoders as transformers CLIPTextModel / CLIPTextModelWithProjection; networks/lora.py prefixes `lora_unet`,
+  `lora_te1`, `lora_te2`): `lora_unet_` + the CompVis/sgm module path (`sgm_unet_modules`:
+  `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, `lora_unet_middle_block_0_in_layers_2`),
+  `lora_te1_` (CLIP ViT-L) and `lora_te2_` (OpenCLIP bigG, whose Flax tree has transformers' names; its q, k, v
+  are row blocks of the checkpoint's in_proj_weight) + `text_model_encoder_layers_N_` + `self_attn_{q,k,v,out}_proj`,
+  `mlp_fc1` or `mlp_fc2`. SDXL U-Net modules named the diffusers way (`lora_unet_down_blocks_1_attentions_0_...`, as
+  diffusers' converter makes of them) are taken too; a file mixing the two namings is refused.
+The diffusers U-Net names are generated from the model's config and sent to CompVis names
+(`diffusers_unet_modules`); tests/test_lora.py and tests/test_lora_sdxl.py prove every module against diffusers'
+own single-file conversion (SDXL's sgm names also through diffusers' kohya converter,
+`_maybe_map_sgm_blocks_to_diffusers` + `_convert_non_diffusers_lora_to_diffusers`). A LoRA of another family
+(SD 1.x, SD 2.x or SDXL: one or two text encoders, the width of the text features its modules take) is one line
+naming both (`_check_family`). Anything else is refused in one line naming the key, before the model is loaded
+(`check_lora_file` reads shapes and alphas only): DoRA (`dora_scale`) and the other LyCORIS algorithms ((IA)^3, OFT,
+GLoRA, ...), diffusers/PEFT-format LoRAs, unknown tensors, modules that mix kinds or lack a tensor, modules this
+model lacks and shapes that do not fit it. No torch; files are read by `convert.readers` (memory-mapped, no code
+runs).
 """
 
 from __future__ import annotations
@@ -30,12 +43,17 @@ import numpy as np
 
 from convert import lycoris
 from convert.errors import CheckpointError
-from convert.keys import PREFIXES, key_table, to_flax_layout
+from convert.keys import SGM, compvis_name, key_table, to_flax_layout
 from convert.mapping import leaf_at
 from convert.readers import labelled, read_labelled
 
-COMPONENT_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
-_KEY = re.compile(r"^(lora_(?:unet|te)_[A-Za-z0-9_]+)\.(.+)$")
+COMPONENT_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                      "lora_te2_": "text_encoder_2"}
+ONE_ENCODER, TWO_ENCODERS = ("lora_te_",), ("lora_te1_", "lora_te2_")  # SD 1.x / 2.x, SDXL (kohya networks/lora.py)
+_KEY = re.compile(r"^(lora_(?:unet|te[12]?)_[A-Za-z0-9_]+)\.(.+)$")
+# U-Net block names: sgm's (kohya's SDXL U-Net) and diffusers' (`_maybe_map_sgm_blocks_to_diffusers`' two lists)
+_SGM_BLOCKS = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
+_DIFFUSERS_BLOCKS = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_")
 
 
 def _where(path: str, message: str) -> str:
@@ -71,19 +89,23 @@ def lora_arg(text: str) -> tuple[str, float]:
 def diffusers_unet_modules(unet) -> dict[str, str]:
     """{diffusers UNet2DConditionModel module path: CompVis U-Net module path} for every module a kohya LoRA
     (LoCon included) can adapt, from the UNetConfig `unet`. conv_shortcut is listed for every resnet (filtered by
-    `module_table` where the model has no skip connection)."""
+    `module_table` where the model has no skip connection). The transformer depth is the level's (SDXL: 2 and 10;
+    the middle block takes the last level's), and a U-Net with a vector conditioning (SDXL) has diffusers'
+    `add_embedding` (CompVis `label_emb.0`)."""
     n, levels = unet.n_res_blocks, len(unet.channel_multipliers)
     out = {"conv_in": "input_blocks.0.0", "conv_out": "out.2",
            "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2"}
+    if unet.adm_in_channels:
+        out.update({"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"})
 
     def resnet(d, c):
         out.update({f"{d}.conv1": f"{c}.in_layers.2", f"{d}.conv2": f"{c}.out_layers.3",
                     f"{d}.time_emb_proj": f"{c}.emb_layers.1", f"{d}.conv_shortcut": f"{c}.skip_connection"})
 
-    def attention(d, c):
+    def attention(d, c, level):
         for m in ("proj_in", "proj_out"):
             out[f"{d}.{m}"] = f"{c}.{m}"
-        for t in range(unet.tf_layers):
+        for t in range(unet.tf_layers_at(level)):
             for m in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
                       "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"):
                 out[f"{d}.transformer_blocks.{t}.{m}"] = f"{c}.transformer_blocks.{t}.{m}"
@@ -93,22 +115,33 @@ def diffusers_unet_modules(unet) -> dict[str, str]:
             k = i * (n + 1) + j + 1
             resnet(f"down_blocks.{i}.resnets.{j}", f"input_blocks.{k}.0")
             if i in unet.attention_levels:
-                attention(f"down_blocks.{i}.attentions.{j}", f"input_blocks.{k}.1")
+                attention(f"down_blocks.{i}.attentions.{j}", f"input_blocks.{k}.1", i)
         if i < levels - 1:
             out[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{(i + 1) * (n + 1)}.0.op"
     resnet("mid_block.resnets.0", "middle_block.0")
-    attention("mid_block.attentions.0", "middle_block.1")
+    attention("mid_block.attentions.0", "middle_block.1", -1)
     resnet("mid_block.resnets.1", "middle_block.2")
     for u in range(levels):  # up_blocks.u is level levels-1-u, n+1 resnets each
-        attn = levels - 1 - u in unet.attention_levels
+        level = levels - 1 - u
+        attn = level in unet.attention_levels
         for j in range(n + 1):
             k = u * (n + 1) + j
             resnet(f"up_blocks.{u}.resnets.{j}", f"output_blocks.{k}.0")
             if attn:
-                attention(f"up_blocks.{u}.attentions.{j}", f"output_blocks.{k}.1")
+                attention(f"up_blocks.{u}.attentions.{j}", f"output_blocks.{k}.1", level)
         if u < levels - 1:
             out[f"up_blocks.{u}.upsamplers.0.conv"] = f"output_blocks.{u * (n + 1) + n}.{2 if attn else 1}.conv"
     return out
+
+
+def sgm_unet_modules(unet_shapes) -> dict[str, str]:
+    """{CompVis/sgm U-Net module path: the same} for every Linear and conv of the U-Net whose (abstract) Flax tree
+    is `unet_shapes`. kohya-ss builds SDXL LoRAs on its sgm-named U-Net (sd-scripts library/sdxl_original_unet.py),
+    so their names are these paths: `input_blocks.4.1.transformer_blocks.0.attn1.to_q`, `input_blocks.1.0.in_layers.2`,
+    `input_blocks.3.0.op`, `output_blocks.2.2.conv`. A superset of what kohya's LoRA/LoCon adapt (LyCORIS' full
+    presets also take conv_in = input_blocks.0.0, out.2, time_embed.N and label_emb.0.N)."""
+    return {e.key[:-len(".weight")]: e.key[:-len(".weight")] for e in key_table("unet", unet_shapes, prefix="")
+            if e.flax_path[-1] == "kernel"}
 
 
 def clip_modules(text) -> dict[str, str]:
@@ -119,34 +152,51 @@ def clip_modules(text) -> dict[str, str]:
     return {name: name for name in names}
 
 
+def _lora_components(config, shapes) -> list[tuple[str, str, dict[str, str]]]:
+    """[(kohya prefix, component, {module path in the LoRA's names: its CompVis path in the component's own tree})]
+    of the model `config` (`shapes`: its abstract parameters)."""
+    def text(t):
+        return {name: own[len("text_model."):] for name, own in clip_modules(t).items()}
+
+    if not config.is_sdxl:
+        return [("lora_unet_", "unet", diffusers_unet_modules(config.unet)),
+                ("lora_te_", "text_encoder", text(config.text))]
+    unet = {**sgm_unet_modules(shapes["unet"]), **diffusers_unet_modules(config.unet)}
+    return [("lora_unet_", "unet", unet), ("lora_te1_", "text_encoder", text(config.text)),
+            ("lora_te2_", "text_encoder_2", text(config.text_2))]
+
+
 def module_tables(config) -> tuple[dict[str, object], dict[str, object]]:
-    """({kohya module name (lora_unet_..., lora_te_...): the key-table Entry of the weight it adapts},
-    {kohya module name: the Entry of that module's bias, where it has one})."""
+    """({kohya module name (lora_unet_..., lora_te_..., lora_te1_/lora_te2_...): the key-table Entry of the weight
+    it adapts}, {kohya module name: the Entry of that module's bias, where it has one}). SDXL's entries are those
+    of its sgm checkpoints (the second text encoder's q, k, v: parts of in_proj_weight)."""
     from ldm_jax.models.build import abstract_params
 
     shapes = abstract_params(config)
+    layout = SGM if config.is_sdxl else "transformers"
     weights, biases = {}, {}
-    for prefix, component, modules, base in (
-            ("lora_unet_", "unet", diffusers_unet_modules(config.unet), PREFIXES["unet"]),
-            ("lora_te_", "text_encoder", clip_modules(config.text), "cond_stage_model.transformer.")):
-        entries = {e.key: e for e in key_table(component, shapes[component])}
-        for diffusers, compvis in modules.items():
-            name = prefix + diffusers.replace(".", "_")
-            for table, leaf in ((weights, "weight"), (biases, "bias")):
-                entry = entries.get(f"{base}{compvis}.{leaf}")
-                if entry is not None and (leaf == "weight" or name in weights):
-                    table[name] = entry
+    for prefix, component, modules in _lora_components(config, shapes):
+        entries = {compvis_name(e.flax_path): e for e in key_table(component, shapes[component], text_layout=layout)}
+        for path, own in modules.items():
+            name = prefix + path.replace(".", "_")
+            if f"{own}.weight" in entries:
+                weights[name] = entries[f"{own}.weight"]
+                if f"{own}.bias" in entries:
+                    biases[name] = entries[f"{own}.bias"]
     return weights, biases
 
 
 def module_table(config) -> dict[str, object]:
-    """{kohya module name (lora_unet_..., lora_te_...): the key-table Entry of the weight it adapts}."""
+    """{kohya module name (lora_unet_..., lora_te_..., lora_te1_/lora_te2_...): the key-table Entry of the weight it
+    adapts}."""
     return module_tables(config)[0]
 
 
-def read_lora(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+def read_lora(path: str | os.PathLike, config=None) -> dict[str, dict[str, np.ndarray]]:
     """{kohya module name: {tensor suffix ("lora_down.weight", "hada_w1_a", "alpha", ...): array}} of a kohya LoRA
-    or LyCORIS file, each module of one known kind (`lycoris.module_kind`); anything else is one line naming it."""
+    or LyCORIS file, each module of one known kind (`lycoris.module_kind`); anything else is one line naming it.
+    With the model's `config`, a LoRA for the other number of text encoders (SDXL's lora_te1_/lora_te2_ on SD 1.x
+    or 2.x, or the reverse) is one line naming both families, before its modules are checked."""
     path = os.fspath(path)
     state_dict = read_labelled(path, "LoRA file", "a kohya-ss LoRA .safetensors file")
     if not any(k.startswith(("lora_unet_", "lora_te")) for k in state_dict):
@@ -156,10 +206,8 @@ def read_lora(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
         what = kind.split(";")[0] if kind else f"e.g. {next(iter(state_dict), 'no tensors at all')}"
         raise CheckpointError(_where(path, f"is not a kohya-ss LoRA (lora_unet_*/lora_te_* keys): {what}"))
     modules: dict[str, dict[str, np.ndarray]] = {}
+    first: dict[str, str] = {}  # module name: its first key (for messages)
     for key, value in state_dict.items():
-        if key.startswith(("lora_te1_", "lora_te2_")):
-            raise CheckpointError(_where(path, f"{key}: an SDXL LoRA (two text encoders); ldm-jax merges SD 1.x and "
-                                               "2.x LoRAs"))
         m = _KEY.match(key)
         suffix = m.group(2) if m else None
         if suffix in lycoris.REFUSED:
@@ -168,12 +216,58 @@ def read_lora(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
             raise CheckpointError(_where(path, f"{key}: not a kohya-ss LoRA or LyCORIS tensor (expected "
                                                f"lora_unet_*/lora_te_* MODULE.{lycoris.EXPECTED})"))
         modules.setdefault(m.group(1), {})[suffix] = value
+        first.setdefault(m.group(1), key)
+    if config is not None:
+        _check_encoders(path, modules, first, config)
+    _check_unet_naming(path, modules)
     for name, parts in modules.items():
         try:
             lycoris.module_kind(parts)
         except ValueError as e:
             raise CheckpointError(_where(path, f"{name}: {e}")) from None
     return modules
+
+
+def _check_encoders(path, modules, first, config) -> None:
+    """kohya names the text encoder of SD 1.x / 2.x `lora_te_`, SDXL's two `lora_te1_` and `lora_te2_` (sd-scripts
+    networks/lora.py; diffusers' `_convert_non_diffusers_lora_to_diffusers` reads the same three prefixes): a LoRA
+    with the other model's prefixes is one line naming its first such key and both families."""
+    name = next((n for n in modules if n.startswith(ONE_ENCODER if config.is_sdxl else TWO_ENCODERS)), None)
+    if name is None:
+        return
+    if config.is_sdxl:
+        widths = [_input_width(p) for n, p in modules.items()
+                  if n.startswith("lora_te_") and n.endswith("_self_attn_q_proj")]
+        lora = next((FAMILY_OF_TEXT_WIDTH[w] for w in widths if w in FAMILY_OF_TEXT_WIDTH), "SD 1.x/2.x")
+        raise CheckpointError(_where(path, f"{first[name]}: an {lora} LoRA (one text encoder, lora_te_*) and this "
+                                           "model is SDXL (two text encoders, lora_te1_*/lora_te2_*); use a LoRA "
+                                           "trained for SDXL"))
+    model = FAMILY_OF_TEXT_WIDTH.get(config.text.hidden_size)
+    this = f"this model is {model} (one text encoder); use a LoRA trained for {model}" if model else (
+        "this model has one text encoder; use a LoRA trained for it")
+    raise CheckpointError(_where(path, f"{first[name]}: an SDXL LoRA (two text encoders, lora_te1_*/lora_te2_*) and "
+                                       f"{this}"))
+
+
+def _check_unet_naming(path, modules) -> None:
+    """U-Net modules named both sgm's way (input_blocks/middle_block/output_blocks: kohya's SDXL LoRAs) and
+    diffusers' (down_blocks/mid_block/up_blocks) in one file: one line (diffusers' `_maybe_map_sgm_blocks_to_
+    diffusers` silently drops the sgm ones; here neither is guessed)."""
+    sgm = next((n for n in modules if _SGM_BLOCKS.match(n)), None)
+    diffusers = next((n for n in modules if _DIFFUSERS_BLOCKS.match(n)), None)
+    if sgm and diffusers:
+        raise CheckpointError(_where(path, f"{sgm} and {diffusers}: U-Net modules named both sgm's way "
+                                           "(input_blocks/middle_block/output_blocks, kohya's SDXL LoRAs) and "
+                                           "diffusers' (down_blocks/mid_block/up_blocks) in one file; expected one"))
+
+
+def _label(entry) -> str:
+    """The model tensor an Entry names in messages: its key, and for one part of a stacked tensor (SDXL's second
+    text encoder: q, k, v are row blocks of in_proj_weight) its rows."""
+    if entry.parts == 1:
+        return entry.key
+    n = entry.compvis_shape[0]
+    return f"{entry.key}[{entry.part * n}:{(entry.part + 1) * n}]"
 
 
 def _alpha(path, name, parts, rank) -> float | None:
@@ -196,10 +290,10 @@ def _fit(path, name, parts, entry, bias) -> tuple[str, float]:
             rank = lycoris.rank_of(kind, parts, target)
         except ValueError as e:
             shapes = ", ".join(f"{s} {tuple(v.shape)}" for s, v in sorted(parts.items()) if s != "alpha")
-            raise CheckpointError(_where(path, f"{name}: {kind} tensors {shapes} do not fit the model's {entry.key} "
-                                               f"{target}: {e}")) from None
+            raise CheckpointError(_where(path, f"{name}: {kind} tensors {shapes} do not fit the model's "
+                                               f"{_label(entry)} {target}: {e}")) from None
         if "diff_b" in parts and (bias is None or tuple(parts["diff_b"].shape) != bias.compvis_shape):
-            where = (f"the model's {bias.key} {bias.compvis_shape}" if bias is not None else
+            where = (f"the model's {_label(bias)} {bias.compvis_shape}" if bias is not None else
                      f"the model's {entry.key.rsplit('.', 1)[0]} has no bias")
             raise CheckpointError(_where(path, f"{name}.diff_b {tuple(parts['diff_b'].shape)} does not fit: {where}"))
         return kind, lycoris.alpha_factor(_alpha(path, name, parts, rank), rank)
@@ -211,11 +305,13 @@ def _fit(path, name, parts, entry, bias) -> tuple[str, float]:
             and up.ndim in (2, 4) and up.shape[:2] == (target[0], rank) and all(s == 1 for s in up.shape[2:]))
     if not fits:
         raise CheckpointError(_where(path, f"{name}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} do "
-                                           f"not fit the model's {entry.key} {target}"))
+                                           f"not fit the model's {_label(entry)} {target}"))
     return kind, _alpha(path, name, parts, rank) / rank
 
 
-FAMILY_OF_TEXT_WIDTH = {768: "SD 1.x", 1024: "SD 2.x"}  # CLIP ViT-L/14, OpenCLIP ViT-H/14
+FAMILY_OF_TEXT_WIDTH = {768: "SD 1.x", 1024: "SD 2.x"}  # CLIP ViT-L/14, OpenCLIP ViT-H/14 (one text encoder)
+# the U-Net's cross-attention context: SDXL's is CLIP ViT-L/14 (768) and OpenCLIP bigG (1280) side by side
+FAMILY_OF_CONTEXT_WIDTH = {**FAMILY_OF_TEXT_WIDTH, 2048: "SDXL"}
 
 
 def _input_width(parts) -> int | None:
@@ -226,21 +322,33 @@ def _input_width(parts) -> int | None:
     return None
 
 
+def _width_rule(name, config) -> tuple[int, str, Mapping[int, str]] | None:
+    """(the width of the text features the model's module `name` takes, what they are, {width: the family of a LoRA
+    whose module takes that width}) for the modules that tell a LoRA's family (text-encoder q_proj, U-Net attn2
+    to_k/to_v), else None. SDXL's lora_te1_/lora_te2_ are SDXL's by their prefix (`_check_encoders`)."""
+    if name.endswith("_self_attn_q_proj"):
+        if name.startswith("lora_te_"):
+            return config.text.hidden_size, "text encoder", FAMILY_OF_TEXT_WIDTH
+        if name.startswith("lora_te1_"):
+            return config.text.hidden_size, "first text encoder", {}
+        if name.startswith("lora_te2_"):
+            return config.text_2.hidden_size, "second text encoder", {}
+    if name.startswith("lora_unet_") and name.endswith(("_attn2_to_k", "_attn2_to_v")):
+        return config.unet.d_cond, "cross-attention context", FAMILY_OF_CONTEXT_WIDTH
+    return None
+
+
 def _check_family(path, modules, config) -> None:
-    """An SD 1.x LoRA on an SD 2.x model, or the reverse: one line naming both families, from the width of the text
+    """A LoRA of another family (SD 1.x, SD 2.x, SDXL) or model: one line naming both, from the width of the text
     features the LoRA's text-encoder attention and U-Net cross-attention (attn2 to_k/to_v) modules take."""
     for name, parts in modules.items():
-        if name.startswith("lora_te_") and name.endswith("_self_attn_q_proj"):
-            have, what = config.text.hidden_size, "text encoder"
-        elif name.startswith("lora_unet_") and name.endswith(("_attn2_to_k", "_attn2_to_v")):
-            have, what = config.unet.d_cond, "cross-attention context"
-        else:
+        rule = _width_rule(name, config)
+        width = None if rule is None else _input_width(parts)
+        if width is None or width == rule[0]:
             continue
-        width = _input_width(parts)
-        if width is None or width == have:
-            continue
-        lora, model = FAMILY_OF_TEXT_WIDTH.get(width), FAMILY_OF_TEXT_WIDTH.get(have)
-        if lora and model:
+        have, what, families = rule
+        lora, model = families.get(width), "SDXL" if config.is_sdxl else FAMILY_OF_TEXT_WIDTH.get(have)
+        if lora and model and lora != model:
             raise CheckpointError(_where(path, f"an {lora} LoRA ({name} takes {width}-wide text features) and this "
                                                f"model is {model} ({have}-wide {what}); use a LoRA trained for "
                                                f"{model}"))
@@ -250,21 +358,24 @@ def _check_family(path, modules, config) -> None:
 
 def check_lora_file(path: str | os.PathLike, config=None, tables=None) -> dict:
     """Fail early (before a model is loaded or compiled) on a LoRA file that is missing, not a kohya-ss LoRA or
-    LyCORIS file, or (when the model's `config` is known) names a module the model lacks or does not fit its
-    shapes. Reads the file's index (shapes) and the alphas only. Returns the parsed modules (`read_lora`);
-    `tables`: `module_tables(config)`, when the caller has them."""
+    LyCORIS file, or (when the model's `config` is known) of another family, naming a module the model lacks or not
+    fitting its shapes. Reads the file's index (shapes) and the alphas only. Returns the parsed modules
+    (`read_lora`); `tables`: `module_tables(config)`, when the caller has them."""
     path = os.fspath(path)
-    modules = read_lora(path)
+    modules = read_lora(path, config)
     if config is None and tables is None:
         return modules
-    weights, biases = module_tables(config) if tables is None else tables
     if config is not None:
         _check_family(path, modules, config)
+    weights, biases = module_tables(config) if tables is None else tables
+    sdxl = config.is_sdxl if config is not None else any(n.startswith(TWO_ENCODERS) for n in weights)
+    expected = ("kohya-ss SDXL names: lora_unet_<sgm U-Net module, e.g. input_blocks_4_1_transformer_blocks_0_attn1_"
+                "to_q, or diffusers U-Net module>, lora_te1_text_model_*, lora_te2_text_model_*" if sdxl else
+                "kohya-ss SD 1.x/2.x names: lora_unet_<diffusers U-Net module>, lora_te_text_model_*")
     for name, parts in modules.items():
         entry = weights.get(name)
         if entry is None:
-            raise CheckpointError(_where(path, f"{name}: no such module in this model (expected kohya-ss SD 1.x/2.x "
-                                               "names: lora_unet_<diffusers U-Net module>, lora_te_text_model_*)"))
+            raise CheckpointError(_where(path, f"{name}: no such module in this model (expected {expected})"))
         _fit(path, name, parts, entry, biases.get(name))
     return modules
 

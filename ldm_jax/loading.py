@@ -103,10 +103,11 @@ def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, para
         replace the model's `vae` (`convert.vae_file`); its base name is recorded in `metadata["vae"]`.
     loras: kohya-ss LoRA files to merge into the weights, [(path, scale), ...] (a bare path: scale 1.0), in order:
         W += scale * alpha / rank * up @ down for each module (`convert.lora`); recorded in `metadata["loras"]`.
-        Not for SDXL models yet (nor `embeddings`).
-    embeddings: textual-inversion files (A1111 .pt/.safetensors, diffusers learned_embeds), [path or (path, token),
-        ...]: the prompt word `token` (default: the file's base name, as A1111) stands for the file's vectors
-        (`convert.embeddings`, `StableDiffusion.add_tokens`); recorded in `metadata["embeddings"]`.
+        SD 1.x / 2.x LoRAs (lora_unet_*, lora_te_*) and SDXL ones (lora_unet_* in sgm or diffusers names,
+        lora_te1_*, lora_te2_*); a LoRA of another family is one line naming both.
+    embeddings: textual-inversion files (A1111 .pt/.safetensors, diffusers learned_embeds; SDXL: clip_l + clip_g),
+        [path or (path, token), ...]: the prompt word `token` (default: the file's base name, as A1111) stands for
+        the file's vectors (`convert.embeddings`, `StableDiffusion.add_tokens`); recorded in `metadata["embeddings"]`.
     """
     as_dtype(param_dtype), as_dtype(dtype)  # a bad name fails here, before gigabytes are read
     check_prediction(prediction)
@@ -116,8 +117,6 @@ def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, para
         path = DEFAULT_MODEL
     path = os.fspath(path)
     declared = (config or _declared_config(path)) if vae is not None or loras or embeddings else None
-    if loras or embeddings:  # SDXL: not yet (two text encoders), before gigabytes are read
-        refuse_sdxl_add_ons(path, _is_sdxl(path, declared), loras, embeddings)
     if vae is not None:  # a missing, diffusers-layout or (where the model declares its config) misshapen VAE
         from convert.vae_file import check_vae_file, swap_vae  # fails before gigabytes are read
 
@@ -155,34 +154,6 @@ def load(path: str | os.PathLike | None = None, ema: bool | None = None, *, para
     if embeddings:
         sd = apply_embeddings(sd, embeddings)
     return sd
-
-
-def refuse_sdxl_add_ons(what: str, is_sdxl: bool, loras=(), embeddings=()) -> None:
-    """One CheckpointError line for LoRAs or textual-inversion embeddings on an SDXL model (not supported yet);
-    `what`: the model (its path)."""
-    if not is_sdxl:
-        return
-    if loras:
-        raise CheckpointError(f"SDXL LoRAs are not supported yet ({what} is an SDXL model); --lora (loras=) merges "
-                              "SD 1.x and 2.x LoRAs")
-    if embeddings:
-        raise CheckpointError(f"SDXL textual-inversion embeddings are not supported yet ({what} is an SDXL model); "
-                              "--embedding (embeddings=) takes SD 1.x and 2.x embeddings")
-
-
-def _is_sdxl(path: str, declared: ModelConfig | None) -> bool:
-    """Whether `path` holds an SDXL model: its declared config says so, or (a file without one) its tensor names are
-    sgm's (`conditioner.embedders.*`; the file's index only, no tensor data is read)."""
-    if declared is not None:
-        return declared.is_sdxl
-    if not os.path.isfile(path):
-        return False
-    from convert.mapping import text_layout_of
-
-    try:
-        return text_layout_of(read_state_dict(path)) == "sgm"
-    except CheckpointError:  # not a readable checkpoint: loading it says why
-        return False
 
 
 def _declared_config(path: str) -> ModelConfig | None:

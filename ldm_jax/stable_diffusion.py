@@ -11,13 +11,14 @@ The functions take params first so they can be jitted, pmapped and sharded (DESI
     img = sd.decode_latents(sd.params, z)           # scaled latents -> NHWC in [-1, 1]
 
 Textual inversion: `sd.add_tokens([(word, vectors)])` is a model whose prompts may use `word` for those learned
-vectors (new rows of the token embedding); `ldm_jax.load(..., embeddings=)` reads them from files
-(`convert.embeddings`).
+vectors (new rows of the token embedding; SDXL: vectors {"text_encoder": ..., "text_encoder_2": ...}, rows of both
+encoders' at the same ids); `ldm_jax.load(..., embeddings=)` reads them from files (`convert.embeddings`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from functools import cached_property
 from typing import Any
 
@@ -49,6 +50,48 @@ def as_dtype(name_or_dtype) -> Any:
         raise ValueError(f"dtype must be float32, bfloat16 or float16 (or a name: {', '.join(_DTYPES)}), "
                          f"got {name_or_dtype!r}")
     return dtype.type
+
+
+_TEXT_FIELDS = {"text_encoder": "text", "text_encoder_2": "text_2"}  # params component -> ModelConfig field
+
+
+def _token_rows(word, vectors, texts) -> dict:
+    """{component: float32 [n, width]} of one `add_tokens` entry, checked against the text encoders `texts`
+    ({component: TextEncoderConfig}): an array for a one-encoder model (kept as before), a mapping naming each of
+    the model's encoders, with as many vectors for each."""
+    if isinstance(vectors, Mapping):
+        given = vectors
+        if set(given) != set(texts):
+            raise ValueError(f"token {word!r}: vectors for {', '.join(map(str, given)) or 'no encoder'}, expected "
+                             f"them for {' and '.join(texts)} (this model's text encoders)")
+    elif len(texts) > 1:
+        raise ValueError(f"token {word!r}: one array of vectors for a model with {len(texts)} text encoders; give "
+                         "{" + ", ".join(f'"{c}": [n, {t.hidden_size}]' for c, t in texts.items()) + "} (an SDXL "
+                         "embedding's clip_l, clip_g)")
+    else:
+        given = {"text_encoder": vectors}
+    rows = {}
+    for component, t in texts.items():
+        v = np.asarray(given[component], np.float32)
+        v = v[None] if v.ndim == 1 else v
+        if v.ndim != 2 or v.shape[0] < 1 or v.shape[1] != t.hidden_size:
+            whose = "the text encoder's" if len(texts) == 1 else f"{component}'s"
+            raise ValueError(f"token {word!r}: vectors of shape {np.shape(given[component])}, expected [n, "
+                             f"{t.hidden_size}] ({whose} width)")
+        rows[component] = v
+    if len({len(v) for v in rows.values()}) > 1:
+        counts = " and ".join(f"{len(v)} ({c})" for c, v in rows.items())
+        raise ValueError(f"token {word!r}: {counts} vectors; a word needs as many for each text encoder")
+    return rows
+
+
+def _grown_token_embedding(encoder_params, rows):
+    """A text encoder's params with `rows` ([n_i, width] arrays) appended to its token embedding, in order."""
+    old = encoder_params["embeddings"]["token_embedding"]["embedding"]
+    table = jnp.concatenate([old, jnp.asarray(np.concatenate(rows), old.dtype)])
+    encoder = dict(encoder_params)
+    encoder["embeddings"] = {**encoder["embeddings"], "token_embedding": {"embedding": table}}
+    return encoder
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -88,32 +131,39 @@ class StableDiffusion:
 
     def add_tokens(self, tokens) -> "StableDiffusion":
         """A copy whose prompts may use new words (textual inversion, as diffusers' `load_textual_inversion`):
-        tokens = [(word, vectors [n, hidden] or [hidden]), ...]. Each word gets n new token ids, from
-        `config.text.vocab_size` up in order, whose rows of the token embedding are its vectors (config.text.vocab_size
-        grows by them); the whole word in a prompt, in any case, becomes those n ids (`ClipTokenizer`). A ValueError
-        for a word that is empty, not one word, a CLIP token already or given twice, or vectors of another width."""
+        tokens = [(word, vectors), ...], vectors [n, hidden] or [hidden] for a model with one text encoder and, for
+        SDXL, {"text_encoder": [n, 768], "text_encoder_2": [n, 1280]} (an SDXL file's clip_l and clip_g), n the
+        same for both. Each word gets n new token ids, from `config.text.vocab_size` up in order, whose rows of each
+        encoder's token embedding are its vectors (each encoder's vocab_size grows by them). SDXL's two encoders read
+        the same ids (`encode_text`), so they share the new ids, as diffusers' guide loads an SDXL file: one
+        `load_textual_inversion` per (text encoder, tokenizer) pair, each tokenizer then numbering the word from its
+        length, 49408. The whole word in a prompt, in any case, becomes those n ids (`ClipTokenizer`). A ValueError
+        for a word that is empty, not one word, a CLIP token already or given twice, or vectors of another width,
+        count or set of encoders."""
         from ldm_jax.tokenizer import ClipTokenizer, added_token_ids
 
-        if self.config.is_sdxl and tokens:
-            raise ValueError("textual-inversion tokens are not supported for SDXL models yet (two text encoders)")
-        text, rows, tokens = self.config.text, [], list(tokens)
-        for word, vectors in tokens:
-            v = np.asarray(vectors, np.float32)
-            v = v[None] if v.ndim == 1 else v
-            if v.ndim != 2 or v.shape[0] < 1 or v.shape[1] != text.hidden_size:
-                raise ValueError(f"token {word!r}: vectors of shape {np.shape(vectors)}, expected [n, "
-                                 f"{text.hidden_size}] (the text encoder's width)")
-            rows.append(v)
-        added = self.added_tokens + added_token_ids([(w, len(v)) for (w, _), v in zip(tokens, rows)], text.vocab_size)
+        texts, tokens = self._text_configs(), list(tokens)
+        if len({t.vocab_size for t in texts.values()}) > 1:
+            sizes = ", ".join(f"{c} {t.vocab_size}" for c, t in texts.items())
+            raise ValueError(f"the text encoders' vocabularies differ ({sizes}); new words need the same ids in both")
+        rows = [_token_rows(word, vectors, texts) for word, vectors in tokens]
+        text = self.config.text
+        counts = [(word, len(r["text_encoder"])) for (word, _), r in zip(tokens, rows)]
+        added = self.added_tokens + added_token_ids(counts, text.vocab_size)
         ClipTokenizer(text.max_length, text.pad_token_id, added)  # checks the words
         if not rows:
             return self
-        old = self.params["text_encoder"]["embeddings"]["token_embedding"]["embedding"]
-        table = jnp.concatenate([old, jnp.asarray(np.concatenate(rows), old.dtype)])
-        encoder = dict(self.params["text_encoder"])
-        encoder["embeddings"] = {**encoder["embeddings"], "token_embedding": {"embedding": table}}
-        config = dataclasses.replace(self.config, text=dataclasses.replace(text, vocab_size=table.shape[0]))
-        return self.replace(config=config, params={**self.params, "text_encoder": encoder}, added_tokens=added)
+        params, config = dict(self.params), self.config
+        for component, t in texts.items():
+            params[component] = _grown_token_embedding(params[component], [r[component] for r in rows])
+            table = params[component]["embeddings"]["token_embedding"]["embedding"]
+            grown = dataclasses.replace(t, vocab_size=table.shape[0])
+            config = dataclasses.replace(config, **{_TEXT_FIELDS[component]: grown})
+        return self.replace(config=config, params=params, added_tokens=added)
+
+    def _text_configs(self) -> dict:
+        """{component: its TextEncoderConfig} of the model's text encoders ("text_encoder", SDXL's "text_encoder_2")."""
+        return {c: getattr(self.config, f) for c, f in _TEXT_FIELDS.items() if getattr(self.config, f) is not None}
 
     def cast_params(self, params):
         """Kernels in the compute dtype: what every Dense/Conv would cast them to on each call, done once (e.g.

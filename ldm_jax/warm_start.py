@@ -45,7 +45,7 @@ def load_while_compiling(path, mode: str, prompts, *, dtype="float32", attention
         from convert.prediction import with_prediction
 
         config = with_prediction(config, load_kwargs["prediction"])
-    if config is not None and load_kwargs.get("embeddings"):  # and these rows more in its token embedding
+    if config is not None and load_kwargs.get("embeddings"):  # and these rows more in each text encoder's table
         from convert.embeddings import check_embeddings, with_embedding_rows
 
         load_kwargs["embeddings"] = check_embeddings(load_kwargs["embeddings"], config)  # read once, here

@@ -91,3 +91,27 @@ def saved_with_config(directory, name: str, state_dict: dict, config):
     path = directory / name
     write_safetensors(path, state_dict, {CONFIG_METADATA_KEY: config.to_json()})
     return state_dict, path, ldm_jax.load(path)
+
+
+def assert_merged(got: dict, base: dict, changed: dict) -> None:
+    """A merge's result: every tensor of `got` is `base` + `changed[key]` (float64 updates) within 1e-6 of the
+    update's size plus the rounding of the stored float32 sum, and bit-identical to `base` where nothing changed."""
+    for key in got:
+        if key not in changed:
+            np.testing.assert_array_equal(got[key], base[key], err_msg=key)  # bit-identical
+            continue
+        want = base[key].astype(np.float64) + changed[key]
+        tol = 1e-6 * np.abs(changed[key]).max() + np.finfo(np.float32).eps * np.abs(want)
+        assert np.all(np.abs(got[key] - want) <= tol), (key, np.abs(got[key] - want).max())
+
+
+def write_clip_vocab(directory) -> None:
+    """vocab.json and merges.txt of the bundled CLIP BPE in `directory`, for transformers' CLIPTokenizer."""
+    import json
+
+    from ldm_jax.tokenizer import load_vocab_and_merges
+
+    vocab, merges = load_vocab_and_merges()
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+                                          encoding="utf-8")

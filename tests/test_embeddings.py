@@ -9,7 +9,6 @@ weights): the token ids of prompts using the words, after diffusers' multi-vecto
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -25,9 +24,9 @@ from convert.errors import CheckpointError
 from convert.safetensors_io import write_safetensors
 from ldm_jax import configs
 from ldm_jax.loading import CONFIG_METADATA_KEY
-from ldm_jax.tokenizer import ClipTokenizer, load_vocab_and_merges
+from ldm_jax.tokenizer import ClipTokenizer
 from tests.cli_run import cli
-from tests.parity import rel_err
+from tests.parity import rel_err, write_clip_vocab
 
 TINY = configs.tiny()  # text width 64
 TOL = 1e-5
@@ -80,10 +79,7 @@ def _diffusers_reference(files, tmp_path):
     import transformers
     from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
 
-    vocab, merges = load_vocab_and_merges()
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
-                                         encoding="utf-8")
+    write_clip_vocab(tmp_path)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))
     encoder = torch_reference.build(TINY, files["state"], components=("text_encoder",))["text_encoder"]
 

@@ -29,6 +29,7 @@ from lycoris.functional import locon as ly_locon, loha as ly_loha, lokr as ly_lo
 from lycoris.modules.locon import LoConModule
 from lycoris.modules.loha import LohaModule
 from lycoris.modules.lokr import LokrModule
+from tests.parity import assert_merged
 from tests.test_lora import TINY, _txt2img, _write, cli
 
 SCALE = 0.7
@@ -165,14 +166,8 @@ def test_merge_equals_lycoris_own_updates(files):
         changed[entry.key] = SCALE * reference.astype(np.float64)
         if diff_b is not None:
             changed[entry.key[:-len("weight")] + "bias"] = SCALE * np.asarray(diff_b, np.float64)
-    for key in got:
-        if key not in changed:
-            np.testing.assert_array_equal(got[key], base[key], err_msg=key)  # bit-identical
-            continue
-        want = base[key].astype(np.float64) + changed[key]
-        # 1e-6 of the update's size, plus the rounding of the stored float32 sum
-        tol = 1e-6 * np.abs(changed[key]).max() + np.finfo(np.float32).eps * np.abs(want)
-        assert np.all(np.abs(got[key] - want) <= tol), (key, np.abs(got[key] - want).max())
+    assert_merged(got, base, changed)
+    for key in changed:
         assert np.abs(changed[key]).max() > 1e-2 and not np.array_equal(got[key], base[key]), key
     assert len(changed) == len(SPECS) + 1  # every module's weight and the one diff_b
     assert sd.metadata["loras"] == [{"name": "lycoris.safetensors", "scale": SCALE}]

@@ -163,8 +163,8 @@ def test_sdxl_lora_message_does_not_call_every_model_sd1(tmp_path):
     path = tmp_path / "sdxl.safetensors"
     write_safetensors(path, {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": np.zeros((2, 768),
                                                                                                        np.float16)})
-    with pytest.raises(CheckpointError, match=r"an SDXL LoRA \(two text encoders\); ldm-jax merges SD 1\.x and 2\.x "
-                                              r"LoRAs$"):
+    with pytest.raises(CheckpointError, match=r"an SDXL LoRA \(two text encoders, lora_te1_\*/lora_te2_\*\) and this "
+                                              r"model is SD 2\.x \(one text encoder\); use a LoRA trained for SD 2\.x$"):
         check_lora_file(path, configs.sd2())
 
 

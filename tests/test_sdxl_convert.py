@@ -263,16 +263,3 @@ def test_random_checkpoint_writes_the_sgm_layout(tmp_path):
     model = ldm_jax.load(out)
     assert model.config == XL and detect_kind(written) == "sdxl"
 
-
-def test_loras_and_embeddings_are_refused_in_one_line(tiny, tmp_path):
-    _, path, _ = tiny
-    for kwargs, message in (({"loras": [str(tmp_path / "x.safetensors")]}, "SDXL LoRAs are not supported yet"),
-                            ({"embeddings": [str(tmp_path / "x.pt")]},
-                             "SDXL textual-inversion embeddings are not supported yet")):
-        with pytest.raises(CheckpointError, match=f"^{message} \\(.*tiny_xl.safetensors is an SDXL model\\)"):
-            ldm_jax.load(path, **kwargs)
-    lora = tmp_path / "sd1_lora.safetensors"  # an SD 1.x kohya LoRA (SDXL ones, lora_te1_/lora_te2_: `convert.lora`)
-    write_safetensors(lora, {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": np.zeros((4, 64)),
-                             "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": np.zeros((128, 4))})
-    rc, _, err = cli("convert", path, tmp_path / "out", "--lora", lora)
-    assert rc == 2 and err.count("\n") == 1 and "SDXL LoRAs are not supported yet (the checkpoint" in err, err

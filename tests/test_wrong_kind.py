@@ -100,7 +100,8 @@ CASES = {
         "name": "emb", "step": 1000, "sd_checkpoint": "7460a6fa", "sd_checkpoint_name": "sd-v1-4"}),
         [EMBEDDING, "string_to_param", EMB_TAIL]),
     "SDXL embedding": (lambda d: _st(d, "xl.safetensors", {"clip_l": _t(2, 768), "clip_g": _t(2, 1280)}),
-                       ["is an SDXL textual-inversion embedding", "clip_", "SDXL embeddings are not supported yet"]),
+                       ["is an SDXL textual-inversion embedding", "clip_",
+                        "next to a full Stable Diffusion XL checkpoint"]),
     "diffusers learned_embeds": (lambda d: _pt(d, "learned_embeds.bin", {"<cat-toy>": torch.zeros(768)}),
                                  [EMBEDDING, "<cat-toy>"]),
     "A1111 hypernetwork": (lambda d: _pt(d, "hn.pt", {

@@ -26,8 +26,8 @@ import numpy as np
 
 VAE_HELP = ("bake in a standalone CompVis-layout autoencoder (.safetensors/.ckpt, e.g. "
             "vae-ft-mse-840000-ema-pruned.safetensors) instead of SRC's own; its name and sha256 are recorded")
-LORA_HELP = ("merge a kohya-ss LoRA/LoCon file (lora_unet_*/lora_te_*) into the weights with SCALE (default 1.0); "
-             "repeatable, merged in order; names, scales and sha256 are recorded")
+LORA_HELP = ("merge a kohya-ss LoRA/LoCon file (lora_unet_*/lora_te_*; SDXL: lora_te1_*/lora_te2_*) into the weights "
+             "with SCALE (default 1.0); repeatable, merged in order; names, scales and sha256 are recorded")
 _FLOATS = {np.dtype(t) for t in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16)}
 
 
@@ -40,15 +40,11 @@ def add_arguments(p) -> None:
 
 
 def check_files(vae, loras, config=None) -> None:
-    """A VAE or LoRA file that is missing, of another kind or layout, or (`config` given) does not fit the model is
-    a one-line CheckpointError, as are LoRAs for an SDXL `config` (not supported yet); reads the files' indexes (and
-    the LoRAs' alphas) only."""
+    """A VAE or LoRA file that is missing, of another kind or layout, or (`config` given) does not fit the model (a
+    LoRA: of another family, SD 1.x / 2.x / SDXL) is a one-line CheckpointError; reads the files' indexes (and the
+    LoRAs' alphas) only."""
     from convert.lora import check_lora_file
     from convert.vae_file import check_vae_file
-    from ldm_jax.loading import refuse_sdxl_add_ons
-
-    if config is not None:
-        refuse_sdxl_add_ons("the checkpoint", config.is_sdxl, loras)
 
     if vae is not None:
         check_vae_file(vae, config)

@@ -51,13 +51,14 @@ def add_parser(sub, name, help_):
     from convert.lora import lora_arg  # numpy: imported when the parser is built, not by `import ldm_jax.cli`
 
     p.add_argument("--lora", metavar="FILE[:SCALE]", action="append", type=lora_arg, help="merge a kohya-ss "
-                   "LoRA/LoCon or LyCORIS (LoHa/LoKr) file (lora_unet_*/lora_te_*) into the weights with SCALE "
-                   "(default 1.0); repeatable; the files and scales go into the PNG text")
+                   "LoRA/LoCon or LyCORIS (LoHa/LoKr) file (lora_unet_*/lora_te_*; SDXL: lora_te1_*/lora_te2_*) into "
+                   "the weights with SCALE (default 1.0); repeatable; the files and scales go into the PNG text")
     from convert.embeddings import embedding_arg
 
     p.add_argument("--embedding", metavar="FILE[:TOKEN]", action="append", type=embedding_arg, help="a "
-                   "textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds): the prompt word "
-                   "TOKEN (default: the file's base name) stands for its vectors; repeatable; named in the PNG text")
+                   "textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds; SDXL: clip_l + "
+                   "clip_g): the prompt word TOKEN (default: the file's base name) stands for its vectors; repeatable; "
+                   "named in the PNG text")
     p.add_argument("--prediction", choices=("eps", "v"), help="what the U-Net predicts, instead of what the "
                    "checkpoint says or (SD 2.x files, which do not say) what its weights suggest: the 768x768 SD 2.x "
                    "models predict v, the 512x512 ones eps (default: the checkpoint's)")
