@@ -99,11 +99,11 @@ def bench_unet(sd, images: int, latent: int, iters: int, prec: str) -> Row:
     t = jnp.full((b,), 500, jnp.int32)
     ctx = jnp.asarray(rng.standard_normal((b, 77, sd.config.unet.d_cond)), jnp.float32)
     adm = sd.config.unet.adm_in_channels  # SDXL's vector conditioning
-    y = jnp.asarray(rng.standard_normal((b, adm)), jnp.float32) if adm else None
+    y = (jnp.asarray(rng.standard_normal((b, adm)), jnp.float32),) if adm else ()
     t0 = time.perf_counter()
-    compiled = jax.jit(sd.predict_noise).lower(sd.params, x, t, ctx, y).compile()
+    compiled = jax.jit(sd.predict_noise).lower(sd.params, x, t, ctx, *y).compile()
     compile_s = time.perf_counter() - t0
-    s = _time(compiled, sd.params, x, t, ctx, y, iters=iters)
+    s = _time(compiled, sd.params, x, t, ctx, *y, iters=iters)
     return Row("unet_step_cfg", "ldm-jax", device_name(), prec, b, images, s, size=latent * sd.latent_factor,
                extra={"compile_s": round(compile_s, 2), "program_mb": _mem_mb(compiled),
                       "cudnn_attention": fused_attention_calls(compiled)})

@@ -75,10 +75,10 @@ def test_psnr_known_values():
 
 
 def test_gpu_ab_script_runs_its_variants_on_the_cpu(tmp_path):
-    """scripts/gpu_ab.py (run by hand on a GPU) must not rot between device sessions: three variants, tiny preset."""
+    """scripts/gpu_ab.py (run by hand on a GPU) must not rot between device sessions: two variants, tiny preset."""
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "ab.json"
-    variants = "baseline,norm_two_pass,gelu_erfc"
+    variants = "baseline,norm_two_pass"
     p = subprocess.run([sys.executable, str(root / "scripts" / "gpu_ab.py"), "--out", str(out), "--preset", "tiny",
                         "--size", "64", "--steps", "2", "--iters", "1", "--variants", variants],
                        capture_output=True, text=True, cwd=root,
@@ -92,8 +92,7 @@ def test_gpu_ab_script_runs_its_variants_on_the_cpu(tmp_path):
     assert warmed["to_image_s"] > 0 and "error" not in warmed and "warm_up" in warmed["phases_s"]
     base, two_pass = res["variants"]["baseline"], res["variants"]["norm_two_pass"]
     assert base["1"]["seconds"] > 0 and base["8"]["cudnn_attention"] == 0 and two_pass["8"]["seconds"] > 0
-    for other in (two_pass, res["variants"]["gelu_erfc"]):  # same images up to rounding
-        assert abs(other["8"]["image_mean"] - base["8"]["image_mean"]) < 1.0
+    assert abs(two_pass["8"]["image_mean"] - base["8"]["image_mean"]) < 1.0  # same images up to rounding
     assert res["first_image_warm_cache_s"] > 0 and res["first_image_serial"]["phases_s"]["program_alone"] > 0
     from_file = res["first_image_checkpoint_overlap"]  # the weights read from the fp16 .safetensors it wrote
     assert from_file["to_image_s"] > 0 and from_file["phases_s"]["weights_alone"] > 0 and "error" not in from_file

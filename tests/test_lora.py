@@ -20,7 +20,8 @@ from PIL import Image
 import ldm_jax
 from convert import torch_reference
 from convert.errors import CheckpointError
-from convert.lora import clip_modules, diffusers_unet_modules, module_table, parse_lora_arg
+from convert.lora import parse_lora_arg
+from convert.lora_names import clip_modules, diffusers_unet_modules, module_table
 from convert.mapping import params_to_state_dict
 from convert.readers import read_state_dict
 from convert.safetensors_io import write_safetensors

@@ -27,7 +27,8 @@ import ldm_jax
 from convert import torch_reference
 from convert.errors import CheckpointError
 from convert.keys import take_part
-from convert.lora import check_lora_file, module_table, module_tables, sgm_unet_modules
+from convert.lora import check_lora_file
+from convert.lora_names import module_table, module_tables, sgm_unet_modules
 from convert.mapping import params_to_state_dict
 from convert.readers import read_state_dict
 from ldm_jax import configs

@@ -20,7 +20,8 @@ import torch
 import ldm_jax
 from convert import lycoris
 from convert.errors import CheckpointError
-from convert.lora import check_lora_file, module_tables
+from convert.lora import check_lora_file
+from convert.lora_names import module_tables
 from convert.mapping import params_to_state_dict
 from convert.readers import read_state_dict
 from convert.safetensors_io import write_safetensors

@@ -329,8 +329,11 @@ def test_train_step_regresses_the_models_target(prediction, monkeypatch):
 # ------------------------------------------------------------------------- (d) eps: the code before, bit for bit
 
 
-def old_guided_eps_fn(sd, params, ctx, uncond_ctx, guidance, extra_channels=None, schedule=None):
-    """`program.guided_eps_fn` before v-prediction (commit abd1fc1), verbatim (`schedule` added, unused)."""
+def old_guided_eps_fn(sd, params, ctx, uncond_ctx, guidance, extra_channels=None, schedule=None, y=None,
+                      uncond_y=None):
+    """`program.guided_eps_fn` before v-prediction (commit abd1fc1), verbatim (`schedule` and SDXL's y, None here,
+    added, unused)."""
+    assert y is None and uncond_y is None
 
     def eps_fn(x, t):
         xin = x if extra_channels is None else jnp.concatenate([x, extra_channels.astype(x.dtype)], axis=-1)

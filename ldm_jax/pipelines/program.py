@@ -70,13 +70,13 @@ def guided_eps_fn(sd, params, ctx, uncond_ctx, guidance, extra_channels=None, sc
     prediction = sd.config.schedule.prediction
     if prediction != "eps" and schedule is None:
         schedule = make_schedule(sd.config.schedule)
-    y_pairs = None if y is None else _interleave(uncond_y, y)
+    y_pairs = () if y is None else (_interleave(uncond_y, y),)  # y only for SDXL: other models' signature as before
 
     def eps_fn(x, t):
         xin = x if extra_channels is None else jnp.concatenate([x, extra_channels.astype(x.dtype)], axis=-1)
         # rows [u0, c0, u1, c1, ...]
         out_u, out_c = _split_pairs(sd.predict_noise(params, _interleave(xin, xin), jnp.repeat(t, 2),
-                                                     _interleave(uncond_ctx, ctx), y_pairs))
+                                                     _interleave(uncond_ctx, ctx), *y_pairs))
         return eps_from_output(schedule, prediction, out_u + guidance * (out_c - out_u), x, t)
 
     return eps_fn
