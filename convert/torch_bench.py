@@ -102,8 +102,14 @@ def bench_diffusers(cfg: ModelConfig, images: int, latent: int, iters: int, fact
     x = torch.randn(b, cfg.unet.in_channels, latent, latent, device=dev, dtype=dt)
     t = torch.full((b,), 500, device=dev)
     c = torch.randn(b, 77, cfg.unet.d_cond, device=dev, dtype=dt)
-    rows = [_row(torch, dev, "unet_step_cfg", "diffusers", b, images,
-                 _median_seconds(torch, dev, lambda: unet(x, t, encoder_hidden_states=c), iters), latent * factor)]
+    added = None  # SDXL: the pooled text and six size numbers its "text_time" embedding takes (y on our side)
+    if cfg.unet.adm_in_channels:
+        added = {"text_embeds": torch.randn(b, cfg.text_2.projection_dim, device=dev, dtype=dt),
+                 "time_ids": torch.tensor([[latent * factor] * 2 + [0, 0] + [latent * factor] * 2] * b, device=dev,
+                                          dtype=dt)}
+    step = lambda: unet(x, t, encoder_hidden_states=c, added_cond_kwargs=added)  # noqa: E731
+    rows = [_row(torch, dev, "unet_step_cfg", "diffusers", b, images, _median_seconds(torch, dev, step, iters),
+                 latent * factor)]
     if vae:
         z = torch.randn(images, cfg.vae.z_channels, latent, latent, device=dev, dtype=dt)
         rows.append(_row(torch, dev, "vae_decode", "diffusers", images, images,

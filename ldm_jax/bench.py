@@ -340,14 +340,10 @@ def run_bench(*, preset_name="sd1", dtype="bfloat16", images=(1, 8), size=512, s
         from convert.torch_reference import labml_builds
 
         with_diffusers, with_labml = torch_bench.diffusers_available(), labml_builds(sd.config)
-        if sd.config.is_sdxl:
-            with_diffusers = False
-            log("the torch U-Net rows are left out for SDXL (labml has no SDXL U-Net; diffusers' is not wired into "
-                "the bench yet); the VAE rows stay")
-        elif not with_labml:
+        if not with_labml:
             peers = "diffusers' only" if with_diffusers else "left out (diffusers is not installed)"
-            log(f"labml has no U-Net of {preset_name}'s kind (SD 2.x: 64-wide heads, Linear proj): its torch U-Net "
-                f"rows are {peers}")
+            log(f"labml has no U-Net of {preset_name}'s kind (SD 2.x / XL: 64-wide heads, Linear proj): its torch "
+                f"U-Net rows are {peers}")
     for n in images:
         log(f"U-Net step, {n} image(s) + CFG ...")
         rows.append(bench_unet(sd, n, latent, iters, prec))

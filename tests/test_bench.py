@@ -117,11 +117,12 @@ def test_gpu_profile_script_runs_on_the_cpu(tmp_path):
         assert "HloModule" in f.read(1000)
 
 
-def test_diffusers_peer_has_the_presets_architecture():
+@pytest.mark.parametrize("name", ["tiny", "tiny-xl"])
+def test_diffusers_peer_has_the_presets_architecture(name):
     """The diffusers timing peer is built from the preset: same parameter count as ours, U-Net and VAE."""
     from convert.torch_bench import diffusers_models
 
-    cfg = preset("tiny")
+    cfg = preset(name)
     ours = abstract_params(cfg)
     count = lambda tree: sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(tree))  # noqa: E731
     unet, vae = diffusers_models(cfg)
@@ -175,13 +176,15 @@ def test_bench_json_is_strict_and_training_rows_have_images_per_s():
 
 
 def test_bench_sdxl_kind_times_its_unet_and_refuses_training(tmp_path, capsys):
-    """SDXL's U-Net step takes its vector conditioning; --torch keeps the VAE rows only; --train says it cannot.
-    (Its txt2img program: tests/test_sdxl_pipeline.py.)"""
+    """SDXL's U-Net step takes its vector conditioning, ours and diffusers' (--torch; labml has none: its VAE rows
+    stay); --train says it cannot. (Its txt2img program: tests/test_sdxl_pipeline.py.)"""
     out = tmp_path / "bench.json"
     assert main(["bench", "--preset", "tiny-xl", "--size", "64", "--images", "1", "--iters", "1", "--torch",
                  "--json", str(out)]) == 0
-    assert "torch U-Net rows are left out for SDXL" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "labml has no U-Net of tiny-xl's kind" in printed and "ldm-jax / diffusers torch = " in printed
     rows = {(r["what"], r["impl"]) for r in json.loads(out.read_text())}
-    assert rows == {("unet_step_cfg", "ldm-jax"), ("vae_decode", "ldm-jax"), ("vae_decode", "labml-torch")}
+    assert rows == {(w, impl) for w in ("unet_step_cfg", "vae_decode") for impl in ("ldm-jax", "diffusers")} | {
+        ("vae_decode", "labml-torch")}
     assert main(["bench", "--train", "--preset", "tiny-xl", "--size", "64", "--images", "1", "--iters", "1"]) == 2
     assert "training SDXL models is not supported yet" in capsys.readouterr().err
