@@ -47,8 +47,8 @@ import numpy as np
 
 FORMAT = 2  # 2: the payload's sha256 is stored with it
 MAX_ENTRIES = 32
-PROGRAM_MODULES = ("ldm_jax.configs", "ldm_jax.models", "ldm_jax.parallel", "ldm_jax.pipelines", "ldm_jax.samplers",
-                   "ldm_jax.schedules", "ldm_jax.stable_diffusion")
+PROGRAM_MODULES = ("ldm_jax.conditioning", "ldm_jax.configs", "ldm_jax.models", "ldm_jax.parallel", "ldm_jax.pipelines",
+                   "ldm_jax.samplers", "ldm_jax.schedules", "ldm_jax.stable_diffusion")
 ENV_PREFIXES = ("XLA_", "JAX_", "LDM_JAX_", "TF_", "TPU_", "LIBTPU", "CUDA_")
 _ENV_IGNORED = ("LDM_JAX_CACHE_DIR", "LDM_JAX_NO_PROGRAM_CACHE")  # where entries live, whether they are used
 # functions of these packages are named, not hashed: their code is pinned by the versions in the key

@@ -110,3 +110,11 @@ def test_train_refuses_sdxl_before_reading_data(tmp_path):
     for base in (["--preset", "tiny-xl"], ["--checkpoint", xl]):
         rc, _, err = cli("train", *base, "--data", tmp_path / "missing", "--out", tmp_path / "run")
         assert rc == 2 and err.count("\n") == 1 and "training SDXL models is not supported yet" in err, err
+
+
+def test_program_cache_keys_cover_the_sdxl_conditioning_code():
+    """The program cache keys a stored program by the code it is built from: SDXL's conditioning is part of it (a
+    change there must not reuse a program compiled from the old code)."""
+    from ldm_jax.program_cache import _program_modules
+
+    assert "ldm_jax.conditioning" in {m.__name__ for m in _program_modules()}
