@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 from convert.errors import CheckpointError
 from convert.file_kinds import SUPPORTED, describe
-from convert.keys import SGM_PREFIXES
+from convert.keys import SGM_CONDITIONER, SGM_PREFIXES
 from convert.open_clip_keys import PREFIX as OC
 from convert.prediction import SD2_NAME, check_prediction, infer_prediction, sd2_flavour, with_prediction
 from ldm_jax.configs import AutoencoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
@@ -32,9 +32,8 @@ from ldm_jax.configs import sdxl as sdxl_preset
 U = "model.diffusion_model."
 V = "first_stage_model."
 T = "cond_stage_model.transformer.text_model."
-SGM = "conditioner.embedders."  # sgm's GeneralConditioner
 XL_T, XL_OC = SGM_PREFIXES["text_encoder"], SGM_PREFIXES["text_encoder_2"]  # SDXL base: CLIP ViT-L, OpenCLIP bigG
-SGM_OC0 = SGM + "0.model."  # an OpenCLIP embedder first: the SDXL refiner, or sgm's SD 2.1
+SGM_OC0 = SGM_CONDITIONER + "0.model."  # an OpenCLIP embedder first: the SDXL refiner, or sgm's SD 2.1
 LABEL_EMB = U + "label_emb.0.0.weight"  # the vector conditioning's first Linear [time_embed_dim, adm_in_channels]
 
 
@@ -46,7 +45,7 @@ def detect_kind(sd: Mapping[str, object], prediction: str | None = None) -> str:
     wrong = describe(sd)
     if wrong is not None:
         raise CheckpointError(wrong)
-    found = next((k for k in keys if k.startswith(SGM)), None)
+    found = next((k for k in keys if k.startswith(SGM_CONDITIONER)), None)
     if found is not None:
         return _sgm_kind(sd, found)
     ctx = {sd[k].shape[-1] for k in keys if k.startswith(U) and k.endswith("attn2.to_k.weight")

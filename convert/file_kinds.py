@@ -66,10 +66,9 @@ _VAE = re.compile(r"^(first_stage_model\.)?((encoder|decoder)\.(conv_in|down|up|
 _DIFFUSERS_VAE = re.compile(r"^(encoder|decoder)\.(down_blocks|up_blocks|mid_block|conv_norm_out)\.")
 _DIFFUSERS_UNET = re.compile(r"^(conv_in|time_embedding|down_blocks|mid_block|up_blocks|conv_norm_out)\.")
 _EMBEDDING_WIDTHS = (768, 1024, 1280)  # CLIP-L (SD 1.x), OpenCLIP-H (SD 2.x), OpenCLIP-bigG (SDXL)
-EMBEDDING_USE = ("pass it with --embedding FILE[:TOKEN] (or ldm_jax.load(..., embeddings=)) next to a full Stable "
-                 "Diffusion checkpoint")
-SDXL_EMBEDDING_USE = ("pass it with --embedding FILE[:TOKEN] (or ldm_jax.load(..., embeddings=)) next to a full "
-                      "Stable Diffusion XL checkpoint (e.g. sd_xl_base_1.0.safetensors)")
+_EMBEDDING_USE = "pass it with --embedding FILE[:TOKEN] (or ldm_jax.load(..., embeddings=)) next to a full {}"
+EMBEDDING_USE = _EMBEDDING_USE.format("Stable Diffusion checkpoint")
+SDXL_EMBEDDING_USE = _EMBEDDING_USE.format("Stable Diffusion XL checkpoint (e.g. sd_xl_base_1.0.safetensors)")
 SUPPORTED = ("ldm-jax supports Stable Diffusion 1.x and 2.x checkpoints (e.g. v1-5-pruned-emaonly.safetensors, "
              "sd-v1-5-inpainting.ckpt or v2-1_768-ema-pruned.safetensors) and SDXL 1.0 base "
              "(sd_xl_base_1.0.safetensors)")

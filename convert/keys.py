@@ -35,10 +35,11 @@ PREFIXES = {
 }
 # sgm's (SDXL): sgm/models/diffusion.py DiffusionEngine (model, first_stage_model, conditioner) and
 # configs/inference/sd_xl_base.yaml (embedders 0: FrozenCLIPEmbedder, 1: FrozenOpenCLIPEmbedder2)
+SGM_CONDITIONER = "conditioner.embedders."  # sgm's GeneralConditioner: every key of its text towers starts so
 SGM_PREFIXES = {
     **PREFIXES,
-    "text_encoder": "conditioner.embedders.0.transformer.text_model.",
-    "text_encoder_2": "conditioner.embedders.1.model.",
+    "text_encoder": SGM_CONDITIONER + "0.transformer.text_model.",
+    "text_encoder_2": SGM_CONDITIONER + "1.model.",
 }
 SGM = "sgm"  # the layout of SDXL files (both text towers under conditioner.embedders.*)
 LAYOUTS = TEXT_KEY_LAYOUTS + (SGM,)

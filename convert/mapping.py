@@ -22,7 +22,7 @@ import numpy as np
 
 from convert.errors import CheckpointError
 from convert.readers import release_pages
-from convert.keys import PREFIXES, SGM, Entry, key_table, take_part, to_compvis_layout, to_flax_layout
+from convert.keys import PREFIXES, SGM, SGM_CONDITIONER, Entry, key_table, take_part, to_compvis_layout, to_flax_layout
 from convert.open_clip_keys import IGNORED as OPEN_CLIP_IGNORED, PREFIX as OPEN_CLIP_PREFIX
 from convert.open_clip_keys import SDXL_IGNORED, SDXL_PREFIX
 
@@ -45,7 +45,6 @@ _IGNORED = [
       for name, reason in ignored.items()]
 _FLOAT_DTYPES = {np.dtype(t) for t in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16)}
 _OLD_CLIP = "cond_stage_model.transformer."
-_SGM_TEXT = "conditioner.embedders."  # sgm's GeneralConditioner (SDXL: `convert.keys.SGM_PREFIXES`)
 
 
 def normalise_keys(state_dict: Mapping[str, object]) -> dict[str, object]:
@@ -63,10 +62,9 @@ def text_layout_of(state_dict: Mapping[str, object]) -> str:
     """Where the state dict keeps its text towers: "sgm" (SDXL, `conditioner.embedders.*`), "open_clip" (SD 2.x,
     `cond_stage_model.model.*`) or "transformers" (SD 1.x, `cond_stage_model.transformer.*`; also when it has
     none)."""
-    if any(k.startswith(_SGM_TEXT) for k in state_dict):
+    if any(k.startswith(SGM_CONDITIONER) for k in state_dict):
         return SGM
     return "open_clip" if any(k.startswith(OPEN_CLIP_PREFIX) for k in state_dict) else "transformers"
-
 
 
 def has_ema(state_dict: Mapping[str, object]) -> bool:

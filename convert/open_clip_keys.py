@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import re
 
-from convert.keys import Entry
+from convert.keys import SGM_PREFIXES, Entry
 
 PREFIX = "cond_stage_model.model."
-SDXL_PREFIX = "conditioner.embedders.1.model."  # sgm (`convert.keys.SGM_PREFIXES["text_encoder_2"]`)
+SDXL_PREFIX = SGM_PREFIXES["text_encoder_2"]  # sgm's: conditioner.embedders.1.model.
 # CompVis keys of the OpenCLIP tower that SD does not use, with the reason they are ignored
 IGNORED = {
     "text_projection": "OpenCLIP text projection (contrastive head; SD uses the token states)",

@@ -41,7 +41,6 @@ from ldm_jax.configs import ModelConfig
 FORMAT = "ldm-jax-converted"
 FORMAT_VERSION = 1
 CONFIG_FILE, METADATA_FILE, PARAMS_DIR = "config.json", "metadata.json", "params"
-COMPONENTS = ("unet", "vae", "text_encoder")  # every model's; SDXL adds "text_encoder_2" (`build.components_of`)
 PARAMS_FILES = "params_files"  # metadata entry: {file under params/: size}, checked before reading
 
 

@@ -49,9 +49,10 @@ def check_trainable_early(checkpoint: str | None, preset_name: str | None) -> No
 
     if preset_name is not None:
         try:
-            check_trainable(preset(preset_name))
+            config = preset(preset_name)
         except ValueError:
             return  # an unknown preset is refused where the base loads
+        check_trainable(config)
         return
     from ldm_jax.warm_start import peek_config
 
@@ -60,13 +61,15 @@ def check_trainable_early(checkpoint: str | None, preset_name: str | None) -> No
         check_trainable(config)
     elif checkpoint and checkpoint.endswith(".safetensors") and os.path.isfile(checkpoint):
         from convert.errors import CheckpointError
+        from convert.keys import SGM
+        from convert.mapping import text_layout_of
         from convert.readers import read_state_dict
 
         try:
-            keys = read_state_dict(checkpoint).keys()
+            layout = text_layout_of(read_state_dict(checkpoint))
         except CheckpointError:
             return  # the loader names what is wrong with the file
-        if any(k.startswith("conditioner.embedders.") for k in keys):
+        if layout == SGM:
             raise UserError(f"training SDXL models is not supported yet ({checkpoint} is an SDXL checkpoint); "
                             "ldm-jax trains SD 1.x and 2.x U-Nets")
 
