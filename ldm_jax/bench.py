@@ -163,11 +163,14 @@ def bench_train(preset_name: str, batch: int, size: int, iters: int, dtype="floa
     k, text = step_cfg.grad_accum, cfg.text
     rep, rows = parallel.replicated(mesh), batch_sharding(mesh)
     abstract = abstract_params(cfg)
-    args = (parallel.abstract_like(abstract_state(abstract["unet"], optim), rep),
-            {"images": jax.ShapeDtypeStruct((k, batch, size, size, 3), jnp.float32, sharding=rows),
-             "ids": jax.ShapeDtypeStruct((k, batch, text.max_length), jnp.int32, sharding=rows)},
+    frozen_names = [c for c in abstract if c != "unet"]  # the VAE and the text encoder(s)
+    batch_spec = {"images": jax.ShapeDtypeStruct((k, batch, size, size, 3), jnp.float32, sharding=rows),
+                  "ids": jax.ShapeDtypeStruct((k, batch, text.max_length), jnp.int32, sharding=rows)}
+    if cfg.is_sdxl:
+        batch_spec["sizes"] = jax.ShapeDtypeStruct((k, batch, 6), jnp.float32, sharding=rows)
+    args = (parallel.abstract_like(abstract_state(abstract["unet"], optim), rep), batch_spec,
             jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
-            parallel.abstract_like({"vae": abstract["vae"], "text_encoder": abstract["text_encoder"],
+            parallel.abstract_like({**{c: abstract[c] for c in frozen_names},
                                     "uncond_ids": jax.ShapeDtypeStruct((1, text.max_length), jnp.int32)}, rep))
     t0 = time.perf_counter()
     compiled = jitted_train_step(cfg, optim, step_cfg, mesh).lower(*args).compile()
@@ -181,14 +184,17 @@ def bench_train(preset_name: str, batch: int, size: int, iters: int, dtype="floa
         return Row("train_step", "ldm-jax", device_name(), label, batch, images, float("nan"), size=size, extra=extra)
     params = jax.device_put(random_params(cfg, seed))
     state = init_state(parallel.replicate(params["unet"], mesh), optim, rep)
-    sd = StableDiffusion(cfg, {c: params[c] for c in ("vae", "text_encoder")})
+    sd = StableDiffusion(cfg, {c: params[c] for c in frozen_names})
     frozen = frozen_inputs(sd.params, sd.tokenize([""]), mesh)
     del params
     key = parallel.replicate(key_data(seed), mesh)
     rng = np.random.default_rng(seed)
     ids = sd.tokenize(["a photograph of an astronaut riding a horse"] * images)
-    data = shard_batch({"images": rng.uniform(-1, 1, (k, batch, size, size, 3)).astype(np.float32),
-                        "ids": ids.reshape(k, batch, -1)}, mesh)
+    local = {"images": rng.uniform(-1, 1, (k, batch, size, size, 3)).astype(np.float32),
+             "ids": ids.reshape(k, batch, -1)}
+    if cfg.is_sdxl:  # original = target size, no crop
+        local["sizes"] = np.tile(np.float32([size, size, 0, 0, size, size]), (k, batch, 1))
+    data = shard_batch(local, mesh)
     ts = []
     for _ in range(iters + 1):  # the first run is a warm-up
         t0 = time.perf_counter()

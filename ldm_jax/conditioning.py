@@ -9,7 +9,9 @@ where emb embeds each number on its own with the U-Net's sinusoidal time-step em
 and the two of a pair sit side by side (512). Sizes are in pixels, (height, width), as diffusers' `add_time_ids`.
 
 The two text encoders read the same prompt with different padding: CLIP ViT-L pads with EOS (transformers'
-tokenizer), OpenCLIP bigG with 0; `repad` makes the second's ids from the first's on the device.
+tokenizer), OpenCLIP bigG with 0; `repad` makes the second's ids from the first's on the device; `encode_text` runs
+the encoder(s) of any model. Sampling (`pipelines.program`) passes original = target size and crop (0, 0); training
+(`train.step`) passes each image's own numbers (`train.data.Example`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,23 @@ def repad(ids, eos_token_id: int, pad_token_id: int):
     pos = jnp.arange(ids.shape[1])[None]
     first_eos = jnp.argmax(ids == eos_token_id, axis=-1)[:, None]  # [B, 1]
     return jnp.where(pos > first_eos, jnp.int32(pad_token_id), ids)
+
+
+def encode_text(mods: dict, config, params: dict, ids, pooled: bool = False):
+    """ids int32 [B, L] -> the context c [B, L, d] (fp32 or the modules' dtype): the text encoder's states, or for
+    SDXL both encoders' side by side [B, L, 768 + 1280], the second reading the ids re-padded with its pad token;
+    `pooled=True` (SDXL only) returns (c, pooled [B, 1280]), the second encoder's projected EOS state. mods: the
+    model's modules (`models.build.modules`); params: {"text_encoder": ..., ["text_encoder_2": ...]}."""
+    ctx = mods["text_encoder"].apply({"params": params["text_encoder"]}, ids)
+    t2 = config.text_2
+    if t2 is None:
+        if pooled:
+            raise ValueError("pooled=True is for SDXL models (a second, projected text encoder)")
+        return ctx
+    ids_2 = repad(ids, config.text.eos_token_id, t2.pad_token_id)
+    ctx_2, pool = mods["text_encoder_2"].apply({"params": params["text_encoder_2"]}, ids_2, pooled=True)
+    ctx = jnp.concatenate([ctx, ctx_2], axis=-1)
+    return (ctx, pool) if pooled else ctx
 
 
 def is_empty_prompt(ids, eos_token_id: int):

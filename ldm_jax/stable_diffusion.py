@@ -187,19 +187,9 @@ class StableDiffusion:
         returns (c, pooled [B, 1280]), the second encoder's projected EOS state (for `vector_conditioning`)."""
         if np.ndim(ids) != 2 or np.shape(ids)[1] > self.config.text.max_length:
             raise ValueError(f"ids must be [B, L] with L <= {self.config.text.max_length}, got shape {np.shape(ids)}")
-        ids = jnp.asarray(ids, jnp.int32)
-        ctx = self.modules["text_encoder"].apply({"params": params["text_encoder"]}, ids)
-        t2 = self.config.text_2
-        if t2 is None:
-            if pooled:
-                raise ValueError("pooled=True is for SDXL models (a second, projected text encoder)")
-            return ctx
-        from ldm_jax.conditioning import repad
+        from ldm_jax.conditioning import encode_text
 
-        ids_2 = repad(ids, self.config.text.eos_token_id, t2.pad_token_id)
-        ctx_2, pool = self.modules["text_encoder_2"].apply({"params": params["text_encoder_2"]}, ids_2, pooled=True)
-        ctx = jnp.concatenate([ctx, ctx_2], axis=-1)
-        return (ctx, pool) if pooled else ctx
+        return encode_text(self.modules, self.config, params, jnp.asarray(ids, jnp.int32), pooled)
 
     def vector_conditioning(self, pooled, size_hw, original_hw=None, crop_top_left=(0, 0)):
         """SDXL's y [B, 2816] from the pooled text [B, 1280] and the image's pixel size (height, width): the

@@ -175,9 +175,9 @@ def test_bench_json_is_strict_and_training_rows_have_images_per_s():
     assert first["seconds"] is None and first["images_per_s"] is None and second["images_per_s"] == 8.0
 
 
-def test_bench_sdxl_kind_times_its_unet_and_refuses_training(tmp_path, capsys):
+def test_bench_sdxl_kind_times_its_unet(tmp_path, capsys):
     """SDXL's U-Net step takes its vector conditioning, ours and diffusers' (--torch; labml has none: its VAE rows
-    stay); --train says it cannot. (Its txt2img program: tests/test_sdxl_pipeline.py.)"""
+    stay). (Its txt2img program: tests/test_sdxl_pipeline.py; --train: tests/test_train_sdxl.py.)"""
     out = tmp_path / "bench.json"
     assert main(["bench", "--preset", "tiny-xl", "--size", "64", "--images", "1", "--iters", "1", "--torch",
                  "--json", str(out)]) == 0
@@ -186,5 +186,3 @@ def test_bench_sdxl_kind_times_its_unet_and_refuses_training(tmp_path, capsys):
     rows = {(r["what"], r["impl"]) for r in json.loads(out.read_text())}
     assert rows == {(w, impl) for w in ("unet_step_cfg", "vae_decode") for impl in ("ldm-jax", "diffusers")} | {
         ("vae_decode", "labml-torch")}
-    assert main(["bench", "--train", "--preset", "tiny-xl", "--size", "64", "--images", "1", "--iters", "1"]) == 2
-    assert "training SDXL models is not supported yet" in capsys.readouterr().err

@@ -100,18 +100,6 @@ def test_txt2img_chain_matches_diffusers_sdxl_pipeline(model, negative):
     assert err <= 1e-4
 
 
-def test_train_refuses_sdxl_before_reading_data(tmp_path):
-    """A preset, or a .safetensors file whose tensor names are sgm's, is refused before --data is looked at."""
-    from convert.safetensors_io import write_safetensors
-    from tests.cli_run import cli
-
-    xl = tmp_path / "xl.safetensors"
-    write_safetensors(xl, {"conditioner.embedders.1.model.positional_embedding": np.zeros((77, 8), np.float32)})
-    for base in (["--preset", "tiny-xl"], ["--checkpoint", xl]):
-        rc, _, err = cli("train", *base, "--data", tmp_path / "missing", "--out", tmp_path / "run")
-        assert rc == 2 and err.count("\n") == 1 and "training SDXL models is not supported yet" in err, err
-
-
 def test_program_cache_keys_cover_the_sdxl_conditioning_code():
     """The program cache keys a stored program by the code it is built from: SDXL's conditioning is part of it (a
     change there must not reuse a program compiled from the old code)."""

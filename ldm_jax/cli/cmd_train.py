@@ -108,7 +108,7 @@ def run(args) -> int:
     check_args(args)
     from ldm_jax.train.base import check_trainable_early
 
-    check_trainable_early(args.checkpoint, args.preset)
+    check_trainable_early(args.checkpoint, args.preset, args.train_text_encoder)
     import logging
 
     # orbax logs through absl, with tracebacks on a failed save; the failures reach the user as one UserError line.

@@ -39,12 +39,10 @@ def load_base(checkpoint: str | None, preset_name: str | None, seed: int = 0, pr
     return sd
 
 
-def check_trainable_early(checkpoint: str | None, preset_name: str | None) -> None:
+def check_trainable_early(checkpoint: str | None, preset_name: str | None,
+                          train_text_encoder: bool = False) -> None:
     """`check_trainable` before the data is read or the weights loaded, where the base tells its kind cheaply: a
-    preset, a file or directory declaring its config, or a .safetensors file's tensor names (SDXL's
-    `conditioner.embedders.*`; memory-mapped, nothing read). Other files are checked once loaded."""
-    import os
-
+    preset, or a file or directory declaring its config. Other files are checked once loaded."""
     from ldm_jax.configs import preset
 
     if preset_name is not None:
@@ -52,33 +50,24 @@ def check_trainable_early(checkpoint: str | None, preset_name: str | None) -> No
             config = preset(preset_name)
         except ValueError:
             return  # an unknown preset is refused where the base loads
-        check_trainable(config)
-        return
-    from ldm_jax.warm_start import peek_config
+    else:
+        from ldm_jax.warm_start import peek_config
 
-    config = peek_config(checkpoint)
+        config = peek_config(checkpoint)
     if config is not None:
-        check_trainable(config)
-    elif checkpoint and checkpoint.endswith(".safetensors") and os.path.isfile(checkpoint):
-        from convert.errors import CheckpointError
-        from convert.keys import SGM
-        from convert.mapping import text_layout_of
-        from convert.readers import read_state_dict
-
-        try:
-            layout = text_layout_of(read_state_dict(checkpoint))
-        except CheckpointError:
-            return  # the loader names what is wrong with the file
-        if layout == SGM:
-            raise UserError(f"training SDXL models is not supported yet ({checkpoint} is an SDXL checkpoint); "
-                            "ldm-jax trains SD 1.x and 2.x U-Nets")
+        check_trainable(config, train_text_encoder)
 
 
-def check_trainable(config) -> None:
-    """SDXL (two text encoders, vector conditioning) samples but does not train yet: one line saying so."""
-    if config.is_sdxl:
-        raise UserError(f"training SDXL models is not supported yet ({config.name}: two text encoders and a vector "
-                        "conditioning the trainer does not feed); ldm-jax trains SD 1.x and 2.x U-Nets")
+def check_trainable(config, train_text_encoder: bool = False) -> None:
+    """One line for a model the trainer cannot train: an inpainting U-Net (its extra mask and masked-image inputs
+    are not fed), or --train-text-encoder with SDXL (its two encoders stay frozen)."""
+    if config.is_inpainting:
+        raise UserError(f"training inpainting U-Nets ({config.name}: {config.unet.in_channels} input channels) is not "
+                        "supported; ldm-jax trains text-to-image U-Nets (4 latent channels in)")
+    if train_text_encoder and config.is_sdxl:
+        from ldm_jax.train.step import SDXL_TEXT_ENCODER_REFUSED
+
+        raise UserError(SDXL_TEXT_ENCODER_REFUSED)
 
 
 def run_prediction(meta: dict, prediction: str | None, where: str) -> str:

@@ -15,7 +15,10 @@ Preprocessing follows diffusers' `examples/text_to_image/train_text_to_image(_fl
 BILINEAR)` of the shorter side (PIL's bilinear filter is antialiased when downscaling; the long side is truncated as
 torchvision does), `CenterCrop` (or `RandomCrop`), optional `RandomHorizontalFlip`, then `Normalize([0.5], [0.5])`,
 i.e. `x / 127.5 - 1`. Images are made RGB first: EXIF orientation applied, transparency composited on white, 16-bit
-grayscale scaled to 8 bits.
+grayscale scaled to 8 bits. Each row also records the decoded image's size and the crop's top-left offset in the
+resized image, SDXL's size and crop conditioning (Podell et al. 2023, sec. 2.2; diffusers'
+`train_text_to_image_sdxl.py` records the same, except that after a flip it stores the cropped width minus `left`
+where we store the mirrored crop's own left offset, `mirrored_left`).
 
 Order (`batches`): the global sample order is the concatenation of the permutations
 `np.random.default_rng([seed, epoch]).permutation(n)` for epoch = epoch_start, epoch_start + 1, ...; `position`
@@ -36,7 +39,7 @@ import json
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -185,7 +188,23 @@ def _decode_rgb(path: str) -> Image.Image:
         raise UnreadableImage(f"{path}: {type(e).__name__}: {e}") from e
 
 
-def _load(path, resolution: int, center_crop: bool, random_flip: bool, rng) -> tuple[np.ndarray, tuple[int, int]]:
+class Example(NamedTuple):
+    """One decoded training image: pixels f32 [res, res, 3] in [-1, 1], the decoded image's (width, height) before
+    resizing, and where the crop starts in the resized image, (top, left), as SDXL's crop conditioning counts it
+    (a flipped crop's `left` is the mirrored crop's, `mirrored_left`)."""
+
+    pixels: np.ndarray
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    resized_size: tuple[int, int]  # (width, height) of the resized image the crop was taken from
+
+
+def mirrored_left(left: int, resized_width: int, resolution: int) -> int:
+    """The left offset of a crop [left, left + resolution) after the resized image is flipped horizontally."""
+    return resized_width - left - resolution
+
+
+def _load(path, resolution: int, center_crop: bool, random_flip: bool, rng) -> Example:
     img = _decode_rgb(path)
     original_size = img.size
     w, h = img.size
@@ -201,20 +220,28 @@ def _load(path, resolution: int, center_crop: bool, random_flip: bool, rng) -> t
         top, left = int(rng.integers(0, h - resolution + 1)), int(rng.integers(0, w - resolution + 1))
     pixels = np.asarray(img.crop((left, top, left + resolution, top + resolution)), dtype=np.float32)
     if random_flip and rng.random() < 0.5:
-        pixels = pixels[:, ::-1]
-    return np.ascontiguousarray(pixels / 127.5 - 1.0), original_size
+        pixels, left = pixels[:, ::-1], mirrored_left(left, w, resolution)
+    return Example(np.ascontiguousarray(pixels / 127.5 - 1.0), original_size, (top, left), (w, h))
+
+
+def load_example(path, resolution: int, *, center_crop: bool = True, random_flip: bool = False,
+                 rng: np.random.Generator | None = None) -> Example:
+    """The image as a training example: pixels float32 [resolution, resolution, 3] in [-1, 1], its sizes and crop;
+    `rng` drives the random crop and flip (fresh if None).
+
+    Raises UnreadableImage if PIL cannot decode the file; warns (SmallImageWarning) when the image is upscaled.
+    """
+    ex = _load(path, resolution, center_crop, random_flip, rng)
+    w, h = ex.original_size
+    if min(w, h) < resolution:
+        warnings.warn(f"{path}: {w}x{h} is smaller than resolution {resolution}; upscaled", SmallImageWarning)
+    return ex
 
 
 def load_image(path, resolution: int, *, center_crop: bool = True, random_flip: bool = False,
                rng: np.random.Generator | None = None) -> np.ndarray:
-    """float32 [resolution, resolution, 3] in [-1, 1]; `rng` drives the random crop and flip (fresh if None).
-
-    Raises UnreadableImage if PIL cannot decode the file; warns (SmallImageWarning) when the image is upscaled.
-    """
-    pixels, (w, h) = _load(path, resolution, center_crop, random_flip, rng)
-    if min(w, h) < resolution:
-        warnings.warn(f"{path}: {w}x{h} is smaller than resolution {resolution}; upscaled", SmallImageWarning)
-    return pixels
+    """`load_example(...).pixels`: float32 [resolution, resolution, 3] in [-1, 1]."""
+    return load_example(path, resolution, center_crop=center_crop, random_flip=random_flip, rng=rng).pixels
 
 
 @dataclasses.dataclass
@@ -246,7 +273,8 @@ class _Deferred:
 
 
 class BatchIterator:
-    """Infinite iterator of {"images": float32 [B, H, W, 3], "captions": list[str], "indices": int64 [B]}.
+    """Infinite iterator of {"images": float32 [B, H, W, 3], "captions": list[str], "indices": int64 [B],
+    "original_sizes": int32 [B, 2] (height, width before resizing), "crop_top_left": int32 [B, 2] (`Example`)}.
 
     Use `batches(...)` to build one. `stats` reflects the batches returned so far; one batch is prefetched.
     """
@@ -311,9 +339,8 @@ class BatchIterator:
                 continue
             rng = np.random.default_rng([self.seed, epoch, index])
             try:
-                pixels, size = _load(self.dataset.paths[index], self.resolution, self.center_crop,
-                                     self.random_flip, rng)
-                return pixels, index, size, failures
+                ex = _load(self.dataset.paths[index], self.resolution, self.center_crop, self.random_flip, rng)
+                return ex.pixels, index, ex.original_size, ex.crop_top_left, failures
             except UnreadableImage as e:
                 self._bad[index] = str(e)
                 failures.append((index, str(e)))
@@ -337,7 +364,7 @@ class BatchIterator:
         jobs, end = self._pending
         self._pending = self._submit()  # prefetch the next batch while this one is gathered
         rows = [job.result() for job in jobs]
-        for pixels, index, (w, h), failures in rows:
+        for _, index, (w, h), _, failures in rows:
             for bad_index, reason in failures:
                 self.stats.skipped += 1
                 if self.dataset.paths[bad_index] not in self.stats.skipped_files:
@@ -353,7 +380,9 @@ class BatchIterator:
         self.stats.position, self.stats.batches = end, self.stats.batches + 1
         self.stats.epoch = self.epoch_start + self._batch_start(end) // len(self.dataset)
         return {"images": np.stack([r[0] for r in rows]), "captions": [self.dataset.captions[r[1]] for r in rows],
-                "indices": np.array([r[1] for r in rows], dtype=np.int64)}
+                "indices": np.array([r[1] for r in rows], dtype=np.int64),
+                "original_sizes": np.array([r[2][::-1] for r in rows], dtype=np.int32),  # (h, w)
+                "crop_top_left": np.array([r[3] for r in rows], dtype=np.int32)}
 
 
 def batches(dataset: Dataset, *, batch_size: int, resolution: int, seed: int, epoch_start: int = 0, position: int = 0,

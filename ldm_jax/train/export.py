@@ -24,6 +24,7 @@ def export_model(out_dir: str, sd, state: TrainState, step_cfg: StepConfig, *, e
     from convert.orbax_io import write_converted
 
     params = {"vae": sd.params["vae"], "text_encoder": sd.params.get("text_encoder"),
+              **{c: sd.params[c] for c in ("text_encoder_2",) if c in sd.params},
               **components(state.ema_params if ema else state.params, step_cfg)}
     metadata = {"source": f"ldm-jax train {meta.get('run_dir')} step {meta.get('step')}", "kind": sd.config.name,
                 "ema": bool(ema), "ema_available": True, "train": meta}

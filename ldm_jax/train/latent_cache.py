@@ -8,8 +8,10 @@ cache the objective is the same (Rombach et al. 2022 eq. 2; diffusers' `train_te
 fly). With `--random-flip` the mirrored image's moments are cached as well.
 
 Files in the cache directory (float32 `.npy`, memory-mapped when read): `moments.npy` [n, F, h, w, 2C] (F = 2 with
-flips, else 1), `ctx.npy` [n, S, d] (not when the text encoder trains: `text=False`), `ok.npy` bool [n] (False:
-unreadable image) and `fingerprint.json`: the dataset (paths, sizes, mtimes, captions), resolution, flip, model
+flips, else 1), `ctx.npy` [n, S, d] (not when the text encoder trains: `text=False`), SDXL's `pooled.npy` [n, P]
+(the second text encoder's pooled output), `sizes.npy` int32 [n, F, 4] (original height, width, crop top, left of
+each view: SDXL's size and crop conditioning, `data.Example`), `ok.npy` bool [n] (False: unreadable image) and
+`fingerprint.json`: the dataset (paths, sizes, mtimes, captions), resolution, flip, model
 config, base weights and compute dtype; a cache with another fingerprint is rebuilt. Files are written under
 temporary names and renamed. Batches come from the same `data.BatchIterator` order (seed, epoch permutations, flip
 decisions, replacement of unreadable images), so positions and resume work exactly as without the cache. Every
@@ -38,10 +40,11 @@ def fingerprint(sd, dataset: D.Dataset, resolution: int, random_flip: bool, dtyp
     for path, caption in zip(dataset.paths, dataset.captions):
         st = os.stat(path)
         h.update(json.dumps([path, caption, st.st_size, st.st_mtime_ns]).encode())
-    leaves = jax.tree_util.tree_leaves({c: sd.params[c] for c in ("vae", "text_encoder")[:1 + text]})
+    encoders = ("vae", "text_encoder", "text_encoder_2")[:1 + 2 * text]
+    leaves = jax.tree_util.tree_leaves({c: sd.params[c] for c in encoders if c in sd.params})
     probe = [float(np.asarray(x).reshape(-1)[:4].astype(np.float64).sum()) for x in leaves[:64]]
     h.update(json.dumps([resolution, random_flip, jnp.dtype(dtype).name, sd.config.to_dict(), probe,
-                         sd.metadata.get("source"), text], default=str).encode())
+                         sd.metadata.get("source"), text, "sizes"], default=str).encode())
     return h.hexdigest()
 
 
@@ -60,10 +63,12 @@ def build(sd, dataset: D.Dataset, resolution: int, random_flip: bool, cache_dir:
     os.makedirs(cache_dir, exist_ok=True)
     enc = sd.replace(dtype=dtype)
     encode = jax.jit(lambda p, x: enc.encode_moments(p, x))
-    encode_text = jax.jit(lambda p, ids: enc.encode_text(p, ids))
+    pooled = sd.config.is_sdxl
+    encode_text = jax.jit(lambda p, ids: enc.encode_text(p, ids, pooled=pooled))
     n, flips = len(dataset), 2 if random_flip else 1
     log(f"pre-computing latents{' and text embeddings' if text else ''} of {n} images into {cache_dir} ...")
     arrays, ok = {}, np.zeros(n, bool)
+    sizes = np.zeros((n, flips, 4), np.int32)
     for start in range(0, n, BATCH):
         idx = list(range(start, min(start + BATCH, n)))
         pixels = []
@@ -71,7 +76,11 @@ def build(sd, dataset: D.Dataset, resolution: int, random_flip: bool, cache_dir:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", D.SmallImageWarning)  # counted by the batch iterator
-                    pixels.append(D.load_image(dataset.paths[i], resolution))
+                    ex = D.load_example(dataset.paths[i], resolution)
+                pixels.append(ex.pixels)
+                (w, h), (top, left) = ex.original_size, ex.crop_top_left
+                flipped_left = D.mirrored_left(left, ex.resized_size[0], resolution)
+                sizes[i] = [(h, w, top, left), (h, w, top, flipped_left)][:flips]
                 ok[i] = True
             except D.UnreadableImage:
                 pixels.append(np.zeros((resolution, resolution, 3), np.float32))
@@ -80,7 +89,9 @@ def build(sd, dataset: D.Dataset, resolution: int, random_flip: bool, cache_dir:
         moments = np.stack([np.asarray(encode(sd.params, np.ascontiguousarray(v))) for v in views], axis=1)
         outputs = [("moments", moments)]
         if text:
-            outputs.append(("ctx", np.asarray(encode_text(sd.params, sd.tokenize([dataset.captions[i] for i in idx])))))
+            encoded = encode_text(sd.params, sd.tokenize([dataset.captions[i] for i in idx]))
+            names = ("ctx", "pooled") if pooled else ("ctx",)
+            outputs += [(name, np.asarray(a)) for name, a in zip(names, encoded if pooled else (encoded,))]
         for name, value in outputs:
             if name not in arrays:
                 arrays[name] = np.lib.format.open_memmap(os.path.join(cache_dir, f".{name}.tmp.npy"), "w+",
@@ -88,13 +99,16 @@ def build(sd, dataset: D.Dataset, resolution: int, random_flip: bool, cache_dir:
             arrays[name][start:start + len(idx)] = value
     if not ok.any():
         raise UserError(f"no readable image in {dataset.root}")
-    if not text and os.path.exists(os.path.join(cache_dir, "ctx.npy")):
-        os.remove(os.path.join(cache_dir, "ctx.npy"))  # from an earlier cache of this directory
+    for name in ("ctx", "pooled"):
+        if name not in arrays and os.path.exists(os.path.join(cache_dir, f"{name}.npy")):
+            os.remove(os.path.join(cache_dir, f"{name}.npy"))  # from an earlier cache of this directory
     for name, a in arrays.items():
         a.flush()
         del a
         os.replace(os.path.join(cache_dir, f".{name}.tmp.npy"), os.path.join(cache_dir, f"{name}.npy"))
-    np.save(os.path.join(cache_dir, "ok.npy"), ok)
+    for name, a in (("sizes", sizes), ("ok", ok)):
+        np.save(os.path.join(cache_dir, f".{name}.tmp.npy"), a)
+        os.replace(os.path.join(cache_dir, f".{name}.tmp.npy"), os.path.join(cache_dir, f"{name}.npy"))
     with open(meta_file + ".tmp", "w", encoding="utf-8") as f:
         json.dump({"fingerprint": fp, "n": n, "flips": flips, "resolution": resolution}, f)
     os.replace(meta_file + ".tmp", meta_file)
@@ -102,14 +116,14 @@ def build(sd, dataset: D.Dataset, resolution: int, random_flip: bool, cache_dir:
 
 
 def _open(cache_dir: str) -> dict:
-    return {name: np.load(os.path.join(cache_dir, f"{name}.npy"), mmap_mode="r" if name != "ok" else None)
-            for name in ("moments", "ctx", "ok") if os.path.exists(os.path.join(cache_dir, f"{name}.npy"))}
+    files = {name: os.path.join(cache_dir, f"{name}.npy") for name in ("moments", "ctx", "pooled", "sizes", "ok")}
+    return {name: np.load(f, mmap_mode="r" if name != "ok" else None) for name, f in files.items() if os.path.exists(f)}
 
 
 class CachedBatchIterator(D.BatchIterator):
     """`data.BatchIterator` whose rows are cached (moments, ctx) instead of decoded images: same order, same flips,
-    same replacement of unreadable images, same positions. Yields {"moments", "ctx" (if cached), "captions",
-    "indices"}."""
+    same replacement of unreadable images, same positions. Yields {"moments", "ctx" and "pooled" (if cached),
+    "captions", "indices", "original_sizes", "crop_top_left"}."""
 
     def __init__(self, cache: dict, dataset: D.Dataset, **kw):
         super().__init__(dataset, center_crop=True, **kw)
@@ -124,21 +138,23 @@ class CachedBatchIterator(D.BatchIterator):
                 rng = np.random.default_rng([self.seed, epoch, index])  # the flip decision of data._load
                 flip = int(self.random_flip and rng.random() < 0.5)
                 parts = [self.cache["moments"][index, flip]]
-                if "ctx" in self.cache:
-                    parts.append(self.cache["ctx"][index])
+                parts += [self.cache[name][index] for name in ("ctx", "pooled") if name in self.cache]
                 row = np.concatenate([np.asarray(a).reshape(-1) for a in parts])
-                return row, index, (self.resolution, self.resolution), failures
+                h, w, top, left = (int(v) for v in self.cache["sizes"][index, flip])
+                return row, index, (w, h), (top, left), failures
             failures.append((index, f"{self.dataset.paths[index]}: unreadable"))
         raise UserError(f"no readable image found in {D.MAX_REPLACEMENT_TRIES} tries")
 
     def __next__(self) -> dict:
         out = super().__next__()
-        rows = out.pop("images")  # [B, moments.size + ctx.size]: one flat float32 row per sample, split here
-        m_shape = self.cache["moments"].shape[2:]
-        m_size = int(np.prod(m_shape))
-        out["moments"] = rows[:, :m_size].reshape((-1,) + m_shape)
-        if "ctx" in self.cache:
-            out["ctx"] = rows[:, m_size:].reshape((-1,) + self.cache["ctx"].shape[1:])
+        rows = out.pop("images")  # [B, moments + ctx + pooled sizes]: one flat float32 row per sample, split here
+        start = 0
+        for name in ("moments", "ctx", "pooled"):
+            if name in self.cache:
+                shape = self.cache[name].shape[1 + (name == "moments"):]
+                size = int(np.prod(shape))
+                out[name] = rows[:, start:start + size].reshape((-1,) + shape)
+                start += size
         return out
 
 

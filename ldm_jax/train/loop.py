@@ -11,7 +11,8 @@ Around the loop: the settings (`config.TrainConfig`), the starting model (`base.
 
 RUN_DIR layout: checkpoints/<step>/ (orbax, `checkpoint.py`), metrics.jsonl (one JSON object per step), samples/
 (PNG with prompt/seed/step metadata), model/ (converted directory with the EMA weights, or the raw ones),
-latent_cache/. The trained components are the U-Net, and the text encoder with `StepConfig.train_text_encoder`.
+latent_cache/. The trained components are the U-Net, and the text encoder with `StepConfig.train_text_encoder`
+(SD 1.x/2.x; SDXL trains its U-Net, with each image's size and crop as its size conditioning, `step.py`).
 
 Exact resume: the state (params, EMA, optimiser), the step (which fixes every random key), the seed and the data
 position are checkpointed; resuming with the same settings continues bit for bit. A resumed run keeps its seed and
@@ -33,7 +34,8 @@ from ldm_jax import parallel
 from ldm_jax.errors import UserError
 from ldm_jax.train import data as D
 from ldm_jax.train import preflight
-from ldm_jax.train.base import base_info, check_resolution, load_base, prediction_line, run_prediction
+from ldm_jax.train.base import (base_info, check_resolution, check_trainable, load_base, prediction_line,
+                                run_prediction)
 from ldm_jax.train.checkpoint import Checkpoints, check_same_model
 from ldm_jax.train.config import TrainConfig
 from ldm_jax.train.export import export_model
@@ -42,7 +44,7 @@ from ldm_jax.train.resume import resume_state
 from ldm_jax.train.samples import check_sample_steps, samples_missing, save_samples
 from ldm_jax.train.state import init_state
 from ldm_jax.train.step import (abstract_cached_batch, frozen_inputs, jitted_train_step, key_data, shard_batch,
-                                 trainable)
+                                 size_conditioning, trainable)
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
@@ -86,6 +88,7 @@ def _train(cfg, dataset, run_dir, ck, log):
         seed, res = 0 if cfg.seed is None else cfg.seed, None
     prediction = run_prediction(meta, cfg.prediction, f"--resume {run_dir}") if meta else cfg.prediction
     sd = load_base(cfg.checkpoint, cfg.preset, seed, prediction)
+    check_trainable(sd.config, cfg.step.train_text_encoder)
     line = prediction_line(sd, "the run's" if meta else cfg.prediction and "--prediction")
     if line:
         log(line)
@@ -167,7 +170,10 @@ def _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, 
             local = {"moments": np.stack([r["moments"] for r in rows]),
                      "ids": np.stack([sd.tokenize(r["captions"]) for r in rows])}
         else:
-            local = {name: np.stack([r[name] for r in rows]) for name in ("moments", "ctx")}
+            names = [name for name in ("moments", "ctx", "pooled") if name in rows[0]]
+            local = {name: np.stack([r[name] for r in rows]) for name in names}
+        if sd.config.is_sdxl:
+            local["sizes"] = np.stack([size_conditioning(r, res) for r in rows])
         st = loader.stats  # the data consumed up to and including this step (the resume position)
         return shard_batch(local, mesh), {"position": st.position, "epoch": st.epoch, "skipped": st.skipped,
                                           "upscaled": st.upscaled}

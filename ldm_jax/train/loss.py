@@ -96,8 +96,10 @@ def posterior_sample(moments: jax.Array, eps: jax.Array, latent_scale: float) ->
 
 
 def drop_captions(ctx: jax.Array, uncond: jax.Array, drop: jax.Array) -> jax.Array:
-    """ctx [B, S, d] with the rows where `drop` is set replaced by the empty-prompt embedding uncond [1 | B, S, d]."""
-    return jnp.where(drop[:, None, None], jnp.broadcast_to(uncond, ctx.shape).astype(ctx.dtype), ctx)
+    """ctx [B, ...] (a context [B, S, d], SDXL's pooled text [B, P]) with the rows where `drop` [B] is set replaced
+    by the empty prompt's uncond [1 | B, ...]."""
+    drop = drop.reshape(drop.shape + (1,) * (ctx.ndim - 1))
+    return jnp.where(drop, jnp.broadcast_to(uncond, ctx.shape).astype(ctx.dtype), ctx)
 
 
 def snr(schedule: Schedule, t: jax.Array) -> jax.Array:

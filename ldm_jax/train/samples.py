@@ -45,7 +45,7 @@ def save_samples(sd, frozen, state, cfg: TrainConfig, res: int, step: int, run_d
     from ldm_jax.images import save_png
     from ldm_jax.pipelines.generate import txt2img
 
-    sd.params.update({c: frozen[c] for c in ("vae", "text_encoder") if c in frozen})
+    sd.params.update({c: frozen[c] for c in ("vae", "text_encoder", "text_encoder_2") if c in frozen})
     sd.params.update(components(state.ema_params, cfg.step))
     sd.cache[("params", id(mesh))] = sd.params  # already replicated on the mesh: no copy (see generate.py)
     images = txt2img(sd, list(cfg.sample_prompts), steps=cfg.sample_steps, guidance_scale=cfg.sample_scale,

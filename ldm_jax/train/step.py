@@ -4,6 +4,7 @@ One step = one optimiser update from K micro-batches (gradient accumulation, `la
 
     batch  = {"images": f32 [K, B, H, W, 3] in [-1, 1], "ids": int32 [K, B, S]}          # encoded in the step, or
              {"moments": f32 [K, B, h, w, 2C], "ctx": f32 [K, B, S, d]}                  # precomputed (latent_cache)
+             SDXL adds "sizes": f32 [K, B, 6] (`size_conditioning`) and, precomputed, "pooled": f32 [K, B, P]
     key    = uint32 key data of `jax.random.key(seed)`: the step uses fold_in(key, state.step) and example i of the
              step's global batch fold_in(step_key, i) (loss.py), so nothing depends on the device or host count
     frozen = {"vae": params, "text_encoder": params, "uncond_ids": int32 [1, S]}  (never differentiated)
@@ -12,6 +13,12 @@ One step = one optimiser update from K micro-batches (gradient accumulation, `la
 `components`): the CLIP text encoder is then trained jointly, as the LDM paper trains tau_theta with eps_theta
 (eq. 3), the context (and the empty prompt's, for caption dropout) is computed from the ids inside the
 differentiated loss, and a precomputed batch carries {"moments", "ids"}.
+
+SDXL (Podell et al. 2023; both text encoders frozen, as diffusers' `train_text_to_image_sdxl.py`): the context is the
+two encoders' states side by side, and the U-Net also gets y = [pooled text, emb(original size), emb(crop top-left),
+emb(target size)] (`ldm_jax.conditioning`) with each image's own sizes and crop (`data.Example`). A dropped caption
+zeroes the context and the pooled text (sgm's `GeneralConditioner` with `ucg_rate`; our sampler's unconditional side
+for an empty negative prompt is zeros too), never the sizes.
 
 The loss is `loss.diffusion_loss` (Rombach et al. 2022 eq. 2; Ho et al. 2020 L_simple) on z_0 sampled from the frozen
 autoencoder's posterior, as diffusers' `train_text_to_image_flax.py`; its target is the noise, or v for a
@@ -31,6 +38,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ldm_jax import parallel
+from ldm_jax.conditioning import encode_text, vector_conditioning
 from ldm_jax.configs import ModelConfig
 from ldm_jax.errors import UserError
 from ldm_jax.models.build import modules
@@ -71,6 +79,10 @@ class StepConfig:
         return ("unet", "text_encoder") if self.train_text_encoder else ("unet",)
 
 
+SDXL_TEXT_ENCODER_REFUSED = ("--train-text-encoder is for SD 1.x and 2.x models: SDXL's two text encoders stay frozen "
+                             "(as diffusers' SDXL fine-tuning); train without it")
+
+
 def trainable(model_params: dict, step_cfg: StepConfig):
     """{component: tree} of a model -> the step's `state.params` (the bare U-Net tree when only it trains)."""
     if step_cfg.train_text_encoder:
@@ -88,49 +100,65 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
     prediction = config.schedule.prediction
     if prediction == "v" and step_cfg.debiased_loss:
         raise UserError(L.DEBIASED_V_REFUSED)
+    if config.is_sdxl and step_cfg.train_text_encoder:
+        raise UserError(SDXL_TEXT_ENCODER_REFUSED)
     mods = modules(config, step_cfg.dtype, step_cfg.attention_impl, remat=step_cfg.remat)
     unet, vae, text = mods["unet"], mods["vae"], mods["text_encoder"]
     schedule = make_schedule(config.schedule)
     n_steps = config.schedule.n_steps
+    sdxl = config.is_sdxl
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
 
     def inputs(frozen, micro, keys):
-        """A micro-batch -> (z_0, t, noise, cond, drop): cond is the context from the frozen text encoder [B, S, d],
-        or the token ids [B, S] when it trains (no gradients flow into the frozen encoders)."""
+        """A micro-batch -> (z_0, t, noise, cond, drop): cond is {"ctx": the frozen text encoders' context [B, S, d]}
+        ({"ids" [B, S]} when the text encoder trains; no gradients flow into the frozen encoders), SDXL adding
+        "pooled" [B, P] and "sizes" [B, 6]."""
         if "moments" in micro:
             moments = micro["moments"]
         else:
             moments = vae.apply({"params": frozen["vae"]}, micro["images"], method="encode")
         if step_cfg.train_text_encoder:
-            cond = micro["ids"]
+            cond = {"ids": micro["ids"]}
         elif "ctx" in micro:
-            cond = micro["ctx"].astype(jnp.float32)
+            cond = {name: f32(micro[name]) for name in ("ctx", "pooled") if name in micro}
         else:
-            cond = text.apply({"params": frozen["text_encoder"]}, micro["ids"]).astype(jnp.float32)
+            encoded = encode_text(mods, config, frozen, micro["ids"], pooled=sdxl)
+            cond = {"ctx": f32(encoded[0]), "pooled": f32(encoded[1])} if sdxl else {"ctx": f32(encoded)}
+        if sdxl:
+            cond["sizes"] = f32(micro["sizes"])
         c = moments.shape[-1] // 2
         d = L.draw(keys, moments.shape[1:-1] + (c,), n_steps, step_cfg.caption_dropout, step_cfg.multires_noise)
         z0 = L.posterior_sample(moments, d.posterior_eps, config.latent_scale)
         return jax.lax.stop_gradient((z0, d.t, d.noise, cond, d.drop))
 
-    def context(params, cond, uncond, drop):
-        """tau_theta(y) [B, S, d] with the dropped captions' rows replaced by the empty prompt's context; cond and
-        uncond are contexts (frozen encoder) or token ids that the trained encoder encodes here."""
+    def conditioning(params, cond, uncond, drop):
+        """(tau_theta(y) [B, S, d] with the dropped captions' rows replaced by the empty prompt's context, SDXL's
+        y [B, adm] or None); uncond is a context (frozen encoder) or token ids that the trained encoder encodes
+        here. SDXL: a dropped caption's context and pooled text are zeros, its sizes stay."""
         if step_cfg.train_text_encoder:
             encode = lambda ids: text.apply({"params": params["text_encoder"]}, ids)  # noqa: E731
-            cond, uncond = encode(cond), encode(uncond)
-        return L.drop_captions(cond.astype(jnp.float32), uncond, drop)
+            ctx, uncond = encode(cond["ids"]), encode(uncond)
+        else:
+            ctx = cond["ctx"]
+        if not sdxl:
+            return L.drop_captions(f32(ctx), uncond, drop), None
+        zeros = lambda x: jnp.zeros_like(x[:1])  # noqa: E731
+        pooled = L.drop_captions(cond["pooled"], zeros(cond["pooled"]), drop)
+        return L.drop_captions(ctx, zeros(ctx), drop), vector_conditioning(pooled, cond["sizes"])
 
     def micro_loss(params, uncond, z0, t, noise, cond, drop):
         unet_params = params["unet"] if step_cfg.train_text_encoder else params
-        eps_fn = lambda x, tt, c: unet.apply({"params": unet_params}, x, tt, c)  # noqa: E731
-        return L.diffusion_loss(eps_fn, schedule, z0, t, noise, context(params, cond, uncond, drop),
-                                step_cfg.snr_gamma, step_cfg.debiased_loss, prediction)
+        ctx, y = conditioning(params, cond, uncond, drop)
+        eps_fn = lambda x, tt, c: unet.apply({"params": unet_params}, x, tt, c, y)  # noqa: E731
+        return L.diffusion_loss(eps_fn, schedule, z0, t, noise, ctx, step_cfg.snr_gamma, step_cfg.debiased_loss,
+                                prediction)
 
     grad_fn = jax.value_and_grad(micro_loss)
 
     def train_step(state: TrainState, batch: dict, key, frozen: dict):
         step_key = jax.random.fold_in(jax.random.wrap_key_data(key), state.step)
         uncond = frozen["uncond_ids"]  # the empty prompt: its ids, or its context once per step when frozen
-        if not step_cfg.train_text_encoder:
+        if not step_cfg.train_text_encoder and not sdxl:  # SDXL's is zeros
             uncond = text.apply({"params": frozen["text_encoder"]}, uncond)
         k, b = jax.tree_util.tree_leaves(batch)[0].shape[:2]
 
@@ -176,9 +204,21 @@ def abstract_cached_batch(sd, step_cfg: StepConfig, batch_size: int, resolution:
     out = {"moments": spec(jax.eval_shape(sd.encode_moments, sd.params, pixels).shape[1:], jnp.float32)}
     if step_cfg.train_text_encoder:
         out["ids"] = spec(ids.shape[1:], jnp.int32)
+    elif sd.config.is_sdxl:
+        ctx, pooled = jax.eval_shape(functools.partial(sd.encode_text, pooled=True), sd.params, ids)
+        out.update(ctx=spec(ctx.shape[1:], jnp.float32), pooled=spec(pooled.shape[1:], jnp.float32))
     else:
         out["ctx"] = spec(jax.eval_shape(sd.encode_text, sd.params, ids).shape[1:], jnp.float32)
+    if sd.config.is_sdxl:
+        out["sizes"] = spec((6,), jnp.float32)
     return out
+
+
+def size_conditioning(rows: dict, resolution: int) -> np.ndarray:
+    """SDXL's size numbers of a loader batch: float32 [B, 6] = original (h, w), crop (top, left), target (h, w)
+    (the order of `conditioning.size_numbers`; the target is the square training resolution)."""
+    target = np.full((len(rows["original_sizes"]), 2), resolution, np.int32)
+    return np.concatenate([rows["original_sizes"], rows["crop_top_left"], target], axis=1).astype(np.float32)
 
 
 def shard_batch(local: dict, mesh=None) -> dict:
@@ -226,6 +266,6 @@ def _jitted_train_step(config, optim, step_cfg, mesh):
 def frozen_inputs(params: dict, uncond_ids, mesh=None) -> dict:
     """The replicated frozen inputs of the step from a model's params (the VAE, and the text encoder unless it
     trains: whichever `params` holds) and the tokenized empty prompt [1, S]."""
-    tree = {c: params[c] for c in ("vae", "text_encoder") if c in params}
+    tree = {c: params[c] for c in ("vae", "text_encoder", "text_encoder_2") if c in params}
     tree["uncond_ids"] = np.asarray(uncond_ids, np.int32).reshape(1, -1)
     return parallel.replicate(tree, mesh)
