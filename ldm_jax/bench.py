@@ -135,11 +135,12 @@ def bench_txt2img(sd, images: int, size: int, steps: int, iters: int, prec: str)
 
 
 def bench_train(preset_name: str, batch: int, size: int, iters: int, dtype="float32", remat: bool = False,
-                grad_accum: int = 1, optim=None, step_cfg=None, seed: int = 0) -> Row:
+                grad_accum: int = 1, optim=None, step_cfg=None, seed: int = 0, lora_rank: int = 0) -> Row:
     """One optimiser step of `ldm-jax train` (frozen VAE encode + text encode, U-Net forward/backward, AdamW, EMA)
     on random weights and random images, data-parallel over every device: median seconds per step, images/s and
     the compiled step's peak memory (XLA memory_analysis; params, EMA, optimiser state, batch and temporaries).
-    `optim` / `step_cfg` (state.OptimConfig / step.StepConfig) default to the training defaults. The step is
+    `optim` / `step_cfg` (state.OptimConfig / step.StepConfig) default to the training defaults (`lora_rank` > 0:
+    a LoRA of that rank on the attention projections, the U-Net frozen). The step is
     compiled from shapes alone; on the CPU it only runs when that peak fits in the available host memory
     (otherwise seconds is NaN and extra["skipped"] says why)."""
     from ldm_jax import parallel
@@ -147,7 +148,8 @@ def bench_train(preset_name: str, batch: int, size: int, iters: int, dtype="floa
     from ldm_jax.models.build import abstract_params
     from ldm_jax.train.base import check_resolution, check_trainable
     from ldm_jax.train.state import OptimConfig, abstract_state, init_state
-    from ldm_jax.train.step import StepConfig, batch_sharding, frozen_inputs, jitted_train_step, key_data, shard_batch
+    from ldm_jax.train.step import (StepConfig, abstract_trainable, batch_sharding, frozen_inputs, initial_params,
+                                    jitted_train_step, key_data, shard_batch)
 
     cfg = preset(preset_name)
     check_trainable(cfg)
@@ -159,16 +161,16 @@ def bench_train(preset_name: str, batch: int, size: int, iters: int, dtype="floa
     if prec not in ("bf16", "fp32"):
         raise UserError(f"training runs in float32 or bfloat16 (fp32 master params), not {jnp.dtype(dtype).name}")
     optim = optim or OptimConfig()
-    step_cfg = step_cfg or StepConfig(grad_accum=grad_accum, precision=prec, remat=remat)
+    step_cfg = step_cfg or StepConfig(grad_accum=grad_accum, precision=prec, remat=remat, lora_rank=lora_rank)
     k, text = step_cfg.grad_accum, cfg.text
     rep, rows = parallel.replicated(mesh), batch_sharding(mesh)
     abstract = abstract_params(cfg)
-    frozen_names = [c for c in abstract if c != "unet"]  # the VAE and the text encoder(s)
+    frozen_names = [c for c in abstract if c != "unet" or step_cfg.lora_rank]  # VAE, text encoder(s), LoRA's U-Net
     batch_spec = {"images": jax.ShapeDtypeStruct((k, batch, size, size, 3), jnp.float32, sharding=rows),
                   "ids": jax.ShapeDtypeStruct((k, batch, text.max_length), jnp.int32, sharding=rows)}
     if cfg.is_sdxl:
         batch_spec["sizes"] = jax.ShapeDtypeStruct((k, batch, 6), jnp.float32, sharding=rows)
-    args = (parallel.abstract_like(abstract_state(abstract["unet"], optim), rep), batch_spec,
+    args = (parallel.abstract_like(abstract_state(abstract_trainable(cfg, step_cfg), optim), rep), batch_spec,
             jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
             parallel.abstract_like({**{c: abstract[c] for c in frozen_names},
                                     "uncond_ids": jax.ShapeDtypeStruct((1, text.max_length), jnp.int32)}, rep))
@@ -177,15 +179,17 @@ def bench_train(preset_name: str, batch: int, size: int, iters: int, dtype="floa
     compile_s = time.perf_counter() - t0
     images, mem = batch * k, _mem_mb(compiled)
     extra = {"grad_accum": k, "compile_s": round(compile_s, 2), "program_mb": mem}
-    label = step_cfg.precision + ("+remat" if step_cfg.remat else "")
+    label = step_cfg.precision + ("+remat" if step_cfg.remat else "") + (
+        f"+lora{step_cfg.lora_rank}" if step_cfg.lora_rank else "")
     available = _available_mb()
     if jax.default_backend() == "cpu" and mem and available and mem > 0.9 * available:
         extra["skipped"] = f"needs ~{mem / 1024:.1f} GiB, {available / 1024:.1f} GiB available"
         return Row("train_step", "ldm-jax", device_name(), label, batch, images, float("nan"), size=size, extra=extra)
     params = jax.device_put(random_params(cfg, seed))
-    state = init_state(parallel.replicate(params["unet"], mesh), optim, rep)
+    state = init_state(parallel.replicate(initial_params(StableDiffusion(cfg, params), step_cfg, seed), mesh), optim,
+                       rep)
     sd = StableDiffusion(cfg, {c: params[c] for c in frozen_names})
-    frozen = frozen_inputs(sd.params, sd.tokenize([""]), mesh)
+    frozen = frozen_inputs(sd.params, sd.tokenize([""]), mesh, unet=bool(step_cfg.lora_rank))
     del params
     key = parallel.replicate(key_data(seed), mesh)
     rng = np.random.default_rng(seed)
@@ -321,7 +325,7 @@ def first_image_seconds(preset_name: str, dtype: str, size: int, steps: int, cac
 
 
 def run_bench(*, preset_name="sd1", dtype="bfloat16", images=(1, 8), size=512, steps=50, iters=5,
-              e2e=True, torch_ref=False, cold_warm=False, train=False, remat=False, memory=False,
+              e2e=True, torch_ref=False, cold_warm=False, train=False, remat=False, memory=False, lora_rank=0,
               log=print) -> list[Row]:
     if memory:  # compile-only peak memory of the txt2img program: one row per image count
         rows = []
@@ -332,8 +336,9 @@ def run_bench(*, preset_name="sd1", dtype="bfloat16", images=(1, 8), size=512, s
     if train:  # training throughput only: one row per batch size
         rows = []
         for n in images:
-            log(f"train step, batch {n}, {size}x{size}{' (remat)' if remat else ''} ...")
-            rows.append(bench_train(preset_name, n, size, iters, dtype, remat=remat))
+            log(f"train step, batch {n}, {size}x{size}{' (remat)' if remat else ''}"
+                f"{f' (LoRA rank {lora_rank})' if lora_rank else ''} ...")
+            rows.append(bench_train(preset_name, n, size, iters, dtype, remat=remat, lora_rank=lora_rank))
         return rows
     dt = jnp.dtype(dtype).type
     prec = PRECISION[jnp.dtype(dtype).name]

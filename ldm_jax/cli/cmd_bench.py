@@ -42,6 +42,8 @@ def add_parser(sub, name, help_):
     p.add_argument("--memory", action="store_true", help="compile-only peak memory of the txt2img program per "
                    "--images count (no weights, no run)")
     p.add_argument("--remat", action="store_true", help="with --train: rematerialise U-Net blocks")
+    p.add_argument("--lora-rank", type=int, default=0, metavar="R", help="with --train: time a LoRA of rank R on "
+                   "the frozen U-Net's attention (`ldm-jax train --lora-rank`) instead of full fine-tuning")
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     p.set_defaults(func=run)
 
@@ -105,6 +107,10 @@ def run(args) -> int:
                         "--torch or --cold-warm")
     if args.remat and not args.train:
         raise UserError("--remat applies to --train only")
+    if args.lora_rank and not args.train:
+        raise UserError("--lora-rank applies to --train only")
+    if args.lora_rank < 0:
+        raise UserError(f"--lora-rank must be >= 0, got {args.lora_rank}")
     if args.json:  # before the benchmark, not after it
         folder = os.path.dirname(os.path.abspath(args.json))
         if os.path.isdir(args.json):
@@ -115,7 +121,7 @@ def run(args) -> int:
     rows = run_bench(preset_name=args.preset, dtype=args.dtype or ("bfloat16" if accel else "float32"),
                      images=images, size=size, steps=args.steps, iters=args.iters,
                      e2e=accel if args.e2e is None else args.e2e, torch_ref=args.torch, cold_warm=args.cold_warm,
-                     train=args.train, remat=args.remat, memory=args.memory)
+                     train=args.train, remat=args.remat, memory=args.memory, lora_rank=args.lora_rank)
     print(format_rows(rows))
     for line in ratio_lines(rows):
         print(line)

@@ -5,11 +5,14 @@
     ldm-jax train --preset tiny --data shapes/ --out runs/tiny --resolution 16 --steps 500 --lr 1e-3
     ldm-jax train ... --resume                       # continue RUN_DIR exactly where its last checkpoint stopped
     ldm-jax train --export-only --out RUN_DIR --checkpoint BASE   # write RUN_DIR/model from the latest checkpoint
+    ldm-jax train --checkpoint sd-v1-5.safetensors --data pets/ --out runs/pets --lora-rank 16 --lr 1e-4
+                                                     # a LoRA: RUN_DIR/lora.safetensors (use with --lora FILE)
 
 The data folder holds `name.png` + `name.txt` pairs or a Hugging Face `metadata.jsonl` (file_name, text). Writes
 RUN_DIR/checkpoints (orbax; every --save-every steps, last --keep kept), metrics.jsonl, samples/ and at the end
 RUN_DIR/model, a converted directory (`ldm_jax.load`, `ldm-jax export RUN_DIR/model out.safetensors`). The VAE
-stays frozen; the text encoder too, unless --train-text-encoder. --batch-size is the global batch over all
+stays frozen; the text encoder too, unless --train-text-encoder; with --lora-rank the U-Net too (a LoRA on it
+trains). --batch-size is the global batch over all
 devices and hosts; one update averages --grad-accum batches. Multi-host: LDM_JAX_COORDINATOR /
 LDM_JAX_NUM_PROCESSES / LDM_JAX_PROCESS_ID (or the flags).
 """
@@ -67,6 +70,14 @@ def add_parser(sub, name, help_):
                    "caption (e.g. 0.8; default: 0, white noise)")
     p.add_argument("--train-text-encoder", action="store_true", help="train the CLIP text encoder jointly with the "
                    "U-Net (same lr; for small models trained from scratch; default: frozen, as SD fine-tuning)")
+    p.add_argument("--lora-rank", type=int, default=0, metavar="R", help="train a LoRA of rank R on the frozen "
+                   "U-Net instead of the U-Net itself (Hu et al. 2021; e.g. 4-64), written as the kohya-ss file "
+                   "RUN_DIR/lora.safetensors (read by --lora, A1111, ComfyUI, diffusers) (default: 0, full fine-tune)")
+    p.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA alpha: the update is scaled by A / R "
+                   "(default: R, scale 1)")
+    p.add_argument("--lora-targets", choices=("attn", "transformer"), default="attn", help="kernels the LoRA "
+                   "adapts: attn = q, k, v, out of every attention (diffusers' LoRA script), transformer = every "
+                   "Linear of the transformer blocks and proj_in/out (kohya's) (default: attn)")
     p.add_argument("--allow-empty-captions", action="store_true", help="train images without captions as ''")
     p.add_argument("--precompute-latents", action="store_true", help="encode images/captions once, cache on disk")
     p.add_argument("--seed", type=int, help="seed of data order and all randomness (default: a resumed run's, "
@@ -82,7 +93,8 @@ def add_parser(sub, name, help_):
     p.add_argument("--sample-prompt", action="append", default=[], metavar="TEXT", help="sample prompt (repeat)")
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the samples (default: 20)")
     p.add_argument("--export", choices=("ema", "raw", "none"), default="ema",
-                   help="trained weights written to RUN_DIR/model at the end (default: ema)")
+                   help="trained weights written to RUN_DIR/model (a LoRA run: RUN_DIR/lora.safetensors) at the end "
+                   "(default: ema)")
     p.add_argument("--export-only", action="store_true", help="only export RUN_DIR's latest checkpoint (with "
                    "--export ema or raw)")
     p.add_argument("--num-workers", type=int, default=2, help="image decoding threads, 0 = in the main thread "
@@ -127,7 +139,7 @@ def run(args) -> int:
     result = loop.train(cfg)
     loss = "" if result["loss"] is None else f" (loss {result['loss']:.4f})"
     print(f"{'trained to' if loss else 'at'} step {result['step']}{loss}; run directory {result['run_dir']}"
-          + (f"; model {result['model_dir']}" if result["model_dir"] else ""))
+          + (f"; {'LoRA' if cfg.step.lora_rank else 'model'} {result['model_dir']}" if result["model_dir"] else ""))
     return 0
 
 
@@ -157,7 +169,8 @@ def train_config(args):
                             ema_decay=args.ema_decay, ema_warmup=not args.no_ema_warmup)
         step = StepConfig(caption_dropout=args.caption_dropout, grad_accum=args.grad_accum, precision=precision,
                           remat=args.remat, snr_gamma=args.snr_gamma, train_text_encoder=args.train_text_encoder,
-                          multires_noise=args.multires_noise, debiased_loss=args.debiased_loss)
+                          multires_noise=args.multires_noise, debiased_loss=args.debiased_loss,
+                          lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)
     except ValueError as e:
         raise UserError(str(e)) from None
     return TrainConfig(

@@ -1,6 +1,6 @@
-"""The trained model as a converted directory (readable by `ldm_jax.load` and `ldm-jax export`): `export_model` writes
-it from a `TrainState` (at the end of `loop.train`, as RUN_DIR/model), `export_run` from the latest checkpoint of a
-run directory (`ldm-jax train --export-only`)."""
+"""The trained model as a converted directory (readable by `ldm_jax.load` and `ldm-jax export`), or a LoRA run's
+LoRA as a kohya-ss file (RUN_DIR/lora.safetensors, `lora.py`): `export_model` writes it from a `TrainState` (at the
+end of `loop.train`), `export_run` from the latest checkpoint of a run directory (`ldm-jax train --export-only`)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,24 @@ from ldm_jax.train.resume import state_shapes
 from ldm_jax.train.state import OptimConfig, TrainState
 from ldm_jax.train.step import StepConfig, components
 
+LORA_FILE = "lora.safetensors"
+
+
+def export_path(run_dir: str, step_cfg: StepConfig) -> str:
+    """Where a run's result goes: RUN_DIR/model, or a LoRA run's RUN_DIR/lora.safetensors."""
+    return os.path.join(run_dir, LORA_FILE if step_cfg.lora_rank else "model")
+
 
 def export_model(out_dir: str, sd, state: TrainState, step_cfg: StepConfig, *, ema: bool, meta: dict,
                  resolution: int | None = None):
     """Write the trained model (the trained components from `state`, the frozen ones from `sd`) as a converted
-    directory; its config's `image_size` (the default sampling size) becomes the training resolution."""
+    directory; its config's `image_size` (the default sampling size) becomes the training resolution. A LoRA run
+    writes its LoRA as a kohya-ss file at `out_dir` instead."""
     from convert.orbax_io import write_converted
+
+    if step_cfg.lora_rank:
+        return _write_lora(out_dir, sd.config, state.ema_params if ema else state.params, step_cfg, ema, meta,
+                           resolution)
 
     params = {"vae": sd.params["vae"], "text_encoder": sd.params.get("text_encoder"),
               **{c: sd.params[c] for c in ("text_encoder_2",) if c in sd.params},
@@ -32,21 +44,42 @@ def export_model(out_dir: str, sd, state: TrainState, step_cfg: StepConfig, *, e
     write_converted(out_dir, config, params, metadata, overwrite=True)
 
 
+def _write_lora(path: str, config, params, step_cfg: StepConfig, ema: bool, meta: dict, resolution) -> None:
+    import jax
+
+    from convert.errors import CheckpointError
+    from convert.safetensors_io import write_safetensors
+    from ldm_jax.train import lora
+
+    alpha = float(step_cfg.lora_alpha or step_cfg.lora_rank)
+    tensors = lora.kohya_tensors(jax.device_get(params), config, step_cfg.lora_targets, alpha)
+    extra = {"ldm_jax_source": f"ldm-jax train {meta.get('run_dir')} step {meta.get('step')}",
+             "ldm_jax_weights": "ema" if ema else "raw", "ldm_jax_lora_targets": step_cfg.lora_targets,
+             "ss_resolution": f"({resolution}, {resolution})" if resolution else ""}
+    try:
+        write_safetensors(path, tensors, lora.kohya_metadata(config, step_cfg.lora_rank, alpha, extra))
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+
+
 def export_run(run_dir: str, checkpoint: str | None, preset_name: str | None, *, ema: bool = True,
                out_dir: str | None = None, log=print, prediction: str | None = None) -> str:
-    """Export the latest checkpoint of RUN_DIR (on demand) as a converted directory (default RUN_DIR/model). The
+    """Export the latest checkpoint of RUN_DIR (on demand) as a converted directory (default RUN_DIR/model; a LoRA
+    run's LoRA file, default RUN_DIR/lora.safetensors). The
     model predicts what the run trained its U-Net to (a base that guesses otherwise is loaded as the run did;
     `prediction`, --prediction, must agree)."""
     if not os.path.isdir(run_dir):
         raise UserError(f"--out {run_dir}: {'a file, ' if os.path.exists(run_dir) else ''}not a run directory")
     run_dir = os.path.abspath(run_dir)
-    out_dir = out_dir or os.path.join(run_dir, "model")
-    preflight.check_model_dir(out_dir)
     with Checkpoints(os.path.join(run_dir, "checkpoints"), lazy=True) as ck:
         step = ck.latest_step()
+        meta = ck.read_meta(step) if step is not None else {}
+        lora_run = bool((meta.get("step_config") or {}).get("lora_rank"))
+        out_dir = out_dir or os.path.join(run_dir, LORA_FILE if lora_run else "model")
+        if not lora_run:  # refused before anything else, as at the start of a run
+            preflight.check_model_dir(out_dir)
         if step is None:
             raise UserError(f"no checkpoint in {ck.directory}")
-        meta = ck.read_meta(step)
         predicting = run_prediction(meta, prediction, f"export {run_dir}")
         sd = load_base(checkpoint, preset_name, int(meta["seed"]), predicting)
         check_same_model(meta, sd.config.to_dict(), f"export {run_dir}")

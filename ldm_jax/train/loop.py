@@ -38,13 +38,13 @@ from ldm_jax.train.base import (base_info, check_resolution, check_trainable, lo
                                 run_prediction)
 from ldm_jax.train.checkpoint import Checkpoints, check_same_model
 from ldm_jax.train.config import TrainConfig
-from ldm_jax.train.export import export_model
+from ldm_jax.train.export import export_model, export_path
 from ldm_jax.train.progress import InterruptGuard, Metrics, progress_bar
 from ldm_jax.train.resume import resume_state
 from ldm_jax.train.samples import check_sample_steps, samples_missing, save_samples
 from ldm_jax.train.state import init_state
 from ldm_jax.train.step import (abstract_cached_batch, frozen_inputs, jitted_train_step, key_data, shard_batch,
-                                 size_conditioning, trainable)
+                                 initial_params, size_conditioning)
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
@@ -58,7 +58,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     preflight.check_config(cfg)
     dataset = D.scan_dataset(cfg.data, allow_empty_captions=cfg.allow_empty_captions)
-    preflight.check_run_dir(cfg.out, cfg.data, cfg.export)
+    preflight.check_run_dir(cfg.out, cfg.data, cfg.export, lora=bool(cfg.step.lora_rank))
     run_dir = os.path.abspath(cfg.out)
     if cfg.batch_size > len(dataset):
         raise UserError(f"--batch-size {cfg.batch_size} is more than the {len(dataset)} images in {cfg.data} (a batch "
@@ -117,7 +117,7 @@ def _train(cfg, dataset, run_dir, ck, log):
             state = resume_state(ck, latest, meta, sd.config, cfg, mesh, run_dir, log)
         else:
             rep = parallel.replicated(mesh)
-            state = init_state(parallel.replicate(trainable(sd.params, cfg.step), mesh), cfg.optim, rep)
+            state = init_state(parallel.replicate(initial_params(sd, cfg.step, seed), mesh), cfg.optim, rep)
         run_meta = {"seed": seed, "config": config_dict, "optim": dataclasses.asdict(cfg.optim),
                     "step_config": dataclasses.asdict(cfg.step), "base": base_info(cfg), "run_dir": run_dir,
                     "run": {"batch_size": cfg.batch_size, "resolution": res, "random_flip": cfg.random_flip,
@@ -134,7 +134,7 @@ def _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, 
     sd = sd.replace(params={c: v for c, v in sd.params.items() if c not in cfg.step.trained})  # the state has them
     start = int(np.asarray(state.step.addressable_data(0)))
     n_proc, k, res = jax.process_count(), cfg.step.grad_accum, cfg.resolution
-    frozen = frozen_inputs(sd.params, sd.tokenize([""]), mesh)
+    frozen = frozen_inputs(sd.params, sd.tokenize([""]), mesh, unet=bool(cfg.step.lora_rank))
     key = parallel.replicate(key_data(cfg.seed), mesh)
     loader_kw = dict(batch_size=cfg.batch_size // n_proc, resolution=res, seed=cfg.seed, position=position,
                      random_flip=cfg.random_flip, shard_index=jax.process_index(), num_shards=n_proc,
@@ -256,11 +256,11 @@ def _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, 
     ck.wait()
     model_dir = None
     if last >= cfg.steps and cfg.export != "none":
-        model_dir = os.path.join(run_dir, "model")
+        model_dir = export_path(run_dir, cfg.step)
         if n_proc == 1:
             export_model(model_dir, sd, state, cfg.step, ema=cfg.export == "ema",
                          meta={"run_dir": run_dir, "step": last}, resolution=res)
-            log(f"wrote the trained model ({cfg.export} weights) to {model_dir}")
+            log(f"wrote the trained {'LoRA' if cfg.step.lora_rank else 'model'} ({cfg.export} weights) to {model_dir}")
         else:
             model_dir = None
             log(f"multi-host run: export with `ldm-jax train --export-only --out {run_dir} ...` on one host")

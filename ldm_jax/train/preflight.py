@@ -36,7 +36,8 @@ FLAGS = {
     "step_config": {"caption_dropout": "--caption-dropout", "grad_accum": "--grad-accum", "precision": "--precision",
                     "remat": "--remat", "attention_impl": "attention_impl", "snr_gamma": "--snr-gamma",
                     "train_text_encoder": "--train-text-encoder", "debiased_loss": "--debiased-loss",
-                    "multires_noise": "--multires-noise"},
+                    "multires_noise": "--multires-noise", "lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha",
+                    "lora_targets": "--lora-targets"},
     "run": {"batch_size": "--batch-size", "random_flip": "--random-flip", "processes": "processes",
             "devices": "devices"},
 }
@@ -60,9 +61,9 @@ def check_config(cfg) -> None:
         raise UserError("--sample-prompt needs --sample-every N (draw the sample images every N steps)")
 
 
-def check_run_dir(run_dir: str, data_dir: str | None, export: str) -> None:
+def check_run_dir(run_dir: str, data_dir: str | None, export: str, lora: bool = False) -> None:
     """Refuse (before any work) a RUN_DIR that is a file, the data folder or inside it, not writable, or whose
-    model/ would be refused by the export at the end."""
+    model/ (a LoRA run: lora.safetensors) would be refused by the export at the end."""
     if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
         raise UserError(f"--out {run_dir} is a file, not a run directory; give a directory path (new or a run's)")
     real = os.path.realpath(run_dir)  # `run_dir` as given, for the messages
@@ -72,7 +73,11 @@ def check_run_dir(run_dir: str, data_dir: str | None, export: str) -> None:
             raise UserError(f"--out {run_dir} is {'the' if real == data else 'inside the'} --data folder {data_dir}: "
                             "the run's samples would mix with the training images; choose a directory outside it")
     check_can_write_dir(run_dir, f"--out {run_dir}")
-    if export != "none":
+    if export != "none" and lora:
+        if os.path.isdir(os.path.join(run_dir, "lora.safetensors")):
+            raise UserError(f"{os.path.join(run_dir, 'lora.safetensors')} is a directory; the trained LoRA is written "
+                            "there at the end: remove it, or pass --export none")
+    elif export != "none":
         check_model_dir(os.path.join(run_dir, "model"), "or pass --export none")
 
 
@@ -137,6 +142,12 @@ def resume_settings(meta: dict, cfg, where: str) -> tuple[int, int | None]:
     if was_joint != cfg.step.train_text_encoder:
         raise UserError(f"{where}: the run was started {'with' if was_joint else 'without'} --train-text-encoder; "
                         "resume it the same way")
+    step = meta.get("step_config") or {}
+    was = (int(step.get("lora_rank", 0)), step.get("lora_targets", "attn") if step.get("lora_rank") else None)
+    now = (cfg.step.lora_rank, cfg.step.lora_targets if cfg.step.lora_rank else None)
+    if was != now:
+        run = f"a LoRA of rank {was[0]} on --lora-targets {was[1]}" if was[0] else "the whole U-Net (no --lora-rank)"
+        raise UserError(f"{where}: the run trains {run}; resume it with the same --lora-rank and --lora-targets")
     return seed, resolution
 
 

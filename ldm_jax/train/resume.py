@@ -16,13 +16,11 @@ from ldm_jax.train import preflight
 from ldm_jax.train.base import base_info
 from ldm_jax.train.config import TrainConfig
 from ldm_jax.train.state import OptimConfig, TrainState, abstract_state
-from ldm_jax.train.step import StepConfig, trainable
+from ldm_jax.train.step import StepConfig, abstract_trainable
 
 
 def state_shapes(config, optim: OptimConfig, step_cfg: StepConfig, mesh):
-    from ldm_jax.models.build import abstract_params
-
-    shapes = abstract_state(trainable(abstract_params(config, step_cfg.trained), step_cfg), optim).as_dict()
+    shapes = abstract_state(abstract_trainable(config, step_cfg), optim).as_dict()
     return parallel.abstract_like(shapes, parallel.replicated(mesh))
 
 

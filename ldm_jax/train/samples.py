@@ -5,13 +5,14 @@ the samples of its checkpoint's step were never written (the run stopped while d
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
 
 from ldm_jax.errors import UserError
 from ldm_jax.train.config import TrainConfig
-from ldm_jax.train.step import components
+from ldm_jax.train.step import components, merged_unet
 
 
 def check_sample_steps(config, cfg: TrainConfig) -> None:
@@ -40,13 +41,21 @@ def samples_missing(cfg: TrainConfig, step: int, run_dir: str) -> bool:
     return not all(os.path.exists(_sample_path(run_dir, step, i)) for i in range(len(cfg.sample_prompts)))
 
 
+@functools.lru_cache(maxsize=2)
+def _jitted_merge(config, step_cfg):
+    return jax.jit(functools.partial(merged_unet, config=config, step_cfg=step_cfg))
+
+
 def save_samples(sd, frozen, state, cfg: TrainConfig, res: int, step: int, run_dir: str, mesh) -> None:
     """Sample images at the fixed prompts with the EMA weights (one compiled program, reused across calls)."""
     from ldm_jax.images import save_png
     from ldm_jax.pipelines.generate import txt2img
 
     sd.params.update({c: frozen[c] for c in ("vae", "text_encoder", "text_encoder_2") if c in frozen})
-    sd.params.update(components(state.ema_params, cfg.step))
+    if cfg.step.lora_rank:  # the base U-Net with the EMA LoRA merged in (one small program)
+        sd.params["unet"] = _jitted_merge(sd.config, cfg.step)(frozen["unet"], state.ema_params)
+    else:
+        sd.params.update(components(state.ema_params, cfg.step))
     sd.cache[("params", id(mesh))] = sd.params  # already replicated on the mesh: no copy (see generate.py)
     images = txt2img(sd, list(cfg.sample_prompts), steps=cfg.sample_steps, guidance_scale=cfg.sample_scale,
                      height=res, width=res, seed=cfg.seed)

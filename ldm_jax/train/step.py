@@ -12,7 +12,9 @@ One step = one optimiser update from K micro-batches (gradient accumulation, `la
 `state.params` is the U-Net's tree, or with `train_text_encoder` {"unet": ..., "text_encoder": ...} (`trainable`,
 `components`): the CLIP text encoder is then trained jointly, as the LDM paper trains tau_theta with eps_theta
 (eq. 3), the context (and the empty prompt's, for caption dropout) is computed from the ids inside the
-differentiated loss, and a precomputed batch carries {"moments", "ids"}.
+differentiated loss, and a precomputed batch carries {"moments", "ids"}. With `lora_rank` the state holds a LoRA
+({module: {"down", "up"}}, `lora.py`) and `frozen` the base U-Net; the loss runs the merged U-Net W + scale down @ up,
+differentiated in the LoRA only.
 
 SDXL (Podell et al. 2023; both text encoders frozen, as diffusers' `train_text_to_image_sdxl.py`): the context is the
 two encoders' states side by side, and the U-Net also gets y = [pooled text, emb(original size), emb(crop top-left),
@@ -43,7 +45,7 @@ from ldm_jax.configs import ModelConfig
 from ldm_jax.errors import UserError
 from ldm_jax.models.build import modules
 from ldm_jax.schedules import make_schedule
-from ldm_jax.train import limits, loss as L
+from ldm_jax.train import limits, lora, loss as L
 from ldm_jax.train.state import OptimConfig, TrainState, apply_gradients
 
 DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16}
@@ -62,12 +64,18 @@ class StepConfig:
     train_text_encoder: bool = False  # train tau_theta jointly with the U-Net (else frozen, as SD fine-tuning)
     debiased_loss: bool = False  # also weight the loss by 1 / sqrt(SNR_t) (loss.debiased_weight)
     multires_noise: float = 0.0  # > 0: the diffusion noise is loss.multires_noise with this discount (0: white)
+    lora_rank: int = 0  # > 0: train a LoRA of this rank on the frozen U-Net (`lora.py`) instead of the U-Net
+    lora_alpha: float | None = None  # the LoRA's scale is alpha / rank (None: alpha = rank, scale 1)
+    lora_targets: str = "attn"  # which U-Net kernels the LoRA adapts (`lora.TARGETS`)
 
     def __post_init__(self):
         if self.precision not in DTYPES:
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
-        limits.check_fields(self, ("caption_dropout", "grad_accum", "snr_gamma", "multires_noise"),
-                            optional=("snr_gamma",))
+        limits.check_fields(self, ("caption_dropout", "grad_accum", "snr_gamma", "multires_noise", "lora_rank",
+                                   "lora_alpha"), optional=("snr_gamma", "lora_alpha"))
+        lora.check_targets(self.lora_targets)
+        if self.lora_rank and self.train_text_encoder:
+            raise ValueError("a LoRA run adapts the U-Net only: train without --train-text-encoder")
 
     @property
     def dtype(self):
@@ -75,8 +83,15 @@ class StepConfig:
 
     @property
     def trained(self) -> tuple[str, ...]:
-        """The model components the step trains (the rest are in `frozen`)."""
+        """The model components the step trains (the rest are in `frozen`; with a LoRA none is: the state holds
+        the LoRA and the U-Net is frozen)."""
+        if self.lora_rank:
+            return ()
         return ("unet", "text_encoder") if self.train_text_encoder else ("unet",)
+
+    @property
+    def lora_scale(self) -> float:
+        return (self.lora_alpha or self.lora_rank) / self.lora_rank
 
 
 SDXL_TEXT_ENCODER_REFUSED = ("--train-text-encoder is for SD 1.x and 2.x models: SDXL's two text encoders stay frozen "
@@ -84,10 +99,32 @@ SDXL_TEXT_ENCODER_REFUSED = ("--train-text-encoder is for SD 1.x and 2.x models:
 
 
 def trainable(model_params: dict, step_cfg: StepConfig):
-    """{component: tree} of a model -> the step's `state.params` (the bare U-Net tree when only it trains)."""
+    """{component: tree} of a model -> the step's `state.params` (the bare U-Net tree when only it trains). Not for
+    LoRA runs, whose state starts from `lora.init` (`initial_params`)."""
     if step_cfg.train_text_encoder:
         return {c: model_params[c] for c in step_cfg.trained}
     return model_params["unet"]
+
+
+def initial_params(sd, step_cfg: StepConfig, seed: int):
+    """A new run's `state.params`: the base model's trained components, or a fresh LoRA (`lora.init`)."""
+    if step_cfg.lora_rank:
+        return lora.init(sd.config, step_cfg.lora_targets, step_cfg.lora_rank, seed)
+    return trainable(sd.params, step_cfg)
+
+
+def abstract_trainable(config: ModelConfig, step_cfg: StepConfig):
+    """The shapes of `initial_params` (jax.ShapeDtypeStruct leaves), without weights."""
+    from ldm_jax.models.build import abstract_params
+
+    if step_cfg.lora_rank:
+        return lora.abstract(config, step_cfg.lora_targets, step_cfg.lora_rank)
+    return trainable(abstract_params(config, step_cfg.trained), step_cfg)
+
+
+def merged_unet(base_unet, lora_params, config: ModelConfig, step_cfg: StepConfig):
+    """The U-Net a LoRA run's `state.params` (or EMA) make of the frozen base U-Net (`lora.merge`)."""
+    return lora.merge(base_unet, lora_params, config, step_cfg.lora_targets, step_cfg.lora_scale)
 
 
 def components(params, step_cfg: StepConfig) -> dict:
@@ -146,8 +183,11 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
         pooled = L.drop_captions(cond["pooled"], zeros(cond["pooled"]), drop)
         return L.drop_captions(ctx, zeros(ctx), drop), vector_conditioning(pooled, cond["sizes"])
 
-    def micro_loss(params, uncond, z0, t, noise, cond, drop):
-        unet_params = params["unet"] if step_cfg.train_text_encoder else params
+    def micro_loss(params, uncond, base_unet, z0, t, noise, cond, drop):
+        if step_cfg.lora_rank:
+            unet_params = merged_unet(base_unet, params, config, step_cfg)
+        else:
+            unet_params = params["unet"] if step_cfg.train_text_encoder else params
         ctx, y = conditioning(params, cond, uncond, drop)
         eps_fn = lambda x, tt, c: unet.apply({"params": unet_params}, x, tt, c, y)  # noqa: E731
         return L.diffusion_loss(eps_fn, schedule, z0, t, noise, ctx, step_cfg.snr_gamma, step_cfg.debiased_loss,
@@ -164,7 +204,7 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
 
         def one(i, micro):
             keys = L.example_keys(step_key, i * b + jnp.arange(b))
-            return grad_fn(state.params, uncond, *inputs(frozen, micro, keys))
+            return grad_fn(state.params, uncond, frozen.get("unet"), *inputs(frozen, micro, keys))
 
         if k == 1:
             loss, grads = one(0, jax.tree_util.tree_map(lambda x: x[0], batch))
@@ -263,9 +303,9 @@ def _jitted_train_step(config, optim, step_cfg, mesh):
     return compile_step(make_train_step(config, optim, step_cfg), mesh)
 
 
-def frozen_inputs(params: dict, uncond_ids, mesh=None) -> dict:
+def frozen_inputs(params: dict, uncond_ids, mesh=None, unet: bool = False) -> dict:
     """The replicated frozen inputs of the step from a model's params (the VAE, and the text encoder unless it
-    trains: whichever `params` holds) and the tokenized empty prompt [1, S]."""
-    tree = {c: params[c] for c in ("vae", "text_encoder", "text_encoder_2") if c in params}
+    trains: whichever `params` holds; with `unet`, a LoRA run's base U-Net) and the tokenized empty prompt [1, S]."""
+    tree = {c: params[c] for c in ("vae", "text_encoder", "text_encoder_2") + ("unet",) * unet if c in params}
     tree["uncond_ids"] = np.asarray(uncond_ids, np.int32).reshape(1, -1)
     return parallel.replicate(tree, mesh)

@@ -1,0 +1,106 @@
+"""LoRA fine-tuning of the U-Net (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"), saved as
+a kohya-ss LoRA file (what A1111, ComfyUI, diffusers' `load_lora_weights` and `ldm-jax --lora` read).
+
+Each adapted kernel W [in, out] (a Linear; SD 1.x's proj_in / proj_out are 1x1 convs [1, 1, in, out]) is used as
+
+    W' = W + (alpha / r) * down @ up          down [in, r], up [r, out]; W frozen
+
+down starts kaiming-uniform (torch's nn.Linear init, U(-1/sqrt(in), 1/sqrt(in)), as kohya and PEFT), up at zero,
+so step 0 is the base model. Which kernels (`TARGETS`): "attn", the q, k, v and output projections of every self-
+and cross-attention (diffusers' `train_text_to_image_lora.py`); "transformer", every Linear of the transformer
+blocks plus proj_in / proj_out (kohya's `networks.lora` on Transformer2DModel). The text encoders stay frozen.
+
+The file: `<module>.lora_down.weight` = down^T [r, in(, 1, 1)], `<module>.lora_up.weight` = up^T [out, r(, 1, 1)],
+`<module>.alpha`, module names as kohya's trainer writes them for this model (`convert.lora_names`: diffusers
+U-Net paths for SD 1.x / 2.x, sgm paths for SDXL), so `convert.lora` merges it back into the same W'.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+TARGETS = {
+    "attn": re.compile(r"_attn[12]_to_(q|k|v|out_0)$"),
+    "transformer": re.compile(r"(_attn[12]_to_(q|k|v|out_0)|_ff_net_0_proj|_ff_net_2|_proj_in|_proj_out)$"),
+}
+_SGM_UNET = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
+
+
+def check_targets(targets: str) -> str:
+    if targets not in TARGETS:
+        raise ValueError(f"LoRA targets must be one of {', '.join(TARGETS)}, got {targets!r}")
+    return targets
+
+
+@functools.lru_cache(maxsize=8)
+def modules(config, targets: str) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """{kohya module name: (path of the adapted kernel in the U-Net's Flax tree, its shape)}, in name order."""
+    from convert.lora_names import module_table
+
+    out = {}
+    for name, entry in module_table(config).items():
+        if not name.startswith("lora_unet_") or not TARGETS[check_targets(targets)].search(name):
+            continue
+        if config.is_sdxl and not _SGM_UNET.match(name):  # kohya names SDXL's U-Net the sgm way
+            continue
+        shape = tuple(entry.flax_shape)
+        if len(shape) == 2 or (len(shape) == 4 and shape[:2] == (1, 1)):
+            out[name] = (tuple(entry.flax_path), shape)
+    return dict(sorted(out.items()))
+
+
+def init(config, targets: str, rank: int, seed: int) -> dict:
+    """{module: {"down": f32 [in, r] kaiming-uniform, "up": f32 [r, out] zeros}} (keys from fold_in(seed, i))."""
+    key = jax.random.key(seed)
+    out = {}
+    for i, (name, (_, shape)) in enumerate(modules(config, targets).items()):
+        n_in, n_out = shape[-2], shape[-1]
+        bound = 1.0 / np.sqrt(n_in)
+        down = jax.random.uniform(jax.random.fold_in(key, i), (n_in, rank), jnp.float32, -bound, bound)
+        out[name] = {"down": down, "up": jnp.zeros((rank, n_out), jnp.float32)}
+    return out
+
+
+def abstract(config, targets: str, rank: int) -> dict:
+    """The shapes of `init`'s tree (jax.ShapeDtypeStruct leaves)."""
+    return {name: {"down": jax.ShapeDtypeStruct((shape[-2], rank), jnp.float32),
+                   "up": jax.ShapeDtypeStruct((rank, shape[-1]), jnp.float32)}
+            for name, (_, shape) in modules(config, targets).items()}
+
+
+def merge(unet_params, lora: dict, config, targets: str, scale: float):
+    """The U-Net tree with W' = W + scale * down @ up at every adapted kernel (scale = alpha / r); traceable and
+    differentiable in `lora` (the rest of the tree is taken as given)."""
+    flat = traverse_util.flatten_dict(unet_params)
+    for name, (path, shape) in modules(config, targets).items():
+        w = flat[path]
+        delta = scale * (lora[name]["down"] @ lora[name]["up"])  # [in, out]
+        flat[path] = w + delta.reshape(shape).astype(w.dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def kohya_tensors(lora: dict, config, targets: str, alpha: float) -> dict[str, np.ndarray]:
+    """The kohya-ss file's tensors (float32) of a trained `lora` tree."""
+    out = {}
+    for name, (_, shape) in modules(config, targets).items():
+        down, up = (np.asarray(lora[name][k], np.float32) for k in ("down", "up"))
+        conv = (1, 1) if len(shape) == 4 else ()
+        out[f"{name}.lora_down.weight"] = np.ascontiguousarray(down.T.reshape(down.shape[::-1] + conv))
+        out[f"{name}.lora_up.weight"] = np.ascontiguousarray(up.T.reshape(up.shape[::-1] + conv))
+        out[f"{name}.alpha"] = np.asarray(alpha, np.float32)
+    return out
+
+
+def kohya_metadata(config, rank: int, alpha: float, extra: dict) -> dict[str, str]:
+    """The `ss_*` fields kohya's trainer writes that tools read (network module, dim, alpha, base model family)."""
+    family = "sdxl_base_v1-0" if config.is_sdxl else "sd_v2" if config.text.key_layout == "open_clip" else "sd_v1"
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}",
+            "ss_base_model_version": family, "ss_v2": str(family == "sd_v2")}
+    meta.update({k: str(v) for k, v in extra.items()})
+    return meta
