@@ -10,7 +10,8 @@ from ldm_jax.data.shapes import (
     BACKGROUNDS, COLORS, POSITIONS, Attributes, all_combinations, caption, held_out_prompts, is_held_out,
     make_dataset, parse_caption, render, sample_attributes, write_dataset)
 from ldm_jax.data.shapes_eval import adherence, analyse, degrade, matches
-from ldm_jax.train.data import load_image, scan_dataset
+from ldm_jax.train.data import scan_dataset
+from ldm_jax.train.example import load_image
 
 FIELDS = [f.name for f in dataclasses.fields(Attributes)]
 

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from ldm_jax.errors import UserError
-from ldm_jax.train.data import (
-    Dataset, SmallImageWarning, UnreadableImage, batches, load_image, scan_dataset)
+from ldm_jax.train.data import Dataset, SmallImageWarning, UnreadableImage, batches, scan_dataset
+from ldm_jax.train.example import load_image
 
 RES = 8
 

@@ -143,7 +143,8 @@ def test_cli_stop_resume_samples_and_export(data, tmp_path, capsys):
     assert "LoRA (ema weights)" in capsys.readouterr().out
     assert (run / "samples" / "step0000003-00.png").is_file()
     tensors, meta = read_safetensors(run / "lora.safetensors")
-    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8"
+    assert meta["ss_base_model_version"] == "sd_v1"
     from ldm_jax.configs import preset
 
     assert len(tensors) == 3 * len(lora.modules(preset("tiny"), "transformer"))

@@ -53,15 +53,16 @@ def _diffusers_crop(w, h):
 
 def test_sizes_and_crops_name_the_pixels_taken(tmp_path):
     from ldm_jax.train import data as D
+    from ldm_jax.train import example as E
 
     w, h = 64, 32  # resized to 32x16: a crop can start anywhere in x in [0, 16]
     index = np.arange(w)[None, :].repeat(h, 0)
     Image.fromarray(np.stack([index * 4, index * 4, index * 4], -1).astype(np.uint8)).save(tmp_path / "a.png")
-    resized = np.asarray(Image.fromarray(np.stack([index * 4] * 3, -1).astype(np.uint8)).resize((32, 16), D.RESAMPLE),
+    resized = np.asarray(Image.fromarray(np.stack([index * 4] * 3, -1).astype(np.uint8)).resize((32, 16), E.RESAMPLE),
                          np.float32) / 127.5 - 1
     lefts, flips = set(), 0
     for seed in range(12):
-        ex = D.load_example(tmp_path / "a.png", 16, center_crop=False, random_flip=True,
+        ex = E.load_example(tmp_path / "a.png", 16, center_crop=False, random_flip=True,
                             rng=np.random.default_rng(seed))
         top, left = ex.crop_top_left
         assert ex.original_size == (64, 32) and ex.resized_size == (32, 16) and top == 0

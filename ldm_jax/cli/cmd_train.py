@@ -78,6 +78,17 @@ def add_parser(sub, name, help_):
     p.add_argument("--lora-targets", choices=("attn", "transformer"), default="attn", help="kernels the LoRA "
                    "adapts: attn = q, k, v, out of every attention (diffusers' LoRA script), transformer = every "
                    "Linear of the transformer blocks and proj_in/out (kohya's) (default: attn)")
+    p.add_argument("--instance-prompt", metavar="TEXT", help="DreamBooth: caption every --data image with TEXT "
+                   "(e.g. 'a photo of sks dog'; caption files are then not needed)")
+    p.add_argument("--class-data", metavar="DIR", help="DreamBooth prior preservation (Ruiz et al. 2023): class "
+                   "images, each micro-batch adding as many of them as instance images; the base model generates "
+                   "them into DIR (with --class-prompt) until it holds --num-class-images")
+    p.add_argument("--class-prompt", metavar="TEXT", help="the class images' caption and generation prompt (e.g. "
+                   "'a photo of dog')")
+    p.add_argument("--num-class-images", type=int, default=100, metavar="N", help="class images to have in "
+                   "--class-data (default: 100)")
+    p.add_argument("--prior-loss-weight", type=float, default=1.0, metavar="W", help="weight of the class images' "
+                   "loss (default: 1.0)")
     p.add_argument("--allow-empty-captions", action="store_true", help="train images without captions as ''")
     p.add_argument("--precompute-latents", action="store_true", help="encode images/captions once, cache on disk")
     p.add_argument("--seed", type=int, help="seed of data order and all randomness (default: a resumed run's, "
@@ -181,4 +192,6 @@ def train_config(args):
         save_every=args.save_every, keep=args.keep, sample_every=args.sample_every,
         sample_prompts=tuple(args.sample_prompt), sample_steps=args.sample_steps,
         precompute_latents=args.precompute_latents, export=args.export, stop_after=args.stop_after,
-        num_workers=args.num_workers, progress=not args.no_progress)
+        num_workers=args.num_workers, progress=not args.no_progress, instance_prompt=args.instance_prompt,
+        class_data=args.class_data, class_prompt=args.class_prompt, num_class_images=args.num_class_images,
+        prior_loss_weight=args.prior_loss_weight)

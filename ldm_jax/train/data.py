@@ -11,14 +11,8 @@ Two folder layouts (`scan_dataset`):
 
 Text files are UTF-8, with or without a byte-order mark.
 
-Preprocessing follows diffusers' `examples/text_to_image/train_text_to_image(_flax).py`: `Resize(resolution,
-BILINEAR)` of the shorter side (PIL's bilinear filter is antialiased when downscaling; the long side is truncated as
-torchvision does), `CenterCrop` (or `RandomCrop`), optional `RandomHorizontalFlip`, then `Normalize([0.5], [0.5])`,
-i.e. `x / 127.5 - 1`. Images are made RGB first: EXIF orientation applied, transparency composited on white, 16-bit
-grayscale scaled to 8 bits. Each row also records the decoded image's size and the crop's top-left offset in the
-resized image, SDXL's size and crop conditioning (Podell et al. 2023, sec. 2.2; diffusers'
-`train_text_to_image_sdxl.py` records the same, except that after a flip it stores the cropped width minus `left`
-where we store the mirrored crop's own left offset, `mirrored_left`).
+Preprocessing (`train.example`) follows diffusers' `train_text_to_image(_flax).py`: shorter side resized to the
+resolution, center or random crop, optional flip, `x / 127.5 - 1`; each row also records SDXL's size and crop numbers.
 
 Order (`batches`): the global sample order is the concatenation of the permutations
 `np.random.default_rng([seed, epoch]).permutation(n)` for epoch = epoch_start, epoch_start + 1, ...; `position`
@@ -39,28 +33,19 @@ import json
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from ldm_jax.errors import UserError
+from ldm_jax.train.example import SmallImageWarning, UnreadableImage, read_example
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
 METADATA_CSV = "metadata.csv"
 CAPTION_COLUMNS = ("text", "caption")
-RESAMPLE = Image.Resampling.BILINEAR  # as diffusers' train_text_to_image
 MAX_REPLACEMENT_TRIES = 64
 _EMPTY_HINT = "pass allow_empty_captions (--allow-empty-captions) to train with empty captions"
-
-
-class UnreadableImage(Exception):
-    """PIL could not decode an image file (corrupt, truncated, not an image)."""
-
-
-class SmallImageWarning(UserWarning):
-    """An image smaller than the training resolution was upscaled."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +64,9 @@ class Dataset:
         return len(self.paths)
 
 
-def scan_dataset(root, *, allow_empty_captions: bool = False) -> Dataset:
-    """Find the captioned images under `root` (see the module docstring); raises UserError on bad input."""
+def scan_dataset(root, *, allow_empty_captions: bool = False, caption: str | None = None) -> Dataset:
+    """Find the captioned images under `root` (see the module docstring); raises UserError on bad input. `caption`:
+    every image gets this one (DreamBooth's instance or class prompt; caption files are then not needed)."""
     root_path = Path(root)
     if not root_path.exists():
         raise UserError(f"data directory not found: {root}")
@@ -92,7 +78,9 @@ def scan_dataset(root, *, allow_empty_captions: bool = False) -> Dataset:
     elif table.is_file():
         pairs = _read_metadata(table, root_path, allow_empty_captions)
     else:
-        pairs = _read_caption_files(root_path, allow_empty_captions)
+        pairs = _read_caption_files(root_path, allow_empty_captions or caption is not None)
+    if caption is not None:
+        pairs = [(path, caption) for path, _ in pairs]
     if not pairs:
         raise UserError(f"empty data directory: no images ({', '.join(IMAGE_EXTENSIONS)}) found in {root}")
     paths, captions = zip(*pairs)
@@ -144,12 +132,19 @@ def _read_metadata(metadata: Path, root: Path, allow_empty: bool) -> list[tuple[
     return pairs
 
 
-def _read_caption_files(root: Path, allow_empty: bool) -> list[tuple[str, str]]:
+def image_files(root) -> list[Path]:
+    """The image files under `root`, searched recursively (hidden files and folders skipped), by relative path."""
+    root = Path(root)
+
     def visible_image(p: Path) -> bool:
         rel = p.relative_to(root)
         return p.suffix.lower() in IMAGE_EXTENSIONS and not any(s.startswith(".") for s in rel.parts) and p.is_file()
 
-    images = sorted((p for p in root.rglob("*") if visible_image(p)), key=lambda p: p.relative_to(root).as_posix())
+    return sorted((p for p in root.rglob("*") if visible_image(p)), key=lambda p: p.relative_to(root).as_posix())
+
+
+def _read_caption_files(root: Path, allow_empty: bool) -> list[tuple[str, str]]:
+    images = image_files(root)
     pairs, missing = [], []
     for image in images:
         caption_file = image.with_suffix(".txt")
@@ -170,78 +165,6 @@ def _read_caption_files(root: Path, allow_empty: bool) -> list[tuple[str, str]]:
         raise UserError(f"missing or empty caption for {missing[0]}: expected {missing[0].with_suffix('.txt').name} "
                         f"next to it{more}{hint}")
     return pairs
-
-
-def _decode_rgb(path: str) -> Image.Image:
-    """Open, apply EXIF orientation and convert to RGB (transparency on white); UnreadableImage on any failure."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-        if img.mode.startswith("I;16"):  # 16-bit grayscale: PIL's convert() would clip instead of scale
-            img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).round().astype(np.uint8), "L")
-        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-            rgba = img.convert("RGBA")
-            img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        return img.convert("RGB")
-    except Exception as e:  # PIL raises many types (OSError, ValueError, SyntaxError, DecompressionBombError...)
-        raise UnreadableImage(f"{path}: {type(e).__name__}: {e}") from e
-
-
-class Example(NamedTuple):
-    """One decoded training image: pixels f32 [res, res, 3] in [-1, 1], the decoded image's (width, height) before
-    resizing, and where the crop starts in the resized image, (top, left), as SDXL's crop conditioning counts it
-    (a flipped crop's `left` is the mirrored crop's, `mirrored_left`)."""
-
-    pixels: np.ndarray
-    original_size: tuple[int, int]
-    crop_top_left: tuple[int, int]
-    resized_size: tuple[int, int]  # (width, height) of the resized image the crop was taken from
-
-
-def mirrored_left(left: int, resized_width: int, resolution: int) -> int:
-    """The left offset of a crop [left, left + resolution) after the resized image is flipped horizontally."""
-    return resized_width - left - resolution
-
-
-def _load(path, resolution: int, center_crop: bool, random_flip: bool, rng) -> Example:
-    img = _decode_rgb(path)
-    original_size = img.size
-    w, h = img.size
-    if min(w, h) != resolution:  # torchvision Resize(int): shorter side -> resolution, longer side truncated
-        size = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
-        img = img.resize(size, RESAMPLE)
-        w, h = img.size
-    if rng is None and (random_flip or not center_crop):
-        rng = np.random.default_rng()
-    if center_crop:  # torchvision CenterCrop rounding
-        left, top = int(round((w - resolution) / 2.0)), int(round((h - resolution) / 2.0))
-    else:
-        top, left = int(rng.integers(0, h - resolution + 1)), int(rng.integers(0, w - resolution + 1))
-    pixels = np.asarray(img.crop((left, top, left + resolution, top + resolution)), dtype=np.float32)
-    if random_flip and rng.random() < 0.5:
-        pixels, left = pixels[:, ::-1], mirrored_left(left, w, resolution)
-    return Example(np.ascontiguousarray(pixels / 127.5 - 1.0), original_size, (top, left), (w, h))
-
-
-def load_example(path, resolution: int, *, center_crop: bool = True, random_flip: bool = False,
-                 rng: np.random.Generator | None = None) -> Example:
-    """The image as a training example: pixels float32 [resolution, resolution, 3] in [-1, 1], its sizes and crop;
-    `rng` drives the random crop and flip (fresh if None).
-
-    Raises UnreadableImage if PIL cannot decode the file; warns (SmallImageWarning) when the image is upscaled.
-    """
-    ex = _load(path, resolution, center_crop, random_flip, rng)
-    w, h = ex.original_size
-    if min(w, h) < resolution:
-        warnings.warn(f"{path}: {w}x{h} is smaller than resolution {resolution}; upscaled", SmallImageWarning)
-    return ex
-
-
-def load_image(path, resolution: int, *, center_crop: bool = True, random_flip: bool = False,
-               rng: np.random.Generator | None = None) -> np.ndarray:
-    """`load_example(...).pixels`: float32 [resolution, resolution, 3] in [-1, 1]."""
-    return load_example(path, resolution, center_crop=center_crop, random_flip=random_flip, rng=rng).pixels
 
 
 @dataclasses.dataclass
@@ -339,7 +262,7 @@ class BatchIterator:
                 continue
             rng = np.random.default_rng([self.seed, epoch, index])
             try:
-                ex = _load(self.dataset.paths[index], self.resolution, self.center_crop, self.random_flip, rng)
+                ex = read_example(self.dataset.paths[index], self.resolution, self.center_crop, self.random_flip, rng)
                 return ex.pixels, index, ex.original_size, ex.crop_top_left, failures
             except UnreadableImage as e:
                 self._bad[index] = str(e)

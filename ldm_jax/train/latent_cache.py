@@ -31,6 +31,7 @@ import numpy as np
 
 from ldm_jax.errors import UserError
 from ldm_jax.train import data as D
+from ldm_jax.train.example import load_example, mirrored_left
 
 BATCH = 8
 
@@ -76,10 +77,10 @@ def build(sd, dataset: D.Dataset, resolution: int, random_flip: bool, cache_dir:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", D.SmallImageWarning)  # counted by the batch iterator
-                    ex = D.load_example(dataset.paths[i], resolution)
+                    ex = load_example(dataset.paths[i], resolution)
                 pixels.append(ex.pixels)
                 (w, h), (top, left) = ex.original_size, ex.crop_top_left
-                flipped_left = D.mirrored_left(left, ex.resized_size[0], resolution)
+                flipped_left = mirrored_left(left, ex.resized_size[0], resolution)
                 sizes[i] = [(h, w, top, left), (h, w, top, flipped_left)][:flips]
                 ok[i] = True
             except D.UnreadableImage:

@@ -23,6 +23,7 @@ resolution (another one is refused, `preflight.resume_settings`); other changed 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -33,6 +34,7 @@ import numpy as np
 from ldm_jax import parallel
 from ldm_jax.errors import UserError
 from ldm_jax.train import data as D
+from ldm_jax.train import dreambooth
 from ldm_jax.train import preflight
 from ldm_jax.train.base import (base_info, check_resolution, check_trainable, load_base, prediction_line,
                                 run_prediction)
@@ -47,6 +49,9 @@ from ldm_jax.train.step import (abstract_cached_batch, frozen_inputs, jitted_tra
                                  initial_params, size_conditioning)
 
 
+DREAMBOOTH_FIELDS = ("instance_prompt", "class_data", "class_prompt", "num_class_images", "prior_loss_weight")
+
+
 def train(cfg: TrainConfig, log=print) -> dict:
     """Run (or resume) training as configured; returns {"step", "loss" (None: no step to train), "run_dir",
     "model_dir"}.
@@ -57,7 +62,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     from ldm_jax.compile_cache import enable_compilation_cache
 
     preflight.check_config(cfg)
-    dataset = D.scan_dataset(cfg.data, allow_empty_captions=cfg.allow_empty_captions)
+    dataset = D.scan_dataset(cfg.data, allow_empty_captions=cfg.allow_empty_captions, caption=cfg.instance_prompt)
     preflight.check_run_dir(cfg.out, cfg.data, cfg.export, lora=bool(cfg.step.lora_rank))
     run_dir = os.path.abspath(cfg.out)
     if cfg.batch_size > len(dataset):
@@ -107,6 +112,11 @@ def _train(cfg, dataset, run_dir, ck, log):
     if cfg.batch_size % mesh.devices.size:
         raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of the device count {mesh.devices.size}")
     k = cfg.step.grad_accum
+    class_data = None
+    if cfg.class_data:  # DreamBooth's prior preservation: class images from the base model, made before the state
+        dreambooth.ensure_class_images(sd.replace(dtype=cfg.step.dtype), cfg.class_data, cfg.class_prompt,
+                                       cfg.num_class_images, res, seed, log)
+        class_data = dreambooth.class_dataset(cfg.class_data, cfg.class_prompt, cfg.batch_size)
 
     def what():
         return (f"global batch {cfg.batch_size} x {k}, {res}x{res}, {cfg.step.precision}"
@@ -121,16 +131,18 @@ def _train(cfg, dataset, run_dir, ck, log):
         run_meta = {"seed": seed, "config": config_dict, "optim": dataclasses.asdict(cfg.optim),
                     "step_config": dataclasses.asdict(cfg.step), "base": base_info(cfg), "run_dir": run_dir,
                     "run": {"batch_size": cfg.batch_size, "resolution": res, "random_flip": cfg.random_flip,
-                            "steps": cfg.steps, "processes": n_proc, "devices": int(mesh.devices.size)}}
-        position = int(meta["data"]["position"]) if meta else 0
-        return _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, log)
+                            "steps": cfg.steps, "processes": n_proc, "devices": int(mesh.devices.size),
+                            **{f: getattr(cfg, f) for f in DREAMBOOTH_FIELDS}}}
+        positions = (int(meta["data"]["position"]), int(meta["data"].get("class_position", 0))) if meta else (0, 0)
+        return _loop(cfg, sd, state, (dataset, class_data), positions, run_dir, run_meta, ck, mesh, what, log)
 
 
 def _spec(x):
     return (tuple(x.shape), np.dtype(x.dtype), x.sharding)
 
 
-def _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, log):
+def _loop(cfg, sd, state, datasets, positions, run_dir, run_meta, ck, mesh, what, log):
+    (dataset, class_data), (position, class_position) = datasets, positions
     sd = sd.replace(params={c: v for c, v in sd.params.items() if c not in cfg.step.trained})  # the state has them
     start = int(np.asarray(state.step.addressable_data(0)))
     n_proc, k, res = jax.process_count(), cfg.step.grad_accum, cfg.resolution
@@ -143,26 +155,36 @@ def _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, 
     step_fn = jitted_train_step(sd.config, cfg.optim, cfg.step, mesh)
     checked = None  # the batch shapes whose compiled step passed the memory check
     if cfg.precompute_latents and start < end:  # check before the cache is built: that can take long
-        checked = abstract_cached_batch(sd, cfg.step, cfg.batch_size, res, mesh)
+        rows = cfg.batch_size * (1 if class_data is None else 2)
+        checked = abstract_cached_batch(sd, cfg.step, rows, res, mesh, weights=class_data is not None)
         log(f"compiling the train step ({what()}) ...")
         preflight.check_fits(step_fn.lower(state, checked, key, frozen).compile(), what())
+    class_kw = {**loader_kw, "position": class_position}  # DreamBooth's class images: their own order position
     if cfg.precompute_latents:
         from ldm_jax.train import latent_cache
 
-        cache = latent_cache.build(sd, dataset, res, cfg.random_flip, os.path.join(run_dir, "latent_cache"),
-                                   cfg.step.dtype, log=log, text="text_encoder" in sd.params)
-        loader = latent_cache.cached_batches(cache, dataset, **loader_kw)
+        def cached(data, name, kw):
+            cache = latent_cache.build(sd, data, res, cfg.random_flip, os.path.join(run_dir, name), cfg.step.dtype,
+                                       log=log, text="text_encoder" in sd.params)
+            return latent_cache.cached_batches(cache, data, **kw)
+
+        loader = cached(dataset, "latent_cache", loader_kw)
+        class_loader = None if class_data is None else cached(class_data, "latent_cache_class", class_kw)
     else:
         loader = D.batches(dataset, **loader_kw)
+        class_loader = None if class_data is None else D.batches(class_data, **class_kw)
     sampler_sd = sd.replace(params={}, dtype=cfg.step.dtype)
     metrics = Metrics(run_dir, jax.process_index() == 0)
     metrics.keep_until(start)  # a crash may have left rows past the checkpoint we resume from
 
     def checkpoint(step, data):
-        ck.save(step, state.as_dict(), {**run_meta, "data": {"position": data["position"], "epoch": data["epoch"]}})
+        kept = {name: data[name] for name in ("position", "epoch", "class_position") if name in data}
+        ck.save(step, state.as_dict(), {**run_meta, "data": kept})
 
     def next_batch():
         rows = [next(loader) for _ in range(k)]
+        if class_loader is not None:  # B instance rows, then B class rows (dreambooth.py)
+            rows = [dreambooth.combine(r, next(class_loader)) for r in rows]
         if "images" in rows[0]:
             local = {"images": np.stack([r["images"] for r in rows]),
                      "ids": np.stack([sd.tokenize(r["captions"]) for r in rows])}
@@ -175,10 +197,13 @@ def _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, 
         if sd.config.is_sdxl:
             local["sizes"] = np.stack([size_conditioning(r, res) for r in rows])
         st = loader.stats  # the data consumed up to and including this step (the resume position)
-        return shard_batch(local, mesh), {"position": st.position, "epoch": st.epoch, "skipped": st.skipped,
-                                          "upscaled": st.upscaled}
+        data = {"position": st.position, "epoch": st.epoch, "skipped": st.skipped, "upscaled": st.upscaled}
+        if class_loader is not None:
+            local["weights"] = np.stack([dreambooth.loss_weights(cfg.batch_size // n_proc, cfg.prior_loss_weight)] * k)
+            data["class_position"] = class_loader.stats.position
+        return shard_batch(local, mesh), data
 
-    images_per_step = cfg.batch_size * k
+    images_per_step = cfg.batch_size * k * (1 if class_loader is None else 2)  # rows through the U-Net
     # `state` is at step `last`, after the data up to `last_data`; `saved`: the newest checkpoint's step (or start);
     # `unflushed`: (step, metrics, data) of the steps whose metrics.jsonl row is not written yet.
     last, last_data, saved, unflushed = start, None, start, []
@@ -199,7 +224,7 @@ def _loop(cfg, sd, state, dataset, position, run_dir, run_meta, ck, mesh, what, 
 
     guard = InterruptGuard()
     try:
-        with loader, guard:
+        with loader, class_loader or contextlib.nullcontext(), guard:
             if samples_missing(cfg, start, run_dir):  # resumed from a run stopped while it drew them
                 log(f"drawing the samples of step {start} (not in {os.path.join(run_dir, 'samples')})")
                 save_samples(sampler_sd, frozen, state, cfg, res, start, run_dir, mesh)

@@ -153,11 +153,12 @@ def velocity(schedule: Schedule, z0: jax.Array, t: jax.Array, noise: jax.Array) 
 
 def diffusion_loss(eps_fn: Callable, schedule: Schedule, z0: jax.Array, t: jax.Array, noise: jax.Array,
                    ctx: jax.Array, snr_gamma: float | None = None, debiased: bool = False,
-                   prediction: str = "eps") -> jax.Array:
+                   prediction: str = "eps", weights: jax.Array | None = None) -> jax.Array:
     """mean || target - eps_fn(q_sample(z0, t, noise), t, ctx) ||^2 in fp32 (the L_simple of the module docstring)
     with target = noise (prediction "eps") or `velocity(schedule, z0, t, noise)` (prediction "v"); with `snr_gamma`
     each example's mean squared error is weighted by `min_snr_weight` (of that prediction) first, with `debiased`
-    (also) by `debiased_weight` (eps only: a ValueError for v, see DEBIASED_V_REFUSED).
+    (also) by `debiased_weight` (eps only: a ValueError for v, see DEBIASED_V_REFUSED), and by `weights` [B] when
+    given (DreamBooth's prior preservation, `dreambooth.loss_weights`).
 
     eps_fn(x_t, t, ctx) -> the U-Net's output (eps or v); z0, noise [B, h, w, C]; t int32 [B]; ctx [B, S, d]."""
     if _check_prediction(prediction) == "v" and debiased:
@@ -170,4 +171,6 @@ def diffusion_loss(eps_fn: Callable, schedule: Schedule, z0: jax.Array, t: jax.A
         per_example = per_example * min_snr_weight(schedule, t, snr_gamma, prediction)
     if debiased:
         per_example = per_example * debiased_weight(schedule, t)
+    if weights is not None:
+        per_example = per_example * weights.astype(jnp.float32)
     return jnp.mean(per_example)

@@ -39,14 +39,16 @@ FLAGS = {
                     "multires_noise": "--multires-noise", "lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha",
                     "lora_targets": "--lora-targets"},
     "run": {"batch_size": "--batch-size", "random_flip": "--random-flip", "processes": "processes",
-            "devices": "devices"},
+            "devices": "devices", "instance_prompt": "--instance-prompt", "class_data": "--class-data",
+            "class_prompt": "--class-prompt", "num_class_images": "--num-class-images",
+            "prior_loss_weight": "--prior-loss-weight"},
 }
 
 
 def check_config(cfg) -> None:
     """Refuse out-of-range numbers of a `config.TrainConfig` with one line naming the flag."""
     for name in ("steps", "batch_size", "save_every", "keep", "sample_steps", "sample_every", "num_workers",
-                 "stop_after", "resolution", "seed"):
+                 "stop_after", "resolution", "seed", "num_class_images", "prior_loss_weight"):
         value = getattr(cfg, name)
         if value is None and name in ("stop_after", "resolution", "seed"):
             continue
@@ -59,6 +61,22 @@ def check_config(cfg) -> None:
         raise UserError("--sample-every needs at least one --sample-prompt")
     if cfg.sample_prompts and not cfg.sample_every:  # else the prompts would be silently unused
         raise UserError("--sample-prompt needs --sample-every N (draw the sample images every N steps)")
+    if (cfg.class_data is None) != (cfg.class_prompt is None):
+        raise UserError("--class-data DIR and --class-prompt TEXT go together (DreamBooth's prior preservation: class "
+                        "images, generated with the class prompt where DIR holds fewer than --num-class-images)")
+    if cfg.class_data is not None:
+        cls = os.path.realpath(cfg.class_data)
+        for name, path, inside_ok in (("--data", cfg.data, False), ("--out", cfg.out, True)):
+            other = os.path.realpath(path) if path else None  # RUN_DIR/class is fine; samples in class/ are not
+            if other and (cls == other or other.startswith(cls + os.sep)
+                          or (not inside_ok and cls.startswith(other + os.sep))):
+                raise UserError(f"--class-data {cfg.class_data} and the {name} folder {path} overlap (images are "
+                                "searched recursively); give the class images a folder of their own")
+        if os.path.exists(cfg.class_data) and not os.path.isdir(cfg.class_data):
+            raise UserError(f"--class-data {cfg.class_data} is a file, not a folder")
+    for name, text in (("--instance-prompt", cfg.instance_prompt), ("--class-prompt", cfg.class_prompt)):
+        if text is not None and not text.strip():
+            raise UserError(f"{name} is empty; give the caption text")
 
 
 def check_run_dir(run_dir: str, data_dir: str | None, export: str, lora: bool = False) -> None:

@@ -4,7 +4,8 @@ One step = one optimiser update from K micro-batches (gradient accumulation, `la
 
     batch  = {"images": f32 [K, B, H, W, 3] in [-1, 1], "ids": int32 [K, B, S]}          # encoded in the step, or
              {"moments": f32 [K, B, h, w, 2C], "ctx": f32 [K, B, S, d]}                  # precomputed (latent_cache)
-             SDXL adds "sizes": f32 [K, B, 6] (`size_conditioning`) and, precomputed, "pooled": f32 [K, B, P]
+             SDXL adds "sizes": f32 [K, B, 6] (`size_conditioning`) and, precomputed, "pooled": f32 [K, B, P];
+             DreamBooth's prior preservation adds per-example loss "weights": f32 [K, B]
     key    = uint32 key data of `jax.random.key(seed)`: the step uses fold_in(key, state.step) and example i of the
              step's global batch fold_in(step_key, i) (loss.py), so nothing depends on the device or host count
     frozen = {"vae": params, "text_encoder": params, "uncond_ids": int32 [1, S]}  (never differentiated)
@@ -166,7 +167,7 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
         c = moments.shape[-1] // 2
         d = L.draw(keys, moments.shape[1:-1] + (c,), n_steps, step_cfg.caption_dropout, step_cfg.multires_noise)
         z0 = L.posterior_sample(moments, d.posterior_eps, config.latent_scale)
-        return jax.lax.stop_gradient((z0, d.t, d.noise, cond, d.drop))
+        return jax.lax.stop_gradient((z0, d.t, d.noise, cond, d.drop, micro.get("weights")))
 
     def conditioning(params, cond, uncond, drop):
         """(tau_theta(y) [B, S, d] with the dropped captions' rows replaced by the empty prompt's context, SDXL's
@@ -183,15 +184,16 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
         pooled = L.drop_captions(cond["pooled"], zeros(cond["pooled"]), drop)
         return L.drop_captions(ctx, zeros(ctx), drop), vector_conditioning(pooled, cond["sizes"])
 
-    def micro_loss(params, uncond, base_unet, z0, t, noise, cond, drop):
+    def micro_loss(params, uncond, base_unet, z0, t, noise, cond, drop, weights):
         if step_cfg.lora_rank:
             unet_params = merged_unet(base_unet, params, config, step_cfg)
         else:
             unet_params = params["unet"] if step_cfg.train_text_encoder else params
         ctx, y = conditioning(params, cond, uncond, drop)
-        eps_fn = lambda x, tt, c: unet.apply({"params": unet_params}, x, tt, c, y)  # noqa: E731
+        extra = () if y is None else (y,)  # U-Nets without a vector conditioning take (x, t, c)
+        eps_fn = lambda x, tt, c: unet.apply({"params": unet_params}, x, tt, c, *extra)  # noqa: E731
         return L.diffusion_loss(eps_fn, schedule, z0, t, noise, ctx, step_cfg.snr_gamma, step_cfg.debiased_loss,
-                                prediction)
+                                prediction, weights)
 
     grad_fn = jax.value_and_grad(micro_loss)
 
@@ -230,10 +232,12 @@ def batch_sharding(mesh=None) -> NamedSharding:
     return NamedSharding(mesh or parallel.data_mesh(), P(None, parallel.DATA_AXIS))
 
 
-def abstract_cached_batch(sd, step_cfg: StepConfig, batch_size: int, resolution: int, mesh=None) -> dict:
+def abstract_cached_batch(sd, step_cfg: StepConfig, batch_size: int, resolution: int, mesh=None,
+                          weights: bool = False) -> dict:
     """The step's `batch` argument as `latent_cache` rows give it ({"moments", "ctx"}, or {"moments", "ids"} when
     the text encoder trains; global shapes and shardings, as `shard_batch`), without data: to compile the step and
-    check its memory before the cache is built."""
+    check its memory before the cache is built. `batch_size`: rows per micro-batch (with `weights`, DreamBooth's
+    instance and class rows together)."""
     sharding = batch_sharding(mesh)
 
     def spec(shape, dtype):
@@ -251,6 +255,8 @@ def abstract_cached_batch(sd, step_cfg: StepConfig, batch_size: int, resolution:
         out["ctx"] = spec(jax.eval_shape(sd.encode_text, sd.params, ids).shape[1:], jnp.float32)
     if sd.config.is_sdxl:
         out["sizes"] = spec((6,), jnp.float32)
+    if weights:
+        out["weights"] = spec((), jnp.float32)
     return out
 
 
