@@ -164,3 +164,10 @@ def test_bench_train_times_the_lora_step(data):
     tc = _config(data)
     row = bench_train("tiny", 8, 16, iters=1, optim=tc.optim, step_cfg=tc.step)
     assert row.precision == "fp32+lora4" and row.seconds > 0 and row.extra["program_mb"] > 0
+
+
+def test_bench_lora_flag_needs_train(capsys):
+    assert main(["bench", "--lora-rank", "4"]) == 2
+    assert "--lora-rank applies to --train only" in capsys.readouterr().err
+    assert main(["bench", "--train", "--lora-rank", "-1"]) == 2
+    assert "--lora-rank must be >= 0" in capsys.readouterr().err
