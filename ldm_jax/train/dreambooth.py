@@ -48,7 +48,10 @@ def ensure_class_images(sd, class_dir: str, prompt: str, count: int, resolution:
     check_can_write_dir(class_dir, f"--class-data {class_dir}")
     log(f"generating {len(missing)} class images ({prompt!r}, {resolution}x{resolution}, {STEPS} DDIM steps) into "
         f"{class_dir} ...")
-    for start in range(0, len(missing), BATCH):
+    from tqdm.auto import tqdm
+
+    # disable=None: a bar on a terminal only (as the other long jobs), never in logs
+    for start in tqdm(range(0, len(missing), BATCH), desc="class images", unit="batch", disable=None, leave=False):
         chunk = missing[start:start + BATCH]
         images = txt2img(sd, [prompt] * BATCH, steps=STEPS, height=resolution, width=resolution,
                          seed=seed + chunk[0])  # always BATCH images: one compiled program, the extra ones dropped
