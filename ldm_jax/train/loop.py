@@ -119,7 +119,8 @@ def _train(cfg, dataset, run_dir, ck, log):
         class_data = dreambooth.class_dataset(cfg.class_data, cfg.class_prompt, cfg.batch_size)
 
     def what():
-        return (f"global batch {cfg.batch_size} x {k}, {res}x{res}, {cfg.step.precision}"
+        prior = "" if class_data is None else f" + {cfg.batch_size} class images"
+        return (f"global batch {cfg.batch_size}{prior} x {k}, {res}x{res}, {cfg.step.precision}"
                 f"{', remat' if cfg.step.remat else ''}, {mesh.devices.size} device(s)")
 
     with preflight.oom_as_user_error(what):
