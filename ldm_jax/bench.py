@@ -197,7 +197,9 @@ def bench_train(preset_name: str, batch: int, size: int, iters: int, dtype="floa
     local = {"images": rng.uniform(-1, 1, (k, batch, size, size, 3)).astype(np.float32),
              "ids": ids.reshape(k, batch, -1)}
     if cfg.is_sdxl:  # original = target size, no crop
-        local["sizes"] = np.tile(np.float32([size, size, 0, 0, size, size]), (k, batch, 1))
+        from ldm_jax.conditioning import size_numbers
+
+        local["sizes"] = np.asarray(size_numbers(k * batch, (size, size))).reshape(k, batch, 6)
     data = shard_batch(local, mesh)
     ts = []
     for _ in range(iters + 1):  # the first run is a warm-up

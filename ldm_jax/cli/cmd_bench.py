@@ -6,9 +6,10 @@ persistent compilation cache. --torch also times labml's torch U-Net and VAE dec
 installed) in the same process on the same device (fp16 on CUDA, fp32 on CPU) and prints the ratios.
 --train times one optimiser step of `ldm-jax train` instead (images/s and the compiled step's peak memory;
 --images are global batch sizes, --remat rematerialises U-Net blocks, --lora-rank R times a LoRA on the frozen
-U-Net instead; on the CPU a step whose peak exceeds the free memory is compiled and reported but not run). Prints a table and writes JSON
-(--json). --memory compiles the txt2img program for each --images count from shapes alone (no weights, no
-run) and reports XLA's peak memory for it: how many images fit on a device, even one that could not run them.
+U-Net instead; on the CPU a step whose peak exceeds the free memory is compiled and reported but not run). Prints a
+table and writes JSON (--json). --memory compiles the txt2img program for each --images count from shapes alone
+(no weights, no run) and reports XLA's peak memory for it: how many images fit on a device, even one that could not
+run them.
 Defaults: bf16 at 512x512 with 1 and 8 images on GPU/TPU; fp32, one image at 256x256 (32x32 latents), no
 end-to-end run on CPU.
 """

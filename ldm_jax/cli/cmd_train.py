@@ -12,9 +12,8 @@ The data folder holds `name.png` + `name.txt` pairs or a Hugging Face `metadata.
 RUN_DIR/checkpoints (orbax; every --save-every steps, last --keep kept), metrics.jsonl, samples/ and at the end
 RUN_DIR/model, a converted directory (`ldm_jax.load`, `ldm-jax export RUN_DIR/model out.safetensors`). The VAE
 stays frozen; the text encoder too, unless --train-text-encoder; with --lora-rank the U-Net too (a LoRA on it
-trains). --batch-size is the global batch over all
-devices and hosts; one update averages --grad-accum batches. Multi-host: LDM_JAX_COORDINATOR /
-LDM_JAX_NUM_PROCESSES / LDM_JAX_PROCESS_ID (or the flags).
+trains). --batch-size is the global batch over all devices and hosts; one update averages --grad-accum batches.
+Multi-host: LDM_JAX_COORDINATOR / LDM_JAX_NUM_PROCESSES / LDM_JAX_PROCESS_ID (or the flags).
 """
 
 from __future__ import annotations

@@ -14,14 +14,13 @@ from ldm_jax.train.base import load_base, run_prediction
 from ldm_jax.train.checkpoint import Checkpoints, check_same_model
 from ldm_jax.train.resume import state_shapes
 from ldm_jax.train.state import OptimConfig, TrainState
+from ldm_jax.train import lora
 from ldm_jax.train.step import StepConfig, components
-
-LORA_FILE = "lora.safetensors"
 
 
 def export_path(run_dir: str, step_cfg: StepConfig) -> str:
     """Where a run's result goes: RUN_DIR/model, or a LoRA run's RUN_DIR/lora.safetensors."""
-    return os.path.join(run_dir, LORA_FILE if step_cfg.lora_rank else "model")
+    return os.path.join(run_dir, lora.FILE if step_cfg.lora_rank else "model")
 
 
 def export_model(out_dir: str, sd, state: TrainState, step_cfg: StepConfig, *, ema: bool, meta: dict,
@@ -49,7 +48,6 @@ def _write_lora(path: str, config, params, step_cfg: StepConfig, ema: bool, meta
 
     from convert.errors import CheckpointError
     from convert.safetensors_io import write_safetensors
-    from ldm_jax.train import lora
 
     alpha = float(step_cfg.lora_alpha or step_cfg.lora_rank)
     tensors = lora.kohya_tensors(jax.device_get(params), config, step_cfg.lora_targets, alpha)
@@ -74,16 +72,16 @@ def export_run(run_dir: str, checkpoint: str | None, preset_name: str | None, *,
     with Checkpoints(os.path.join(run_dir, "checkpoints"), lazy=True) as ck:
         step = ck.latest_step()
         meta = ck.read_meta(step) if step is not None else {}
-        lora_run = bool((meta.get("step_config") or {}).get("lora_rank"))
-        out_dir = out_dir or os.path.join(run_dir, LORA_FILE if lora_run else "model")
-        if not lora_run:  # refused before anything else, as at the start of a run
+        step_cfg = StepConfig(**meta.get("step_config", {}))
+        out_dir = out_dir or export_path(run_dir, step_cfg)
+        if not step_cfg.lora_rank:  # refused before anything else, as at the start of a run
             preflight.check_model_dir(out_dir)
         if step is None:
             raise UserError(f"no checkpoint in {ck.directory}")
         predicting = run_prediction(meta, prediction, f"export {run_dir}")
         sd = load_base(checkpoint, preset_name, int(meta["seed"]), predicting)
         check_same_model(meta, sd.config.to_dict(), f"export {run_dir}")
-        optim, step_cfg = OptimConfig(**meta["optim"]), StepConfig(**meta["step_config"])
+        optim = OptimConfig(**meta["optim"])
         tree, _ = ck.restore(state_shapes(sd.config, optim, step_cfg, parallel.data_mesh()), step)
     export_model(out_dir, sd, TrainState.from_dict(tree), step_cfg, ema=ema,
                  meta={"run_dir": run_dir, "step": step}, resolution=meta.get("run", {}).get("resolution"))

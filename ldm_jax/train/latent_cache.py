@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +30,7 @@ import numpy as np
 
 from ldm_jax.errors import UserError
 from ldm_jax.train import data as D
-from ldm_jax.train.example import load_example, mirrored_left
+from ldm_jax.train.example import mirrored_left, read_example
 
 BATCH = 8
 
@@ -75,9 +74,7 @@ def build(sd, dataset: D.Dataset, resolution: int, random_flip: bool, cache_dir:
         pixels = []
         for i in idx:
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", D.SmallImageWarning)  # counted by the batch iterator
-                    ex = load_example(dataset.paths[i], resolution)
+                ex = read_example(dataset.paths[i], resolution, True, False, None)  # upscaling: counted by the loader
                 pixels.append(ex.pixels)
                 (w, h), (top, left) = ex.original_size, ex.crop_top_left
                 flipped_left = mirrored_left(left, ex.resized_size[0], resolution)
@@ -136,7 +133,7 @@ class CachedBatchIterator(D.BatchIterator):
             if attempt:  # as BatchIterator._load_row
                 index = int(np.random.default_rng([self.seed, epoch, offset, attempt]).integers(n))
             if self.cache["ok"][index]:
-                rng = np.random.default_rng([self.seed, epoch, index])  # the flip decision of data._load
+                rng = np.random.default_rng([self.seed, epoch, index])  # the flip decision of example.read_example
                 flip = int(self.random_flip and rng.random() < 0.5)
                 parts = [self.cache["moments"][index, flip]]
                 parts += [self.cache[name][index] for name in ("ctx", "pooled") if name in self.cache]
@@ -148,7 +145,7 @@ class CachedBatchIterator(D.BatchIterator):
 
     def __next__(self) -> dict:
         out = super().__next__()
-        rows = out.pop("images")  # [B, moments + ctx + pooled sizes]: one flat float32 row per sample, split here
+        rows = out.pop("images")  # [B, moments + ctx + pooled]: one flat float32 row per sample, split here
         start = 0
         for name in ("moments", "ctx", "pooled"):
             if name in self.cache:

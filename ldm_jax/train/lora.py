@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+FILE = "lora.safetensors"  # a LoRA run's result, in RUN_DIR
 TARGETS = {
     "attn": re.compile(r"_attn[12]_to_(q|k|v|out_0)$"),
     "transformer": re.compile(r"(_attn[12]_to_(q|k|v|out_0)|_ff_net_0_proj|_ff_net_2|_proj_in|_proj_out)$"),

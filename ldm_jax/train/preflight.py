@@ -92,9 +92,11 @@ def check_run_dir(run_dir: str, data_dir: str | None, export: str, lora: bool = 
                             "the run's samples would mix with the training images; choose a directory outside it")
     check_can_write_dir(run_dir, f"--out {run_dir}")
     if export != "none" and lora:
-        if os.path.isdir(os.path.join(run_dir, "lora.safetensors")):
-            raise UserError(f"{os.path.join(run_dir, 'lora.safetensors')} is a directory; the trained LoRA is written "
-                            "there at the end: remove it, or pass --export none")
+        from ldm_jax.train.lora import FILE
+
+        if os.path.isdir(os.path.join(run_dir, FILE)):
+            raise UserError(f"{os.path.join(run_dir, FILE)} is a directory; the trained LoRA is written there at the "
+                            "end: remove it, or pass --export none")
     elif export != "none":
         check_model_dir(os.path.join(run_dir, "model"), "or pass --export none")
 
