@@ -98,8 +98,12 @@ def base_info(cfg: TrainConfig) -> dict:
     return {"checkpoint": cfg.checkpoint and os.path.abspath(cfg.checkpoint), "preset": cfg.preset}
 
 
+def size_multiple(config) -> int:
+    """Image sides must be multiples of this: the autoencoder's factor x the U-Net's downsamplings."""
+    return config.vae.downsample_factor * 2 ** (len(config.unet.channel_multipliers) - 1)
+
+
 def check_resolution(config, resolution: int) -> None:
-    levels = len(config.unet.channel_multipliers)
-    multiple = config.vae.downsample_factor * 2 ** (levels - 1)
+    multiple = size_multiple(config)
     if resolution < multiple or resolution % multiple:
         raise UserError(f"--resolution must be a positive multiple of {multiple} for this model, got {resolution}")

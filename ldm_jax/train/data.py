@@ -22,6 +22,10 @@ samples; host `shard_index` gets rows `shard_index * batch_size : (shard_index +
 is replaced by a readable one drawn deterministically from `[seed, epoch, offset, attempt]`, so every host reaches the
 same decision without communication and positions never depend on which files are broken. Decoding runs on a thread
 pool but results are gathered in submission order, so nothing depends on thread timing.
+
+With aspect-ratio buckets (`buckets=`, `train.buckets`), each epoch's order is `buckets.epoch_order` of the same
+permutation instead: every `group` consecutive global batches come from one bucket, each image is cropped to its
+bucket, and an unreadable image is replaced by one of the same bucket.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from ldm_jax.errors import UserError
-from ldm_jax.train.example import SmallImageWarning, UnreadableImage, read_example
+from ldm_jax.train import buckets as B
+from ldm_jax.train.example import SmallImageWarning, UnreadableImage, read_example, upscale_warning
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
@@ -204,7 +209,8 @@ class BatchIterator:
 
     def __init__(self, dataset: Dataset, *, batch_size: int, resolution: int, seed: int, epoch_start: int = 0,
                  position: int = 0, random_flip: bool = False, center_crop: bool = True, drop_last: bool = True,
-                 shard_index: int = 0, num_shards: int = 1, num_workers: int = 2):
+                 shard_index: int = 0, num_shards: int = 1, num_workers: int = 2, buckets: B.BucketPlan | None = None,
+                 group: int = 1):
         if batch_size < 1 or resolution < 1 or num_shards < 1 or not 0 <= shard_index < num_shards:
             raise ValueError("need batch_size >= 1, resolution >= 1 and 0 <= shard_index < num_shards")
         if seed < 0 or epoch_start < 0 or position < 0:
@@ -218,6 +224,14 @@ class BatchIterator:
         if drop_last and self.global_batch > n:
             raise UserError(f"the dataset has {n} images, fewer than the global batch size {self.global_batch}; "
                             "lower the batch size (or pass drop_last=False)")
+        self.buckets, self.epoch_length = buckets, n  # samples of each epoch's order
+        if buckets is not None:
+            if not drop_last or group < 1 or len(buckets.of_image) != n:
+                raise ValueError("buckets need drop_last=True, group >= 1 and a plan of this dataset")
+            B.check_batches(buckets, self.global_batch * group, f"global batch {self.global_batch} x {group}")
+            self.epoch_length = buckets.epoch_length(self.global_batch * group)
+            self._members = [buckets.members(b) for b in range(len(buckets.sizes))]
+        self.group = group
         self.stats = DataStats(position=position, epoch=epoch_start + self._batch_start(position) // n)
         self._cursor = position  # next position to submit (runs one batch ahead of stats.position)
         self._perms: dict[int, np.ndarray] = {}
@@ -239,16 +253,32 @@ class BatchIterator:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool, self._pending, self._cursor = None, None, self.stats.position  # later batches: no threads
 
-    def _permutation(self, epoch: int) -> np.ndarray:
+    def _order(self, epoch: int) -> np.ndarray:
+        """The epoch's samples in order: its permutation, or with buckets `buckets.epoch_order` of it."""
         if epoch not in self._perms:
             if len(self._perms) >= 4:
                 self._perms.pop(min(self._perms))
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+            if self.buckets is not None:
+                order = B.epoch_order(self.buckets.of_image, order, self.global_batch * self.group)
+            self._perms[epoch] = order
         return self._perms[epoch]
+
+    def _crop(self, index: int):
+        """The crop of image `index`: the square side, or its bucket's (width, height)."""
+        return self.resolution if self.buckets is None else self.buckets.sizes[self.buckets.of_image[index]]
+
+    def _replacement(self, epoch: int, offset: int, attempt: int, index: int) -> int:
+        """The image drawn in place of an unreadable one (of the same bucket), the same on every host."""
+        rng = np.random.default_rng([self.seed, epoch, offset, attempt])
+        if self.buckets is None:
+            return int(rng.integers(len(self.dataset)))
+        members = self._members[self.buckets.of_image[index]]
+        return int(members[rng.integers(len(members))])
 
     def _batch_start(self, position: int) -> int:
         n = len(self.dataset)
-        if self.drop_last and position % n + self.global_batch > n:  # drop the epoch's remainder
+        if self.drop_last and position % n + self.global_batch > self.epoch_length:  # drop the epoch's remainder
             position = (position // n + 1) * n
         return position
 
@@ -256,13 +286,14 @@ class BatchIterator:
         n, failures = len(self.dataset), []
         for attempt in range(MAX_REPLACEMENT_TRIES + 1):
             if attempt:  # replacement for an unreadable image, same for every host and thread timing
-                index = int(np.random.default_rng([self.seed, epoch, offset, attempt]).integers(n))
+                index = self._replacement(epoch, offset, attempt, index)
             if index in self._bad:
                 failures.append((index, self._bad[index]))
                 continue
             rng = np.random.default_rng([self.seed, epoch, index])
             try:
-                ex = read_example(self.dataset.paths[index], self.resolution, self.center_crop, self.random_flip, rng)
+                ex = read_example(self.dataset.paths[index], self._crop(index), self.center_crop, self.random_flip,
+                                  rng)
                 return ex.pixels, index, ex.original_size, ex.crop_top_left, failures
             except UnreadableImage as e:
                 self._bad[index] = str(e)
@@ -276,7 +307,7 @@ class BatchIterator:
         jobs = []
         for position in range(first, first + self.batch_size):
             epoch = self.epoch_start + position // n
-            args = (epoch, position % n, int(self._permutation(epoch)[position % n]))
+            args = (epoch, position % n, int(self._order(epoch)[position % n]))
             jobs.append(self._pool.submit(self._load_row, *args) if self._pool else _Deferred(self._load_row, *args))
         self._cursor = start + self.global_batch
         return jobs, self._cursor
@@ -293,13 +324,13 @@ class BatchIterator:
                 if self.dataset.paths[bad_index] not in self.stats.skipped_files:
                     self.stats.skipped_files.add(self.dataset.paths[bad_index])
                     warnings.warn(f"skipping unreadable image {reason}")
-            if min(w, h) < self.resolution:
+            path = self.dataset.paths[index]
+            message = upscale_warning(path, (w, h), self._crop(index))
+            if message:
                 self.stats.upscaled += 1
-                path = self.dataset.paths[index]
                 if path not in self.stats.upscaled_files:
                     self.stats.upscaled_files.add(path)
-                    warnings.warn(f"{path}: {w}x{h} is smaller than resolution {self.resolution}; upscaled",
-                                  SmallImageWarning)
+                    warnings.warn(message, SmallImageWarning)
         self.stats.position, self.stats.batches = end, self.stats.batches + 1
         self.stats.epoch = self.epoch_start + self._batch_start(end) // len(self.dataset)
         return {"images": np.stack([r[0] for r in rows]), "captions": [self.dataset.captions[r[1]] for r in rows],
@@ -310,13 +341,16 @@ class BatchIterator:
 
 def batches(dataset: Dataset, *, batch_size: int, resolution: int, seed: int, epoch_start: int = 0, position: int = 0,
             random_flip: bool = False, center_crop: bool = True, drop_last: bool = True, shard_index: int = 0,
-            num_shards: int = 1, num_workers: int = 2) -> BatchIterator:
+            num_shards: int = 1, num_workers: int = 2, buckets: B.BucketPlan | None = None,
+            group: int = 1) -> BatchIterator:
     """Infinite, deterministic batches of this host's rows (see the module docstring and `BatchIterator`).
 
     `batch_size` is per host. drop_last=True: batches stay inside an epoch and each epoch's last
     `n % (batch_size * num_shards)` samples are skipped; False: the order runs on across epochs, every sample is used.
-    Resume with the same arguments and `position=stats.position`.
+    Resume with the same arguments and `position=stats.position`. `buckets`: aspect-ratio buckets (`train.buckets`),
+    `group` consecutive global batches per bucket (the grad-accum micro-batches of one step).
     """
     return BatchIterator(dataset, batch_size=batch_size, resolution=resolution, seed=seed, epoch_start=epoch_start,
                          position=position, random_flip=random_flip, center_crop=center_crop, drop_last=drop_last,
-                         shard_index=shard_index, num_shards=num_shards, num_workers=num_workers)
+                         shard_index=shard_index, num_shards=num_shards, num_workers=num_workers, buckets=buckets,
+                         group=group)

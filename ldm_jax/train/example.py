@@ -62,25 +62,44 @@ def mirrored_left(left: int, resized_width: int, resolution: int) -> int:
     return resized_width - left - resolution
 
 
-def read_example(path, resolution: int, center_crop: bool, random_flip: bool, rng) -> Example:
-    """`load_example` without the warning (the batch iterator counts upscaled images itself)."""
+def read_example(path, resolution, center_crop: bool, random_flip: bool, rng) -> Example:
+    """`load_example` without the warning (the batch iterator counts upscaled images itself). `resolution`: the side
+    of the square crop, or a (width, height) bucket (`train.buckets`): the image is resized to cover it, then cropped.
+    """
+    bw, bh = crop_size(resolution)
     img = _decode_rgb(path)
     original_size = img.size
     w, h = img.size
-    if min(w, h) != resolution:  # torchvision Resize(int): shorter side -> resolution, longer side truncated
-        size = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
+    # Cover (bw, bh) keeping the aspect ratio; for a square this is torchvision's Resize(int): the shorter side ->
+    # resolution, the longer side truncated.
+    size = (bw, max(bh, int(bw * h / w))) if bw / w >= bh / h else (max(bw, int(bh * w / h)), bh)
+    if size != (w, h):
         img = img.resize(size, RESAMPLE)
         w, h = img.size
     if rng is None and (random_flip or not center_crop):
         rng = np.random.default_rng()
     if center_crop:  # torchvision CenterCrop rounding
-        left, top = int(round((w - resolution) / 2.0)), int(round((h - resolution) / 2.0))
+        left, top = int(round((w - bw) / 2.0)), int(round((h - bh) / 2.0))
     else:
-        top, left = int(rng.integers(0, h - resolution + 1)), int(rng.integers(0, w - resolution + 1))
-    pixels = np.asarray(img.crop((left, top, left + resolution, top + resolution)), dtype=np.float32)
+        top, left = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+    pixels = np.asarray(img.crop((left, top, left + bw, top + bh)), dtype=np.float32)
     if random_flip and rng.random() < 0.5:
-        pixels, left = pixels[:, ::-1], mirrored_left(left, w, resolution)
+        pixels, left = pixels[:, ::-1], mirrored_left(left, w, bw)
     return Example(np.ascontiguousarray(pixels / 127.5 - 1.0), original_size, (top, left), (w, h))
+
+
+def crop_size(resolution) -> tuple[int, int]:
+    """(width, height) of the crop: a square side or a (width, height) bucket."""
+    return (int(resolution), int(resolution)) if np.ndim(resolution) == 0 else tuple(int(v) for v in resolution)
+
+
+def upscale_warning(path, original_size: tuple[int, int], resolution) -> str | None:
+    """The warning for an image (width, height) smaller than its crop (so upscaled), else None."""
+    (w, h), (bw, bh) = original_size, crop_size(resolution)
+    if w >= bw and h >= bh:
+        return None
+    target = f"resolution {bw}" if np.ndim(resolution) == 0 else f"its bucket {bw}x{bh}"
+    return f"{path}: {w}x{h} is smaller than {target}; upscaled"
 
 
 def load_example(path, resolution: int, *, center_crop: bool = True, random_flip: bool = False,
@@ -91,9 +110,9 @@ def load_example(path, resolution: int, *, center_crop: bool = True, random_flip
     Raises UnreadableImage if PIL cannot decode the file; warns (SmallImageWarning) when the image is upscaled.
     """
     ex = read_example(path, resolution, center_crop, random_flip, rng)
-    w, h = ex.original_size
-    if min(w, h) < resolution:
-        warnings.warn(f"{path}: {w}x{h} is smaller than resolution {resolution}; upscaled", SmallImageWarning)
+    message = upscale_warning(path, ex.original_size, resolution)
+    if message:
+        warnings.warn(message, SmallImageWarning)
     return ex
 
 

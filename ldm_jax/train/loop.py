@@ -33,11 +33,12 @@ import numpy as np
 
 from ldm_jax import parallel
 from ldm_jax.errors import UserError
+from ldm_jax.train import buckets as B
 from ldm_jax.train import data as D
 from ldm_jax.train import dreambooth
 from ldm_jax.train import preflight
 from ldm_jax.train.base import (base_info, check_resolution, check_trainable, load_base, prediction_line,
-                                run_prediction)
+                                run_prediction, size_multiple)
 from ldm_jax.train.checkpoint import Checkpoints, check_same_model
 from ldm_jax.train.config import TrainConfig
 from ldm_jax.train.export import export_model, export_path
@@ -103,6 +104,13 @@ def _train(cfg, dataset, run_dir, ck, log):
     if res is None:  # not a resumed run's: the one asked for, else the model's own
         res = sd.config.image_size if cfg.resolution is None else cfg.resolution
     check_resolution(sd.config, res)
+    buckets = None
+    if cfg.aspect_buckets:  # before the state: a data set without one step's images in any bucket is refused first
+        log(f"sorting {len(dataset)} images into aspect-ratio buckets ...")
+        buckets = B.plan(dataset.paths, res, size_multiple(sd.config))
+        log(f"aspect-ratio buckets (width x height: images): {buckets.summary()}")
+        B.check_batches(buckets, cfg.batch_size * cfg.step.grad_accum,
+                        f"--batch-size {cfg.batch_size} x --grad-accum {cfg.step.grad_accum}")
     check_sample_steps(sd.config, cfg)
     if meta and cfg.steps < latest:
         raise UserError(f"--resume {run_dir}: the run is at step {latest}, past --steps {cfg.steps}; give --steps "
@@ -120,7 +128,8 @@ def _train(cfg, dataset, run_dir, ck, log):
 
     def what():
         prior = "" if class_data is None else f" + {cfg.batch_size} class images"
-        return (f"global batch {cfg.batch_size}{prior} x {k}, {res}x{res}, {cfg.step.precision}"
+        size = f"{res}x{res}" if buckets is None else f"aspect buckets of <= {res}x{res} pixels"
+        return (f"global batch {cfg.batch_size}{prior} x {k}, {size}, {cfg.step.precision}"
                 f"{', remat' if cfg.step.remat else ''}, {mesh.devices.size} device(s)")
 
     with preflight.oom_as_user_error(what):
@@ -132,18 +141,29 @@ def _train(cfg, dataset, run_dir, ck, log):
         run_meta = {"seed": seed, "config": config_dict, "optim": dataclasses.asdict(cfg.optim),
                     "step_config": dataclasses.asdict(cfg.step), "base": base_info(cfg), "run_dir": run_dir,
                     "run": {"batch_size": cfg.batch_size, "resolution": res, "random_flip": cfg.random_flip,
+                            "aspect_buckets": cfg.aspect_buckets,
                             "steps": cfg.steps, "processes": n_proc, "devices": int(mesh.devices.size),
                             **{f: getattr(cfg, f) for f in DREAMBOOTH_FIELDS}}}
         positions = (int(meta["data"]["position"]), int(meta["data"].get("class_position", 0))) if meta else (0, 0)
-        return _loop(cfg, sd, state, (dataset, class_data), positions, run_dir, run_meta, ck, mesh, what, log)
+        return _loop(cfg, sd, state, (dataset, class_data, buckets), positions, run_dir, run_meta, ck, mesh, what,
+                     log)
 
 
 def _spec(x):
     return (tuple(x.shape), np.dtype(x.dtype), x.sharding)
 
 
+def _bucket_name(batch, factor: int) -> str:
+    """'WxH' of a batch's images (pixels, or latents x the autoencoder's `factor` from the latent cache)."""
+    if "images" in batch:
+        h, w = batch["images"].shape[2:4]
+    else:
+        h, w = (factor * n for n in batch["moments"].shape[2:4])
+    return f"{w}x{h}"
+
+
 def _loop(cfg, sd, state, datasets, positions, run_dir, run_meta, ck, mesh, what, log):
-    (dataset, class_data), (position, class_position) = datasets, positions
+    (dataset, class_data, buckets), (position, class_position) = datasets, positions
     sd = sd.replace(params={c: v for c, v in sd.params.items() if c not in cfg.step.trained})  # the state has them
     start = int(np.asarray(state.step.addressable_data(0)))
     n_proc, k, res = jax.process_count(), cfg.step.grad_accum, cfg.resolution
@@ -152,21 +172,30 @@ def _loop(cfg, sd, state, datasets, positions, run_dir, run_meta, ck, mesh, what
     loader_kw = dict(batch_size=cfg.batch_size // n_proc, resolution=res, seed=cfg.seed, position=position,
                      random_flip=cfg.random_flip, shard_index=jax.process_index(), num_shards=n_proc,
                      num_workers=cfg.num_workers)
+    class_kw = {**loader_kw, "position": class_position}  # DreamBooth's class images: their own order position
+    if buckets is not None:
+        loader_kw.update(buckets=buckets, group=k)
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
     step_fn = jitted_train_step(sd.config, cfg.optim, cfg.step, mesh)
-    checked = None  # the batch shapes whose compiled step passed the memory check
-    if cfg.precompute_latents and start < end:  # check before the cache is built: that can take long
+    checked = []  # the batch specs whose compiled step passed the memory check
+
+    def check_compiled(batch):  # compile (and check the memory of) the step for each new batch shape
+        spec = jax.tree_util.tree_map(_spec, batch)
+        if spec not in checked:
+            shape = "" if buckets is None else f" for the bucket {_bucket_name(batch, sd.config.vae.downsample_factor)}"
+            log(f"compiling the train step{shape} ({what()}) ...")
+            preflight.check_fits(step_fn.lower(state, batch, key, frozen).compile(), what())
+            checked.append(spec)
+
+    if cfg.precompute_latents and start < end and buckets is None:  # before the cache is built: that can take long
         rows = cfg.batch_size * (1 if class_data is None else 2)
-        checked = abstract_cached_batch(sd, cfg.step, rows, res, mesh, weights=class_data is not None)
-        log(f"compiling the train step ({what()}) ...")
-        preflight.check_fits(step_fn.lower(state, checked, key, frozen).compile(), what())
-    class_kw = {**loader_kw, "position": class_position}  # DreamBooth's class images: their own order position
+        check_compiled(abstract_cached_batch(sd, cfg.step, rows, res, mesh, weights=class_data is not None))
     if cfg.precompute_latents:
         from ldm_jax.train import latent_cache
 
         def cached(data, name, kw):
             cache = latent_cache.build(sd, data, res, cfg.random_flip, os.path.join(run_dir, name), cfg.step.dtype,
-                                       log=log, text="text_encoder" in sd.params)
+                                       log=log, text="text_encoder" in sd.params, buckets=kw.get("buckets"))
             return latent_cache.cached_batches(cache, data, **kw)
 
         loader = cached(dataset, "latent_cache", loader_kw)
@@ -195,8 +224,9 @@ def _loop(cfg, sd, state, datasets, positions, run_dir, run_meta, ck, mesh, what
         else:
             names = [name for name in ("moments", "ctx", "pooled") if name in rows[0]]
             local = {name: np.stack([r[name] for r in rows]) for name in names}
-        if sd.config.is_sdxl:
-            local["sizes"] = np.stack([size_conditioning(r, res) for r in rows])
+        if sd.config.is_sdxl:  # the target size is the crop's: the square, or the bucket
+            target = (res, res) if buckets is None else buckets.sizes[buckets.of_image[rows[0]["indices"][0]]][::-1]
+            local["sizes"] = np.stack([size_conditioning(r, target) for r in rows])
         st = loader.stats  # the data consumed up to and including this step (the resume position)
         data = {"position": st.position, "epoch": st.epoch, "skipped": st.skipped, "upscaled": st.upscaled}
         if class_loader is not None:
@@ -231,13 +261,13 @@ def _loop(cfg, sd, state, datasets, positions, run_dir, run_meta, ck, mesh, what
                 save_samples(sampler_sd, frozen, state, cfg, res, start, run_dir, mesh)
             if start < end:
                 batch, data = next_batch()
-                if checked is None or jax.tree_util.tree_map(_spec, batch) != jax.tree_util.tree_map(_spec, checked):
-                    log(f"compiling the train step ({what()}) ...")
-                    preflight.check_fits(step_fn.lower(state, batch, key, frozen).compile(), what())
+                check_compiled(batch)
                 parallel.wait_for_all_processes("train step compiled")  # before its first collective
             else:
                 log(f"the run is already at step {start} of --steps {cfg.steps}: nothing to train")
             for step in range(start + 1, end + 1):
+                if buckets is not None:  # a bucket's first batch: its step compiles (every host the same bucket)
+                    check_compiled(batch)
                 with guard.critical():  # a Ctrl-C waits until state, step, data position and metrics agree
                     if bar is None:  # the first row's time is its step's, from dispatch (with the first call's
                         t_prev = time.perf_counter()  # set-up), not the few ms until the second step is queued

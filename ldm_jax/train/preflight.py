@@ -74,6 +74,9 @@ def check_config(cfg) -> None:
                                 "searched recursively); give the class images a folder of their own")
         if os.path.exists(cfg.class_data) and not os.path.isdir(cfg.class_data):
             raise UserError(f"--class-data {cfg.class_data} is a file, not a folder")
+    if cfg.aspect_buckets and cfg.class_data is not None:
+        raise UserError("--aspect-buckets and --class-data do not go together yet (each micro-batch stacks instance "
+                        "and class images, which must then share a bucket); use one of them")
     for name, text in (("--instance-prompt", cfg.instance_prompt), ("--class-prompt", cfg.class_prompt)):
         if text is not None and not text.strip():
             raise UserError(f"{name} is empty; give the caption text")
@@ -147,8 +150,8 @@ def check_model_dir(model_dir: str, alternative: str = "") -> None:
 
 
 def resume_settings(meta: dict, cfg, where: str) -> tuple[int, int | None]:
-    """(seed, resolution) of the run being resumed; refuses a --seed, --resolution or --train-text-encoder that
-    differs from the run's (None in `cfg` means: the run's own)."""
+    """(seed, resolution) of the run being resumed; refuses a --seed, --resolution, --aspect-buckets,
+    --train-text-encoder or LoRA setting that differs from the run's (None in `cfg` means: the run's own)."""
     seed = int(meta["seed"])
     resolution = (meta.get("run") or {}).get("resolution")
     if cfg.seed is not None and cfg.seed != seed:
@@ -158,6 +161,10 @@ def resume_settings(meta: dict, cfg, where: str) -> tuple[int, int | None]:
         raise UserError(f"{where}: the run trains at --resolution {resolution}, not {cfg.resolution}; leave "
                         "--resolution out or give the same, or start a new --out from its model "
                         "(`--export-only`, then --checkpoint RUN_DIR/model)")
+    was_bucketed = bool((meta.get("run") or {}).get("aspect_buckets"))
+    if was_bucketed != cfg.aspect_buckets:  # the data order and every crop depend on it
+        raise UserError(f"{where}: the run was started {'with' if was_bucketed else 'without'} --aspect-buckets; "
+                        "resume it the same way")
     was_joint = bool((meta.get("step_config") or {}).get("train_text_encoder"))
     if was_joint != cfg.step.train_text_encoder:
         raise UserError(f"{where}: the run was started {'with' if was_joint else 'without'} --train-text-encoder; "

@@ -260,10 +260,10 @@ def abstract_cached_batch(sd, step_cfg: StepConfig, batch_size: int, resolution:
     return out
 
 
-def size_conditioning(rows: dict, resolution: int) -> np.ndarray:
+def size_conditioning(rows: dict, target) -> np.ndarray:
     """SDXL's size numbers of a loader batch: float32 [B, 6] = original (h, w), crop (top, left), target (h, w)
-    (the order of `conditioning.size_numbers`; the target is the square training resolution)."""
-    target = np.full((len(rows["original_sizes"]), 2), resolution, np.int32)
+    (the order of `conditioning.size_numbers`); `target`: the crop, a square side or (height, width) of a bucket."""
+    target = np.broadcast_to(np.asarray(target, np.int32), (len(rows["original_sizes"]), 2))
     return np.concatenate([rows["original_sizes"], rows["crop_top_left"], target], axis=1).astype(np.float32)
 
 
