@@ -6,7 +6,11 @@ against our own kohya LoRA loader, and the CLI (stop, resume, samples, export, r
     W' = W + (alpha / r) up @ down built from torch leaves: loss, gradient norm and the gradients of every down and
     up <= 1e-4 relative (fp32, highest matmul precision).
 (b) The written file, merged by `convert.lora` (the loader of `--lora`, proven against diffusers' own kohya
-    conversion in tests/test_lora*.py), gives the U-Net the run's merge gives: <= 1e-6, SD 1.x and SDXL names.
+    conversion in tests/test_lora*.py), gives the U-Net the run's merge gives: <= 1e-6, SD 1.x and SDXL names; and
+    the text encoder's with `--train-text-encoder`.
+(c) With `--train-text-encoder` (LoRA on the text encoder too): the step's gradients of every factor equal the chain
+    rule through the full joint step's gradients at the merged weights (dL/d down = s G up^T, dL/d up = s down^T G,
+    G = dL/dW'; the joint step is proven against torch in tests/test_train_text_encoder.py): <= 1e-4.
 """
 
 import jax
@@ -32,13 +36,17 @@ def _config(data, *extra):
     return train_config(build_parser().parse_args(["train", *COMMON, *LORA, *extra, "--data", data, "--out", "x"]))
 
 
-def _random_lora(config, targets, rank, seed):
+def _random_lora(config, targets, rank, seed, text_encoder=False):
     from ldm_jax.train import lora
 
-    tree = lora.init(config, targets, rank, seed)
+    tree = lora.init(config, targets, rank, seed, text_encoder)
     rng = np.random.default_rng(seed)
     return {n: {"down": m["down"], "up": jnp.asarray(rng.normal(0, 0.05, m["up"].shape), jnp.float32)}
             for n, m in tree.items()}
+
+
+def _flat(tree) -> np.ndarray:
+    return np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.tree_util.tree_leaves(tree)])
 
 
 def test_one_lora_step_matches_torch(data):
@@ -104,29 +112,85 @@ def test_one_lora_step_matches_torch(data):
     assert worst <= 1e-4
 
 
-@pytest.mark.parametrize("preset,targets", [("tiny", "transformer"), ("tiny-xl", "attn")])
-def test_written_file_merges_to_the_runs_unet(tmp_path, preset, targets):
+@pytest.mark.parametrize("preset,targets,text", [("tiny", "transformer", True), ("tiny-xl", "attn", False)])
+def test_written_file_merges_to_the_runs_unet(tmp_path, preset, targets, text):
     from convert.lora import apply_loras
     from convert.safetensors_io import write_safetensors
     from ldm_jax.configs import preset as get
     from ldm_jax.models.build import random_params
     from ldm_jax.stable_diffusion import StableDiffusion
     from ldm_jax.train import lora
-    from ldm_jax.train.step import StepConfig, merged_unet
+    from ldm_jax.train.step import StepConfig, merged_text_encoder, merged_unet
 
     cfg = get(preset)
-    step = StepConfig(lora_rank=3, lora_alpha=1.5, lora_targets=targets)
+    step = StepConfig(lora_rank=3, lora_alpha=1.5, lora_targets=targets, train_text_encoder=text)
     params = jax.tree_util.tree_map(np.asarray, random_params(cfg, 0))
-    tree = _random_lora(cfg, targets, 3, seed=2)
+    tree = _random_lora(cfg, targets, 3, seed=2, text_encoder=text)
     path = tmp_path / "l.safetensors"
     write_safetensors(path, lora.kohya_tensors(tree, cfg, targets, 1.5), lora.kohya_metadata(cfg, 3, 1.5, {}))
-    got = apply_loras(StableDiffusion(cfg, params), [(str(path), 1.0)]).params["unet"]
-    want = merged_unet(params["unet"], tree, cfg, step)
+    merged = apply_loras(StableDiffusion(cfg, params), [(str(path), 1.0)]).params
+    got, want = merged["unet"], merged_unet(params["unet"], tree, cfg, step)
+    if text:
+        assert rel_err(_flat(merged["text_encoder"]),
+                       _flat(merged_text_encoder(params["text_encoder"], tree, cfg, step))) <= 1e-6
+        assert len(lora.text_modules(cfg)) == 12 and not np.array_equal(_flat(merged["text_encoder"]),
+                                                                       _flat(params["text_encoder"]))
+    else:
+        assert not any(n.startswith("lora_te") for n in tree)
     assert rel_err(np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(got)]),
                    np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(want)])) <= 1e-6
     changed = sum(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(got),
                                                             jax.tree_util.tree_leaves(params["unet"])))
     assert changed == len(lora.modules(cfg, targets)) > 0
+
+
+def test_text_encoder_lora_step_follows_the_joint_steps_gradients(data):
+    import optax
+
+    from ldm_jax import parallel
+    from ldm_jax.train import data as D
+    from ldm_jax.train import lora
+    from ldm_jax.train.base import load_base
+    from ldm_jax.train.state import init_state
+    from ldm_jax.train.step import (components, frozen_inputs, jitted_train_step, key_data, merged_text_encoder,
+                                    merged_unet, shard_batch)
+
+    tc = _config(data, "--train-text-encoder")
+    joint = _config(data, "--train-text-encoder", "--lora-rank", "0")
+    sd = load_base(None, "tiny", 0)
+    cfg, mesh, s = sd.config, parallel.data_mesh(), tc.step
+    tree = _random_lora(cfg, s.lora_targets, s.lora_rank, seed=1, text_encoder=True)
+    with D.batches(D.scan_dataset(data), batch_size=8, resolution=16, seed=0, num_workers=0) as it:
+        rows = next(it)
+    batch = shard_batch({"images": rows["images"][None], "ids": sd.tokenize(rows["captions"])[None]}, mesh)
+    key, rep = parallel.replicate(key_data(0), mesh), parallel.replicated(mesh)
+
+    def grads(step_cfg, params, frozen):  # the step's gradients, read back from Adam's first moment
+        state = init_state(parallel.replicate(params, mesh), tc.optim, rep)
+        new, m = jitted_train_step(cfg, tc.optim, step_cfg, mesh)(state, batch, key, frozen)
+        unclip = max(1.0, float(m["grad_norm"]) / tc.optim.clip)  # optax scaled g by clip / |g| above the clip
+        mu = optax.tree_utils.tree_get(new.opt_state, "mu")
+        return jax.tree_util.tree_map(lambda x: np.asarray(x) * unclip / (1 - tc.optim.b1), mu), float(m["loss"])
+
+    g_lora, loss_lora = grads(s, tree, frozen_inputs(sd.params, sd.tokenize([""]), mesh, unet=True))
+    merged = {"unet": merged_unet(sd.params["unet"], tree, cfg, s),
+              "text_encoder": merged_text_encoder(sd.params["text_encoder"], tree, cfg, s)}
+    g_full, loss_full = grads(joint.step, merged, frozen_inputs({"vae": sd.params["vae"]}, sd.tokenize([""]), mesh))
+    g_full = components(g_full, joint.step)
+    assert rel_err(loss_lora, loss_full) <= 1e-5
+    from flax import traverse_util
+
+    worst, n_text = 0.0, 0
+    for component, table in (("unet", lora.modules(cfg, s.lora_targets)), ("text_encoder", lora.text_modules(cfg))):
+        flat = traverse_util.flatten_dict(g_full[component])
+        for name, (path, shape) in table.items():
+            g_w = flat[path].reshape(shape[-2], shape[-1])  # dL/dW' [in, out]
+            down, up = (np.asarray(tree[name][k]) for k in ("down", "up"))
+            worst = max(worst, rel_err(g_lora[name]["down"], s.lora_scale * g_w @ up.T),
+                        rel_err(g_lora[name]["up"], s.lora_scale * down.T @ g_w))
+            n_text += component == "text_encoder"
+    print(f"text-encoder LoRA step: {len(tree)} modules ({n_text} text), worst gradient rel err {worst:.2e}")
+    assert n_text == 12 and worst <= 1e-4
 
 
 def test_cli_stop_resume_samples_and_export(data, tmp_path, capsys):
@@ -152,8 +216,8 @@ def test_cli_stop_resume_samples_and_export(data, tmp_path, capsys):
     assert "resume it with the same --lora-rank" in capsys.readouterr().err
     assert main(["train", "--export-only", "--out", str(run), "--preset", "tiny", "--export", "raw"]) == 0
     assert read_safetensors(run / "lora.safetensors")[1]["ldm_jax_weights"] == "raw"
-    assert main([*args, "--train-text-encoder"]) == 2
-    assert "adapts the U-Net only" in capsys.readouterr().err
+    assert main([*args, "--train-text-encoder", "--resume"]) == 2
+    assert "started without --train-text-encoder" in capsys.readouterr().err
 
 
 def test_bench_train_times_the_lora_step(data):

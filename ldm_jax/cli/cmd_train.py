@@ -73,7 +73,8 @@ def add_parser(sub, name, help_):
                    "resolution, so less of the coarse layout can be read off z_t and more must come from the "
                    "caption (e.g. 0.8; default: 0, white noise)")
     p.add_argument("--train-text-encoder", action="store_true", help="train the CLIP text encoder jointly with the "
-                   "U-Net (same lr; for small models trained from scratch; default: frozen, as SD fine-tuning)")
+                   "U-Net (same lr; for small models trained from scratch; default: frozen, as SD fine-tuning); with "
+                   "--lora-rank, a LoRA on the text encoder's Linears as well (kohya's default; SD 1.x/2.x)")
     p.add_argument("--lora-rank", type=int, default=0, metavar="R", help="train a LoRA of rank R on the frozen "
                    "U-Net instead of the U-Net itself (Hu et al. 2021; e.g. 4-64), written as the kohya-ss file "
                    "RUN_DIR/lora.safetensors (read by --lora, A1111, ComfyUI, diffusers) (default: 0, full fine-tune)")

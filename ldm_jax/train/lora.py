@@ -8,7 +8,10 @@ Each adapted kernel W [in, out] (a Linear; SD 1.x's proj_in / proj_out are 1x1 c
 down starts kaiming-uniform (torch's nn.Linear init, U(-1/sqrt(in), 1/sqrt(in)), as kohya and PEFT), up at zero,
 so step 0 is the base model. Which kernels (`TARGETS`): "attn", the q, k, v and output projections of every self-
 and cross-attention (diffusers' `train_text_to_image_lora.py`); "transformer", every Linear of the transformer
-blocks plus proj_in / proj_out (kohya's `networks.lora` on Transformer2DModel). The text encoders stay frozen.
+blocks plus proj_in / proj_out (kohya's `networks.lora` on Transformer2DModel). With `text_encoder` (`--lora-rank`
+with `--train-text-encoder`, SD 1.x / 2.x) every Linear of the CLIP text encoder's layers is adapted as well
+(self-attention q, k, v, out and the MLP's fc1, fc2: kohya's CLIPAttention / CLIPMLP targets, `text_modules`); its
+factors follow the U-Net's in the state and in `init`'s key order.
 
 The file: `<module>.lora_down.weight` = down^T [r, in(, 1, 1)], `<module>.lora_up.weight` = up^T [out, r(, 1, 1)],
 `<module>.alpha`, module names as kohya's trainer writes them for this model (`convert.lora_names`: diffusers
@@ -31,6 +34,7 @@ TARGETS = {
     "transformer": re.compile(r"(_attn[12]_to_(q|k|v|out_0)|_ff_net_0_proj|_ff_net_2|_proj_in|_proj_out)$"),
 }
 _SGM_UNET = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
+_TEXT = re.compile(r"^lora_te_text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])$")
 
 
 def check_targets(targets: str) -> str:
@@ -56,11 +60,26 @@ def modules(config, targets: str) -> dict[str, tuple[tuple[str, ...], tuple[int,
     return dict(sorted(out.items()))
 
 
-def init(config, targets: str, rank: int, seed: int) -> dict:
-    """{module: {"down": f32 [in, r] kaiming-uniform, "up": f32 [r, out] zeros}} (keys from fold_in(seed, i))."""
+@functools.lru_cache(maxsize=8)
+def text_modules(config) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """{kohya module name: (path of the adapted kernel in the text encoder's Flax tree, its shape)} (SD 1.x / 2.x)."""
+    from convert.lora_names import module_table
+
+    out = {name: (tuple(e.flax_path), tuple(e.flax_shape)) for name, e in module_table(config).items()
+           if e.component == "text_encoder" and _TEXT.match(name) and len(e.flax_shape) == 2}
+    return dict(sorted(out.items()))
+
+
+def _all_modules(config, targets: str, text_encoder: bool) -> dict:
+    return {**modules(config, targets), **(text_modules(config) if text_encoder else {})}
+
+
+def init(config, targets: str, rank: int, seed: int, text_encoder: bool = False) -> dict:
+    """{module: {"down": f32 [in, r] kaiming-uniform, "up": f32 [r, out] zeros}} (keys from fold_in(seed, i)), the
+    U-Net's modules, then with `text_encoder` the text encoder's."""
     key = jax.random.key(seed)
     out = {}
-    for i, (name, (_, shape)) in enumerate(modules(config, targets).items()):
+    for i, (name, (_, shape)) in enumerate(_all_modules(config, targets, text_encoder).items()):
         n_in, n_out = shape[-2], shape[-1]
         bound = 1.0 / np.sqrt(n_in)
         down = jax.random.uniform(jax.random.fold_in(key, i), (n_in, rank), jnp.float32, -bound, bound)
@@ -68,18 +87,27 @@ def init(config, targets: str, rank: int, seed: int) -> dict:
     return out
 
 
-def abstract(config, targets: str, rank: int) -> dict:
+def abstract(config, targets: str, rank: int, text_encoder: bool = False) -> dict:
     """The shapes of `init`'s tree (jax.ShapeDtypeStruct leaves)."""
     return {name: {"down": jax.ShapeDtypeStruct((shape[-2], rank), jnp.float32),
                    "up": jax.ShapeDtypeStruct((rank, shape[-1]), jnp.float32)}
-            for name, (_, shape) in modules(config, targets).items()}
+            for name, (_, shape) in _all_modules(config, targets, text_encoder).items()}
 
 
 def merge(unet_params, lora: dict, config, targets: str, scale: float):
     """The U-Net tree with W' = W + scale * down @ up at every adapted kernel (scale = alpha / r); traceable and
     differentiable in `lora` (the rest of the tree is taken as given)."""
-    flat = traverse_util.flatten_dict(unet_params)
-    for name, (path, shape) in modules(config, targets).items():
+    return _merge(unet_params, lora, modules(config, targets), scale)
+
+
+def merge_text(text_params, lora: dict, config, scale: float):
+    """`merge` for the text encoder's tree (`text_modules`)."""
+    return _merge(text_params, lora, text_modules(config), scale)
+
+
+def _merge(params, lora: dict, table: dict, scale: float):
+    flat = traverse_util.flatten_dict(params)
+    for name, (path, shape) in table.items():
         w = flat[path]
         delta = scale * (lora[name]["down"] @ lora[name]["up"])  # [in, out]
         flat[path] = w + delta.reshape(shape).astype(w.dtype)
@@ -87,9 +115,10 @@ def merge(unet_params, lora: dict, config, targets: str, scale: float):
 
 
 def kohya_tensors(lora: dict, config, targets: str, alpha: float) -> dict[str, np.ndarray]:
-    """The kohya-ss file's tensors (float32) of a trained `lora` tree."""
+    """The kohya-ss file's tensors (float32) of a trained `lora` tree (U-Net, and text encoder modules if it has
+    them)."""
     out = {}
-    for name, (_, shape) in modules(config, targets).items():
+    for name, (_, shape) in _all_modules(config, targets, any(n in lora for n in text_modules(config))).items():
         down, up = (np.asarray(lora[name][k], np.float32) for k in ("down", "up"))
         conv = (1, 1) if len(shape) == 4 else ()
         out[f"{name}.lora_down.weight"] = np.ascontiguousarray(down.T.reshape(down.shape[::-1] + conv))

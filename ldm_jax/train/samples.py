@@ -12,7 +12,7 @@ import jax
 
 from ldm_jax.errors import UserError
 from ldm_jax.train.config import TrainConfig
-from ldm_jax.train.step import components, merged_unet
+from ldm_jax.train.step import components, merged_text_encoder, merged_unet
 
 
 def check_sample_steps(config, cfg: TrainConfig) -> None:
@@ -43,7 +43,14 @@ def samples_missing(cfg: TrainConfig, step: int, run_dir: str) -> bool:
 
 @functools.lru_cache(maxsize=2)
 def _jitted_merge(config, step_cfg):
-    return jax.jit(functools.partial(merged_unet, config=config, step_cfg=step_cfg))
+    """(frozen, LoRA) -> {"unet"[, "text_encoder"]}: the components a LoRA run adapts, merged (one small program)."""
+    def merge(frozen, lora_params):
+        out = {"unet": merged_unet(frozen["unet"], lora_params, config, step_cfg)}
+        if step_cfg.train_text_encoder:
+            out["text_encoder"] = merged_text_encoder(frozen["text_encoder"], lora_params, config, step_cfg)
+        return out
+
+    return jax.jit(merge)
 
 
 def save_samples(sd, frozen, state, cfg: TrainConfig, res: int, step: int, run_dir: str, mesh) -> None:
@@ -52,8 +59,9 @@ def save_samples(sd, frozen, state, cfg: TrainConfig, res: int, step: int, run_d
     from ldm_jax.pipelines.generate import txt2img
 
     sd.params.update({c: frozen[c] for c in ("vae", "text_encoder", "text_encoder_2") if c in frozen})
-    if cfg.step.lora_rank:  # the base U-Net with the EMA LoRA merged in (one small program)
-        sd.params["unet"] = _jitted_merge(sd.config, cfg.step)(frozen["unet"], state.ema_params)
+    if cfg.step.lora_rank:  # the base U-Net (and text encoder) with the EMA LoRA merged in
+        base = {c: frozen[c] for c in ("unet", "text_encoder")}
+        sd.params.update(_jitted_merge(sd.config, cfg.step)(base, state.ema_params))
     else:
         sd.params.update(components(state.ema_params, cfg.step))
     sd.cache[("params", id(mesh))] = sd.params  # already replicated on the mesh: no copy (see generate.py)

@@ -15,7 +15,8 @@ One step = one optimiser update from K micro-batches (gradient accumulation, `la
 (eq. 3), the context (and the empty prompt's, for caption dropout) is computed from the ids inside the
 differentiated loss, and a precomputed batch carries {"moments", "ids"}. With `lora_rank` the state holds a LoRA
 ({module: {"down", "up"}}, `lora.py`) and `frozen` the base U-Net; the loss runs the merged U-Net W + scale down @ up,
-differentiated in the LoRA only.
+differentiated in the LoRA only (with `train_text_encoder` the LoRA adapts the frozen text encoder too, which then
+encodes the ids inside the loss as above).
 
 SDXL (Podell et al. 2023; both text encoders frozen, as diffusers' `train_text_to_image_sdxl.py`): the context is the
 two encoders' states side by side, and the U-Net also gets y = [pooled text, emb(original size), emb(crop top-left),
@@ -75,8 +76,6 @@ class StepConfig:
         limits.check_fields(self, ("caption_dropout", "grad_accum", "snr_gamma", "multires_noise", "lora_rank",
                                    "lora_alpha"), optional=("snr_gamma", "lora_alpha"))
         lora.check_targets(self.lora_targets)
-        if self.lora_rank and self.train_text_encoder:
-            raise ValueError("a LoRA run adapts the U-Net only: train without --train-text-encoder")
 
     @property
     def dtype(self):
@@ -110,7 +109,7 @@ def trainable(model_params: dict, step_cfg: StepConfig):
 def initial_params(sd, step_cfg: StepConfig, seed: int):
     """A new run's `state.params`: the base model's trained components, or a fresh LoRA (`lora.init`)."""
     if step_cfg.lora_rank:
-        return lora.init(sd.config, step_cfg.lora_targets, step_cfg.lora_rank, seed)
+        return lora.init(sd.config, step_cfg.lora_targets, step_cfg.lora_rank, seed, step_cfg.train_text_encoder)
     return trainable(sd.params, step_cfg)
 
 
@@ -119,13 +118,18 @@ def abstract_trainable(config: ModelConfig, step_cfg: StepConfig):
     from ldm_jax.models.build import abstract_params
 
     if step_cfg.lora_rank:
-        return lora.abstract(config, step_cfg.lora_targets, step_cfg.lora_rank)
+        return lora.abstract(config, step_cfg.lora_targets, step_cfg.lora_rank, step_cfg.train_text_encoder)
     return trainable(abstract_params(config, step_cfg.trained), step_cfg)
 
 
 def merged_unet(base_unet, lora_params, config: ModelConfig, step_cfg: StepConfig):
     """The U-Net a LoRA run's `state.params` (or EMA) make of the frozen base U-Net (`lora.merge`)."""
     return lora.merge(base_unet, lora_params, config, step_cfg.lora_targets, step_cfg.lora_scale)
+
+
+def merged_text_encoder(base_text, lora_params, config: ModelConfig, step_cfg: StepConfig):
+    """The text encoder of a LoRA run with `train_text_encoder` (`lora.merge_text`)."""
+    return lora.merge_text(base_text, lora_params, config, step_cfg.lora_scale)
 
 
 def components(params, step_cfg: StepConfig) -> dict:
@@ -169,12 +173,12 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
         z0 = L.posterior_sample(moments, d.posterior_eps, config.latent_scale)
         return jax.lax.stop_gradient((z0, d.t, d.noise, cond, d.drop, micro.get("weights")))
 
-    def conditioning(params, cond, uncond, drop):
+    def conditioning(text_params, cond, uncond, drop):
         """(tau_theta(y) [B, S, d] with the dropped captions' rows replaced by the empty prompt's context, SDXL's
-        y [B, adm] or None); uncond is a context (frozen encoder) or token ids that the trained encoder encodes
-        here. SDXL: a dropped caption's context and pooled text are zeros, its sizes stay."""
+        y [B, adm] or None); uncond is a context (frozen encoder) or token ids that the trained encoder
+        (`text_params`) encodes here. SDXL: a dropped caption's context and pooled text are zeros, its sizes stay."""
         if step_cfg.train_text_encoder:
-            encode = lambda ids: text.apply({"params": params["text_encoder"]}, ids)  # noqa: E731
+            encode = lambda ids: text.apply({"params": text_params}, ids)  # noqa: E731
             ctx, uncond = encode(cond["ids"]), encode(uncond)
         else:
             ctx = cond["ctx"]
@@ -184,12 +188,16 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
         pooled = L.drop_captions(cond["pooled"], zeros(cond["pooled"]), drop)
         return L.drop_captions(ctx, zeros(ctx), drop), vector_conditioning(pooled, cond["sizes"])
 
-    def micro_loss(params, uncond, base_unet, z0, t, noise, cond, drop, weights):
-        if step_cfg.lora_rank:
-            unet_params = merged_unet(base_unet, params, config, step_cfg)
+    def micro_loss(params, uncond, base, z0, t, noise, cond, drop, weights):
+        text_params = None
+        if step_cfg.lora_rank:  # base: the frozen U-Net (and text encoder) the LoRA adapts
+            unet_params = merged_unet(base["unet"], params, config, step_cfg)
+            if step_cfg.train_text_encoder:
+                text_params = merged_text_encoder(base["text_encoder"], params, config, step_cfg)
         else:
             unet_params = params["unet"] if step_cfg.train_text_encoder else params
-        ctx, y = conditioning(params, cond, uncond, drop)
+            text_params = params["text_encoder"] if step_cfg.train_text_encoder else None
+        ctx, y = conditioning(text_params, cond, uncond, drop)
         extra = () if y is None else (y,)  # U-Nets without a vector conditioning take (x, t, c)
         eps_fn = lambda x, tt, c: unet.apply({"params": unet_params}, x, tt, c, *extra)  # noqa: E731
         return L.diffusion_loss(eps_fn, schedule, z0, t, noise, ctx, step_cfg.snr_gamma, step_cfg.debiased_loss,
@@ -206,7 +214,8 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
 
         def one(i, micro):
             keys = L.example_keys(step_key, i * b + jnp.arange(b))
-            return grad_fn(state.params, uncond, frozen.get("unet"), *inputs(frozen, micro, keys))
+            base = {c: frozen[c] for c in ("unet", "text_encoder") if c in frozen} if step_cfg.lora_rank else None
+            return grad_fn(state.params, uncond, base, *inputs(frozen, micro, keys))
 
         if k == 1:
             loss, grads = one(0, jax.tree_util.tree_map(lambda x: x[0], batch))
