@@ -114,3 +114,23 @@ def test_multires_flag_reaches_the_draws(tmp_path):
     k_noise = jax.random.split(keys[0], 4)[1]
     assert np.array_equal(plain.noise[0], jax.random.normal(k_noise, (8, 8, 4)))  # white noise as before
     assert np.array_equal(multi.noise[0], L.multires_noise(k_noise, (8, 8, 4), 0.8))
+
+
+def test_noise_offset_adds_one_value_per_channel_and_reaches_the_config(tmp_path):
+    from ldm_jax.cli.cmd_train import train_config
+    from ldm_jax.train.step import StepConfig
+
+    args = ["train", "--preset", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "run")]
+    assert train_config(build_parser().parse_args(args)).step.noise_offset == 0.0
+    assert train_config(build_parser().parse_args([*args, "--noise-offset", "0.1"])).step.noise_offset == 0.1
+    with pytest.raises(ValueError, match="noise_offset"):
+        StepConfig(noise_offset=-0.1)
+    keys = jax.random.split(jax.random.PRNGKey(2), 256)
+    plain, offset = L.draw(keys, (8, 8, 4), 1000, 0.1), L.draw(keys, (8, 8, 4), 1000, 0.1, noise_offset=0.5)
+    assert np.array_equal(plain.t, offset.t) and np.array_equal(plain.posterior_eps, offset.posterior_eps)
+    shift = np.asarray(offset.noise - plain.noise)  # [256, 8, 8, 4]: one value per example and channel
+    assert np.allclose(shift, shift[:, :1, :1, :], atol=1e-6)
+    k_noise = jax.random.split(keys[0], 4)[1]
+    want = 0.5 * np.asarray(jax.random.normal(jax.random.fold_in(k_noise, 1), (1, 1, 4)))
+    assert np.allclose(shift[0], want, atol=1e-6)
+    assert 0.4 < shift[:, 0, 0, :].std() < 0.6  # 0.5 x N(0, 1)

@@ -72,6 +72,10 @@ def add_parser(sub, name, help_):
                    "(Whitaker 2023; kohya's --multires_noise_discount): adds DISCOUNT^i-weighted noise at 1/2^i "
                    "resolution, so less of the coarse layout can be read off z_t and more must come from the "
                    "caption (e.g. 0.8; default: 0, white noise)")
+    p.add_argument("--noise-offset", type=float, default=0.0, metavar="S", help="offset noise (Guttenberg 2023; "
+                   "diffusers' and kohya's --noise_offset): adds S x one random value per latent channel to the "
+                   "noise, so the model learns to make images much darker or brighter than average (e.g. 0.1; "
+                   "default: 0)")
     p.add_argument("--train-text-encoder", action="store_true", help="train the CLIP text encoder jointly with the "
                    "U-Net (same lr; for small models trained from scratch; default: frozen, as SD fine-tuning); with "
                    "--lora-rank, a LoRA on the text encoder's Linears as well (kohya's default; SD 1.x/2.x)")
@@ -186,6 +190,7 @@ def train_config(args):
         step = StepConfig(caption_dropout=args.caption_dropout, grad_accum=args.grad_accum, precision=precision,
                           remat=args.remat, snr_gamma=args.snr_gamma, train_text_encoder=args.train_text_encoder,
                           multires_noise=args.multires_noise, debiased_loss=args.debiased_loss,
+                          noise_offset=args.noise_offset,
                           lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -69,9 +69,13 @@ def multires_noise(key: jax.Array, shape: tuple[int, ...], discount: float) -> j
 
 
 def draw(keys: jax.Array, latent_shape: tuple[int, ...], n_steps: int, caption_dropout: float,
-         multires_discount: float = 0.0) -> Draws:
+         multires_discount: float = 0.0, noise_offset: float = 0.0) -> Draws:
     """Draw t ~ U{0..n_steps-1}, eps ~ N(0, I) (or `multires_noise` when `multires_discount` > 0), the posterior's eps
-    and the dropout coin for every example."""
+    and the dropout coin for every example. `noise_offset` > 0 adds offset noise to eps: noise_offset times one
+    N(0, 1) value per channel, the same at every position (N. Guttenberg 2023, "Diffusion with Offset Noise";
+    diffusers' and kohya's --noise_offset, e.g. 0.1), drawn from fold_in(the noise key, 1) so the other draws stay
+    the same. It lets the model learn to shift an image's mean brightness and colour, which white noise hides
+    (SD without it struggles with very dark or very bright images); the loss's target is the offset noise."""
 
     def one(key):
         k_t, k_noise, k_post, k_drop = jax.random.split(key, 4)
@@ -79,6 +83,10 @@ def draw(keys: jax.Array, latent_shape: tuple[int, ...], n_steps: int, caption_d
             noise = multires_noise(k_noise, latent_shape, multires_discount)
         else:
             noise = jax.random.normal(k_noise, latent_shape, jnp.float32)
+        if noise_offset > 0:
+            offset = jax.random.normal(jax.random.fold_in(k_noise, 1), (1,) * (len(latent_shape) - 1)
+                                       + latent_shape[-1:], jnp.float32)  # [1, 1, C]
+            noise = noise + noise_offset * offset
         return Draws(t=jax.random.randint(k_t, (), 0, n_steps, jnp.int32),
                      noise=noise,
                      posterior_eps=jax.random.normal(k_post, latent_shape, jnp.float32),

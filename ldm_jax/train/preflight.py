@@ -36,7 +36,7 @@ FLAGS = {
     "step_config": {"caption_dropout": "--caption-dropout", "grad_accum": "--grad-accum", "precision": "--precision",
                     "remat": "--remat", "attention_impl": "attention_impl", "snr_gamma": "--snr-gamma",
                     "train_text_encoder": "--train-text-encoder", "debiased_loss": "--debiased-loss",
-                    "multires_noise": "--multires-noise", "lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha",
+                    "multires_noise": "--multires-noise", "noise_offset": "--noise-offset", "lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha",
                     "lora_targets": "--lora-targets"},
     "run": {"batch_size": "--batch-size", "random_flip": "--random-flip", "processes": "processes",
             "devices": "devices", "instance_prompt": "--instance-prompt", "class_data": "--class-data",

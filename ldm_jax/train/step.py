@@ -66,6 +66,7 @@ class StepConfig:
     train_text_encoder: bool = False  # train tau_theta jointly with the U-Net (else frozen, as SD fine-tuning)
     debiased_loss: bool = False  # also weight the loss by 1 / sqrt(SNR_t) (loss.debiased_weight)
     multires_noise: float = 0.0  # > 0: the diffusion noise is loss.multires_noise with this discount (0: white)
+    noise_offset: float = 0.0  # > 0: offset noise of this strength added to the diffusion noise (`loss.draw`)
     lora_rank: int = 0  # > 0: train a LoRA of this rank on the frozen U-Net (`lora.py`) instead of the U-Net
     lora_alpha: float | None = None  # the LoRA's scale is alpha / rank (None: alpha = rank, scale 1)
     lora_targets: str = "attn"  # which U-Net kernels the LoRA adapts (`lora.TARGETS`)
@@ -73,8 +74,8 @@ class StepConfig:
     def __post_init__(self):
         if self.precision not in DTYPES:
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
-        limits.check_fields(self, ("caption_dropout", "grad_accum", "snr_gamma", "multires_noise", "lora_rank",
-                                   "lora_alpha"), optional=("snr_gamma", "lora_alpha"))
+        limits.check_fields(self, ("caption_dropout", "grad_accum", "snr_gamma", "multires_noise", "noise_offset",
+                                   "lora_rank", "lora_alpha"), optional=("snr_gamma", "lora_alpha"))
         lora.check_targets(self.lora_targets)
 
     @property
@@ -169,7 +170,8 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
         if sdxl:
             cond["sizes"] = f32(micro["sizes"])
         c = moments.shape[-1] // 2
-        d = L.draw(keys, moments.shape[1:-1] + (c,), n_steps, step_cfg.caption_dropout, step_cfg.multires_noise)
+        d = L.draw(keys, moments.shape[1:-1] + (c,), n_steps, step_cfg.caption_dropout, step_cfg.multires_noise,
+                   step_cfg.noise_offset)
         z0 = L.posterior_sample(moments, d.posterior_eps, config.latent_scale)
         return jax.lax.stop_gradient((z0, d.t, d.noise, cond, d.drop, micro.get("weights")))
 
