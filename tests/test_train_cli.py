@@ -37,12 +37,35 @@ def _error_line(capsys) -> str:
     (["--adam-betas", "0.9", "1.5"], "--adam-betas must be in [0, 1), got 1.5"),
     (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
     (["--clip", "-1"], "--clip must be >= 0"),
+    (["--noise-offset", "2"], "--noise-offset must be in [0, 1], got 2.0"),
+    (["--random-crop", "--precompute-latents"], "--random-crop and --precompute-latents do not go together"),
+    (["--aspect-buckets", "--class-data", "cls", "--class-prompt", "a dog"],
+     "--aspect-buckets and --class-data do not go together yet"),
 ])
 def test_bad_numbers_name_the_flag(data, tmp_path, capsys, flags, message):
     run = tmp_path / "run"
     assert main(["train", *COMMON, "--data", data, "--out", str(run), *flags]) == 2
     assert message in _error_line(capsys)
     assert not run.exists()
+
+
+def test_random_crop_reaches_the_loader(data, tmp_path, monkeypatch):
+    from ldm_jax.train import loop
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def stop(dataset, **kw):  # the loader's arguments, then stop before any step
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(loop.D, "batches", stop)
+    for flags, centre in (([], True), (["--random-crop"], False)):
+        with pytest.raises(Stop):
+            main(["train", *COMMON, "--data", data, "--out", str(tmp_path / f"run{centre}"), *flags])
+        assert seen["center_crop"] is centre
 
 
 def test_resolution_not_a_multiple_is_refused_before_anything_is_written(data, tmp_path, capsys):

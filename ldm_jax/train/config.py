@@ -23,6 +23,7 @@ class TrainConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     step: StepConfig = dataclasses.field(default_factory=StepConfig)
     random_flip: bool = False
+    random_crop: bool = False  # a random crop of each image instead of the centre (diffusers' default, kohya's option)
     aspect_buckets: bool = False  # crop each image to the aspect-ratio bucket nearest its shape (`buckets.py`)
     allow_empty_captions: bool = False
     seed: int | None = None  # default: a resumed run's, else 0

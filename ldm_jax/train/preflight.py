@@ -38,7 +38,8 @@ FLAGS = {
                     "train_text_encoder": "--train-text-encoder", "debiased_loss": "--debiased-loss",
                     "multires_noise": "--multires-noise", "noise_offset": "--noise-offset", "lora_rank": "--lora-rank",
                     "lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets"},
-    "run": {"batch_size": "--batch-size", "random_flip": "--random-flip", "processes": "processes",
+    "run": {"batch_size": "--batch-size", "random_flip": "--random-flip", "random_crop": "--random-crop",
+            "processes": "processes",
             "devices": "devices", "instance_prompt": "--instance-prompt", "class_data": "--class-data",
             "class_prompt": "--class-prompt", "num_class_images": "--num-class-images",
             "prior_loss_weight": "--prior-loss-weight"},
@@ -74,6 +75,9 @@ def check_config(cfg) -> None:
                                 "searched recursively); give the class images a folder of their own")
         if os.path.exists(cfg.class_data) and not os.path.isdir(cfg.class_data):
             raise UserError(f"--class-data {cfg.class_data} is a file, not a folder")
+    if cfg.random_crop and cfg.precompute_latents:
+        raise UserError("--random-crop and --precompute-latents do not go together: the cache holds one (centre) crop "
+                        "of each image; use one of them")
     if cfg.aspect_buckets and cfg.class_data is not None:
         raise UserError("--aspect-buckets and --class-data do not go together yet (each micro-batch stacks instance "
                         "and class images, which must then share a bucket); use one of them")

@@ -29,12 +29,13 @@ def resume_state(ck, step: int, meta: dict, config, cfg: TrainConfig, mesh, run_
     a note naming the settings of `cfg` that differ from the checkpoint's."""
     state = TrainState.from_dict(ck.restore(state_shapes(config, cfg.optim, cfg.step, mesh), step)[0])
     log(f"resuming {run_dir} at step {step} (data position {meta['data']['position']})")
+    # (another number of processes or devices: other rounding, so not a bit-exact continuation either)
     now = {"base": base_info(cfg), "optim": dataclasses.asdict(cfg.optim),
            "step_config": dataclasses.asdict(cfg.step),
-           "run": {"batch_size": cfg.batch_size, "random_flip": cfg.random_flip,  # more devices: other
-                   "processes": jax.process_count(), "devices": int(mesh.devices.size)}}  # rounding, not bit-exact
-    defaults = {"base": now["base"], "optim": dataclasses.asdict(OptimConfig()),
-                "step_config": dataclasses.asdict(StepConfig()), "run": now["run"]}  # keys older runs lack
+           "run": {"batch_size": cfg.batch_size, "random_flip": cfg.random_flip, "random_crop": cfg.random_crop,
+                   "processes": jax.process_count(), "devices": int(mesh.devices.size)}}
+    defaults = {"base": now["base"], "optim": dataclasses.asdict(OptimConfig()),  # the values of keys older runs lack
+                "step_config": dataclasses.asdict(StepConfig()), "run": {**now["run"], "random_crop": False}}
     changed = preflight.changed_settings(meta, now, defaults)
     if changed:
         log(f"note: settings differ from the checkpoint's ({', '.join(changed)}); the run continues with the "
