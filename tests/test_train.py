@@ -34,6 +34,16 @@ def trained(data, tmp_path_factory):
     return run
 
 
+@pytest.mark.parametrize("name, quarter, end", [("cosine", 0.1 + 0.45 * (1 + np.cos(np.pi / 4)), 0.1),
+                                                 ("linear", 1 - 0.9 / 4, 0.1), ("constant", 1.0, 1.0)])
+def test_lr_schedules_warm_up_then_decay_to_the_floor(name, quarter, end):
+    from ldm_jax.train.state import OptimConfig, lr_schedule
+
+    f = lr_schedule(OptimConfig(lr=2.0, warmup=10, schedule=name, total_steps=110, min_lr_ratio=0.1))
+    got = [float(f(s)) / 2.0 for s in (0, 5, 10, 35, 110, 200)]
+    np.testing.assert_allclose(got, [0.0, 0.5, 1.0, quarter, end, end], rtol=1e-5, atol=1e-7)
+
+
 def _train_config(data, out):
     from ldm_jax.cli.cmd_train import train_config
 

@@ -41,9 +41,11 @@ def add_parser(sub, name, help_):
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (default: 1)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
     p.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default: 0)")
-    p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
-                   help="after warmup: cosine decay to --min-lr-ratio * lr, or constant (default: cosine)")
-    p.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr / peak lr for cosine (default: 0)")
+    p.add_argument("--lr-schedule", choices=("cosine", "linear", "constant"), default="cosine",
+                   help="after warmup: cosine or linear decay to --min-lr-ratio * lr at --steps, or constant "
+                   "(default: cosine)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr / peak lr for cosine and linear "
+                   "(default: 0)")
     p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default: 1e-2)")
     p.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"),
                    help="AdamW's moment decay rates, each in [0, 1) (default: 0.9 0.999)")

@@ -8,7 +8,8 @@
   bias-corrected moments, eps added to sqrt(v_hat)); clipping differs from torch's `clip_grad_norm_` only when it
   triggers (torch divides by norm + 1e-6).
 - Learning rate: linear warmup from 0 over `warmup` steps, then cosine decay to `lr * min_lr_ratio` at `total_steps`
-  ("cosine"), or constant after the warmup ("constant"; diffusers' default schedule).
+  ("cosine"), a straight line to it ("linear", as diffusers' `get_scheduler("linear")` with a floor), or constant
+  after the warmup ("constant"; diffusers' default schedule).
 - EMA of the trained params after every optimiser step, as CompVis `ldm/modules/ema.py` (LitEma):
   decay_n = min(decay, (1 + n) / (10 + n)) for the n-th update (`ema_warmup`), ema <- ema - (1 - decay_n)(ema - p).
 - Params are the fp32 master copy; compute precision is the U-Net module's dtype (bf16 casts each kernel on use,
@@ -32,7 +33,7 @@ from flax import struct
 
 from ldm_jax.train import limits
 
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,12 +76,14 @@ class TrainState:
 
 
 def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
-    """step -> learning rate: linear warmup 0 -> lr, then cosine to lr * min_lr_ratio (or constant)."""
+    """step -> learning rate: linear warmup 0 -> lr, then cosine or linear to lr * min_lr_ratio (or constant)."""
     warmup = optax.linear_schedule(0.0, cfg.lr, cfg.warmup) if cfg.warmup else None
+    decay_steps = max(cfg.total_steps - cfg.warmup, 1)
     if cfg.schedule == "constant":
         after = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "linear":
+        after = optax.linear_schedule(cfg.lr, cfg.lr * cfg.min_lr_ratio, decay_steps)
     else:
-        decay_steps = max(cfg.total_steps - cfg.warmup, 1)
         after = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)
     if warmup is None:
         return after
