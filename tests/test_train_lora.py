@@ -1,8 +1,9 @@
 """LoRA training (`ldm-jax train --lora-rank`, `ldm_jax/train/lora.py`): one real step against torch, the kohya file
 against our own kohya LoRA loader, and the CLI (stop, resume, samples, export, refusals).
 
-(a) One step: the compiled step with a LoRA (rank 4, alpha 8, every transformer Linear and 1x1 conv, up started
-    non-zero so both factors have gradients) against labml's U-Net run through `torch.func.functional_call` with
+(a) One step: the compiled step with a LoRA (rank 4, alpha 8, every transformer Linear and 1x1 conv, and the
+    ResBlocks and resamplers with their 3x3 convs at conv rank 2, alpha 3: LoCon; up started non-zero so both
+    factors have gradients) against labml's U-Net run through `torch.func.functional_call` with
     W' = W + (alpha / r) up @ down built from torch leaves: loss, gradient norm and the gradients of every down and
     up <= 1e-4 relative (fp32, highest matmul precision).
 (b) The written file, merged by `convert.lora` (the loader of `--lora`, proven against diffusers' own kohya
@@ -13,6 +14,8 @@ against our own kohya LoRA loader, and the CLI (stop, resume, samples, export, r
     G = dL/dW'; the joint step is proven against torch in tests/test_train_text_encoder.py): <= 1e-4.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +25,8 @@ from ldm_jax.cli.main import build_parser, main
 from tests.parity import rel_err, torch_q_sample
 from tests.train_worker import COMMON, make_dataset
 
-LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "transformer"]
+LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "transformer", "--lora-conv-rank", "2",
+        "--lora-conv-alpha", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +40,10 @@ def _config(data, *extra):
     return train_config(build_parser().parse_args(["train", *COMMON, *LORA, *extra, "--data", data, "--out", "x"]))
 
 
-def _random_lora(config, targets, rank, seed, text_encoder=False):
+def _random_lora(config, targets, rank, seed, text_encoder=False, conv_rank=0):
     from ldm_jax.train import lora
 
-    tree = lora.init(config, targets, rank, seed, text_encoder)
+    tree = lora.init(config, targets, rank, seed, text_encoder, conv_rank)
     rng = np.random.default_rng(seed)
     return {n: {"down": m["down"], "up": jnp.asarray(rng.normal(0, 0.05, m["up"].shape), jnp.float32)}
             for n, m in tree.items()}
@@ -67,9 +71,10 @@ def test_one_lora_step_matches_torch(data):
     tc = _config(data)
     sd = load_base(None, "tiny", 0)
     cfg, mesh, s = sd.config, parallel.data_mesh(), tc.step
-    modules = lora.modules(cfg, s.lora_targets)
-    assert any(len(shape) == 4 for _, shape in modules.values())  # 1x1 conv proj_in/out among them
-    lora0 = _random_lora(cfg, s.lora_targets, s.lora_rank, seed=1)
+    modules = lora.modules(cfg, s.lora_targets, conv=True)
+    assert any(len(shape) == 4 and shape[0] == 1 for _, shape in modules.values())  # 1x1 conv proj_in/out
+    assert sum(lora.is_spatial(shape) for _, shape in modules.values()) == 18  # LoCon: 16 ResBlock convs, 2 resamplers
+    lora0 = _random_lora(cfg, s.lora_targets, s.lora_rank, seed=1, conv_rank=s.lora_conv_rank)
     with D.batches(D.scan_dataset(data), batch_size=8, resolution=16, seed=0, num_workers=0) as it:
         rows = next(it)
     ids = sd.tokenize(rows["captions"])
@@ -93,27 +98,41 @@ def test_one_lora_step_matches_torch(data):
     own = dict(model.named_parameters())
     table = module_table(cfg)
     leaves, merged = {}, {}
-    for name in modules:
+    for name, (_, shape) in modules.items():
         weight = table[name].key[len("model.diffusion_model."):]
-        down = torch.tensor(np.asarray(lora0[name]["down"]).T.copy(), requires_grad=True)  # [r, in]
+        spatial = lora.is_spatial(shape)  # kohya's merge: up [out, r] @ down [r, in * kh * kw]
+        down_np = np.asarray(lora0[name]["down"])  # [in, r] or [kh, kw, in, r]
+        down = torch.tensor(down_np.reshape(-1, down_np.shape[-1]).T.copy(), requires_grad=True)
         up = torch.tensor(np.asarray(lora0[name]["up"]).T.copy(), requires_grad=True)  # [out, r]
-        leaves[name] = (down, up)
-        merged[weight] = own[weight].detach() + (s.lora_scale * (up @ down)).reshape(own[weight].shape)
+        leaves[name] = (down, up, down_np.shape)
+        scale = s.lora_conv_scale if spatial else s.lora_scale
+        if spatial:  # rows of down follow (kh, kw, in); torch's kernel is [out, in, kh, kw]
+            delta = (up @ down).reshape(shape[-1], *shape[:3]).permute(0, 3, 1, 2)
+        else:
+            delta = (up @ down).reshape(own[weight].shape)
+        merged[weight] = own[weight].detach() + scale * delta
     x_t, eps, t = torch_q_sample(z0, d.noise, d.t)
     out = torch.func.functional_call(model, merged, (x_t, t, torch.from_numpy(np.array(ctx))))
     loss = torch.nn.functional.mse_loss(eps, out)
     loss.backward()
-    torch_grads = {n: {"down": dn.grad.numpy().T, "up": up.grad.numpy().T} for n, (dn, up) in leaves.items()}
+    torch_grads = {n: {"down": dn.grad.numpy().T.reshape(shape), "up": up.grad.numpy().T}
+                   for n, (dn, up, shape) in leaves.items()}
     norm = np.sqrt(sum(float((g ** 2).sum()) for g in jax.tree_util.tree_leaves(torch_grads)))
     assert norm < tc.optim.clip  # no clipping: Adam's first moment is (1 - b1) g
     assert rel_err(m["loss"], loss.item()) <= 1e-4 and rel_err(m["grad_norm"], norm) <= 1e-4
-    worst = max(rel_err(grads[n][k], torch_grads[n][k]) for n in modules for k in ("down", "up"))
+    # The time-embedding LoRA of a ResBlock with one channel per GroupNorm group (the tiny preset's 32-channel level)
+    # gets no gradient: the norm after it removes any per-channel shift. Both sides must then be ~0.
+    vanishing = [(n, k) for n in modules for k in ("down", "up") if np.linalg.norm(torch_grads[n][k]) < 1e-6 * norm]
+    assert all(np.linalg.norm(grads[n][k]) < 1e-6 * norm for n, k in vanishing) and len(vanishing) <= 6
+    worst = max(rel_err(grads[n][k], torch_grads[n][k]) for n in modules for k in ("down", "up")
+                if (n, k) not in vanishing)
     print(f"LoRA step: {len(modules)} modules, loss {float(m['loss']):.6f}, worst gradient rel err {worst:.2e}")
     assert worst <= 1e-4
 
 
-@pytest.mark.parametrize("preset,targets,text", [("tiny", "transformer", True), ("tiny-xl", "attn", False)])
-def test_written_file_merges_to_the_runs_unet(tmp_path, preset, targets, text):
+@pytest.mark.parametrize("preset,targets,text,conv", [("tiny", "transformer", True, 2), ("tiny-xl", "attn", False, 0),
+                                                     ("tiny-xl", "attn", False, 3)])
+def test_written_file_merges_to_the_runs_unet(tmp_path, preset, targets, text, conv):
     from convert.lora import apply_loras
     from convert.safetensors_io import write_safetensors
     from ldm_jax.configs import preset as get
@@ -123,11 +142,14 @@ def test_written_file_merges_to_the_runs_unet(tmp_path, preset, targets, text):
     from ldm_jax.train.step import StepConfig, merged_text_encoder, merged_unet
 
     cfg = get(preset)
-    step = StepConfig(lora_rank=3, lora_alpha=1.5, lora_targets=targets, train_text_encoder=text)
+    step = StepConfig(lora_rank=3, lora_alpha=1.5, lora_targets=targets, train_text_encoder=text,
+                      lora_conv_rank=conv, lora_conv_alpha=2.5 if conv else None)
     params = jax.tree_util.tree_map(np.asarray, random_params(cfg, 0))
-    tree = _random_lora(cfg, targets, 3, seed=2, text_encoder=text)
+    tree = _random_lora(cfg, targets, 3, seed=2, text_encoder=text, conv_rank=conv)
     path = tmp_path / "l.safetensors"
-    write_safetensors(path, lora.kohya_tensors(tree, cfg, targets, 1.5), lora.kohya_metadata(cfg, 3, 1.5, {}))
+    conv_alpha = 2.5 if conv else None
+    write_safetensors(path, lora.kohya_tensors(tree, cfg, targets, 1.5, conv_alpha),
+                      lora.kohya_metadata(cfg, 3, 1.5, {}, conv, conv_alpha))
     merged = apply_loras(StableDiffusion(cfg, params), [(str(path), 1.0)]).params
     got, want = merged["unet"], merged_unet(params["unet"], tree, cfg, step)
     if text:
@@ -141,13 +163,14 @@ def test_written_file_merges_to_the_runs_unet(tmp_path, preset, targets, text):
                    np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(want)])) <= 1e-6
     changed = sum(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(got),
                                                             jax.tree_util.tree_leaves(params["unet"])))
-    assert changed == len(lora.modules(cfg, targets)) > 0
+    assert changed == len(lora.modules(cfg, targets, conv > 0)) > 0
 
 
 def test_text_encoder_lora_step_follows_the_joint_steps_gradients(data):
     import optax
 
     from ldm_jax import parallel
+    from ldm_jax.cli.cmd_train import train_config
     from ldm_jax.train import data as D
     from ldm_jax.train import lora
     from ldm_jax.train.base import load_base
@@ -156,10 +179,11 @@ def test_text_encoder_lora_step_follows_the_joint_steps_gradients(data):
                                     merged_unet, shard_batch)
 
     tc = _config(data, "--train-text-encoder")
-    joint = _config(data, "--train-text-encoder", "--lora-rank", "0")
+    joint = train_config(build_parser().parse_args(["train", *COMMON, "--train-text-encoder", "--data", data,
+                                                    "--out", "x"]))
     sd = load_base(None, "tiny", 0)
     cfg, mesh, s = sd.config, parallel.data_mesh(), tc.step
-    tree = _random_lora(cfg, s.lora_targets, s.lora_rank, seed=1, text_encoder=True)
+    tree = _random_lora(cfg, s.lora_targets, s.lora_rank, seed=1, text_encoder=True, conv_rank=s.lora_conv_rank)
     with D.batches(D.scan_dataset(data), batch_size=8, resolution=16, seed=0, num_workers=0) as it:
         rows = next(it)
     batch = shard_batch({"images": rows["images"][None], "ids": sd.tokenize(rows["captions"])[None]}, mesh)
@@ -180,17 +204,26 @@ def test_text_encoder_lora_step_follows_the_joint_steps_gradients(data):
     assert rel_err(loss_lora, loss_full) <= 1e-5
     from flax import traverse_util
 
-    worst, n_text = 0.0, 0
-    for component, table in (("unet", lora.modules(cfg, s.lora_targets)), ("text_encoder", lora.text_modules(cfg))):
+    worst, n_text, vanishing = 0.0, 0, 0
+    total = np.sqrt(sum(float((np.asarray(g) ** 2).sum()) for g in jax.tree_util.tree_leaves(g_lora)))
+    unet_table = lora.modules(cfg, s.lora_targets, conv=True)
+    for component, table in (("unet", unet_table), ("text_encoder", lora.text_modules(cfg))):
         flat = traverse_util.flatten_dict(g_full[component])
         for name, (path, shape) in table.items():
-            g_w = flat[path].reshape(shape[-2], shape[-1])  # dL/dW' [in, out]
+            g_w = flat[path].reshape(-1, shape[-1])  # dL/dW' [(kh kw) in, out]
             down, up = (np.asarray(tree[name][k]) for k in ("down", "up"))
-            worst = max(worst, rel_err(g_lora[name]["down"], s.lora_scale * g_w @ up.T),
-                        rel_err(g_lora[name]["up"], s.lora_scale * down.T @ g_w))
+            d = down.reshape(-1, down.shape[-1])  # [(kh kw) in, r]
+            scale = s.lora_conv_scale if lora.is_spatial(shape) else s.lora_scale
+            for got, want in ((g_lora[name]["down"].reshape(d.shape), scale * g_w @ up.T),
+                              (g_lora[name]["up"], scale * d.T @ g_w)):
+                if np.linalg.norm(want) < 1e-6 * total:  # no gradient (see test_one_lora_step_matches_torch)
+                    assert np.linalg.norm(got) < 1e-6 * total
+                    vanishing += 1
+                else:
+                    worst = max(worst, rel_err(got, want))
             n_text += component == "text_encoder"
     print(f"text-encoder LoRA step: {len(tree)} modules ({n_text} text), worst gradient rel err {worst:.2e}")
-    assert n_text == 12 and worst <= 1e-4
+    assert n_text == 12 and worst <= 1e-4 and vanishing <= 6
 
 
 def test_cli_stop_resume_samples_and_export(data, tmp_path, capsys):
@@ -211,9 +244,10 @@ def test_cli_stop_resume_samples_and_export(data, tmp_path, capsys):
     assert meta["ss_base_model_version"] == "sd_v1"
     from ldm_jax.configs import preset
 
-    assert len(tensors) == 3 * len(lora.modules(preset("tiny"), "transformer"))
+    assert len(tensors) == 3 * len(lora.modules(preset("tiny"), "transformer", conv=True))
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "3"}
     assert main([*args[:-2], "--steps", "4", "--resume", "--lora-rank", "8"]) == 2
-    assert "resume it with the same --lora-rank" in capsys.readouterr().err
+    assert "resume it with the same --lora-rank, --lora-conv-rank" in capsys.readouterr().err
     assert main(["train", "--export-only", "--out", str(run), "--preset", "tiny", "--export", "raw"]) == 0
     assert read_safetensors(run / "lora.safetensors")[1]["ldm_jax_weights"] == "raw"
     assert main([*args, "--train-text-encoder", "--resume"]) == 2

@@ -91,6 +91,11 @@ def add_parser(sub, name, help_):
     p.add_argument("--lora-targets", choices=("attn", "transformer"), default="attn", help="kernels the LoRA "
                    "adapts: attn = q, k, v, out of every attention (diffusers' LoRA script), transformer = every "
                    "Linear of the transformer blocks and proj_in/out (kohya's) (default: attn)")
+    p.add_argument("--lora-conv-rank", type=int, default=0, metavar="RC", help="with --lora-rank: also adapt the "
+                   "ResBlocks and down/upsamplers (kohya's conv_dim, LyCORIS' LoCon): their 3x3 convs at rank RC, "
+                   "their time-embedding Linear and 1x1 skip conv at --lora-rank (default: 0, off)")
+    p.add_argument("--lora-conv-alpha", type=float, metavar="AC", help="the 3x3 convs' alpha: their update is "
+                   "scaled by AC / RC (default: RC, scale 1)")
     p.add_argument("--instance-prompt", metavar="TEXT", help="DreamBooth: caption every --data image with TEXT "
                    "(e.g. 'a photo of sks dog'; caption files are then not needed)")
     p.add_argument("--class-data", metavar="DIR", help="DreamBooth prior preservation (Ruiz et al. 2023): class "
@@ -195,7 +200,8 @@ def train_config(args):
                           remat=args.remat, snr_gamma=args.snr_gamma, train_text_encoder=args.train_text_encoder,
                           multires_noise=args.multires_noise, debiased_loss=args.debiased_loss,
                           noise_offset=args.noise_offset,
-                          lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)
+                          lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
+                          lora_conv_rank=args.lora_conv_rank, lora_conv_alpha=args.lora_conv_alpha)
     except ValueError as e:
         raise UserError(str(e)) from None
     return TrainConfig(

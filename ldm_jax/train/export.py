@@ -50,12 +50,15 @@ def _write_lora(path: str, config, params, step_cfg: StepConfig, ema: bool, meta
     from convert.safetensors_io import write_safetensors
 
     alpha = float(step_cfg.lora_alpha or step_cfg.lora_rank)
-    tensors = lora.kohya_tensors(jax.device_get(params), config, step_cfg.lora_targets, alpha)
+    conv_rank = step_cfg.lora_conv_rank
+    conv_alpha = float(step_cfg.lora_conv_alpha or conv_rank) if conv_rank else None
+    tensors = lora.kohya_tensors(jax.device_get(params), config, step_cfg.lora_targets, alpha, conv_alpha)
     extra = {"ldm_jax_source": f"ldm-jax train {meta.get('run_dir')} step {meta.get('step')}",
              "ldm_jax_weights": "ema" if ema else "raw", "ldm_jax_lora_targets": step_cfg.lora_targets,
              "ss_resolution": f"({resolution}, {resolution})" if resolution else ""}
     try:
-        write_safetensors(path, tensors, lora.kohya_metadata(config, step_cfg.lora_rank, alpha, extra))
+        write_safetensors(path, tensors, lora.kohya_metadata(config, step_cfg.lora_rank, alpha, extra, conv_rank,
+                                                             conv_alpha))
     except CheckpointError as e:
         raise UserError(str(e)) from None
 

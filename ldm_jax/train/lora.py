@@ -13,14 +13,21 @@ with `--train-text-encoder`, SD 1.x / 2.x) every Linear of the CLIP text encoder
 (self-attention q, k, v, out and the MLP's fc1, fc2: kohya's CLIPAttention / CLIPMLP targets, `text_modules`); its
 factors follow the U-Net's in the state and in `init`'s key order.
 
-The file: `<module>.lora_down.weight` = down^T [r, in(, 1, 1)], `<module>.lora_up.weight` = up^T [out, r(, 1, 1)],
-`<module>.alpha`, module names as kohya's trainer writes them for this model (`convert.lora_names`: diffusers
-U-Net paths for SD 1.x / 2.x, sgm paths for SDXL), so `convert.lora` merges it back into the same W'.
+With a conv rank (`--lora-conv-rank`, kohya's `conv_dim`: "LoRA-C3Lier", LyCORIS' LoCon) the ResBlocks and the
+down/upsamplers are adapted too (`CONV`): their 3x3 convs W [3, 3, in, out] as W + (conv_alpha / r_c) down . up with
+down [3, 3, in, r_c] (a 3x3 conv to r_c channels, fan-in 9 in) and up [r_c, out] (a 1x1 conv), their time-embedding
+Linear and 1x1 skip conv at the plain rank, as kohya's networks.lora does.
+
+The file: `<module>.lora_down.weight` = down^T [r, in(, 1, 1)] (a 3x3 down: [r_c, in, 3, 3]),
+`<module>.lora_up.weight` = up^T [out, r(, 1, 1)], `<module>.alpha`, module names as kohya's trainer writes them for
+this model (`convert.lora_names`: diffusers U-Net paths for SD 1.x / 2.x, sgm paths for SDXL), so `convert.lora`
+merges it back into the same W'.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import re
 
 import jax
@@ -34,6 +41,9 @@ TARGETS = {
     "transformer": re.compile(r"(_attn[12]_to_(q|k|v|out_0)|_ff_net_0_proj|_ff_net_2|_proj_in|_proj_out)$"),
 }
 _SGM_UNET = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
+CONV = re.compile(r"(_resnets_\d+_(conv1|conv2|time_emb_proj|conv_shortcut)|_(down|up)samplers_0_conv"  # diffusers
+                  r"|_\d+_(in_layers_2|out_layers_3|emb_layers_1|skip_connection)|_input_blocks_\d+_0_op"  # sgm
+                  r"|_output_blocks_\d+_\d+_conv)$")
 _TEXT = re.compile(r"^lora_te_text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])$")
 
 
@@ -44,20 +54,27 @@ def check_targets(targets: str) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def modules(config, targets: str) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
-    """{kohya module name: (path of the adapted kernel in the U-Net's Flax tree, its shape)}, in name order."""
+def modules(config, targets: str, conv: bool = False) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """{kohya module name: (path of the adapted kernel in the U-Net's Flax tree, its shape)}, in name order; with
+    `conv`, the `CONV` modules too."""
     from convert.lora_names import module_table
 
     out = {}
     for name, entry in module_table(config).items():
-        if not name.startswith("lora_unet_") or not TARGETS[check_targets(targets)].search(name):
+        matches = TARGETS[check_targets(targets)].search(name) or (conv and CONV.search(name))
+        if not name.startswith("lora_unet_") or not matches:
             continue
         if config.is_sdxl and not _SGM_UNET.match(name):  # kohya names SDXL's U-Net the sgm way
             continue
         shape = tuple(entry.flax_shape)
-        if len(shape) == 2 or (len(shape) == 4 and shape[:2] == (1, 1)):
+        if len(shape) == 2 or (len(shape) == 4 and (shape[:2] == (1, 1) or conv)):
             out[name] = (tuple(entry.flax_path), shape)
     return dict(sorted(out.items()))
+
+
+def is_spatial(shape) -> bool:
+    """Whether a kernel is a k x k conv (k > 1): adapted at the conv rank, its down factor a k x k conv."""
+    return len(shape) == 4 and tuple(shape[:2]) != (1, 1)
 
 
 @functools.lru_cache(maxsize=8)
@@ -70,34 +87,44 @@ def text_modules(config) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
     return dict(sorted(out.items()))
 
 
-def _all_modules(config, targets: str, text_encoder: bool) -> dict:
-    return {**modules(config, targets), **(text_modules(config) if text_encoder else {})}
+def _all_modules(config, targets: str, text_encoder: bool, conv: bool = False) -> dict:
+    return {**modules(config, targets, conv), **(text_modules(config) if text_encoder else {})}
 
 
-def init(config, targets: str, rank: int, seed: int, text_encoder: bool = False) -> dict:
-    """{module: {"down": f32 [in, r] kaiming-uniform, "up": f32 [r, out] zeros}} (keys from fold_in(seed, i)), the
-    U-Net's modules, then with `text_encoder` the text encoder's."""
+def _down_shape(shape, rank: int, conv_rank: int) -> tuple[int, ...]:
+    """down's shape for a kernel: [k, k, in, r_c] for a k x k conv, else [in, r]."""
+    return tuple(shape[:3]) + (conv_rank,) if is_spatial(shape) else (shape[-2], rank)
+
+
+def init(config, targets: str, rank: int, seed: int, text_encoder: bool = False, conv_rank: int = 0) -> dict:
+    """{module: {"down": f32 [in, r] (a k x k conv's: [k, k, in, r_c]) kaiming-uniform, "up": f32 [r, out] zeros}}
+    (keys from fold_in(seed, i)), the U-Net's modules (with `conv_rank` the `CONV` ones too), then with
+    `text_encoder` the text encoder's."""
     key = jax.random.key(seed)
     out = {}
-    for i, (name, (_, shape)) in enumerate(_all_modules(config, targets, text_encoder).items()):
-        n_in, n_out = shape[-2], shape[-1]
-        bound = 1.0 / np.sqrt(n_in)
-        down = jax.random.uniform(jax.random.fold_in(key, i), (n_in, rank), jnp.float32, -bound, bound)
-        out[name] = {"down": down, "up": jnp.zeros((rank, n_out), jnp.float32)}
+    for i, (name, (_, shape)) in enumerate(_all_modules(config, targets, text_encoder, conv_rank > 0).items()):
+        down_shape = _down_shape(shape, rank, conv_rank)
+        bound = 1.0 / np.sqrt(np.prod(down_shape[:-1]))  # fan-in: in (x k x k)
+        down = jax.random.uniform(jax.random.fold_in(key, i), down_shape, jnp.float32, -bound, bound)
+        out[name] = {"down": down, "up": jnp.zeros((down_shape[-1], shape[-1]), jnp.float32)}
     return out
 
 
-def abstract(config, targets: str, rank: int, text_encoder: bool = False) -> dict:
+def abstract(config, targets: str, rank: int, text_encoder: bool = False, conv_rank: int = 0) -> dict:
     """The shapes of `init`'s tree (jax.ShapeDtypeStruct leaves)."""
-    return {name: {"down": jax.ShapeDtypeStruct((shape[-2], rank), jnp.float32),
-                   "up": jax.ShapeDtypeStruct((rank, shape[-1]), jnp.float32)}
-            for name, (_, shape) in _all_modules(config, targets, text_encoder).items()}
+    out = {}
+    for name, (_, shape) in _all_modules(config, targets, text_encoder, conv_rank > 0).items():
+        down_shape = _down_shape(shape, rank, conv_rank)
+        out[name] = {"down": jax.ShapeDtypeStruct(down_shape, jnp.float32),
+                     "up": jax.ShapeDtypeStruct((down_shape[-1], shape[-1]), jnp.float32)}
+    return out
 
 
-def merge(unet_params, lora: dict, config, targets: str, scale: float):
-    """The U-Net tree with W' = W + scale * down @ up at every adapted kernel (scale = alpha / r); traceable and
-    differentiable in `lora` (the rest of the tree is taken as given)."""
-    return _merge(unet_params, lora, modules(config, targets), scale)
+def merge(unet_params, lora: dict, config, targets: str, scale: float, conv_scale: float | None = None):
+    """The U-Net tree with W' = W + scale * down @ up at every adapted kernel (scale = alpha / r; a k x k conv's
+    W + conv_scale * down . up, conv_scale = conv_alpha / r_c, when `conv_scale` is given: the LoRA has conv
+    modules); traceable and differentiable in `lora` (the rest of the tree is taken as given)."""
+    return _merge(unet_params, lora, modules(config, targets, conv_scale is not None), scale, conv_scale)
 
 
 def merge_text(text_params, lora: dict, config, scale: float):
@@ -105,32 +132,43 @@ def merge_text(text_params, lora: dict, config, scale: float):
     return _merge(text_params, lora, text_modules(config), scale)
 
 
-def _merge(params, lora: dict, table: dict, scale: float):
+def _merge(params, lora: dict, table: dict, scale: float, conv_scale: float | None = None):
     flat = traverse_util.flatten_dict(params)
     for name, (path, shape) in table.items():
         w = flat[path]
-        delta = scale * (lora[name]["down"] @ lora[name]["up"])  # [in, out]
+        s = conv_scale if is_spatial(shape) else scale
+        delta = s * jnp.tensordot(lora[name]["down"], lora[name]["up"], axes=1)  # [(k, k,) in, out]
         flat[path] = w + delta.reshape(shape).astype(w.dtype)
     return traverse_util.unflatten_dict(flat)
 
 
-def kohya_tensors(lora: dict, config, targets: str, alpha: float) -> dict[str, np.ndarray]:
+def kohya_tensors(lora: dict, config, targets: str, alpha: float, conv_alpha: float | None = None
+                  ) -> dict[str, np.ndarray]:
     """The kohya-ss file's tensors (float32) of a trained `lora` tree (U-Net, and text encoder modules if it has
-    them)."""
+    them; `conv_alpha`: the LoRA has conv modules)."""
     out = {}
-    for name, (_, shape) in _all_modules(config, targets, any(n in lora for n in text_modules(config))).items():
+    text = any(n in lora for n in text_modules(config))
+    for name, (_, shape) in _all_modules(config, targets, text, conv_alpha is not None).items():
         down, up = (np.asarray(lora[name][k], np.float32) for k in ("down", "up"))
-        conv = (1, 1) if len(shape) == 4 else ()
-        out[f"{name}.lora_down.weight"] = np.ascontiguousarray(down.T.reshape(down.shape[::-1] + conv))
-        out[f"{name}.lora_up.weight"] = np.ascontiguousarray(up.T.reshape(up.shape[::-1] + conv))
-        out[f"{name}.alpha"] = np.asarray(alpha, np.float32)
+        trail = (1, 1) if len(shape) == 4 else ()  # a conv's factors are convs: torch's [out, in, kh, kw]
+        if is_spatial(shape):  # [k, k, in, r] -> [r, in, k, k]
+            down_t = down.transpose(3, 2, 0, 1)
+        else:
+            down_t = down.T.reshape(down.shape[::-1] + trail)
+        out[f"{name}.lora_down.weight"] = np.ascontiguousarray(down_t)
+        out[f"{name}.lora_up.weight"] = np.ascontiguousarray(up.T.reshape(up.shape[::-1] + trail))
+        out[f"{name}.alpha"] = np.asarray(conv_alpha if is_spatial(shape) else alpha, np.float32)
     return out
 
 
-def kohya_metadata(config, rank: int, alpha: float, extra: dict) -> dict[str, str]:
-    """The `ss_*` fields kohya's trainer writes that tools read (network module, dim, alpha, base model family)."""
+def kohya_metadata(config, rank: int, alpha: float, extra: dict, conv_rank: int = 0,
+                   conv_alpha: float | None = None) -> dict[str, str]:
+    """The `ss_*` fields kohya's trainer writes that tools read (network module, dim, alpha, base model family, and
+    `ss_network_args` with the conv dim and alpha of a LoRA with conv modules)."""
     family = "sdxl_base_v1-0" if config.is_sdxl else "sd_v2" if config.text.key_layout == "open_clip" else "sd_v1"
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}",
             "ss_base_model_version": family, "ss_v2": str(family == "sd_v2")}
+    if conv_rank:
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": f"{conv_alpha:g}"})
     meta.update({k: str(v) for k, v in extra.items()})
     return meta

@@ -37,7 +37,8 @@ FLAGS = {
                     "remat": "--remat", "attention_impl": "attention_impl", "snr_gamma": "--snr-gamma",
                     "train_text_encoder": "--train-text-encoder", "debiased_loss": "--debiased-loss",
                     "multires_noise": "--multires-noise", "noise_offset": "--noise-offset", "lora_rank": "--lora-rank",
-                    "lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets"},
+                    "lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets",
+                    "lora_conv_alpha": "--lora-conv-alpha"},
     "run": {"batch_size": "--batch-size", "random_flip": "--random-flip", "random_crop": "--random-crop",
             "processes": "processes",
             "devices": "devices", "instance_prompt": "--instance-prompt", "class_data": "--class-data",
@@ -174,11 +175,15 @@ def resume_settings(meta: dict, cfg, where: str) -> tuple[int, int | None]:
         raise UserError(f"{where}: the run was started {'with' if was_joint else 'without'} --train-text-encoder; "
                         "resume it the same way")
     step = meta.get("step_config") or {}
-    was = (int(step.get("lora_rank", 0)), step.get("lora_targets", "attn") if step.get("lora_rank") else None)
-    now = (cfg.step.lora_rank, cfg.step.lora_targets if cfg.step.lora_rank else None)
+    was = (int(step.get("lora_rank", 0)), step.get("lora_targets", "attn") if step.get("lora_rank") else None,
+           int(step.get("lora_conv_rank", 0)))
+    now = (cfg.step.lora_rank, cfg.step.lora_targets if cfg.step.lora_rank else None, cfg.step.lora_conv_rank)
     if was != now:
-        run = f"a LoRA of rank {was[0]} on --lora-targets {was[1]}" if was[0] else "the whole U-Net (no --lora-rank)"
-        raise UserError(f"{where}: the run trains {run}; resume it with the same --lora-rank and --lora-targets")
+        convs = f" and conv rank {was[2]}" if was[2] else ""
+        run = (f"a LoRA of rank {was[0]}{convs} on --lora-targets {was[1]}" if was[0]
+               else "the whole U-Net (no --lora-rank)")
+        raise UserError(f"{where}: the run trains {run}; resume it with the same --lora-rank, --lora-conv-rank and "
+                        "--lora-targets")
     return seed, resolution
 
 

@@ -70,13 +70,20 @@ class StepConfig:
     lora_rank: int = 0  # > 0: train a LoRA of this rank on the frozen U-Net (`lora.py`) instead of the U-Net
     lora_alpha: float | None = None  # the LoRA's scale is alpha / rank (None: alpha = rank, scale 1)
     lora_targets: str = "attn"  # which U-Net kernels the LoRA adapts (`lora.TARGETS`)
+    lora_conv_rank: int = 0  # > 0: the LoRA also adapts the ResBlocks and resamplers, 3x3 convs at this rank
+    lora_conv_alpha: float | None = None  # their scale is conv_alpha / conv_rank (None: scale 1)
 
     def __post_init__(self):
         if self.precision not in DTYPES:
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         limits.check_fields(self, ("caption_dropout", "grad_accum", "snr_gamma", "multires_noise", "noise_offset",
-                                   "lora_rank", "lora_alpha"), optional=("snr_gamma", "lora_alpha"))
+                                   "lora_rank", "lora_alpha", "lora_conv_rank", "lora_conv_alpha"),
+                            optional=("snr_gamma", "lora_alpha", "lora_conv_alpha"))
         lora.check_targets(self.lora_targets)
+        if self.lora_conv_rank and not self.lora_rank:
+            raise ValueError("a LoRA conv rank (--lora-conv-rank) needs a LoRA rank (--lora-rank)")
+        if self.lora_conv_alpha is not None and not self.lora_conv_rank:
+            raise ValueError("--lora-conv-alpha scales the conv modules of --lora-conv-rank RC: give that too")
 
     @property
     def dtype(self):
@@ -94,6 +101,13 @@ class StepConfig:
     def lora_scale(self) -> float:
         return (self.lora_alpha or self.lora_rank) / self.lora_rank
 
+    @property
+    def lora_conv_scale(self) -> float | None:
+        """The 3x3 conv modules' scale, None when the LoRA has none."""
+        if not self.lora_conv_rank:
+            return None
+        return (self.lora_conv_alpha or self.lora_conv_rank) / self.lora_conv_rank
+
 
 SDXL_TEXT_ENCODER_REFUSED = ("--train-text-encoder is for SD 1.x and 2.x models: SDXL's two text encoders stay frozen "
                              "(as diffusers' SDXL fine-tuning); train without it")
@@ -110,7 +124,8 @@ def trainable(model_params: dict, step_cfg: StepConfig):
 def initial_params(sd, step_cfg: StepConfig, seed: int):
     """A new run's `state.params`: the base model's trained components, or a fresh LoRA (`lora.init`)."""
     if step_cfg.lora_rank:
-        return lora.init(sd.config, step_cfg.lora_targets, step_cfg.lora_rank, seed, step_cfg.train_text_encoder)
+        return lora.init(sd.config, step_cfg.lora_targets, step_cfg.lora_rank, seed, step_cfg.train_text_encoder,
+                         step_cfg.lora_conv_rank)
     return trainable(sd.params, step_cfg)
 
 
@@ -119,13 +134,15 @@ def abstract_trainable(config: ModelConfig, step_cfg: StepConfig):
     from ldm_jax.models.build import abstract_params
 
     if step_cfg.lora_rank:
-        return lora.abstract(config, step_cfg.lora_targets, step_cfg.lora_rank, step_cfg.train_text_encoder)
+        return lora.abstract(config, step_cfg.lora_targets, step_cfg.lora_rank, step_cfg.train_text_encoder,
+                             step_cfg.lora_conv_rank)
     return trainable(abstract_params(config, step_cfg.trained), step_cfg)
 
 
 def merged_unet(base_unet, lora_params, config: ModelConfig, step_cfg: StepConfig):
     """The U-Net a LoRA run's `state.params` (or EMA) make of the frozen base U-Net (`lora.merge`)."""
-    return lora.merge(base_unet, lora_params, config, step_cfg.lora_targets, step_cfg.lora_scale)
+    return lora.merge(base_unet, lora_params, config, step_cfg.lora_targets, step_cfg.lora_scale,
+                      step_cfg.lora_conv_scale)
 
 
 def merged_text_encoder(base_text, lora_params, config: ModelConfig, step_cfg: StepConfig):
