@@ -24,6 +24,7 @@ def test_sizes_follow_kohyas_rule_at_512_and_sdxls_list_at_1024():
     assert {(512, 512), (448, 576), (384, 640), (320, 768), (256, 1024), (1024, 256)} <= set(sizes)
     assert {(1024, 1024), (1152, 896), (1216, 832), (1344, 768), (1536, 640)} <= set(B.bucket_sizes(1024, 64))
     assert B.bucket_step(512, 64) == 64 and B.bucket_step(1024, 32) == 64 and B.bucket_step(16, 4) == 4
+    assert B.bucket_step(72, 8) == 8 and B.bucket_step(96, 4) == 12  # always a multiple of the model's
 
 
 def test_nearest_bucket_and_exif_orientation(tmp_path):

@@ -40,9 +40,9 @@ _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 
 
 
 def bucket_step(resolution: int, size_multiple: int) -> int:
-    """The side step of the buckets: 64, or the model's size multiple if larger, or resolution / 8 if that is less
-    (small test resolutions), never below the size multiple."""
-    return max(size_multiple, min(BUCKET_STEP, resolution // 8))
+    """The side step of the buckets: 64, or resolution / 8 if that is less (small test resolutions), rounded down to
+    a multiple of the model's size multiple and never below it."""
+    return max(size_multiple, min(BUCKET_STEP, resolution // 8) // size_multiple * size_multiple)
 
 
 def bucket_sizes(resolution: int, step: int) -> tuple[tuple[int, int], ...]:
