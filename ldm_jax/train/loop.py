@@ -141,9 +141,8 @@ def _train(cfg, dataset, run_dir, ck, log):
         run_meta = {"seed": seed, "config": config_dict, "optim": dataclasses.asdict(cfg.optim),
                     "step_config": dataclasses.asdict(cfg.step), "base": base_info(cfg), "run_dir": run_dir,
                     "run": {"batch_size": cfg.batch_size, "resolution": res, "random_flip": cfg.random_flip,
-                            "random_crop": cfg.random_crop,
-                            "aspect_buckets": cfg.aspect_buckets,
-                            "steps": cfg.steps, "processes": n_proc, "devices": int(mesh.devices.size),
+                            "random_crop": cfg.random_crop, "aspect_buckets": cfg.aspect_buckets, "steps": cfg.steps,
+                            "processes": n_proc, "devices": int(mesh.devices.size),
                             **{f: getattr(cfg, f) for f in DREAMBOOTH_FIELDS}}}
         positions = (int(meta["data"]["position"]), int(meta["data"].get("class_position", 0))) if meta else (0, 0)
         return _loop(cfg, sd, state, (dataset, class_data, buckets), positions, run_dir, run_meta, ck, mesh, what,
@@ -172,8 +171,7 @@ def _loop(cfg, sd, state, datasets, positions, run_dir, run_meta, ck, mesh, what
     key = parallel.replicate(key_data(cfg.seed), mesh)
     loader_kw = dict(batch_size=cfg.batch_size // n_proc, resolution=res, seed=cfg.seed, position=position,
                      random_flip=cfg.random_flip, center_crop=not cfg.random_crop, shard_index=jax.process_index(),
-                     num_shards=n_proc,
-                     num_workers=cfg.num_workers)
+                     num_shards=n_proc, num_workers=cfg.num_workers)
     class_kw = {**loader_kw, "position": class_position}  # DreamBooth's class images: their own order position
     if buckets is not None:
         loader_kw.update(buckets=buckets, group=k)
