@@ -195,7 +195,7 @@ def _loop(cfg, sd, state, datasets, positions, run_dir, run_meta, ck, mesh, what
 
         def cached(data, name, kw):
             cache = latent_cache.build(sd, data, res, cfg.random_flip, os.path.join(run_dir, name), cfg.step.dtype,
-                                       log=log, text="text_encoder" in sd.params, buckets=kw.get("buckets"))
+                                       log=log, text=not cfg.step.train_text_encoder, buckets=kw.get("buckets"))
             return latent_cache.cached_batches(cache, data, **kw)
 
         loader = cached(dataset, "latent_cache", loader_kw)
