@@ -39,6 +39,9 @@ def _error_line(capsys) -> str:
     (["--clip", "-1"], "--clip must be >= 0"),
     (["--noise-offset", "2"], "--noise-offset must be in [0, 1], got 2.0"),
     (["--random-crop", "--precompute-latents"], "--random-crop and --precompute-latents do not go together"),
+    (["--keep-tokens", "1"], "--keep-tokens N keeps the first N tags in place when --shuffle-caption"),
+    (["--keep-tokens", "-1", "--shuffle-caption"], "--keep-tokens must be >= 0, got -1"),
+    (["--shuffle-caption", "--precompute-latents"], "--shuffle-caption and --precompute-latents do not go together"),
     (["--aspect-buckets", "--class-data", "cls", "--class-prompt", "a dog"],
      "--aspect-buckets and --class-data do not go together yet"),
 ])
@@ -49,7 +52,7 @@ def test_bad_numbers_name_the_flag(data, tmp_path, capsys, flags, message):
     assert not run.exists()
 
 
-def test_random_crop_reaches_the_loader(data, tmp_path, monkeypatch):
+def test_random_crop_and_caption_shuffle_reach_the_loader(data, tmp_path, monkeypatch):
     from ldm_jax.train import loop
 
     seen = {}
@@ -62,10 +65,11 @@ def test_random_crop_reaches_the_loader(data, tmp_path, monkeypatch):
         raise Stop
 
     monkeypatch.setattr(loop.D, "batches", stop)
-    for flags, centre in (([], True), (["--random-crop"], False)):
+    for flags, centre in (([], True), (["--random-crop", "--shuffle-caption", "--keep-tokens", "2"], False)):
         with pytest.raises(Stop):
             main(["train", *COMMON, "--data", data, "--out", str(tmp_path / f"run{centre}"), *flags])
-        assert seen["center_crop"] is centre
+        assert seen["center_crop"] is centre and seen["shuffle_caption"] is not centre
+        assert seen["keep_tokens"] == (0 if centre else 2)
 
 
 def test_resolution_not_a_multiple_is_refused_before_anything_is_written(data, tmp_path, capsys):

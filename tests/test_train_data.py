@@ -310,3 +310,23 @@ def test_metadata_in_a_subfolder_is_named(tmp_path):
     (tmp_path / "train" / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n')
     with pytest.raises(UserError, match=r"metadata.jsonl is only read at the top of --data: pass --data .*train$"):
         scan_dataset(tmp_path)
+
+
+def test_shuffled_tags_keep_the_first_ones_and_change_with_the_epoch(tmp_path):
+    from ldm_jax.train.data import shuffle_tags
+
+    tags = [f"tag{i}" for i in range(8)]
+    captioned(tmp_path, "a.png", "red", "sks, " + ", ".join(tags) + ", ")
+    captioned(tmp_path, "b.png", "blue", "plain caption")
+    ds = scan_dataset(tmp_path)
+    assert shuffle_tags(" x ,, y", np.random.default_rng(0)) in ("x, y", "y, x")  # stripped, empty tags dropped
+    kw = dict(batch_size=2, resolution=RES, seed=0, num_workers=0, shuffle_caption=True, keep_tokens=1)
+    with batches(ds, **kw) as it:
+        epochs = [next(it)["captions"] for _ in range(4)]
+    with batches(ds, **kw) as again:
+        assert [next(again)["captions"] for _ in range(4)] == epochs  # deterministic
+    shuffled = [c for e in epochs for c in e if c != "plain caption"]
+    assert all(c.startswith("sks, ") and sorted(c.split(", ")[1:]) == tags for c in shuffled)
+    assert len(set(shuffled)) == 4  # a new order every epoch
+    with batches(ds, **{**kw, "shuffle_caption": False}) as plain:
+        assert "sks, " + ", ".join(tags) + "," in next(plain)["captions"]  # as written (stripped)

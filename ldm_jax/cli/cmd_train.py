@@ -61,6 +61,10 @@ def add_parser(sub, name, help_):
     p.add_argument("--random-flip", action="store_true", help="random horizontal flips")
     p.add_argument("--random-crop", action="store_true", help="crop each image at a random place in every epoch "
                    "(diffusers' default) instead of its centre (default: centre; not with --precompute-latents)")
+    p.add_argument("--shuffle-caption", action="store_true", help="shuffle the comma-separated tags of each caption "
+                   "every epoch (kohya's --shuffle_caption, for tag captions such as '1girl, red hair, smile')")
+    p.add_argument("--keep-tokens", type=int, default=0, metavar="N", help="with --shuffle-caption: keep the first "
+                   "N tags in place (e.g. a trigger word) (default: 0)")
     p.add_argument("--aspect-buckets", action="store_true", help="aspect-ratio bucketing (NovelAI's; kohya's "
                    "--enable_bucket, SDXL's multi-aspect training): each image is resized to cover, and cropped to, "
                    "the bucket nearest its aspect ratio (width x height with sides from resolution/2 to "
@@ -208,7 +212,8 @@ def train_config(args):
         data=args.data, out=args.out, checkpoint=args.checkpoint, preset=args.preset, prediction=args.prediction,
         steps=args.steps,
         batch_size=args.batch_size, resolution=args.resolution, optim=optim, step=step, random_flip=args.random_flip,
-        aspect_buckets=args.aspect_buckets, random_crop=args.random_crop,
+        aspect_buckets=args.aspect_buckets, random_crop=args.random_crop, shuffle_caption=args.shuffle_caption,
+        keep_tokens=args.keep_tokens,
         allow_empty_captions=args.allow_empty_captions, seed=args.seed, resume=args.resume,
         save_every=args.save_every, keep=args.keep, sample_every=args.sample_every,
         sample_prompts=tuple(args.sample_prompt), sample_steps=args.sample_steps,

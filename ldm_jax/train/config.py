@@ -24,6 +24,8 @@ class TrainConfig:
     step: StepConfig = dataclasses.field(default_factory=StepConfig)
     random_flip: bool = False
     random_crop: bool = False  # a random crop of each image instead of the centre (diffusers' default, kohya's option)
+    shuffle_caption: bool = False  # shuffle each caption's comma-separated tags every epoch (`data.shuffle_tags`) ...
+    keep_tokens: int = 0  # ... but the first keep_tokens
     aspect_buckets: bool = False  # crop each image to the aspect-ratio bucket nearest its shape (`buckets.py`)
     allow_empty_captions: bool = False
     seed: int | None = None  # default: a resumed run's, else 0

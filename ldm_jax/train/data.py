@@ -23,6 +23,10 @@ is replaced by a readable one drawn deterministically from `[seed, epoch, offset
 same decision without communication and positions never depend on which files are broken. Decoding runs on a thread
 pool but results are gathered in submission order, so nothing depends on thread timing.
 
+With `shuffle_caption`, each row's caption is `shuffle_tags` of it: its comma-separated tags in the order of
+`default_rng([seed, epoch, index, 1]).permutation`, the first `keep_tokens` tags in place (kohya's --shuffle_caption,
+--keep_tokens), so the text encoder does not learn the tags' order.
+
 With aspect-ratio buckets (`buckets=`, `train.buckets`), each epoch's order is `buckets.epoch_order` of the same
 permutation instead: every `group` consecutive global batches come from one bucket, each image is cropped to its
 bucket, and an unreadable image is replaced by one of the same bucket.
@@ -118,6 +122,14 @@ def _metadata_rows(metadata: Path):
             raise UserError(f"{metadata}:{lineno}: malformed JSON line ({e.msg})") from None
 
 
+def shuffle_tags(caption: str, rng: np.random.Generator, keep: int = 0) -> str:
+    """The caption's comma-separated tags (stripped, empty ones dropped) with all but the first `keep` shuffled,
+    joined by ", "."""
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    head, tail = tags[:keep], tags[keep:]
+    return ", ".join(head + [tail[i] for i in rng.permutation(len(tail))])
+
+
 def _read_metadata(metadata: Path, root: Path, allow_empty: bool) -> list[tuple[str, str]]:
     pairs = []
     for lineno, row in _metadata_rows(metadata):
@@ -210,7 +222,7 @@ class BatchIterator:
     def __init__(self, dataset: Dataset, *, batch_size: int, resolution: int, seed: int, epoch_start: int = 0,
                  position: int = 0, random_flip: bool = False, center_crop: bool = True, drop_last: bool = True,
                  shard_index: int = 0, num_shards: int = 1, num_workers: int = 2, buckets: B.BucketPlan | None = None,
-                 group: int = 1):
+                 group: int = 1, shuffle_caption: bool = False, keep_tokens: int = 0):
         if batch_size < 1 or resolution < 1 or num_shards < 1 or not 0 <= shard_index < num_shards:
             raise ValueError("need batch_size >= 1, resolution >= 1 and 0 <= shard_index < num_shards")
         if seed < 0 or epoch_start < 0 or position < 0:
@@ -231,7 +243,7 @@ class BatchIterator:
             B.check_batches(buckets, self.global_batch * group, f"global batch {self.global_batch} x {group}")
             self.epoch_length = buckets.epoch_length(self.global_batch * group)
             self._members = [buckets.members(b) for b in range(len(buckets.sizes))]
-        self.group = group
+        self.group, self.shuffle_caption, self.keep_tokens = group, shuffle_caption, keep_tokens
         self.stats = DataStats(position=position, epoch=epoch_start + self._batch_start(position) // n)
         self._cursor = position  # next position to submit (runs one batch ahead of stats.position)
         self._perms: dict[int, np.ndarray] = {}
@@ -264,6 +276,13 @@ class BatchIterator:
             self._perms[epoch] = order
         return self._perms[epoch]
 
+    def _caption(self, epoch: int, index: int) -> str:
+        """Image `index`'s caption in `epoch` (its tags shuffled with `shuffle_caption`)."""
+        caption = self.dataset.captions[index]
+        if not self.shuffle_caption:
+            return caption
+        return shuffle_tags(caption, np.random.default_rng([self.seed, epoch, index, 1]), self.keep_tokens)
+
     def _crop(self, index: int):
         """The crop of image `index`: the square side, or its bucket's (width, height)."""
         return self.resolution if self.buckets is None else self.buckets.sizes[self.buckets.of_image[index]]
@@ -294,7 +313,7 @@ class BatchIterator:
             try:
                 ex = read_example(self.dataset.paths[index], self._crop(index), self.center_crop, self.random_flip,
                                   rng)
-                return ex.pixels, index, ex.original_size, ex.crop_top_left, failures
+                return ex.pixels, index, ex.original_size, ex.crop_top_left, failures, self._caption(epoch, index)
             except UnreadableImage as e:
                 self._bad[index] = str(e)
                 failures.append((index, str(e)))
@@ -318,7 +337,7 @@ class BatchIterator:
         jobs, end = self._pending
         self._pending = self._submit()  # prefetch the next batch while this one is gathered
         rows = [job.result() for job in jobs]
-        for _, index, (w, h), _, failures in rows:
+        for _, index, (w, h), _, failures, _ in rows:
             for bad_index, reason in failures:
                 self.stats.skipped += 1
                 if self.dataset.paths[bad_index] not in self.stats.skipped_files:
@@ -333,7 +352,7 @@ class BatchIterator:
                     warnings.warn(message, SmallImageWarning)
         self.stats.position, self.stats.batches = end, self.stats.batches + 1
         self.stats.epoch = self.epoch_start + self._batch_start(end) // len(self.dataset)
-        return {"images": np.stack([r[0] for r in rows]), "captions": [self.dataset.captions[r[1]] for r in rows],
+        return {"images": np.stack([r[0] for r in rows]), "captions": [r[5] for r in rows],
                 "indices": np.array([r[1] for r in rows], dtype=np.int64),
                 "original_sizes": np.array([r[2][::-1] for r in rows], dtype=np.int32),  # (h, w)
                 "crop_top_left": np.array([r[3] for r in rows], dtype=np.int32)}
@@ -342,15 +361,16 @@ class BatchIterator:
 def batches(dataset: Dataset, *, batch_size: int, resolution: int, seed: int, epoch_start: int = 0, position: int = 0,
             random_flip: bool = False, center_crop: bool = True, drop_last: bool = True, shard_index: int = 0,
             num_shards: int = 1, num_workers: int = 2, buckets: B.BucketPlan | None = None,
-            group: int = 1) -> BatchIterator:
+            group: int = 1, shuffle_caption: bool = False, keep_tokens: int = 0) -> BatchIterator:
     """Infinite, deterministic batches of this host's rows (see the module docstring and `BatchIterator`).
 
     `batch_size` is per host. drop_last=True: batches stay inside an epoch and each epoch's last
     `n % (batch_size * num_shards)` samples are skipped; False: the order runs on across epochs, every sample is used.
     Resume with the same arguments and `position=stats.position`. `buckets`: aspect-ratio buckets (`train.buckets`),
-    `group` consecutive global batches per bucket (the grad-accum micro-batches of one step).
+    `group` consecutive global batches per bucket (the grad-accum micro-batches of one step). `shuffle_caption`,
+    `keep_tokens`: see the module docstring.
     """
     return BatchIterator(dataset, batch_size=batch_size, resolution=resolution, seed=seed, epoch_start=epoch_start,
                          position=position, random_flip=random_flip, center_crop=center_crop, drop_last=drop_last,
                          shard_index=shard_index, num_shards=num_shards, num_workers=num_workers, buckets=buckets,
-                         group=group)
+                         group=group, shuffle_caption=shuffle_caption, keep_tokens=keep_tokens)

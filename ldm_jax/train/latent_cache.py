@@ -179,7 +179,7 @@ class CachedBatchIterator(D.BatchIterator):
                 parts += [self.cache[name][index] for name in ("ctx", "pooled") if name in self.cache]
                 row = np.concatenate([np.asarray(a).reshape(-1) for a in parts])
                 h, w, top, left = (int(v) for v in self.cache["sizes"][index, flip])
-                return row, index, (w, h), (top, left), failures
+                return row, index, (w, h), (top, left), failures, self._caption(epoch, index)
             failures.append((index, f"{self.dataset.paths[index]}: unreadable"))
         raise UserError(f"no readable image found in {D.MAX_REPLACEMENT_TRIES} tries")
 

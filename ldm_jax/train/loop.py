@@ -142,6 +142,7 @@ def _train(cfg, dataset, run_dir, ck, log):
                     "step_config": dataclasses.asdict(cfg.step), "base": base_info(cfg), "run_dir": run_dir,
                     "run": {"batch_size": cfg.batch_size, "resolution": res, "random_flip": cfg.random_flip,
                             "random_crop": cfg.random_crop, "aspect_buckets": cfg.aspect_buckets, "steps": cfg.steps,
+                            "shuffle_caption": cfg.shuffle_caption, "keep_tokens": cfg.keep_tokens,
                             "processes": n_proc, "devices": int(mesh.devices.size),
                             **{f: getattr(cfg, f) for f in DREAMBOOTH_FIELDS}}}
         positions = (int(meta["data"]["position"]), int(meta["data"].get("class_position", 0))) if meta else (0, 0)
@@ -173,6 +174,7 @@ def _loop(cfg, sd, state, datasets, positions, run_dir, run_meta, ck, mesh, what
                      random_flip=cfg.random_flip, center_crop=not cfg.random_crop, shard_index=jax.process_index(),
                      num_shards=n_proc, num_workers=cfg.num_workers)
     class_kw = {**loader_kw, "position": class_position}  # DreamBooth's class images: their own order position
+    loader_kw.update(shuffle_caption=cfg.shuffle_caption, keep_tokens=cfg.keep_tokens)  # the instance images only
     if buckets is not None:
         loader_kw.update(buckets=buckets, group=k)
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)

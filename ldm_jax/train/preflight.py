@@ -40,6 +40,7 @@ FLAGS = {
                     "lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets",
                     "lora_conv_alpha": "--lora-conv-alpha"},
     "run": {"batch_size": "--batch-size", "random_flip": "--random-flip", "random_crop": "--random-crop",
+            "shuffle_caption": "--shuffle-caption", "keep_tokens": "--keep-tokens",
             "processes": "processes",
             "devices": "devices", "instance_prompt": "--instance-prompt", "class_data": "--class-data",
             "class_prompt": "--class-prompt", "num_class_images": "--num-class-images",
@@ -50,7 +51,7 @@ FLAGS = {
 def check_config(cfg) -> None:
     """Refuse out-of-range numbers of a `config.TrainConfig` with one line naming the flag."""
     for name in ("steps", "batch_size", "save_every", "keep", "sample_steps", "sample_every", "num_workers",
-                 "stop_after", "resolution", "seed", "num_class_images", "prior_loss_weight"):
+                 "stop_after", "resolution", "seed", "num_class_images", "prior_loss_weight", "keep_tokens"):
         value = getattr(cfg, name)
         if value is None and name in ("stop_after", "resolution", "seed"):
             continue
@@ -76,6 +77,13 @@ def check_config(cfg) -> None:
                                 "searched recursively); give the class images a folder of their own")
         if os.path.exists(cfg.class_data) and not os.path.isdir(cfg.class_data):
             raise UserError(f"--class-data {cfg.class_data} is a file, not a folder")
+    if cfg.keep_tokens and not cfg.shuffle_caption:
+        raise UserError("--keep-tokens N keeps the first N tags in place when --shuffle-caption shuffles the rest: "
+                        "give --shuffle-caption too")
+    if cfg.shuffle_caption and cfg.precompute_latents and not cfg.step.train_text_encoder:
+        raise UserError("--shuffle-caption and --precompute-latents do not go together: the cache holds each caption's "
+                        "text embedding once; use one of them (or --train-text-encoder, whose captions are encoded "
+                        "in the step)")
     if cfg.random_crop and cfg.precompute_latents:
         raise UserError("--random-crop and --precompute-latents do not go together: the cache holds one (centre) crop "
                         "of each image; use one of them")

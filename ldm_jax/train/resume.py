@@ -33,9 +33,11 @@ def resume_state(ck, step: int, meta: dict, config, cfg: TrainConfig, mesh, run_
     now = {"base": base_info(cfg), "optim": dataclasses.asdict(cfg.optim),
            "step_config": dataclasses.asdict(cfg.step),
            "run": {"batch_size": cfg.batch_size, "random_flip": cfg.random_flip, "random_crop": cfg.random_crop,
+                   "shuffle_caption": cfg.shuffle_caption, "keep_tokens": cfg.keep_tokens,
                    "processes": jax.process_count(), "devices": int(mesh.devices.size)}}
     defaults = {"base": now["base"], "optim": dataclasses.asdict(OptimConfig()),  # the values of keys older runs lack
-                "step_config": dataclasses.asdict(StepConfig()), "run": {**now["run"], "random_crop": False}}
+                "step_config": dataclasses.asdict(StepConfig()),
+                "run": {**now["run"], "random_crop": False, "shuffle_caption": False, "keep_tokens": 0}}
     changed = preflight.changed_settings(meta, now, defaults)
     if changed:
         log(f"note: settings differ from the checkpoint's ({', '.join(changed)}); the run continues with the "
