@@ -131,7 +131,7 @@ def test_one_lora_step_matches_torch(data):
 
 
 @pytest.mark.parametrize("preset,targets,text,conv", [("tiny", "transformer", True, 2), ("tiny-xl", "attn", False, 0),
-                                                     ("tiny-xl", "attn", False, 3)])
+                                                     ("tiny-xl", "attn", True, 3)])
 def test_written_file_merges_to_the_runs_unet(tmp_path, preset, targets, text, conv):
     from convert.lora import apply_loras
     from convert.safetensors_io import write_safetensors
@@ -152,11 +152,10 @@ def test_written_file_merges_to_the_runs_unet(tmp_path, preset, targets, text, c
                       lora.kohya_metadata(cfg, 3, 1.5, {}, conv, conv_alpha))
     merged = apply_loras(StableDiffusion(cfg, params), [(str(path), 1.0)]).params
     got, want = merged["unet"], merged_unet(params["unet"], tree, cfg, step)
-    if text:
-        assert rel_err(_flat(merged["text_encoder"]),
-                       _flat(merged_text_encoder(params["text_encoder"], tree, cfg, step))) <= 1e-6
-        assert len(lora.text_modules(cfg)) == 12 and not np.array_equal(_flat(merged["text_encoder"]),
-                                                                       _flat(params["text_encoder"]))
+    if text:  # SDXL: both encoders, kohya's lora_te1_ / lora_te2_ modules
+        for c in lora.text_components(cfg):
+            assert rel_err(_flat(merged[c]), _flat(merged_text_encoder(params[c], tree, cfg, step, c))) <= 1e-6
+            assert len(lora.text_modules(cfg, c)) >= 12 and not np.array_equal(_flat(merged[c]), _flat(params[c]))
     else:
         assert not any(n.startswith("lora_te") for n in tree)
     assert rel_err(np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(got)]),

@@ -7,7 +7,9 @@ SDXL U-Net, the latent cache against the image path, and the CLI end to end (tra
     each image's sizes, L_simple, AdamW) against diffusers' UNet2DConditionModel ("text_time") loaded from the same
     weights by diffusers' own single-file conversion and fed what diffusers' `train_text_to_image_sdxl.py` feeds it:
     `add_time_ids` = original size + crop top-left + target size (computed here from PIL sizes), pooled text as
-    `text_embeds`. Loss and global gradient norm <= 1e-4 relative (fp32, highest matmul precision).
+    `text_embeds`. Loss and global gradient norm <= 1e-4 relative (fp32, highest matmul precision). With
+    `--train-text-encoder` both encoders train: the context and pooled text then come from transformers' CLIP
+    models (`convert.torch_reference`) inside torch's graph, and the gradient norms of each encoder agree too.
 """
 
 import json
@@ -78,7 +80,9 @@ def test_sizes_and_crops_name_the_pixels_taken(tmp_path):
     assert row["original_sizes"].tolist() == [[32, 64]] and row["crop_top_left"].tolist() == [[0, 8]]
 
 
-def test_one_step_matches_diffusers_sdxl_unet(data):
+@pytest.mark.parametrize("text", [False, True], ids=["frozen-text", "train-text-encoder"])
+def test_one_step_matches_diffusers_sdxl_unet(data, text):
+    import optax
     import torch
 
     from convert import torch_reference
@@ -91,22 +95,25 @@ def test_one_step_matches_diffusers_sdxl_unet(data):
     from ldm_jax.train import loss as L
     from ldm_jax.train.base import load_base
     from ldm_jax.train.state import init_state
-    from ldm_jax.train.step import frozen_inputs, jitted_train_step, key_data, shard_batch, size_conditioning
+    from ldm_jax.conditioning import repad
+    from ldm_jax.train.step import (components, frozen_inputs, jitted_train_step, key_data, shard_batch,
+                                    size_conditioning, trainable)
 
-    tc = train_config(build_parser().parse_args(["train", *COMMON, "--data", data, "--out", "unused"]))
+    flags = ["--train-text-encoder"] * text
+    tc = train_config(build_parser().parse_args(["train", *COMMON, *flags, "--data", data, "--out", "unused"]))
     sd = load_base(None, "tiny-xl", 0)
     cfg, mesh = sd.config, parallel.data_mesh()
     with D.batches(D.scan_dataset(data), batch_size=8, resolution=RES, seed=0, num_workers=0) as it:
         rows = next(it)
     ids = sd.tokenize(rows["captions"])
     step = jitted_train_step(cfg, tc.optim, tc.step, mesh)
-    state = init_state(parallel.replicate(sd.params["unet"], mesh), tc.optim, parallel.replicated(mesh))
+    state = init_state(parallel.replicate(trainable(sd.params, tc.step), mesh), tc.optim, parallel.replicated(mesh))
     batch = shard_batch({"images": rows["images"][None], "ids": ids[None],
                          "sizes": size_conditioning(rows, RES)[None]}, mesh)
-    frozen = frozen_inputs(sd.params, sd.tokenize([""]), mesh)
-    unet0 = params_to_state_dict({"unet": jax.tree_util.tree_map(np.asarray, sd.params["unet"])},
-                                 text_layout=layout_of(cfg))
-    _, m = step(state, batch, parallel.replicate(key_data(0), mesh), frozen)
+    frozen = frozen_inputs({c: v for c, v in sd.params.items() if c not in tc.step.trained}, sd.tokenize([""]), mesh)
+    state0 = params_to_state_dict({c: jax.tree_util.tree_map(np.asarray, sd.params[c])
+                                   for c in ("unet", "text_encoder", "text_encoder_2")}, text_layout=layout_of(cfg))
+    new, m = step(state, batch, parallel.replicate(key_data(0), mesh), frozen)
 
     @jax.jit
     def inputs(params, images, ids):
@@ -124,17 +131,39 @@ def test_one_step_matches_diffusers_sdxl_unet(data):
         w, h = Image.open(D.scan_dataset(data).paths[i]).size
         time_ids.append([h, w, *_diffusers_crop(w, h)[2], RES, RES])
     model = torch_reference.build_unet(cfg)
-    model.load_compvis(unet0)
+    model.load_compvis(state0)
+    models = {"unet": model}
+    if text:  # the context and pooled text from transformers' CLIP models, inside torch's graph
+        models["text_encoder"] = torch_reference.build_text_encoder(cfg)
+        models["text_encoder_2"] = torch_reference.build_text_encoder_2(cfg)
+        for c in ("text_encoder", "text_encoder_2"):
+            models[c].load_compvis(state0)
+        ids_2 = repad(np.asarray(ids), cfg.text.eos_token_id, cfg.text_2.pad_token_id)
+        out_1 = models["text_encoder"](torch.from_numpy(np.asarray(ids, np.int64)))
+        out_2 = models["text_encoder_2"](torch.from_numpy(np.asarray(ids_2, np.int64)))
+        ctx = torch.cat([out_1.last_hidden_state, out_2.last_hidden_state], dim=-1)
+        assert rel_err(ctx.detach().numpy(), np.asarray(inputs(sd.params, rows["images"], ids)[2])) <= 1e-4
+        pooled = out_2.text_embeds
+    else:
+        ctx, pooled = torch.from_numpy(np.asarray(ctx)), torch.from_numpy(np.asarray(pooled))
     x_t, eps, t = torch_q_sample(z0, d.noise, d.t)
-    as_t = lambda a: torch.from_numpy(np.asarray(a) * keep.reshape((-1,) + (1,) * (np.ndim(a) - 1)))  # noqa: E731
-    out = model(x_t, t, as_t(ctx), as_t(pooled), torch.tensor(time_ids, dtype=torch.float32))
+    keep_t = lambda a: a * torch.from_numpy(keep.reshape((-1,) + (1,) * (a.ndim - 1)).astype(np.float32))  # noqa
+    out = model(x_t, t, keep_t(ctx), keep_t(pooled), torch.tensor(time_ids, dtype=torch.float32))
     loss = torch.nn.functional.mse_loss(eps, out)
     loss.backward()
-    norm = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters() if p.grad is not None))
-    print(f"SDXL train step: loss {float(m['loss']):.6f} vs {loss.item():.6f}, grad norm {float(m['grad_norm']):.6f} "
-          f"vs {float(norm):.6f}")
+    norms = {c: float(torch.sqrt(sum((p.grad ** 2).sum() for p in mod.parameters() if p.grad is not None)))
+             for c, mod in models.items()}
+    norm = float(np.sqrt(sum(n ** 2 for n in norms.values())))
+    print(f"SDXL train step ({'with' if text else 'without'} the text encoders): loss {float(m['loss']):.6f} vs "
+          f"{loss.item():.6f}, grad norms {float(m['grad_norm']):.6f} vs {norm:.6f} ({norms})")
     assert rel_err(m["loss"], loss.item()) <= 1e-4
-    assert rel_err(m["grad_norm"], float(norm)) <= 1e-4
+    assert rel_err(m["grad_norm"], norm) <= 1e-4
+    if text:  # each encoder's gradient norm, from Adam's first moment (unclipped: optax scaled it by clip / |g|)
+        unclip = max(1.0, float(m["grad_norm"]) / tc.optim.clip) / (1 - tc.optim.b1)
+        mu = components(optax.tree_utils.tree_get(new.opt_state, "mu"), tc.step)
+        for c in ("text_encoder", "text_encoder_2"):
+            got = unclip * np.sqrt(sum(float((np.asarray(x) ** 2).sum()) for x in jax.tree_util.tree_leaves(mu[c])))
+            assert norms[c] > 1e-6 and rel_err(got, norms[c]) <= 1e-4, c
     assert len({tuple(r) for r in time_ids}) > 4  # the sizes differ between images: y is per image
 
 
@@ -191,10 +220,9 @@ def test_bench_train_runs_the_sdxl_step(data):
 
 
 def test_refused_before_reading_data(tmp_path):
-    """--train-text-encoder with SDXL, and inpainting U-Nets, are refused in one line before --data is looked at."""
+    """Inpainting U-Nets are refused in one line before --data is looked at."""
     from tests.cli_run import cli
 
-    for args, says in ((["--preset", "tiny-xl", "--train-text-encoder"], "SDXL's two text encoders stay frozen"),
-                       (["--preset", "sd1-inpaint"], "training inpainting U-Nets")):
+    for args, says in ((["--preset", "sd1-inpaint"], "training inpainting U-Nets"),):
         rc, _, err = cli("train", *args, "--data", tmp_path / "missing", "--out", tmp_path / "run")
         assert rc == 2 and err.count("\n") == 1 and says in err, err

@@ -86,7 +86,7 @@ def add_parser(sub, name, help_):
                    "default: 0)")
     p.add_argument("--train-text-encoder", action="store_true", help="train the CLIP text encoder jointly with the "
                    "U-Net (same lr; for small models trained from scratch; default: frozen, as SD fine-tuning); with "
-                   "--lora-rank, a LoRA on the text encoder's Linears as well (kohya's default; SD 1.x/2.x)")
+                   "--lora-rank, a LoRA on the text encoders' Linears as well (kohya's default)")
     p.add_argument("--lora-rank", type=int, default=0, metavar="R", help="train a LoRA of rank R on the frozen "
                    "U-Net instead of the U-Net itself (Hu et al. 2021; e.g. 4-64), written as the kohya-ss file "
                    "RUN_DIR/lora.safetensors (read by --lora, A1111, ComfyUI, diffusers) (default: 0, full fine-tune)")
@@ -153,7 +153,7 @@ def run(args) -> int:
     check_args(args)
     from ldm_jax.train.base import check_trainable_early
 
-    check_trainable_early(args.checkpoint, args.preset, args.train_text_encoder)
+    check_trainable_early(args.checkpoint, args.preset)
     import logging
 
     # orbax logs through absl, with tracebacks on a failed save; the failures reach the user as one UserError line.

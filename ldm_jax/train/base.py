@@ -39,8 +39,7 @@ def load_base(checkpoint: str | None, preset_name: str | None, seed: int = 0, pr
     return sd
 
 
-def check_trainable_early(checkpoint: str | None, preset_name: str | None,
-                          train_text_encoder: bool = False) -> None:
+def check_trainable_early(checkpoint: str | None, preset_name: str | None) -> None:
     """`check_trainable` before the data is read or the weights loaded, where the base tells its kind cheaply: a
     preset, or a file or directory declaring its config. Other files are checked once loaded."""
     from ldm_jax.configs import preset
@@ -55,19 +54,15 @@ def check_trainable_early(checkpoint: str | None, preset_name: str | None,
 
         config = peek_config(checkpoint)
     if config is not None:
-        check_trainable(config, train_text_encoder)
+        check_trainable(config)
 
 
-def check_trainable(config, train_text_encoder: bool = False) -> None:
+def check_trainable(config) -> None:
     """One line for a model the trainer cannot train: an inpainting U-Net (its extra mask and masked-image inputs
-    are not fed), or --train-text-encoder with SDXL (its two encoders stay frozen)."""
+    are not fed)."""
     if config.is_inpainting:
         raise UserError(f"training inpainting U-Nets ({config.name}: {config.unet.in_channels} input channels) is not "
                         "supported; ldm-jax trains text-to-image U-Nets (4 latent channels in)")
-    if train_text_encoder and config.is_sdxl:
-        from ldm_jax.train.step import SDXL_TEXT_ENCODER_REFUSED
-
-        raise UserError(SDXL_TEXT_ENCODER_REFUSED)
 
 
 def run_prediction(meta: dict, prediction: str | None, where: str) -> str:

@@ -164,7 +164,7 @@ class CachedBatchIterator(D.BatchIterator):
     "captions", "indices", "original_sizes", "crop_top_left"}."""
 
     def __init__(self, cache: dict, dataset: D.Dataset, **kw):
-        super().__init__(dataset, center_crop=True, **kw)
+        super().__init__(dataset, **{**kw, "center_crop": True})  # the cache holds the centre crops
         self.cache = cache
 
     def _load_row(self, epoch: int, offset: int, index: int):

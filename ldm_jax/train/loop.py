@@ -94,7 +94,7 @@ def _train(cfg, dataset, run_dir, ck, log):
         seed, res = 0 if cfg.seed is None else cfg.seed, None
     prediction = run_prediction(meta, cfg.prediction, f"--resume {run_dir}") if meta else cfg.prediction
     sd = load_base(cfg.checkpoint, cfg.preset, seed, prediction)
-    check_trainable(sd.config, cfg.step.train_text_encoder)
+    check_trainable(sd.config)
     line = prediction_line(sd, "the run's" if meta else cfg.prediction and "--prediction")
     if line:
         log(line)

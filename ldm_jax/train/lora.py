@@ -9,8 +9,8 @@ down starts kaiming-uniform (torch's nn.Linear init, U(-1/sqrt(in), 1/sqrt(in)),
 so step 0 is the base model. Which kernels (`TARGETS`): "attn", the q, k, v and output projections of every self-
 and cross-attention (diffusers' `train_text_to_image_lora.py`); "transformer", every Linear of the transformer
 blocks plus proj_in / proj_out (kohya's `networks.lora` on Transformer2DModel). With `text_encoder` (`--lora-rank`
-with `--train-text-encoder`, SD 1.x / 2.x) every Linear of the CLIP text encoder's layers is adapted as well
-(self-attention q, k, v, out and the MLP's fc1, fc2: kohya's CLIPAttention / CLIPMLP targets, `text_modules`); its
+with `--train-text-encoder`) every Linear of the CLIP text encoders' layers is adapted as well (self-attention q, k,
+v, out and the MLP's fc1, fc2: kohya's CLIPAttention / CLIPMLP targets, `text_modules`; SDXL: both encoders); their
 factors follow the U-Net's in the state and in `init`'s key order.
 
 With a conv rank (`--lora-conv-rank`, kohya's `conv_dim`: "LoRA-C3Lier", LyCORIS' LoCon) the ResBlocks and the
@@ -44,7 +44,8 @@ _SGM_UNET = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
 CONV = re.compile(r"(_resnets_\d+_(conv1|conv2|time_emb_proj|conv_shortcut)|_(down|up)samplers_0_conv"  # diffusers
                   r"|_\d+_(in_layers_2|out_layers_3|emb_layers_1|skip_connection)|_input_blocks_\d+_0_op"  # sgm
                   r"|_output_blocks_\d+_\d+_conv)$")
-_TEXT = re.compile(r"^lora_te_text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])$")
+_TEXT = re.compile(r"^lora_te[12]?_text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])$")
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 
 
 def check_targets(targets: str) -> str:
@@ -77,18 +78,28 @@ def is_spatial(shape) -> bool:
     return len(shape) == 4 and tuple(shape[:2]) != (1, 1)
 
 
-@functools.lru_cache(maxsize=8)
-def text_modules(config) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
-    """{kohya module name: (path of the adapted kernel in the text encoder's Flax tree, its shape)} (SD 1.x / 2.x)."""
+@functools.lru_cache(maxsize=16)
+def text_modules(config, component: str = "text_encoder") -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """{kohya module name: (path of the adapted kernel in the text encoder's Flax tree, its shape)} of one text
+    encoder (`lora_te_*` for SD 1.x / 2.x; SDXL's `lora_te1_*` "text_encoder", `lora_te2_*` "text_encoder_2")."""
     from convert.lora_names import module_table
 
     out = {name: (tuple(e.flax_path), tuple(e.flax_shape)) for name, e in module_table(config).items()
-           if e.component == "text_encoder" and _TEXT.match(name) and len(e.flax_shape) == 2}
+           if e.component == component and _TEXT.match(name) and len(e.flax_shape) == 2}
     return dict(sorted(out.items()))
 
 
+def text_components(config) -> tuple[str, ...]:
+    """The model's text encoders: ("text_encoder",), SDXL's two."""
+    return TEXT_COMPONENTS if config.text_2 is not None else TEXT_COMPONENTS[:1]
+
+
+def _all_text_modules(config) -> dict:
+    return {name: m for c in text_components(config) for name, m in text_modules(config, c).items()}
+
+
 def _all_modules(config, targets: str, text_encoder: bool, conv: bool = False) -> dict:
-    return {**modules(config, targets, conv), **(text_modules(config) if text_encoder else {})}
+    return {**modules(config, targets, conv), **(_all_text_modules(config) if text_encoder else {})}
 
 
 def _down_shape(shape, rank: int, conv_rank: int) -> tuple[int, ...]:
@@ -127,9 +138,9 @@ def merge(unet_params, lora: dict, config, targets: str, scale: float, conv_scal
     return _merge(unet_params, lora, modules(config, targets, conv_scale is not None), scale, conv_scale)
 
 
-def merge_text(text_params, lora: dict, config, scale: float):
-    """`merge` for the text encoder's tree (`text_modules`)."""
-    return _merge(text_params, lora, text_modules(config), scale)
+def merge_text(text_params, lora: dict, config, scale: float, component: str = "text_encoder"):
+    """`merge` for a text encoder's tree (`text_modules`)."""
+    return _merge(text_params, lora, text_modules(config, component), scale)
 
 
 def _merge(params, lora: dict, table: dict, scale: float, conv_scale: float | None = None):
@@ -147,7 +158,7 @@ def kohya_tensors(lora: dict, config, targets: str, alpha: float, conv_alpha: fl
     """The kohya-ss file's tensors (float32) of a trained `lora` tree (U-Net, and text encoder modules if it has
     them; `conv_alpha`: the LoRA has conv modules)."""
     out = {}
-    text = any(n in lora for n in text_modules(config))
+    text = any(n in lora for n in _all_text_modules(config))
     for name, (_, shape) in _all_modules(config, targets, text, conv_alpha is not None).items():
         down, up = (np.asarray(lora[name][k], np.float32) for k in ("down", "up"))
         trail = (1, 1) if len(shape) == 4 else ()  # a conv's factors are convs: torch's [out, in, kh, kw]

@@ -12,6 +12,7 @@ import jax
 
 from ldm_jax.errors import UserError
 from ldm_jax.train.config import TrainConfig
+from ldm_jax.train.lora import text_components
 from ldm_jax.train.step import components, merged_text_encoder, merged_unet
 
 
@@ -43,11 +44,12 @@ def samples_missing(cfg: TrainConfig, step: int, run_dir: str) -> bool:
 
 @functools.lru_cache(maxsize=2)
 def _jitted_merge(config, step_cfg):
-    """(frozen, LoRA) -> {"unet"[, "text_encoder"]}: the components a LoRA run adapts, merged (one small program)."""
+    """(frozen, LoRA) -> {"unet"[, text encoders]}: the components a LoRA run adapts, merged (one small program)."""
     def merge(frozen, lora_params):
         out = {"unet": merged_unet(frozen["unet"], lora_params, config, step_cfg)}
         if step_cfg.train_text_encoder:
-            out["text_encoder"] = merged_text_encoder(frozen["text_encoder"], lora_params, config, step_cfg)
+            out.update({c: merged_text_encoder(frozen[c], lora_params, config, step_cfg, c)
+                        for c in text_components(config)})
         return out
 
     return jax.jit(merge)
@@ -60,7 +62,7 @@ def save_samples(sd, frozen, state, cfg: TrainConfig, res: int, step: int, run_d
 
     sd.params.update({c: frozen[c] for c in ("vae", "text_encoder", "text_encoder_2") if c in frozen})
     if cfg.step.lora_rank:  # the base U-Net (and text encoder) with the EMA LoRA merged in
-        base = {c: frozen[c] for c in ("unet", "text_encoder")}
+        base = {c: frozen[c] for c in ("unet",) + text_components(sd.config)}
         sd.params.update(_jitted_merge(sd.config, cfg.step)(base, state.ema_params))
     else:
         sd.params.update(components(state.ema_params, cfg.step))

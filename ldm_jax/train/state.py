@@ -16,7 +16,7 @@
   gradients come back fp32). Gradient accumulation happens in `step.py` (mean of K micro-batch gradients, then one
   update), so `step` counts optimiser updates.
 
-`params` is whatever tree trains: the U-Net, or {"unet", "text_encoder"} with `StepConfig.train_text_encoder`
+`params` is whatever tree trains: the U-Net, or {"unet", "text_encoder"[, "text_encoder_2"]} with `train_text_encoder`
 (`step.trainable`), or the autoencoder (`autoencoder.py`); nothing in this file is U-Net specific.
 """
 

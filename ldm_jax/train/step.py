@@ -10,16 +10,17 @@ One step = one optimiser update from K micro-batches (gradient accumulation, `la
              step's global batch fold_in(step_key, i) (loss.py), so nothing depends on the device or host count
     frozen = {"vae": params, "text_encoder": params, "uncond_ids": int32 [1, S]}  (never differentiated)
 
-`state.params` is the U-Net's tree, or with `train_text_encoder` {"unet": ..., "text_encoder": ...} (`trainable`,
-`components`): the CLIP text encoder is then trained jointly, as the LDM paper trains tau_theta with eps_theta
-(eq. 3), the context (and the empty prompt's, for caption dropout) is computed from the ids inside the
+`state.params` is the U-Net's tree, or with `train_text_encoder` {"unet", "text_encoder"[, "text_encoder_2"]}
+(`trainable`, `components`): the CLIP text encoder(s) are then trained jointly, as the LDM paper trains tau_theta
+with eps_theta (eq. 3), the context (and the empty prompt's, for caption dropout) is computed from the ids inside the
 differentiated loss, and a precomputed batch carries {"moments", "ids"}. With `lora_rank` the state holds a LoRA
 ({module: {"down", "up"}}, `lora.py`) and `frozen` the base U-Net; the loss runs the merged U-Net W + scale down @ up,
 differentiated in the LoRA only (with `train_text_encoder` the LoRA adapts the frozen text encoder too, which then
 encodes the ids inside the loss as above).
 
-SDXL (Podell et al. 2023; both text encoders frozen, as diffusers' `train_text_to_image_sdxl.py`): the context is the
-two encoders' states side by side, and the U-Net also gets y = [pooled text, emb(original size), emb(crop top-left),
+SDXL (Podell et al. 2023; both text encoders frozen as in diffusers' `train_text_to_image_sdxl.py`, or both trained with
+`train_text_encoder`, as kohya's `sdxl_train.py --train_text_encoder`): the context is the two encoders' states side
+by side, and the U-Net also gets y = [pooled text, emb(original size), emb(crop top-left),
 emb(target size)] (`ldm_jax.conditioning`) with each image's own sizes and crop (`data.Example`). A dropped caption
 zeroes the context and the pooled text (sgm's `GeneralConditioner` with `ucg_rate`; our sampler's unconditional side
 for an empty negative prompt is zeros too), never the sizes.
@@ -95,7 +96,7 @@ class StepConfig:
         the LoRA and the U-Net is frozen)."""
         if self.lora_rank:
             return ()
-        return ("unet", "text_encoder") if self.train_text_encoder else ("unet",)
+        return ("unet",) + lora.TEXT_COMPONENTS * self.train_text_encoder  # (the text encoders the model has)
 
     @property
     def lora_scale(self) -> float:
@@ -109,15 +110,11 @@ class StepConfig:
         return (self.lora_conv_alpha or self.lora_conv_rank) / self.lora_conv_rank
 
 
-SDXL_TEXT_ENCODER_REFUSED = ("--train-text-encoder is for SD 1.x and 2.x models: SDXL's two text encoders stay frozen "
-                             "(as diffusers' SDXL fine-tuning); train without it")
-
-
 def trainable(model_params: dict, step_cfg: StepConfig):
     """{component: tree} of a model -> the step's `state.params` (the bare U-Net tree when only it trains). Not for
     LoRA runs, whose state starts from `lora.init` (`initial_params`)."""
     if step_cfg.train_text_encoder:
-        return {c: model_params[c] for c in step_cfg.trained}
+        return {c: model_params[c] for c in step_cfg.trained if c in model_params}
     return model_params["unet"]
 
 
@@ -136,7 +133,8 @@ def abstract_trainable(config: ModelConfig, step_cfg: StepConfig):
     if step_cfg.lora_rank:
         return lora.abstract(config, step_cfg.lora_targets, step_cfg.lora_rank, step_cfg.train_text_encoder,
                              step_cfg.lora_conv_rank)
-    return trainable(abstract_params(config, step_cfg.trained), step_cfg)
+    trained = tuple(c for c in step_cfg.trained if c not in lora.TEXT_COMPONENTS or c in lora.text_components(config))
+    return trainable(abstract_params(config, trained), step_cfg)
 
 
 def merged_unet(base_unet, lora_params, config: ModelConfig, step_cfg: StepConfig):
@@ -145,9 +143,10 @@ def merged_unet(base_unet, lora_params, config: ModelConfig, step_cfg: StepConfi
                       step_cfg.lora_conv_scale)
 
 
-def merged_text_encoder(base_text, lora_params, config: ModelConfig, step_cfg: StepConfig):
-    """The text encoder of a LoRA run with `train_text_encoder` (`lora.merge_text`)."""
-    return lora.merge_text(base_text, lora_params, config, step_cfg.lora_scale)
+def merged_text_encoder(base_text, lora_params, config: ModelConfig, step_cfg: StepConfig,
+                        component: str = "text_encoder"):
+    """A text encoder of a LoRA run with `train_text_encoder` (`lora.merge_text`)."""
+    return lora.merge_text(base_text, lora_params, config, step_cfg.lora_scale, component)
 
 
 def components(params, step_cfg: StepConfig) -> dict:
@@ -160,8 +159,6 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
     prediction = config.schedule.prediction
     if prediction == "v" and step_cfg.debiased_loss:
         raise UserError(L.DEBIASED_V_REFUSED)
-    if config.is_sdxl and step_cfg.train_text_encoder:
-        raise UserError(SDXL_TEXT_ENCODER_REFUSED)
     mods = modules(config, step_cfg.dtype, step_cfg.attention_impl, remat=step_cfg.remat)
     unet, vae, text = mods["unet"], mods["vae"], mods["text_encoder"]
     schedule = make_schedule(config.schedule)
@@ -194,11 +191,15 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
 
     def conditioning(text_params, cond, uncond, drop):
         """(tau_theta(y) [B, S, d] with the dropped captions' rows replaced by the empty prompt's context, SDXL's
-        y [B, adm] or None); uncond is a context (frozen encoder) or token ids that the trained encoder
-        (`text_params`) encodes here. SDXL: a dropped caption's context and pooled text are zeros, its sizes stay."""
+        y [B, adm] or None); uncond is a context (frozen encoder) or token ids that the trained encoders
+        (`text_params`, {component: tree}) encode here. SDXL: a dropped caption's context and pooled text are zeros,
+        its sizes stay."""
         if step_cfg.train_text_encoder:
-            encode = lambda ids: text.apply({"params": text_params}, ids)  # noqa: E731
-            ctx, uncond = encode(cond["ids"]), encode(uncond)
+            encoded = encode_text(mods, config, text_params, cond["ids"], pooled=sdxl)
+            if sdxl:
+                ctx, cond = encoded[0], {**cond, "pooled": f32(encoded[1])}
+            else:
+                ctx, uncond = encoded, encode_text(mods, config, text_params, uncond)
         else:
             ctx = cond["ctx"]
         if not sdxl:
@@ -209,13 +210,15 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
 
     def micro_loss(params, uncond, base, z0, t, noise, cond, drop, weights):
         text_params = None
-        if step_cfg.lora_rank:  # base: the frozen U-Net (and text encoder) the LoRA adapts
+        if step_cfg.lora_rank:  # base: the frozen U-Net (and text encoders) the LoRA adapts
             unet_params = merged_unet(base["unet"], params, config, step_cfg)
             if step_cfg.train_text_encoder:
-                text_params = merged_text_encoder(base["text_encoder"], params, config, step_cfg)
+                text_params = {c: merged_text_encoder(base[c], params, config, step_cfg, c)
+                               for c in lora.text_components(config)}
         else:
             unet_params = params["unet"] if step_cfg.train_text_encoder else params
-            text_params = params["text_encoder"] if step_cfg.train_text_encoder else None
+            if step_cfg.train_text_encoder:
+                text_params = {c: params[c] for c in lora.text_components(config)}
         ctx, y = conditioning(text_params, cond, uncond, drop)
         extra = () if y is None else (y,)  # U-Nets without a vector conditioning take (x, t, c)
         eps_fn = lambda x, tt, c: unet.apply({"params": unet_params}, x, tt, c, *extra)  # noqa: E731
@@ -233,7 +236,8 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
 
         def one(i, micro):
             keys = L.example_keys(step_key, i * b + jnp.arange(b))
-            base = {c: frozen[c] for c in ("unet", "text_encoder") if c in frozen} if step_cfg.lora_rank else None
+            base = ({c: frozen[c] for c in ("unet",) + lora.TEXT_COMPONENTS if c in frozen} if step_cfg.lora_rank
+                    else None)
             return grad_fn(state.params, uncond, base, *inputs(frozen, micro, keys))
 
         if k == 1:
