@@ -23,7 +23,7 @@ import pytest
 
 from ldm_jax.cli.main import build_parser, main
 from tests.parity import rel_err, torch_q_sample
-from tests.train_worker import COMMON, make_dataset
+from tests.train_worker import COMMON, make_dataset, step_gradients
 
 LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "transformer", "--lora-conv-rank", "2",
         "--lora-conv-alpha", "3"]
@@ -166,16 +166,12 @@ def test_written_file_merges_to_the_runs_unet(tmp_path, preset, targets, text, c
 
 
 def test_text_encoder_lora_step_follows_the_joint_steps_gradients(data):
-    import optax
-
     from ldm_jax import parallel
     from ldm_jax.cli.cmd_train import train_config
     from ldm_jax.train import data as D
     from ldm_jax.train import lora
     from ldm_jax.train.base import load_base
-    from ldm_jax.train.state import init_state
-    from ldm_jax.train.step import (components, frozen_inputs, jitted_train_step, key_data, merged_text_encoder,
-                                    merged_unet, shard_batch)
+    from ldm_jax.train.step import components, frozen_inputs, merged_text_encoder, merged_unet, shard_batch
 
     tc = _config(data, "--train-text-encoder")
     joint = train_config(build_parser().parse_args(["train", *COMMON, "--train-text-encoder", "--data", data,
@@ -186,14 +182,9 @@ def test_text_encoder_lora_step_follows_the_joint_steps_gradients(data):
     with D.batches(D.scan_dataset(data), batch_size=8, resolution=16, seed=0, num_workers=0) as it:
         rows = next(it)
     batch = shard_batch({"images": rows["images"][None], "ids": sd.tokenize(rows["captions"])[None]}, mesh)
-    key, rep = parallel.replicate(key_data(0), mesh), parallel.replicated(mesh)
 
-    def grads(step_cfg, params, frozen):  # the step's gradients, read back from Adam's first moment
-        state = init_state(parallel.replicate(params, mesh), tc.optim, rep)
-        new, m = jitted_train_step(cfg, tc.optim, step_cfg, mesh)(state, batch, key, frozen)
-        unclip = max(1.0, float(m["grad_norm"]) / tc.optim.clip)  # optax scaled g by clip / |g| above the clip
-        mu = optax.tree_utils.tree_get(new.opt_state, "mu")
-        return jax.tree_util.tree_map(lambda x: np.asarray(x) * unclip / (1 - tc.optim.b1), mu), float(m["loss"])
+    def grads(step_cfg, params, frozen):
+        return step_gradients(cfg, tc.optim, step_cfg, params, batch, frozen, mesh)
 
     g_lora, loss_lora = grads(s, tree, frozen_inputs(sd.params, sd.tokenize([""]), mesh, unet=True))
     merged = {"unet": merged_unet(sd.params["unet"], tree, cfg, s),

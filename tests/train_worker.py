@@ -68,3 +68,22 @@ def make_dataset(root) -> str:
         Image.new("RGB", (12, 12) if name == "cyan" else (16, 16), colour).save(root / f"{name}.png")
         (root / f"{name}.txt").write_text(f"a {name} square")
     return str(root)
+
+
+def step_gradients(config, optim, step_cfg, params, batch, frozen, mesh):
+    """(gradients, loss) of one compiled train step from `params` (key of seed 0), read back from Adam's first moment:
+    mu = (1 - b1) g after one update, unclipped (optax scaled g by clip / |g| when |g| was above the clip)."""
+    import jax
+    import numpy as np
+    import optax
+
+    from ldm_jax import parallel
+    from ldm_jax.train.state import init_state
+    from ldm_jax.train.step import jitted_train_step, key_data
+
+    state = init_state(parallel.replicate(params, mesh), optim, parallel.replicated(mesh))
+    new, m = jitted_train_step(config, optim, step_cfg, mesh)(state, batch, parallel.replicate(key_data(0), mesh),
+                                                              frozen)
+    unclip = max(1.0, float(m["grad_norm"]) / optim.clip) if optim.clip else 1.0
+    mu = optax.tree_utils.tree_get(new.opt_state, "mu")
+    return jax.tree_util.tree_map(lambda x: np.asarray(x) * unclip / (1 - optim.b1), mu), float(m["loss"])

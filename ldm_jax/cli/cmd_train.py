@@ -100,6 +100,13 @@ def add_parser(sub, name, help_):
                    "their time-embedding Linear and 1x1 skip conv at --lora-rank (default: 0, off)")
     p.add_argument("--lora-conv-alpha", type=float, metavar="AC", help="the 3x3 convs' alpha: their update is "
                    "scaled by AC / RC (default: RC, scale 1)")
+    p.add_argument("--textual-inversion", metavar="WORD", help="textual inversion (Gal et al. 2022): learn only new "
+                   "token vectors for WORD, which the captions use (e.g. '<my-cat>'); the rest of the model stays "
+                   "frozen, and RUN_DIR/embedding.safetensors (A1111 format) is read by --embedding FILE:WORD")
+    p.add_argument("--init-word", metavar="WORD0", help="with --textual-inversion: the vectors start as this word's "
+                   "embedding (one CLIP token, e.g. 'cat' or 'painting')")
+    p.add_argument("--num-vectors", type=int, metavar="N", help="with --textual-inversion: vectors (tokens) for the "
+                   "word (default: 1)")
     p.add_argument("--instance-prompt", metavar="TEXT", help="DreamBooth: caption every --data image with TEXT "
                    "(e.g. 'a photo of sks dog'; caption files are then not needed)")
     p.add_argument("--class-data", metavar="DIR", help="DreamBooth prior preservation (Ruiz et al. 2023): class "
@@ -172,13 +179,19 @@ def run(args) -> int:
     result = loop.train(cfg)
     loss = "" if result["loss"] is None else f" (loss {result['loss']:.4f})"
     print(f"{'trained to' if loss else 'at'} step {result['step']}{loss}; run directory {result['run_dir']}"
-          + (f"; {'LoRA' if cfg.step.lora_rank else 'model'} {result['model_dir']}" if result["model_dir"] else ""))
+          + (f"; {_result_kind(cfg.step)} {result['model_dir']}" if result["model_dir"] else ""))
     return 0
+
+
+def _result_kind(step) -> str:
+    return "LoRA" if step.lora_rank else "embedding" if step.textual_inversion else "model"
 
 
 def check_args(args) -> None:
     """One line naming the flag for each out-of-range number (None: the flag was not given, where that is allowed);
     the ranges are `train.limits.RANGES`, which the configs check too."""
+    if args.num_vectors is not None and args.textual_inversion is None:
+        raise UserError("--num-vectors is for --textual-inversion WORD")
     for name in limits.RANGES:
         value = getattr(args, name)
         for v in (value if isinstance(value, (list, tuple)) else [value]):
@@ -205,7 +218,8 @@ def train_config(args):
                           multires_noise=args.multires_noise, debiased_loss=args.debiased_loss,
                           noise_offset=args.noise_offset,
                           lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
-                          lora_conv_rank=args.lora_conv_rank, lora_conv_alpha=args.lora_conv_alpha)
+                          lora_conv_rank=args.lora_conv_rank, lora_conv_alpha=args.lora_conv_alpha,
+                          textual_inversion=(args.num_vectors or 1) if args.textual_inversion is not None else 0)
     except ValueError as e:
         raise UserError(str(e)) from None
     return TrainConfig(
@@ -213,7 +227,7 @@ def train_config(args):
         steps=args.steps,
         batch_size=args.batch_size, resolution=args.resolution, optim=optim, step=step, random_flip=args.random_flip,
         aspect_buckets=args.aspect_buckets, random_crop=args.random_crop, shuffle_caption=args.shuffle_caption,
-        keep_tokens=args.keep_tokens,
+        keep_tokens=args.keep_tokens, textual_inversion=args.textual_inversion, init_word=args.init_word,
         allow_empty_captions=args.allow_empty_captions, seed=args.seed, resume=args.resume,
         save_every=args.save_every, keep=args.keep, sample_every=args.sample_every,
         sample_prompts=tuple(args.sample_prompt), sample_steps=args.sample_steps,

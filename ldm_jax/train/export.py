@@ -15,12 +15,19 @@ from ldm_jax.train.checkpoint import Checkpoints, check_same_model
 from ldm_jax.train.resume import state_shapes
 from ldm_jax.train.state import OptimConfig, TrainState
 from ldm_jax.train import lora
+from ldm_jax.train import textual_inversion as TI
 from ldm_jax.train.step import StepConfig, components
 
 
+def output_file(step_cfg: StepConfig) -> str | None:
+    """The file a run writes instead of a model directory: a LoRA's or a textual inversion's, else None."""
+    return lora.FILE if step_cfg.lora_rank else TI.FILE if step_cfg.textual_inversion else None
+
+
 def export_path(run_dir: str, step_cfg: StepConfig) -> str:
-    """Where a run's result goes: RUN_DIR/model, or a LoRA run's RUN_DIR/lora.safetensors."""
-    return os.path.join(run_dir, lora.FILE if step_cfg.lora_rank else "model")
+    """Where a run's result goes: RUN_DIR/model, or a LoRA run's RUN_DIR/lora.safetensors, or a textual inversion's
+    RUN_DIR/embedding.safetensors."""
+    return os.path.join(run_dir, output_file(step_cfg) or "model")
 
 
 def export_model(out_dir: str, sd, state: TrainState, step_cfg: StepConfig, *, ema: bool, meta: dict,
@@ -33,6 +40,8 @@ def export_model(out_dir: str, sd, state: TrainState, step_cfg: StepConfig, *, e
     if step_cfg.lora_rank:
         return _write_lora(out_dir, sd.config, state.ema_params if ema else state.params, step_cfg, ema, meta,
                            resolution)
+    if step_cfg.textual_inversion:  # meta["word"]: the trained word
+        return TI.write(out_dir, state.ema_params if ema else state.params, meta["word"], meta)
 
     params = {"vae": sd.params["vae"], "text_encoder": sd.params.get("text_encoder"),
               **{c: sd.params[c] for c in ("text_encoder_2",) if c in sd.params},
@@ -77,7 +86,7 @@ def export_run(run_dir: str, checkpoint: str | None, preset_name: str | None, *,
         meta = ck.read_meta(step) if step is not None else {}
         step_cfg = StepConfig(**meta.get("step_config", {}))
         out_dir = out_dir or export_path(run_dir, step_cfg)
-        if not step_cfg.lora_rank:  # refused before anything else, as at the start of a run
+        if not output_file(step_cfg):  # refused before anything else, as at the start of a run
             preflight.check_model_dir(out_dir)
         if step is None:
             raise UserError(f"no checkpoint in {ck.directory}")
@@ -87,6 +96,7 @@ def export_run(run_dir: str, checkpoint: str | None, preset_name: str | None, *,
         optim = OptimConfig(**meta["optim"])
         tree, _ = ck.restore(state_shapes(sd.config, optim, step_cfg, parallel.data_mesh()), step)
     export_model(out_dir, sd, TrainState.from_dict(tree), step_cfg, ema=ema,
-                 meta={"run_dir": run_dir, "step": step}, resolution=meta.get("run", {}).get("resolution"))
+                 meta={"run_dir": run_dir, "step": step, "word": meta.get("run", {}).get("textual_inversion")},
+                 resolution=meta.get("run", {}).get("resolution"))
     log(f"wrote step {step} ({'ema' if ema else 'raw'} weights) to {out_dir}")
     return out_dir

@@ -41,7 +41,8 @@ from ldm_jax.train.base import (base_info, check_resolution, check_trainable, lo
                                 run_prediction, size_multiple)
 from ldm_jax.train.checkpoint import Checkpoints, check_same_model
 from ldm_jax.train.config import TrainConfig
-from ldm_jax.train.export import export_model, export_path
+from ldm_jax.train import textual_inversion as TI
+from ldm_jax.train.export import export_model, export_path, output_file
 from ldm_jax.train.progress import InterruptGuard, Metrics, progress_bar
 from ldm_jax.train.resume import resume_state
 from ldm_jax.train.samples import check_sample_steps, samples_missing, save_samples
@@ -64,7 +65,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     preflight.check_config(cfg)
     dataset = D.scan_dataset(cfg.data, allow_empty_captions=cfg.allow_empty_captions, caption=cfg.instance_prompt)
-    preflight.check_run_dir(cfg.out, cfg.data, cfg.export, lora=bool(cfg.step.lora_rank))
+    preflight.check_run_dir(cfg.out, cfg.data, cfg.export, output_file(cfg.step))
     run_dir = os.path.abspath(cfg.out)
     if cfg.batch_size > len(dataset):
         raise UserError(f"--batch-size {cfg.batch_size} is more than the {len(dataset)} images in {cfg.data} (a batch "
@@ -104,6 +105,9 @@ def _train(cfg, dataset, run_dir, ck, log):
     if res is None:  # not a resumed run's: the one asked for, else the model's own
         res = sd.config.image_size if cfg.resolution is None else cfg.resolution
     check_resolution(sd.config, res)
+    if cfg.textual_inversion is not None:  # the word's new ids and rows (after the base's config is checked)
+        sd = TI.add_word(sd, cfg.textual_inversion, cfg.init_word, cfg.step.textual_inversion)
+        TI.check_captions(sd, dataset.captions, cfg.textual_inversion, cfg.step.textual_inversion)
     buckets = None
     if cfg.aspect_buckets:  # before the state: a data set without one step's images in any bucket is refused first
         log(f"sorting {len(dataset)} images into aspect-ratio buckets ...")
@@ -144,6 +148,7 @@ def _train(cfg, dataset, run_dir, ck, log):
                             "random_crop": cfg.random_crop, "aspect_buckets": cfg.aspect_buckets, "steps": cfg.steps,
                             "shuffle_caption": cfg.shuffle_caption, "keep_tokens": cfg.keep_tokens,
                             "processes": n_proc, "devices": int(mesh.devices.size),
+                            "textual_inversion": cfg.textual_inversion, "init_word": cfg.init_word,
                             **{f: getattr(cfg, f) for f in DREAMBOOTH_FIELDS}}}
         positions = (int(meta["data"]["position"]), int(meta["data"].get("class_position", 0))) if meta else (0, 0)
         return _loop(cfg, sd, state, (dataset, class_data, buckets), positions, run_dir, run_meta, ck, mesh, what,
@@ -168,7 +173,7 @@ def _loop(cfg, sd, state, datasets, positions, run_dir, run_meta, ck, mesh, what
     sd = sd.replace(params={c: v for c, v in sd.params.items() if c not in cfg.step.trained})  # the state has them
     start = int(np.asarray(state.step.addressable_data(0)))
     n_proc, k, res = jax.process_count(), cfg.step.grad_accum, cfg.resolution
-    frozen = frozen_inputs(sd.params, sd.tokenize([""]), mesh, unet=bool(cfg.step.lora_rank))
+    frozen = frozen_inputs(sd.params, sd.tokenize([""]), mesh, unet=cfg.step.frozen_unet)
     key = parallel.replicate(key_data(cfg.seed), mesh)
     loader_kw = dict(batch_size=cfg.batch_size // n_proc, resolution=res, seed=cfg.seed, position=position,
                      random_flip=cfg.random_flip, center_crop=not cfg.random_crop, shard_index=jax.process_index(),
@@ -197,7 +202,7 @@ def _loop(cfg, sd, state, datasets, positions, run_dir, run_meta, ck, mesh, what
 
         def cached(data, name, kw):
             cache = latent_cache.build(sd, data, res, cfg.random_flip, os.path.join(run_dir, name), cfg.step.dtype,
-                                       log=log, text=not cfg.step.train_text_encoder, buckets=kw.get("buckets"))
+                                       log=log, text=not cfg.step.encodes_text, buckets=kw.get("buckets"))
             return latent_cache.cached_batches(cache, data, **kw)
 
         loader = cached(dataset, "latent_cache", loader_kw)
@@ -220,7 +225,7 @@ def _loop(cfg, sd, state, datasets, positions, run_dir, run_meta, ck, mesh, what
         if "images" in rows[0]:
             local = {"images": np.stack([r["images"] for r in rows]),
                      "ids": np.stack([sd.tokenize(r["captions"]) for r in rows])}
-        elif cfg.step.train_text_encoder:
+        elif cfg.step.encodes_text:
             local = {"moments": np.stack([r["moments"] for r in rows]),
                      "ids": np.stack([sd.tokenize(r["captions"]) for r in rows])}
         else:
@@ -317,8 +322,9 @@ def _loop(cfg, sd, state, datasets, positions, run_dir, run_meta, ck, mesh, what
         model_dir = export_path(run_dir, cfg.step)
         if n_proc == 1:
             export_model(model_dir, sd, state, cfg.step, ema=cfg.export == "ema",
-                         meta={"run_dir": run_dir, "step": last}, resolution=res)
-            log(f"wrote the trained {'LoRA' if cfg.step.lora_rank else 'model'} ({cfg.export} weights) to {model_dir}")
+                         meta={"run_dir": run_dir, "step": last, "word": cfg.textual_inversion}, resolution=res)
+            what_ = "LoRA" if cfg.step.lora_rank else "embedding" if cfg.step.textual_inversion else "model"
+            log(f"wrote the trained {what_} ({cfg.export} weights) to {model_dir}")
         else:
             model_dir = None
             log(f"multi-host run: export with `ldm-jax train --export-only --out {run_dir} ...` on one host")

@@ -77,6 +77,12 @@ def check_config(cfg) -> None:
                                 "searched recursively); give the class images a folder of their own")
         if os.path.exists(cfg.class_data) and not os.path.isdir(cfg.class_data):
             raise UserError(f"--class-data {cfg.class_data} is a file, not a folder")
+    if (cfg.textual_inversion is None) != (cfg.init_word is None):
+        raise UserError("--textual-inversion WORD and --init-word WORD0 go together (the new word's vectors start as "
+                        "the embedding of WORD0, one CLIP token such as 'dog' or 'painting')")
+    if (cfg.textual_inversion is not None) != bool(cfg.step.textual_inversion):
+        raise UserError("--textual-inversion WORD and the step's vector count (StepConfig.textual_inversion) go "
+                        "together")
     if cfg.keep_tokens and not cfg.shuffle_caption:
         raise UserError("--keep-tokens N keeps the first N tags in place when --shuffle-caption shuffles the rest: "
                         "give --shuffle-caption too")
@@ -95,9 +101,9 @@ def check_config(cfg) -> None:
             raise UserError(f"{name} is empty; give the caption text")
 
 
-def check_run_dir(run_dir: str, data_dir: str | None, export: str, lora: bool = False) -> None:
+def check_run_dir(run_dir: str, data_dir: str | None, export: str, output_file: str | None = None) -> None:
     """Refuse (before any work) a RUN_DIR that is a file, the data folder or inside it, not writable, or whose
-    model/ (a LoRA run: lora.safetensors) would be refused by the export at the end."""
+    model/ (a run writing a file instead, `export.output_file`: that file) would be refused by the export."""
     if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
         raise UserError(f"--out {run_dir} is a file, not a run directory; give a directory path (new or a run's)")
     real = os.path.realpath(run_dir)  # `run_dir` as given, for the messages
@@ -107,12 +113,10 @@ def check_run_dir(run_dir: str, data_dir: str | None, export: str, lora: bool = 
             raise UserError(f"--out {run_dir} is {'the' if real == data else 'inside the'} --data folder {data_dir}: "
                             "the run's samples would mix with the training images; choose a directory outside it")
     check_can_write_dir(run_dir, f"--out {run_dir}")
-    if export != "none" and lora:
-        from ldm_jax.train.lora import FILE
-
-        if os.path.isdir(os.path.join(run_dir, FILE)):
-            raise UserError(f"{os.path.join(run_dir, FILE)} is a directory; the trained LoRA is written there at the "
-                            "end: remove it, or pass --export none")
+    if export != "none" and output_file:
+        if os.path.isdir(os.path.join(run_dir, output_file)):
+            raise UserError(f"{os.path.join(run_dir, output_file)} is a directory; the training result is written "
+                            "there at the end: remove it, or pass --export none")
     elif export != "none":
         check_model_dir(os.path.join(run_dir, "model"), "or pass --export none")
 
@@ -183,6 +187,11 @@ def resume_settings(meta: dict, cfg, where: str) -> tuple[int, int | None]:
         raise UserError(f"{where}: the run was started {'with' if was_joint else 'without'} --train-text-encoder; "
                         "resume it the same way")
     step = meta.get("step_config") or {}
+    word = ((meta.get("run") or {}).get("textual_inversion"), int(step.get("textual_inversion", 0)))
+    if word != (cfg.textual_inversion, cfg.step.textual_inversion):
+        run = f"the word {word[0]!r} ({word[1]} vectors)" if word[0] else "no --textual-inversion word"
+        raise UserError(f"{where}: the run trains {run}; resume it with the same --textual-inversion and "
+                        "--num-vectors")
     was = (int(step.get("lora_rank", 0)), step.get("lora_targets", "attn") if step.get("lora_rank") else None,
            int(step.get("lora_conv_rank", 0)))
     now = (cfg.step.lora_rank, cfg.step.lora_targets if cfg.step.lora_rank else None, cfg.step.lora_conv_rank)

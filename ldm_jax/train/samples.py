@@ -12,6 +12,7 @@ import jax
 
 from ldm_jax.errors import UserError
 from ldm_jax.train.config import TrainConfig
+from ldm_jax.train import textual_inversion as TI
 from ldm_jax.train.lora import text_components
 from ldm_jax.train.step import components, merged_text_encoder, merged_unet
 
@@ -55,13 +56,19 @@ def _jitted_merge(config, step_cfg):
     return jax.jit(merge)
 
 
+_jitted_rows = jax.jit(TI.with_rows)
+
+
 def save_samples(sd, frozen, state, cfg: TrainConfig, res: int, step: int, run_dir: str, mesh) -> None:
     """Sample images at the fixed prompts with the EMA weights (one compiled program, reused across calls)."""
     from ldm_jax.images import save_png
     from ldm_jax.pipelines.generate import txt2img
 
     sd.params.update({c: frozen[c] for c in ("vae", "text_encoder", "text_encoder_2") if c in frozen})
-    if cfg.step.lora_rank:  # the base U-Net (and text encoder) with the EMA LoRA merged in
+    if cfg.step.textual_inversion:  # the frozen model with the word's EMA rows
+        sd.params.update({c: _jitted_rows(frozen[c], state.ema_params[c]) for c in text_components(sd.config)})
+        sd.params["unet"] = frozen["unet"]
+    elif cfg.step.lora_rank:  # the base U-Net (and text encoder) with the EMA LoRA merged in
         base = {c: frozen[c] for c in ("unet",) + text_components(sd.config)}
         sd.params.update(_jitted_merge(sd.config, cfg.step)(base, state.ema_params))
     else:

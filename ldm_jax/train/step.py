@@ -16,7 +16,8 @@ with eps_theta (eq. 3), the context (and the empty prompt's, for caption dropout
 differentiated loss, and a precomputed batch carries {"moments", "ids"}. With `lora_rank` the state holds a LoRA
 ({module: {"down", "up"}}, `lora.py`) and `frozen` the base U-Net; the loss runs the merged U-Net W + scale down @ up,
 differentiated in the LoRA only (with `train_text_encoder` the LoRA adapts the frozen text encoder too, which then
-encodes the ids inside the loss as above).
+encodes the ids inside the loss as above). With `textual_inversion` (N > 0) the state holds only a new word's N
+token-embedding rows per text encoder (`textual_inversion.py`), put into the frozen encoders inside the loss.
 
 SDXL (Podell et al. 2023; both text encoders frozen as in diffusers' `train_text_to_image_sdxl.py`, or both trained with
 `train_text_encoder`, as kohya's `sdxl_train.py --train_text_encoder`): the context is the two encoders' states side
@@ -49,6 +50,7 @@ from ldm_jax.errors import UserError
 from ldm_jax.models.build import modules
 from ldm_jax.schedules import make_schedule
 from ldm_jax.train import limits, lora, loss as L
+from ldm_jax.train import textual_inversion as TI
 from ldm_jax.train.state import OptimConfig, TrainState, apply_gradients
 
 DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16}
@@ -73,6 +75,7 @@ class StepConfig:
     lora_targets: str = "attn"  # which U-Net kernels the LoRA adapts (`lora.TARGETS`)
     lora_conv_rank: int = 0  # > 0: the LoRA also adapts the ResBlocks and resamplers, 3x3 convs at this rank
     lora_conv_alpha: float | None = None  # their scale is conv_alpha / conv_rank (None: scale 1)
+    textual_inversion: int = 0  # > 0: train only this many new token-embedding rows (`textual_inversion.py`)
 
     def __post_init__(self):
         if self.precision not in DTYPES:
@@ -83,6 +86,12 @@ class StepConfig:
         lora.check_targets(self.lora_targets)
         if self.lora_conv_rank and not self.lora_rank:
             raise ValueError("a LoRA conv rank (--lora-conv-rank) needs a LoRA rank (--lora-rank)")
+        if isinstance(self.textual_inversion, bool) or not isinstance(self.textual_inversion, int) \
+                or self.textual_inversion < 0:
+            raise ValueError(f"textual_inversion (vectors) must be an integer >= 0, got {self.textual_inversion!r}")
+        if self.textual_inversion and (self.lora_rank or self.train_text_encoder):
+            raise ValueError("textual inversion trains the new word's vectors only: not with --lora-rank or "
+                             "--train-text-encoder")
         if self.lora_conv_alpha is not None and not self.lora_conv_rank:
             raise ValueError("--lora-conv-alpha scales the conv modules of --lora-conv-rank RC: give that too")
 
@@ -91,10 +100,20 @@ class StepConfig:
         return DTYPES[self.precision]
 
     @property
+    def encodes_text(self) -> bool:
+        """Whether the text encoder runs inside the differentiated loss (its weights or new rows train)."""
+        return self.train_text_encoder or self.textual_inversion > 0
+
+    @property
+    def frozen_unet(self) -> bool:
+        """Whether the U-Net is a frozen input of the step (a LoRA or textual inversion trains instead)."""
+        return bool(self.lora_rank or self.textual_inversion)
+
+    @property
     def trained(self) -> tuple[str, ...]:
         """The model components the step trains (the rest are in `frozen`; with a LoRA none is: the state holds
         the LoRA and the U-Net is frozen)."""
-        if self.lora_rank:
+        if self.frozen_unet:
             return ()
         return ("unet",) + lora.TEXT_COMPONENTS * self.train_text_encoder  # (the text encoders the model has)
 
@@ -123,6 +142,8 @@ def initial_params(sd, step_cfg: StepConfig, seed: int):
     if step_cfg.lora_rank:
         return lora.init(sd.config, step_cfg.lora_targets, step_cfg.lora_rank, seed, step_cfg.train_text_encoder,
                          step_cfg.lora_conv_rank)
+    if step_cfg.textual_inversion:
+        return TI.initial_rows(sd.params, sd.config, step_cfg.textual_inversion)
     return trainable(sd.params, step_cfg)
 
 
@@ -133,6 +154,8 @@ def abstract_trainable(config: ModelConfig, step_cfg: StepConfig):
     if step_cfg.lora_rank:
         return lora.abstract(config, step_cfg.lora_targets, step_cfg.lora_rank, step_cfg.train_text_encoder,
                              step_cfg.lora_conv_rank)
+    if step_cfg.textual_inversion:
+        return TI.abstract_rows(config, step_cfg.textual_inversion)
     trained = tuple(c for c in step_cfg.trained if c not in lora.TEXT_COMPONENTS or c in lora.text_components(config))
     return trainable(abstract_params(config, trained), step_cfg)
 
@@ -174,7 +197,7 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
             moments = micro["moments"]
         else:
             moments = vae.apply({"params": frozen["vae"]}, micro["images"], method="encode")
-        if step_cfg.train_text_encoder:
+        if step_cfg.encodes_text:
             cond = {"ids": micro["ids"]}
         elif "ctx" in micro:
             cond = {name: f32(micro[name]) for name in ("ctx", "pooled") if name in micro}
@@ -194,7 +217,7 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
         y [B, adm] or None); uncond is a context (frozen encoder) or token ids that the trained encoders
         (`text_params`, {component: tree}) encode here. SDXL: a dropped caption's context and pooled text are zeros,
         its sizes stay."""
-        if step_cfg.train_text_encoder:
+        if step_cfg.encodes_text:
             encoded = encode_text(mods, config, text_params, cond["ids"], pooled=sdxl)
             if sdxl:
                 ctx, cond = encoded[0], {**cond, "pooled": f32(encoded[1])}
@@ -210,7 +233,10 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
 
     def micro_loss(params, uncond, base, z0, t, noise, cond, drop, weights):
         text_params = None
-        if step_cfg.lora_rank:  # base: the frozen U-Net (and text encoders) the LoRA adapts
+        if step_cfg.textual_inversion:  # base: the frozen model; params: the new word's rows of each text encoder
+            unet_params = base["unet"]
+            text_params = {c: TI.with_rows(base[c], params[c]) for c in lora.text_components(config)}
+        elif step_cfg.lora_rank:  # base: the frozen U-Net (and text encoders) the LoRA adapts
             unet_params = merged_unet(base["unet"], params, config, step_cfg)
             if step_cfg.train_text_encoder:
                 text_params = {c: merged_text_encoder(base[c], params, config, step_cfg, c)
@@ -230,13 +256,13 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
     def train_step(state: TrainState, batch: dict, key, frozen: dict):
         step_key = jax.random.fold_in(jax.random.wrap_key_data(key), state.step)
         uncond = frozen["uncond_ids"]  # the empty prompt: its ids, or its context once per step when frozen
-        if not step_cfg.train_text_encoder and not sdxl:  # SDXL's is zeros
+        if not step_cfg.encodes_text and not sdxl:  # SDXL's is zeros
             uncond = text.apply({"params": frozen["text_encoder"]}, uncond)
         k, b = jax.tree_util.tree_leaves(batch)[0].shape[:2]
 
         def one(i, micro):
             keys = L.example_keys(step_key, i * b + jnp.arange(b))
-            base = ({c: frozen[c] for c in ("unet",) + lora.TEXT_COMPONENTS if c in frozen} if step_cfg.lora_rank
+            base = ({c: frozen[c] for c in ("unet",) + lora.TEXT_COMPONENTS if c in frozen} if step_cfg.frozen_unet
                     else None)
             return grad_fn(state.params, uncond, base, *inputs(frozen, micro, keys))
 
