@@ -179,12 +179,8 @@ def run(args) -> int:
     result = loop.train(cfg)
     loss = "" if result["loss"] is None else f" (loss {result['loss']:.4f})"
     print(f"{'trained to' if loss else 'at'} step {result['step']}{loss}; run directory {result['run_dir']}"
-          + (f"; {_result_kind(cfg.step)} {result['model_dir']}" if result["model_dir"] else ""))
+          + (f"; {export.result_kind(cfg.step)} {result['model_dir']}" if result["model_dir"] else ""))
     return 0
-
-
-def _result_kind(step) -> str:
-    return "LoRA" if step.lora_rank else "embedding" if step.textual_inversion else "model"
 
 
 def check_args(args) -> None:

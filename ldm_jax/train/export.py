@@ -24,6 +24,11 @@ def output_file(step_cfg: StepConfig) -> str | None:
     return lora.FILE if step_cfg.lora_rank else TI.FILE if step_cfg.textual_inversion else None
 
 
+def result_kind(step_cfg: StepConfig) -> str:
+    """What a run writes, in words: "LoRA", "embedding" or "model"."""
+    return "LoRA" if step_cfg.lora_rank else "embedding" if step_cfg.textual_inversion else "model"
+
+
 def export_path(run_dir: str, step_cfg: StepConfig) -> str:
     """Where a run's result goes: RUN_DIR/model, or a LoRA run's RUN_DIR/lora.safetensors, or a textual inversion's
     RUN_DIR/embedding.safetensors."""

@@ -42,7 +42,7 @@ from ldm_jax.train.base import (base_info, check_resolution, check_trainable, lo
 from ldm_jax.train.checkpoint import Checkpoints, check_same_model
 from ldm_jax.train.config import TrainConfig
 from ldm_jax.train import textual_inversion as TI
-from ldm_jax.train.export import export_model, export_path, output_file
+from ldm_jax.train.export import export_model, export_path, output_file, result_kind
 from ldm_jax.train.progress import InterruptGuard, Metrics, progress_bar
 from ldm_jax.train.resume import resume_state
 from ldm_jax.train.samples import check_sample_steps, samples_missing, save_samples
@@ -323,8 +323,7 @@ def _loop(cfg, sd, state, datasets, positions, run_dir, run_meta, ck, mesh, what
         if n_proc == 1:
             export_model(model_dir, sd, state, cfg.step, ema=cfg.export == "ema",
                          meta={"run_dir": run_dir, "step": last, "word": cfg.textual_inversion}, resolution=res)
-            what_ = "LoRA" if cfg.step.lora_rank else "embedding" if cfg.step.textual_inversion else "model"
-            log(f"wrote the trained {what_} ({cfg.export} weights) to {model_dir}")
+            log(f"wrote the trained {result_kind(cfg.step)} ({cfg.export} weights) to {model_dir}")
         else:
             model_dir = None
             log(f"multi-host run: export with `ldm-jax train --export-only --out {run_dir} ...` on one host")
