@@ -1,7 +1,7 @@
-"""The stored-program cache (`ldm_jax/program_cache.py`): a new model object, as in a new process, loads the
-program instead of tracing and compiling it and draws the same images; whatever shapes the program (code, a
-monkeypatched module value, jax config, XLA flags, the model, the request) changes the key; a broken entry or an
-unwritable directory costs a compile, never an error."""
+"""The stored-program cache (`ldm_jax/program_cache.py`, its key `ldm_jax/program_key.py`): a new model object, as
+in a new process, loads the program instead of tracing and compiling it and draws the same images; whatever shapes
+the program (code, a monkeypatched module value, jax config, XLA flags, the model, the request) changes the key; a
+broken entry or an unwritable directory costs a compile, never an error."""
 
 import os
 import subprocess
@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from ldm_jax import configs, parallel, program_cache
+from ldm_jax import configs, parallel, program_cache, program_key
 from ldm_jax.models import attention, layers
 from ldm_jax.models.build import abstract_params, random_params
 from ldm_jax.pipelines import Timings, generate, txt2img
@@ -232,7 +232,7 @@ def key(sd, steps=3):
     mesh = parallel.data_mesh()
     args = ({"w": jax.ShapeDtypeStruct((4, 8), np.float32, sharding=parallel.replicated(mesh))},
             jax.ShapeDtypeStruct((2, 77), np.int32, sharding=parallel.batch_sharding(mesh)))
-    return program_cache.key(sd, dict(mode="txt2img", steps=steps, progress=None), args, mesh)
+    return program_key.key(sd, dict(mode="txt2img", steps=steps, progress=None), args, mesh)
 
 
 def test_the_key_follows_everything_that_shapes_the_program(model, monkeypatch):
@@ -262,7 +262,7 @@ def test_the_key_follows_everything_that_shapes_the_program(model, monkeypatch):
             m.setattr(attention, "_max_cudnn_head_dim", lambda: limit)
             changed[f"closure {limit}"] = key(model)
     with monkeypatch.context() as m:
-        m.setattr(program_cache, "_host_cpu", lambda: "x86_64:other-cpu-flags")  # XLA:CPU compiles for the host
+        m.setattr(program_key, "_host_cpu", lambda: "x86_64:other-cpu-flags")  # XLA:CPU compiles for the host
         changed["host cpu"] = key(model)
     cache_dir = jax.config.jax_compilation_cache_dir
     try:  # where the cache lives is not part of the key: a cache copied elsewhere still answers
@@ -276,6 +276,6 @@ def test_the_key_follows_everything_that_shapes_the_program(model, monkeypatch):
 
 def test_the_code_fingerprint_is_the_same_in_a_new_process():
     """Else every process would miss: no addresses, ids or import order may leak into the key."""
-    code = "from ldm_jax import program_cache as p; print(p.code_state(), p._sources_digest())"
+    code = "from ldm_jax import program_key as p; print(p.code_state(), p._sources_digest())"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == [program_cache.code_state(), program_cache._sources_digest()]
+    assert out.stdout.split() == [program_key.code_state(), program_key._sources_digest()]

@@ -103,6 +103,6 @@ def test_txt2img_chain_matches_diffusers_sdxl_pipeline(model, negative):
 def test_program_cache_keys_cover_the_sdxl_conditioning_code():
     """The program cache keys a stored program by the code it is built from: SDXL's conditioning is part of it (a
     change there must not reuse a program compiled from the old code)."""
-    from ldm_jax.program_cache import _program_modules
+    from ldm_jax.program_key import _program_modules
 
     assert "ldm_jax.conditioning" in {m.__name__ for m in _program_modules()}
