@@ -159,13 +159,14 @@ def _spec(x):
     return (tuple(x.shape), np.dtype(x.dtype), x.sharding)
 
 
-def _bucket_name(batch, factor: int) -> str:
-    """'WxH' of a batch's images (pixels, or latents x the autoencoder's `factor` from the latent cache)."""
+def _image_size(batch, factor: int) -> tuple[int, int]:
+    """(height, width) of a [K, B, ...] batch's images (pixels, or latents x the autoencoder's `factor` from the
+    latent cache): the square crop, or the batch's bucket."""
     if "images" in batch:
         h, w = batch["images"].shape[2:4]
     else:
         h, w = (factor * n for n in batch["moments"].shape[2:4])
-    return f"{w}x{h}"
+    return int(h), int(w)
 
 
 def _loop(cfg, sd, state, datasets, positions, run_dir, run_meta, ck, mesh, what, log):
@@ -189,7 +190,8 @@ def _loop(cfg, sd, state, datasets, positions, run_dir, run_meta, ck, mesh, what
     def check_compiled(batch):  # compile (and check the memory of) the step for each new batch shape
         spec = jax.tree_util.tree_map(_spec, batch)
         if spec not in checked:
-            shape = "" if buckets is None else f" for the bucket {_bucket_name(batch, sd.config.vae.downsample_factor)}"
+            h, w = _image_size(batch, sd.config.vae.downsample_factor)
+            shape = "" if buckets is None else f" for the bucket {w}x{h}"
             log(f"compiling the train step{shape} ({what()}) ...")
             preflight.check_fits(step_fn.lower(state, batch, key, frozen).compile(), what())
             checked.append(spec)
@@ -232,7 +234,7 @@ def _loop(cfg, sd, state, datasets, positions, run_dir, run_meta, ck, mesh, what
             names = [name for name in ("moments", "ctx", "pooled") if name in rows[0]]
             local = {name: np.stack([r[name] for r in rows]) for name in names}
         if sd.config.is_sdxl:  # the target size is the crop's: the square, or the bucket
-            target = (res, res) if buckets is None else buckets.sizes[buckets.of_image[rows[0]["indices"][0]]][::-1]
+            target = _image_size(local, sd.config.vae.downsample_factor)
             local["sizes"] = np.stack([size_conditioning(r, target) for r in rows])
         st = loader.stats  # the data consumed up to and including this step (the resume position)
         data = {"position": st.position, "epoch": st.epoch, "skipped": st.skipped, "upscaled": st.upscaled}

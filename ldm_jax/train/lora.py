@@ -91,7 +91,9 @@ def text_modules(config, component: str = "text_encoder") -> dict[str, tuple[tup
 
 def text_components(config) -> tuple[str, ...]:
     """The model's text encoders: ("text_encoder",), SDXL's two."""
-    return TEXT_COMPONENTS if config.text_2 is not None else TEXT_COMPONENTS[:1]
+    from ldm_jax.models.build import components_of
+
+    return tuple(c for c in components_of(config) if c in TEXT_COMPONENTS)
 
 
 def _all_text_modules(config) -> dict:
@@ -113,11 +115,10 @@ def init(config, targets: str, rank: int, seed: int, text_encoder: bool = False,
     `text_encoder` the text encoder's."""
     key = jax.random.key(seed)
     out = {}
-    for i, (name, (_, shape)) in enumerate(_all_modules(config, targets, text_encoder, conv_rank > 0).items()):
-        down_shape = _down_shape(shape, rank, conv_rank)
-        bound = 1.0 / np.sqrt(np.prod(down_shape[:-1]))  # fan-in: in (x k x k)
-        down = jax.random.uniform(jax.random.fold_in(key, i), down_shape, jnp.float32, -bound, bound)
-        out[name] = {"down": down, "up": jnp.zeros((down_shape[-1], shape[-1]), jnp.float32)}
+    for i, (name, m) in enumerate(abstract(config, targets, rank, text_encoder, conv_rank).items()):
+        bound = 1.0 / np.sqrt(np.prod(m["down"].shape[:-1]))  # fan-in: in (x k x k)
+        down = jax.random.uniform(jax.random.fold_in(key, i), m["down"].shape, jnp.float32, -bound, bound)
+        out[name] = {"down": down, "up": jnp.zeros(m["up"].shape, jnp.float32)}
     return out
 
 

@@ -149,14 +149,14 @@ def initial_params(sd, step_cfg: StepConfig, seed: int):
 
 def abstract_trainable(config: ModelConfig, step_cfg: StepConfig):
     """The shapes of `initial_params` (jax.ShapeDtypeStruct leaves), without weights."""
-    from ldm_jax.models.build import abstract_params
+    from ldm_jax.models.build import abstract_params, components_of
 
     if step_cfg.lora_rank:
         return lora.abstract(config, step_cfg.lora_targets, step_cfg.lora_rank, step_cfg.train_text_encoder,
                              step_cfg.lora_conv_rank)
     if step_cfg.textual_inversion:
         return TI.abstract_rows(config, step_cfg.textual_inversion)
-    trained = tuple(c for c in step_cfg.trained if c not in lora.TEXT_COMPONENTS or c in lora.text_components(config))
+    trained = tuple(c for c in step_cfg.trained if c in components_of(config))  # the text encoders the model has
     return trainable(abstract_params(config, trained), step_cfg)
 
 

@@ -25,7 +25,6 @@ from ldm_jax.errors import UserError
 from ldm_jax.train.lora import text_components
 
 FILE = "embedding.safetensors"
-_SDXL_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 
 
 def _table(text_params) -> jax.Array:
@@ -75,12 +74,13 @@ def with_rows(text_params, rows: jax.Array):
 
 def write(path: str, rows: dict, word: str, meta: dict) -> None:
     """The A1111 embedding file of the trained rows (atomically: `write_safetensors`)."""
+    from convert.embeddings import SDXL_KEYS
     from convert.errors import CheckpointError
     from convert.safetensors_io import write_safetensors
 
     rows = {c: np.asarray(jax.device_get(v), np.float32) for c, v in rows.items()}
-    tensors = ({"emb_params": rows["text_encoder"]} if len(rows) == 1
-               else {_SDXL_KEYS[c]: v for c, v in rows.items()})
+    tensors = ({"emb_params": rows["text_encoder"]} if len(rows) == 1  # SDXL_KEYS: text_encoder's, text_encoder_2's
+               else dict(zip(SDXL_KEYS, (rows["text_encoder"], rows["text_encoder_2"]))))
     info = {"ldm_jax_word": word, "ldm_jax_source": f"ldm-jax train {meta.get('run_dir')} step {meta.get('step')}"}
     try:
         write_safetensors(path, {k: np.ascontiguousarray(v) for k, v in tensors.items()}, info)
