@@ -39,7 +39,7 @@ LABEL_EMB = U + "label_emb.0.0.weight"  # the vector conditioning's first Linear
 
 def detect_kind(sd: Mapping[str, object], prediction: str | None = None) -> str:
     """'sd1', 'sd1-inpaint', 'sd2', 'sd2-v' (`convert.prediction`; `prediction` given: 'sd2' for eps, 'sd2-v' for v),
-    'sd2-inpaint' or 'sdxl'; raises CheckpointError naming any other recognised or unknown kind."""
+    'sd2-inpaint', 'sdxl' or 'sdxl-inpaint'; raises CheckpointError naming any other recognised or unknown kind."""
     check_prediction(prediction)
     keys = sd.keys()
     wrong = describe(sd)
@@ -76,8 +76,9 @@ def detect_kind(sd: Mapping[str, object], prediction: str | None = None) -> str:
 
 
 def _sgm_kind(sd: Mapping[str, object], found: str) -> str:
-    """'sdxl' for an SDXL base checkpoint in sgm's layout (`found`: one of its conditioner.embedders.* keys); one
-    CheckpointError line naming any other sgm-layout kind (refiner, SD 2.1, inpainting, incomplete or mixed)."""
+    """'sdxl' for an SDXL base checkpoint in sgm's layout (`found`: one of its conditioner.embedders.* keys),
+    'sdxl-inpaint' for its 9-channel inpainting U-Net; one CheckpointError line naming any other sgm-layout kind
+    (refiner, SD 2.1, incomplete or mixed)."""
     _refuse_other_sgm(sd, found)
     missing = [p + "*" for p in (XL_T, XL_OC) if not any(k.startswith(p) for k in sd)]
     if LABEL_EMB not in sd:
@@ -87,13 +88,9 @@ def _sgm_kind(sd: Mapping[str, object], found: str) -> str:
                               f"{'is' if len(missing) == 1 else 'are'} missing (SDXL base: two text encoders and the "
                               f"U-Net's vector conditioning)")
     c_in = _shape(sd, U + "input_blocks.0.0.weight")[1]
-    if c_in == 9:
-        raise CheckpointError("this file is an SDXL inpainting model (9 U-Net input channels: latents, mask and "
-                              "masked-image latents); SDXL inpainting checkpoints are not supported yet: use the "
-                              "SDXL base model (sd_xl_base_1.0.safetensors)")
-    if c_in != 4:
+    if c_in not in (4, 9):
         raise CheckpointError(f"unsupported SDXL U-Net with {c_in} input channels")
-    return "sdxl"
+    return "sdxl" if c_in == 4 else "sdxl-inpaint"  # 9: latents, mask and masked-image latents
 
 
 def _refuse_other_sgm(sd: Mapping[str, object], found: str) -> None:
@@ -228,7 +225,7 @@ def infer_config(sd: Mapping[str, object], prediction: str | None = None) -> Mod
     sd2-v, and the training resolution, 512 or 768)."""
     check_prediction(prediction)
     kind = detect_kind(sd)
-    if kind == "sdxl":
+    if kind.startswith("sdxl"):
         return with_prediction(infer_sdxl(sd), prediction)
     if not kind.startswith("sd2"):
         config = ModelConfig(name=kind, unet=infer_unet(sd), vae=infer_vae(sd), text=infer_text(sd))
@@ -241,13 +238,15 @@ def infer_config(sd: Mapping[str, object], prediction: str | None = None) -> Mod
 def infer_sdxl(sd) -> ModelConfig:
     """An SDXL base checkpoint's config (sgm `sd_xl_base.yaml`): the shapes as found, the rest as the `sdxl` preset
     (both text towers read at their penultimate layer without the final LayerNorm, the second pooled through its
-    `text_projection`; latent scale 0.13025; 1024x1024)."""
+    `text_projection`; latent scale 0.13025; 1024x1024); named sdxl-inpaint for a 9-channel U-Net."""
     preset = sdxl_preset()
     text = dataclasses.replace(infer_text(sd, XL_T), skip_last_layers=1, norm_skipped_output=False)
     text_2 = dataclasses.replace(infer_open_clip_text(sd, XL_OC), norm_skipped_output=False,
                                  projection_dim=_shape(sd, XL_OC + "text_projection")[1])
     try:
-        return dataclasses.replace(preset, unet=infer_unet(sd, sdxl=True), vae=infer_vae(sd), text=text, text_2=text_2)
+        unet = infer_unet(sd, sdxl=True)
+        return dataclasses.replace(preset, name="sdxl-inpaint" if unet.in_channels == 9 else preset.name, unet=unet,
+                                   vae=infer_vae(sd), text=text, text_2=text_2)
     except ValueError as e:  # widths that do not fit together (ModelConfig's checks)
         raise CheckpointError(f"inconsistent SDXL checkpoint: {e}") from None
 

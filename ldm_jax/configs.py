@@ -291,6 +291,13 @@ def sdxl() -> ModelConfig:
     return ModelConfig(name="sdxl", unet=unet, text=clip_l, text_2=big_g, latent_scale=0.13025, image_size=1024)
 
 
+def sdxl_inpaint() -> ModelConfig:
+    """SDXL 1.0 inpainting (`sd_xl_base_1.0_inpainting_0.1`, diffusers' `stable-diffusion-xl-1.0-inpainting-0.1`):
+    the SDXL base U-Net taking 9 channels (x_t, mask, masked-image latents)."""
+    base = sdxl()
+    return dataclasses.replace(base, name="sdxl-inpaint", unet=dataclasses.replace(base.unet, in_channels=9))
+
+
 def tiny() -> ModelConfig:
     """A tiny model with every kind of block, for tests (channels must stay multiples of 32 for GroupNorm)."""
     return ModelConfig(
@@ -338,7 +345,7 @@ def shapes() -> ModelConfig:
 
 
 PRESETS = {"sd1": sd1, "sd1-inpaint": sd1_inpaint, "sd2": sd2, "sd2-v": sd2_v, "sd2-inpaint": sd2_inpaint,
-           "sdxl": sdxl, "tiny": tiny, "tiny-xl": tiny_xl, "shapes": shapes}
+           "sdxl": sdxl, "sdxl-inpaint": sdxl_inpaint, "tiny": tiny, "tiny-xl": tiny_xl, "shapes": shapes}
 
 
 def preset(name: str) -> ModelConfig:

@@ -155,6 +155,7 @@ def test_gpu_transfer_script_runs_on_the_cpu(tmp_path):
     (["--json", "/nonexistent-dir/b.json"], "--json /nonexistent-dir/b.json: cannot write a file there"),
     (["--json", "/"], "--json /: is a directory"),
     (["--dtype", "float16"], "--dtype float16 cannot run on the CPU backend"),
+    (["--preset", "sdxl-inpaint"], "--preset sdxl-inpaint: an inpainting U-Net only inpaints"),
 ])
 def test_bench_bad_options_are_one_line_before_any_work(args, message, capsys):
     assert main(["bench", "--preset", "tiny", *args]) == 2

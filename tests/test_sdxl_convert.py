@@ -132,6 +132,16 @@ def test_full_size_file_is_sdxl_and_infers_the_preset(full):
     assert infer_config(full, prediction="v").schedule.prediction == "v"
 
 
+def test_nine_channel_sdxl_file_is_sdxl_inpaint(full):
+    """`sd_xl_base_1.0_inpainting_0.1`: the base layout with a 9-channel first conv (x_t, mask, masked latents)."""
+    first = U + "input_blocks.0.0.weight"
+    inpaint = {**full, first: np.broadcast_to(np.float32(0), (320, 9, 3, 3))}
+    assert detect_kind(inpaint) == "sdxl-inpaint"
+    assert infer_config(inpaint) == configs.sdxl_inpaint() and configs.sdxl_inpaint().is_inpainting
+    with pytest.raises(CheckpointError, match=r"^unsupported SDXL U-Net with 8 input channels$"):
+        detect_kind({**full, first: np.broadcast_to(np.float32(0), (320, 8, 3, 3))})
+
+
 def test_small_file_without_stored_config_is_inferred_as_sdxl(tmp_path):
     """No config in the header: the shapes as found (heads of width 64), the rest as the sdxl preset."""
     text = dataclasses.replace(XL.text, hidden_size=64, num_heads=1)
@@ -153,9 +163,6 @@ def _refiner(sd):
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda sd: {**sd, U + "input_blocks.0.0.weight": np.zeros((32, 9, 3, 3), np.float32)},
-     r"^this file is an SDXL inpainting model \(9 U-Net input channels.*SDXL inpainting checkpoints are not supported "
-     r"yet"),
     (_refiner, r"^this file is the SDXL refiner \(conditioner\.embedders\.0\.model\..*; the SDXL refiner is not "
                r"supported yet; use the SDXL base model"),
     (lambda sd: {k: v for k, v in _refiner(sd).items() if not k.startswith(U + "label_emb.")},

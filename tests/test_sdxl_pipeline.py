@@ -11,6 +11,10 @@
     crop 0), guidance and DDIM steps; an empty negative prompt is zeros on both sides (`force_zeros_for_empty_prompt`),
     a non-empty one is encoded. Final latents <= 1e-4 relative (measured 2.1e-6 / 2.8e-6; fp32, highest matmul
     precision).
+(d) SDXL inpainting (a 9-channel U-Net): the same chain against diffusers' `StableDiffusionXLInpaintPipeline`
+    (strength 1, its masked-image latents and x_T handed in: diffusers samples the posterior where ldm-jax takes its
+    mean, and starts from pure noise where ldm-jax noises the init image to the first step's level); the mask is
+    aligned to latent cells, where diffusers' nearest resize and our max-pool agree. <= 1e-4 relative.
 """
 
 import numpy as np
@@ -97,6 +101,65 @@ def test_txt2img_chain_matches_diffusers_sdxl_pipeline(model, negative):
     want = _diffusers_sdxl_latents(model, prompts, negative, x_T, steps, 7.5, height, width)
     err = rel_err(np.asarray(got), want)
     print(f"SDXL DDIM {steps} steps, negative {negative!r}: rel err {err:.2e}")
+    assert err <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def inpaint_model():
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, name="tiny-xl-inpaint", unet=dataclasses.replace(CFG.unet, in_channels=9))
+    return StableDiffusion(cfg, random_params(cfg, seed=4))
+
+
+def test_inpaint_chain_matches_diffusers_sdxl_inpaint_pipeline(inpaint_model):
+    import diffusers
+    import jax
+    from PIL import Image
+
+    from convert import torch_reference
+    from convert.keys import layout_of
+    from convert.mapping import params_to_state_dict
+    from ldm_jax.samplers import noise_to_start
+    from ldm_jax.schedules import make_schedule
+
+    model, prompts, steps, (height, width) = inpaint_model, ["a red cat on a mat", "two blue squares"], 5, (32, 48)
+    rng = np.random.default_rng(6)
+    init = rng.integers(0, 256, (2, height, width, 3), dtype=np.uint8)
+    mask = np.zeros((2, height, width), np.float32)
+    mask[0, 8:24, 16:40], mask[1, :, 24:] = 1, 1  # on whole latent cells (the VAE's factor is 2)
+    noise = rng.standard_normal((2, height // 2, width // 2, 4)).astype(np.float32)
+    got = ldm_jax.inpaint(model, prompts, init, mask, negative_prompts=["blurry"] * 2, steps=steps,
+                          guidance_scale=7.5, latents=noise, output="latents")
+
+    pixels = init.astype(np.float32) / 127.5 - 1.0
+    encode = jax.jit(model.encode_image)
+    x_T = noise_to_start("ddim", make_schedule(CFG.schedule), encode(model.params, pixels), noise, steps, 0)
+    masked = encode(model.params, pixels * (mask[..., None] < 0.5))
+    ref = torch_reference.build_unet(model.config)
+    ref.load_compvis(params_to_state_dict({"unet": model.params["unet"]}, text_layout=layout_of(model.config)))
+    sched = diffusers.DDIMScheduler(**SD, steps_offset=1, set_alpha_to_one=False, clip_sample=False,
+                                    timestep_spacing="leading")
+    pipe = diffusers.StableDiffusionXLInpaintPipeline(
+        vae=diffusers.AutoencoderKL(block_out_channels=(32, 64), norm_num_groups=32), text_encoder=None,
+        text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=ref.unet.eval(), scheduler=sched,
+        add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def encode_text(texts):
+        ctx, pooled = model.encode_text(model.params, model.tokenize(texts), pooled=True)
+        return torch.from_numpy(np.asarray(ctx)), torch.from_numpy(np.asarray(pooled))
+
+    nchw = lambda a: torch.from_numpy(np.asarray(a).transpose(0, 3, 1, 2).copy())  # noqa: E731
+    (ctx, pooled), (neg, neg_pooled) = encode_text(prompts), encode_text(["blurry"] * 2)
+    with torch.no_grad():
+        want = pipe(prompt_embeds=ctx, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg,
+                    negative_pooled_prompt_embeds=neg_pooled, image=[Image.fromarray(i) for i in init],
+                    mask_image=[Image.fromarray((m * 255).astype(np.uint8)) for m in mask],
+                    masked_image_latents=nchw(masked), latents=nchw(x_T), strength=1.0, num_inference_steps=steps,
+                    guidance_scale=7.5, height=height, width=width, output_type="latent").images
+    err = rel_err(np.asarray(got), want.numpy().transpose(0, 2, 3, 1))
+    print(f"SDXL inpainting DDIM {steps} steps: rel err {err:.2e}")
     assert err <= 1e-4
 
 

@@ -80,6 +80,10 @@ def run(args) -> int:
 
     if args.preset not in PRESETS:
         raise UserError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+    if PRESETS[args.preset]().is_inpainting:
+        base = args.preset.removesuffix("-inpaint")
+        raise UserError(f"--preset {args.preset}: an inpainting U-Net only inpaints, and the bench times txt2img and "
+                        f"training; bench --preset {base} (the same U-Net but for its first conv)")
     accel = jax.default_backend() != "cpu"
     try:
         images = tuple(int(v) for v in (args.images or ("1,8" if accel else "1")).split(","))

@@ -5,7 +5,7 @@
                     [--allow-unexpected] [--allow-nonfinite] [--overwrite]
 
 Steps: read the file torch-free (`convert.readers`: memory-mapped, no code from the file runs), recognise the model
-kind (SD 1.x, SD 2.x and their 9-channel inpainting U-Nets, SDXL 1.0 base in sgm's layout; other kinds, the SDXL
+kind (SD 1.x, SD 2.x, SDXL 1.0 base in sgm's layout and their 9-channel inpainting U-Nets; other kinds, the SDXL
 refiner among them, are refused by name), infer the architecture (or
 take --preset / --config / the config an `ldm-jax export` stored; SD 2.x's eps- or v-prediction is guessed from the
 weights, `convert.prediction`, and printed with the reason; --prediction overrides), compare the schedule buffers
