@@ -38,6 +38,8 @@ def _error_line(capsys) -> str:
     (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
     (["--clip", "-1"], "--clip must be >= 0"),
     (["--noise-offset", "2"], "--noise-offset must be in [0, 1], got 2.0"),
+    (["--input-perturbation", "-0.1"], "--input-perturbation must be in [0, 1], got -0.1"),
+    (["--input-perturbation", "nan"], "--input-perturbation must be in [0, 1], got nan"),
     (["--random-crop", "--precompute-latents"], "--random-crop and --precompute-latents do not go together"),
     (["--keep-tokens", "1"], "--keep-tokens N keeps the first N tags in place when --shuffle-caption"),
     (["--keep-tokens", "-1", "--shuffle-caption"], "--keep-tokens must be >= 0, got -1"),

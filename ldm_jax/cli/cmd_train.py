@@ -84,6 +84,11 @@ def add_parser(sub, name, help_):
                    "diffusers' and kohya's --noise_offset): adds S x one random value per latent channel to the "
                    "noise, so the model learns to make images much darker or brighter than average (e.g. 0.1; "
                    "default: 0)")
+    p.add_argument("--input-perturbation", type=float, default=0.0, metavar="GAMMA", help="input perturbation "
+                   "(Ning et al. 2023; diffusers' --input_perturbation, kohya's --ip_noise_gamma): z_t is made from "
+                   "the noise plus GAMMA x fresh N(0, I) noise while the target stays the unperturbed noise (or its "
+                   "v), simulating the errors that earlier sampling steps leave in x_t (exposure bias) (e.g. 0.1, "
+                   "diffusers' recommended value; default: 0, off)")
     p.add_argument("--train-text-encoder", action="store_true", help="train the CLIP text encoder jointly with the "
                    "U-Net (same lr; for small models trained from scratch; default: frozen, as SD fine-tuning); with "
                    "--lora-rank, a LoRA on the text encoders' Linears as well (kohya's default)")
@@ -212,7 +217,7 @@ def train_config(args):
         step = StepConfig(caption_dropout=args.caption_dropout, grad_accum=args.grad_accum, precision=precision,
                           remat=args.remat, snr_gamma=args.snr_gamma, train_text_encoder=args.train_text_encoder,
                           multires_noise=args.multires_noise, debiased_loss=args.debiased_loss,
-                          noise_offset=args.noise_offset,
+                          noise_offset=args.noise_offset, input_perturbation=args.input_perturbation,
                           lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
                           lora_conv_rank=args.lora_conv_rank, lora_conv_alpha=args.lora_conv_alpha,
                           textual_inversion=(args.num_vectors or 1) if args.textual_inversion is not None else 0)

@@ -52,7 +52,8 @@ RANGES: dict[str, Range] = {
     # floats (OptimConfig and StepConfig)
     "lr": _POSITIVE, "min_lr_ratio": _PROBABILITY, "weight_decay": _NON_NEGATIVE, "adam_eps": _POSITIVE,
     "clip": _NON_NEGATIVE, "ema_decay": _DECAY, "caption_dropout": _PROBABILITY, "snr_gamma": _POSITIVE,
-    "multires_noise": _DECAY, "noise_offset": _PROBABILITY, "adam_betas": _DECAY, "lora_rank": _AT_LEAST_0,
+    "multires_noise": _DECAY, "noise_offset": _PROBABILITY,
+    "input_perturbation": _PROBABILITY, "adam_betas": _DECAY, "lora_rank": _AT_LEAST_0,
     "lora_alpha": _POSITIVE, "lora_conv_rank": _AT_LEAST_0, "lora_conv_alpha": _POSITIVE, "num_class_images": _COUNT,
     "prior_loss_weight": _NON_NEGATIVE, "keep_tokens": _AT_LEAST_0, "num_vectors": _COUNT,
 }

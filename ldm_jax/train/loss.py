@@ -17,6 +17,10 @@ v-prediction (`ScheduleConfig.prediction == "v"`, SD 2.x 768-v; Salimans & Ho 20
 Fast Sampling of Diffusion Models", sec. 4): the same loss with the target v = sqrt(ab_t) eps - sqrt(1 - ab_t) z_0
 (`velocity`; diffusers' `DDPMScheduler.get_velocity`, used as the target by its train_text_to_image.py).
 
+Input perturbation (Ning et al. 2023, "Input Perturbation Reduces Exposure Bias in Diffusion Models", DDPM-IP):
+z_t is made from eps + gamma xi (xi ~ N(0, I), `draw(input_perturbation=gamma)`, `Draws.x_noise`) while the target
+stays eps (v from the unperturbed eps), as diffusers' train_text_to_image.py --input_perturbation does.
+
 Randomness is explicit and independent of how the batch is split over devices and hosts: example i of a step uses
 `fold_in(step_key, i)` with i its index in the step's global batch (micro-batch k of a K-step accumulation uses
 i = k * B + row), and splits that key into (t, noise, posterior sample, caption dropout).
@@ -33,12 +37,22 @@ from ldm_jax.schedules import Schedule, q_sample
 
 
 class Draws(NamedTuple):
-    """The random inputs of a batch: t int32 [B], noise [B, h, w, C], posterior eps [B, h, w, C], drop bool [B]."""
+    """The random inputs of a batch: t int32 [B], noise [B, h, w, C] (eps, the eps-target), posterior eps
+    [B, h, w, C], drop bool [B], and x_noise [B, h, w, C], the noise z_t is made from where it differs from eps
+    (input perturbation: eps + gamma xi), else None."""
 
     t: jax.Array
     noise: jax.Array
     posterior_eps: jax.Array
     drop: jax.Array
+    x_noise: jax.Array | None = None
+
+
+# fold_in(the noise key, XI_FOLD) draws input perturbation's xi. Not a small index: with JAX's (default) partitionable
+# threefry, split(k, n)[i] == fold_in(k, i) and a smaller normal draw is a prefix of a larger one from the same key,
+# so fold index i <= log2(latent side) would reuse `multires_noise`'s level-i key (index 2: xi's first h/4 x w/4 x C
+# values would be its level-2 noise).
+XI_FOLD = 1 << 16
 
 
 def example_keys(step_key: jax.Array, indices: jax.Array) -> jax.Array:
@@ -69,13 +83,19 @@ def multires_noise(key: jax.Array, shape: tuple[int, ...], discount: float) -> j
 
 
 def draw(keys: jax.Array, latent_shape: tuple[int, ...], n_steps: int, caption_dropout: float,
-         multires_discount: float = 0.0, noise_offset: float = 0.0) -> Draws:
+         multires_discount: float = 0.0, noise_offset: float = 0.0, input_perturbation: float = 0.0) -> Draws:
     """Draw t ~ U{0..n_steps-1}, eps ~ N(0, I) (or `multires_noise` when `multires_discount` > 0), the posterior's eps
     and the dropout coin for every example. `noise_offset` > 0 adds offset noise to eps: noise_offset times one
     N(0, 1) value per channel, the same at every position (N. Guttenberg 2023, "Diffusion with Offset Noise";
     diffusers' and kohya's --noise_offset, e.g. 0.1), drawn from fold_in(the noise key, 1) so the other draws stay
     the same. It lets the model learn to shift an image's mean brightness and colour, which white noise hides
-    (SD without it struggles with very dark or very bright images); the loss's target is the offset noise."""
+    (SD without it struggles with very dark or very bright images); the loss's target is the offset noise.
+
+    `input_perturbation` gamma > 0 also draws xi ~ N(0, I) from fold_in(the noise key, XI_FOLD) and sets
+    `x_noise` = eps + gamma xi, eps being the noise above (multi-resolution and offset included; diffusers perturbs
+    its final noise too). The loss makes z_t from x_noise but keeps eps as the target (Ning et al. 2023, DDPM-IP;
+    diffusers' --input_perturbation, kohya's --ip_noise_gamma, e.g. 0.1): at sampling, x_t carries the errors of
+    the model's earlier steps (exposure bias), which training on exact x_t never shows it."""
 
     def one(key):
         k_t, k_noise, k_post, k_drop = jax.random.split(key, 4)
@@ -87,10 +107,15 @@ def draw(keys: jax.Array, latent_shape: tuple[int, ...], n_steps: int, caption_d
             offset = jax.random.normal(jax.random.fold_in(k_noise, 1), (1,) * (len(latent_shape) - 1)
                                        + latent_shape[-1:], jnp.float32)  # [1, 1, C]
             noise = noise + noise_offset * offset
+        x_noise = None
+        if input_perturbation > 0:  # eps + gamma xi
+            xi = jax.random.normal(jax.random.fold_in(k_noise, XI_FOLD), latent_shape, jnp.float32)
+            x_noise = noise + input_perturbation * xi
         return Draws(t=jax.random.randint(k_t, (), 0, n_steps, jnp.int32),
                      noise=noise,
                      posterior_eps=jax.random.normal(k_post, latent_shape, jnp.float32),
-                     drop=jax.random.uniform(k_drop, ()) < caption_dropout)
+                     drop=jax.random.uniform(k_drop, ()) < caption_dropout,
+                     x_noise=x_noise)
 
     return jax.vmap(one)(keys)
 
@@ -161,9 +186,11 @@ def velocity(schedule: Schedule, z0: jax.Array, t: jax.Array, noise: jax.Array) 
 
 def diffusion_loss(eps_fn: Callable, schedule: Schedule, z0: jax.Array, t: jax.Array, noise: jax.Array,
                    ctx: jax.Array, snr_gamma: float | None = None, debiased: bool = False,
-                   prediction: str = "eps", weights: jax.Array | None = None) -> jax.Array:
-    """mean || target - eps_fn(q_sample(z0, t, noise), t, ctx) ||^2 in fp32 (the L_simple of the module docstring)
-    with target = noise (prediction "eps") or `velocity(schedule, z0, t, noise)` (prediction "v"); with `snr_gamma`
+                   prediction: str = "eps", weights: jax.Array | None = None,
+                   x_noise: jax.Array | None = None) -> jax.Array:
+    """mean || target - eps_fn(q_sample(z0, t, x_noise), t, ctx) ||^2 in fp32 (the L_simple of the module docstring)
+    with x_noise = noise unless given (input perturbation's eps + gamma xi, `Draws.x_noise`) and target = noise
+    (prediction "eps") or `velocity(schedule, z0, t, noise)` (prediction "v"), the unperturbed noise; with `snr_gamma`
     each example's mean squared error is weighted by `min_snr_weight` (of that prediction) first, with `debiased`
     (also) by `debiased_weight` (eps only: a ValueError for v, see DEBIASED_V_REFUSED), and by `weights` [B] when
     given (DreamBooth's prior preservation, `dreambooth.loss_weights`).
@@ -171,7 +198,7 @@ def diffusion_loss(eps_fn: Callable, schedule: Schedule, z0: jax.Array, t: jax.A
     eps_fn(x_t, t, ctx) -> the U-Net's output (eps or v); z0, noise [B, h, w, C]; t int32 [B]; ctx [B, S, d]."""
     if _check_prediction(prediction) == "v" and debiased:
         raise ValueError(DEBIASED_V_REFUSED)
-    x_t = q_sample(schedule, z0, t, noise)
+    x_t = q_sample(schedule, z0, t, noise if x_noise is None else x_noise)
     pred = eps_fn(x_t, t, ctx).astype(jnp.float32)
     target = noise.astype(jnp.float32) if prediction == "eps" else velocity(schedule, z0, t, noise)
     per_example = jnp.mean(jnp.square(target - pred), axis=tuple(range(1, pred.ndim)))  # [B]

@@ -70,6 +70,7 @@ class StepConfig:
     debiased_loss: bool = False  # also weight the loss by 1 / sqrt(SNR_t) (loss.debiased_weight)
     multires_noise: float = 0.0  # > 0: the diffusion noise is loss.multires_noise with this discount (0: white)
     noise_offset: float = 0.0  # > 0: offset noise of this strength added to the diffusion noise (`loss.draw`)
+    input_perturbation: float = 0.0  # gamma > 0: z_t from eps + gamma xi, target eps (`loss.draw`, Ning et al. 2023)
     lora_rank: int = 0  # > 0: train a LoRA of this rank on the frozen U-Net (`lora.py`) instead of the U-Net
     lora_alpha: float | None = None  # the LoRA's scale is alpha / rank (None: alpha = rank, scale 1)
     lora_targets: str = "attn"  # which U-Net kernels the LoRA adapts (`lora.TARGETS`)
@@ -81,7 +82,8 @@ class StepConfig:
         if self.precision not in DTYPES:
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         limits.check_fields(self, ("caption_dropout", "grad_accum", "snr_gamma", "multires_noise", "noise_offset",
-                                   "lora_rank", "lora_alpha", "lora_conv_rank", "lora_conv_alpha"),
+                                   "input_perturbation", "lora_rank", "lora_alpha", "lora_conv_rank",
+                                   "lora_conv_alpha"),
                             optional=("snr_gamma", "lora_alpha", "lora_conv_alpha"))
         lora.check_targets(self.lora_targets)
         if self.lora_conv_rank and not self.lora_rank:
@@ -190,9 +192,10 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
 
     def inputs(frozen, micro, keys):
-        """A micro-batch -> (z_0, t, noise, cond, drop): cond is {"ctx": the frozen text encoders' context [B, S, d]}
-        ({"ids" [B, S]} when the text encoder trains; no gradients flow into the frozen encoders), SDXL adding
-        "pooled" [B, P] and "sizes" [B, 6]."""
+        """A micro-batch -> (z_0, t, noise, x_noise, cond, drop, weights): x_noise is None unless input perturbation
+        makes z_t from other noise than the target's (`loss.draw`); cond is {"ctx": the frozen text encoders' context
+        [B, S, d]} ({"ids" [B, S]} when the text encoder trains; no gradients flow into the frozen encoders), SDXL
+        adding "pooled" [B, P] and "sizes" [B, 6]."""
         if "moments" in micro:
             moments = micro["moments"]
         else:
@@ -208,9 +211,9 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
             cond["sizes"] = f32(micro["sizes"])
         c = moments.shape[-1] // 2
         d = L.draw(keys, moments.shape[1:-1] + (c,), n_steps, step_cfg.caption_dropout, step_cfg.multires_noise,
-                   step_cfg.noise_offset)
+                   step_cfg.noise_offset, step_cfg.input_perturbation)
         z0 = L.posterior_sample(moments, d.posterior_eps, config.latent_scale)
-        return jax.lax.stop_gradient((z0, d.t, d.noise, cond, d.drop, micro.get("weights")))
+        return jax.lax.stop_gradient((z0, d.t, d.noise, d.x_noise, cond, d.drop, micro.get("weights")))
 
     def conditioning(text_params, cond, uncond, drop):
         """(tau_theta(y) [B, S, d] with the dropped captions' rows replaced by the empty prompt's context, SDXL's
@@ -231,7 +234,7 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
         pooled = L.drop_captions(cond["pooled"], zeros(cond["pooled"]), drop)
         return L.drop_captions(ctx, zeros(ctx), drop), vector_conditioning(pooled, cond["sizes"])
 
-    def micro_loss(params, uncond, base, z0, t, noise, cond, drop, weights):
+    def micro_loss(params, uncond, base, z0, t, noise, x_noise, cond, drop, weights):
         text_params = None
         if step_cfg.textual_inversion:  # base: the frozen model; params: the new word's rows of each text encoder
             unet_params = base["unet"]
@@ -249,7 +252,7 @@ def make_train_step(config: ModelConfig, optim: OptimConfig, step_cfg: StepConfi
         extra = () if y is None else (y,)  # U-Nets without a vector conditioning take (x, t, c)
         eps_fn = lambda x, tt, c: unet.apply({"params": unet_params}, x, tt, c, *extra)  # noqa: E731
         return L.diffusion_loss(eps_fn, schedule, z0, t, noise, ctx, step_cfg.snr_gamma, step_cfg.debiased_loss,
-                                prediction, weights)
+                                prediction, weights, x_noise)
 
     grad_fn = jax.value_and_grad(micro_loss)
 
