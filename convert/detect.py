@@ -6,7 +6,8 @@ Facts used (DESIGN.md §6): a 9-channel first conv is the inpainting U-Net; `con
 bigG (`.1.model.`) and the U-Net has `label_emb` (the vector conditioning, `adm_in_channels`); the SDXL refiner
 (`sd_xl_refiner.yaml`) has only an OpenCLIP embedder at index 0 and a 2560-wide `label_emb`; sgm's SD 2.1 configs
 (`sd_2_1*.yaml`) the OpenCLIP embedder at index 0 and no `label_emb`. SDXL's heads are 64 wide everywhere, its
-transformer depth differs per level (counted: `tf_layers_by_level`) and the middle block takes the last level's.
+transformer depth differs per level (counted: `tf_layers_by_level`) and the middle block takes the last level's;
+the refiner's is 4 wherever there is attention, the middle block included (its last level has none).
 Head counts are not visible in shapes: SD 1.x uses 8 heads per transformer and CLIP heads of width 64; SD 2.x
 heads of width 64 in both (OpenCLIP text tower: exact GELU, read at its penultimate layer, padded with 0).
 Whether an SD 2.x U-Net predicts eps or v is not visible either: `convert.prediction` (ComfyUI's weight test).
@@ -28,6 +29,7 @@ from convert.open_clip_keys import PREFIX as OC
 from convert.prediction import SD2_NAME, check_prediction, infer_prediction, sd2_flavour, with_prediction
 from ldm_jax.configs import AutoencoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
 from ldm_jax.configs import sdxl as sdxl_preset
+from ldm_jax.configs import sdxl_refiner as sdxl_refiner_preset
 
 U = "model.diffusion_model."
 V = "first_stage_model."
@@ -39,7 +41,8 @@ LABEL_EMB = U + "label_emb.0.0.weight"  # the vector conditioning's first Linear
 
 def detect_kind(sd: Mapping[str, object], prediction: str | None = None) -> str:
     """'sd1', 'sd1-inpaint', 'sd2', 'sd2-v' (`convert.prediction`; `prediction` given: 'sd2' for eps, 'sd2-v' for v),
-    'sd2-inpaint', 'sdxl' or 'sdxl-inpaint'; raises CheckpointError naming any other recognised or unknown kind."""
+    'sd2-inpaint', 'sdxl', 'sdxl-inpaint' or 'sdxl-refiner'; raises CheckpointError naming any other recognised or
+    unknown kind."""
     check_prediction(prediction)
     keys = sd.keys()
     wrong = describe(sd)
@@ -77,9 +80,15 @@ def detect_kind(sd: Mapping[str, object], prediction: str | None = None) -> str:
 
 def _sgm_kind(sd: Mapping[str, object], found: str) -> str:
     """'sdxl' for an SDXL base checkpoint in sgm's layout (`found`: one of its conditioner.embedders.* keys),
-    'sdxl-inpaint' for its 9-channel inpainting U-Net; one CheckpointError line naming any other sgm-layout kind
-    (refiner, SD 2.1, incomplete or mixed)."""
+    'sdxl-inpaint' for its 9-channel inpainting U-Net, 'sdxl-refiner' for the refiner (`sd_xl_refiner.yaml`:
+    OpenCLIP bigG alone, at embedder 0, and label_emb); one CheckpointError line naming any other sgm-layout kind
+    (SD 2.1, incomplete or mixed)."""
     _refuse_other_sgm(sd, found)
+    if any(k.startswith(SGM_OC0) for k in sd):  # OpenCLIP at embedder 0 with label_emb (else refused above)
+        c_in = _shape(sd, U + "input_blocks.0.0.weight")[1]
+        if c_in != 4:
+            raise CheckpointError(f"unsupported SDXL refiner U-Net with {c_in} input channels")
+        return "sdxl-refiner"
     missing = [p + "*" for p in (XL_T, XL_OC) if not any(k.startswith(p) for k in sd)]
     if LABEL_EMB not in sd:
         missing.append(LABEL_EMB)
@@ -94,8 +103,8 @@ def _sgm_kind(sd: Mapping[str, object], found: str) -> str:
 
 
 def _refuse_other_sgm(sd: Mapping[str, object], found: str) -> None:
-    """Mixed layouts, no U-Net or VAE, the SDXL refiner (`sd_xl_refiner.yaml`: OpenCLIP at embedder 0, label_emb)
-    and sgm's SD 2.1 (`sd_2_1*.yaml`: OpenCLIP at embedder 0, no label_emb): one CheckpointError line each."""
+    """Mixed layouts, no U-Net or VAE and sgm's SD 2.1 (`sd_2_1*.yaml`: OpenCLIP at embedder 0 like the SDXL
+    refiner, but no label_emb): one CheckpointError line each."""
     other = next((k for k in sd if k.startswith("cond_stage_model.")), None)
     if other is not None:
         raise CheckpointError(f"this file holds text encoders of two layouts, SDXL's ({found}) and SD 1.x/2.x's "
@@ -104,11 +113,7 @@ def _refuse_other_sgm(sd: Mapping[str, object], found: str) -> None:
         raise CheckpointError(f"not a Stable Diffusion checkpoint: text encoders in sgm's layout ({found}) but no "
                               "U-Net/autoencoder tensors (model.diffusion_model.*, first_stage_model.*)")
     open_clip_first = next((k for k in sd if k.startswith(SGM_OC0)), None)
-    if open_clip_first is not None and LABEL_EMB in sd:
-        raise CheckpointError(f"this file is the SDXL refiner ({open_clip_first}: only the OpenCLIP bigG text encoder; "
-                              f"{_shape(sd, LABEL_EMB)[1]}-wide vector conditioning); the SDXL refiner is not "
-                              f"supported yet; use the SDXL base model (sd_xl_base_1.0.safetensors)")
-    if open_clip_first is not None:
+    if open_clip_first is not None and LABEL_EMB not in sd:
         raise CheckpointError(f"this file is a Stable Diffusion 2.x model in sgm's layout ({open_clip_first}: "
                               f"Stability-AI/generative-models); sgm-layout SD 2.x checkpoints are not supported yet: "
                               f"use its CompVis-layout release (e.g. v2-1_768-ema-pruned.safetensors)")
@@ -143,16 +148,22 @@ def infer_unet(sd, sd2: bool = False, sdxl: bool = False) -> UNetConfig:
             attn.append(level)
     mid = U + "middle_block.1."
     depth = _depth(sd, mid)
-    per_level = {}
+    per_level, tf_layers = {}, max(depth, 1)
     if sdxl:
-        per_level = {"tf_layers_by_level": _depths_by_level(sd, levels, n_res, depth),
-                     "adm_in_channels": _shape(sd, LABEL_EMB)[1]}
+        per_level = {"adm_in_channels": _shape(sd, LABEL_EMB)[1]}
+        depths = _depths_by_level(sd, levels, n_res)
+        if depth == depths[-1]:  # SDXL base: (0, 2, 10), the middle block as the last level
+            per_level["tf_layers_by_level"], tf_layers = depths, 1
+        elif {depths[i] for i in attn} != {depth}:  # the refiner: one depth (4) everywhere there is attention
+            raise CheckpointError(f"the U-Net's middle block has {depth} transformer blocks, its levels "
+                                  f"{depths}; ldm-jax builds SDXL U-Nets whose middle block has the last level's "
+                                  "depth, or one depth everywhere there is attention (the refiner)")
     return UNetConfig(
         in_channels=_shape(sd, U + "input_blocks.0.0.weight")[1],
         out_channels=_shape(sd, U + "out.2.weight")[0],
         channels=channels, channel_multipliers=tuple(mults), n_res_blocks=n_res, attention_levels=tuple(attn),
         n_heads=None if sd2 or sdxl else 8, d_head=64 if sd2 or sdxl else None,
-        tf_layers=1 if sdxl else max(depth, 1),
+        tf_layers=tf_layers,
         d_cond=_shape(sd, mid + "transformer_blocks.0.attn2.to_k.weight")[1],
         use_linear_proj=len(_shape(sd, mid + "proj_in.weight")) == 2, **per_level,
     )
@@ -163,9 +174,9 @@ def _depth(sd, block: str) -> int:
     return len(_indices(sd, re.escape(block) + r"transformer_blocks\.(\d+)\.norm1\.weight$"))
 
 
-def _depths_by_level(sd, levels: int, n_res: int, middle: int) -> tuple[int, ...]:
+def _depths_by_level(sd, levels: int, n_res: int) -> tuple[int, ...]:
     """SDXL's transformer depth per level (sgm `transformer_depth`), read from every input and output block of the
-    level (they must agree), and the middle block's, which must be the last level's (`transformer_depth_middle`)."""
+    level (they must agree)."""
     depths = []
     for level in range(levels):
         blocks = [f"{U}input_blocks.{1 + level * (n_res + 1) + i}.1." for i in range(n_res)]
@@ -176,9 +187,6 @@ def _depths_by_level(sd, levels: int, n_res: int, middle: int) -> tuple[int, ...
                                   f"({', '.join(f'{b}*: {d}' for b, d in found.items())}); an architecture ldm-jax "
                                   "does not build (a distilled SDXL such as SSD-1B?)")
         depths.append(found[blocks[0]])
-    if middle != depths[-1]:
-        raise CheckpointError(f"the U-Net's middle block has {middle} transformer blocks and its last level "
-                              f"{depths[-1]}; ldm-jax builds SDXL U-Nets whose middle block has the last level's depth")
     return tuple(depths)
 
 
@@ -225,6 +233,8 @@ def infer_config(sd: Mapping[str, object], prediction: str | None = None) -> Mod
     sd2-v, and the training resolution, 512 or 768)."""
     check_prediction(prediction)
     kind = detect_kind(sd)
+    if kind == "sdxl-refiner":
+        return with_prediction(infer_sdxl_refiner(sd), prediction)
     if kind.startswith("sdxl"):
         return with_prediction(infer_sdxl(sd), prediction)
     if not kind.startswith("sd2"):
@@ -249,6 +259,18 @@ def infer_sdxl(sd) -> ModelConfig:
                                    vae=infer_vae(sd), text=text, text_2=text_2)
     except ValueError as e:  # widths that do not fit together (ModelConfig's checks)
         raise CheckpointError(f"inconsistent SDXL checkpoint: {e}") from None
+
+
+def infer_sdxl_refiner(sd) -> ModelConfig:
+    """The SDXL refiner's config (sgm `sd_xl_refiner.yaml`): the shapes as found, the rest as the `sdxl-refiner`
+    preset (bigG at its penultimate layer without the final LayerNorm, pooled through `text_projection`)."""
+    preset = sdxl_refiner_preset()
+    text = dataclasses.replace(infer_open_clip_text(sd, SGM_OC0), norm_skipped_output=False,
+                               projection_dim=_shape(sd, SGM_OC0 + "text_projection")[1])
+    try:
+        return dataclasses.replace(preset, unet=infer_unet(sd, sdxl=True), vae=infer_vae(sd), text=text)
+    except ValueError as e:  # widths that do not fit together (ModelConfig's checks)
+        raise CheckpointError(f"inconsistent SDXL refiner checkpoint: {e}") from None
 
 
 def prediction_note(sd: Mapping[str, object], prediction: str | None = None) -> str | None:

@@ -17,7 +17,8 @@ along its first axis (`Entry.part` of `Entry.parts`: q, k, v in one `in_proj_wei
 SDXL files are in the sgm layout (`text_layout="sgm"`, Stability-AI/generative-models `DiffusionEngine`): U-Net and
 VAE as CompVis, the text encoders under `GeneralConditioner.embedders` (`SGM_PREFIXES`): CLIP ViT-L/14 under
 transformers' names (`FrozenCLIPEmbedder`) and OpenCLIP ViT-bigG/14 under OpenCLIP's (`FrozenOpenCLIPEmbedder2`,
-whose `text_projection` SDXL uses). `layout_of(config)` says which layout a model's files have.
+whose `text_projection` SDXL uses); the refiner keeps its one text encoder, OpenCLIP bigG, at embedder 0
+(`SGM_OPEN_CLIP`). `layout_of(config)` says which layout a model's files have.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ SGM_PREFIXES = {
     "text_encoder_2": SGM_CONDITIONER + "1.model.",
 }
 SGM = "sgm"  # the layout of SDXL files (both text towers under conditioner.embedders.*)
-LAYOUTS = TEXT_KEY_LAYOUTS + (SGM,)
+# the SDXL refiner's (sd_xl_refiner.yaml): its one text tower, OpenCLIP bigG (FrozenOpenCLIPEmbedder2), at embedder 0
+SGM_OPEN_CLIP = "sgm_open_clip"
+SGM_OPEN_CLIP_PREFIX = SGM_CONDITIONER + "0.model."
+LAYOUTS = TEXT_KEY_LAYOUTS + (SGM, SGM_OPEN_CLIP)
 _INDEXED = re.compile(r"^(.*?)((?:_\d+)+)$")
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 # CompVis' VAE mid block names its children `block_1`, `attn_1`, `block_2` (attributes, not list indices).
@@ -107,9 +111,11 @@ def _layout(leaf: str, ndim: int) -> str:
 
 
 def layout_of(config) -> str:
-    """The `text_layout` of a ModelConfig's checkpoints: "sgm" for SDXL (two text encoders), else the config's
-    `text.key_layout` ("transformers" for SD 1.x, "open_clip" for SD 2.x)."""
-    return SGM if config.text_2 is not None else config.text.key_layout
+    """The `text_layout` of a ModelConfig's checkpoints: "sgm" for SDXL (two text encoders), "sgm_open_clip" for the
+    SDXL refiner, else the config's `text.key_layout` ("transformers" for SD 1.x, "open_clip" for SD 2.x)."""
+    if config.text_2 is not None:
+        return SGM
+    return SGM_OPEN_CLIP if config.is_sdxl_refiner else config.text.key_layout
 
 
 def key_table(component: str, abstract_params, prefix: str | None = None,
@@ -117,15 +123,19 @@ def key_table(component: str, abstract_params, prefix: str | None = None,
     """All entries of one component, from its (abstract) Flax parameter tree (leaves need `.shape`).
     `prefix` overrides the component's CompVis prefix (e.g. "" for a single block's own state dict).
     text_layout: where the checkpoint keeps its text towers (`layout_of(config)`): "transformers" (SD 1.x),
-    "open_clip" (SD 2.x) or "sgm" (SDXL: `SGM_PREFIXES`). SDXL's "text_encoder_2" is always sgm's OpenCLIP tower;
-    U-Net and VAE ignore the layout."""
+    "open_clip" (SD 2.x), "sgm" (SDXL: `SGM_PREFIXES`) or "sgm_open_clip" (the SDXL refiner: OpenCLIP names under
+    `SGM_OPEN_CLIP_PREFIX`). SDXL's "text_encoder_2" is always sgm's OpenCLIP tower; U-Net and VAE ignore the
+    layout."""
     if text_layout not in LAYOUTS:
         raise ValueError(f"unknown text key layout {text_layout!r}; choose from {', '.join(LAYOUTS)}")
-    if component == "text_encoder_2" or (component == "text_encoder" and text_layout == "open_clip"):
+    if component == "text_encoder_2" or (component == "text_encoder" and text_layout in ("open_clip", SGM_OPEN_CLIP)):
         from convert.open_clip_keys import open_clip_table
 
-        own = SGM_PREFIXES[component] if component == "text_encoder_2" and prefix is None else prefix
-        return open_clip_table(_walk_table(component, abstract_params, ""), own)
+        if prefix is None and component == "text_encoder_2":
+            prefix = SGM_PREFIXES[component]
+        elif prefix is None and text_layout == SGM_OPEN_CLIP:
+            prefix = SGM_OPEN_CLIP_PREFIX
+        return open_clip_table(_walk_table(component, abstract_params, ""), prefix)  # None: SD 2.x's
     if prefix is None:
         prefix = (SGM_PREFIXES if text_layout == SGM else PREFIXES)[component]
     return _walk_table(component, abstract_params, prefix)

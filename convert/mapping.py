@@ -22,7 +22,8 @@ import numpy as np
 
 from convert.errors import CheckpointError
 from convert.readers import release_pages
-from convert.keys import PREFIXES, SGM, SGM_CONDITIONER, Entry, key_table, take_part, to_compvis_layout, to_flax_layout
+from convert.keys import PREFIXES, SGM, SGM_CONDITIONER, SGM_OPEN_CLIP, SGM_OPEN_CLIP_PREFIX, Entry, key_table
+from convert.keys import take_part, to_compvis_layout, to_flax_layout
 from convert.open_clip_keys import IGNORED as OPEN_CLIP_IGNORED, PREFIX as OPEN_CLIP_PREFIX
 from convert.open_clip_keys import SDXL_IGNORED, SDXL_PREFIX
 
@@ -41,7 +42,8 @@ _IGNORED = [
     (re.compile(r"^model_ema\.(decay|num_updates)$"), "EMA bookkeeping"),
     (re.compile(r"^first_stage_model\.loss\."), LOSS_REASON),
 ] + [(re.compile("^" + re.escape(prefix + name) + "$"), reason)  # OpenCLIP towers: SD 2.x's, SDXL's second
-      for prefix, ignored in ((OPEN_CLIP_PREFIX, OPEN_CLIP_IGNORED), (SDXL_PREFIX, SDXL_IGNORED))
+      for prefix, ignored in ((OPEN_CLIP_PREFIX, OPEN_CLIP_IGNORED), (SDXL_PREFIX, SDXL_IGNORED),
+                              (SGM_OPEN_CLIP_PREFIX, SDXL_IGNORED))  # the SDXL refiner's bigG: as SDXL's
       for name, reason in ignored.items()]
 _FLOAT_DTYPES = {np.dtype(t) for t in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16)}
 _OLD_CLIP = "cond_stage_model.transformer."
@@ -59,11 +61,11 @@ def normalise_keys(state_dict: Mapping[str, object]) -> dict[str, object]:
 
 
 def text_layout_of(state_dict: Mapping[str, object]) -> str:
-    """Where the state dict keeps its text towers: "sgm" (SDXL, `conditioner.embedders.*`), "open_clip" (SD 2.x,
-    `cond_stage_model.model.*`) or "transformers" (SD 1.x, `cond_stage_model.transformer.*`; also when it has
-    none)."""
+    """Where the state dict keeps its text towers: "sgm" (SDXL, `conditioner.embedders.*`), "sgm_open_clip" (the
+    SDXL refiner: OpenCLIP at `conditioner.embedders.0.model.*`), "open_clip" (SD 2.x, `cond_stage_model.model.*`)
+    or "transformers" (SD 1.x, `cond_stage_model.transformer.*`; also when it has none)."""
     if any(k.startswith(SGM_CONDITIONER) for k in state_dict):
-        return SGM
+        return SGM_OPEN_CLIP if any(k.startswith(SGM_OPEN_CLIP_PREFIX) for k in state_dict) else SGM
     return "open_clip" if any(k.startswith(OPEN_CLIP_PREFIX) for k in state_dict) else "transformers"
 
 

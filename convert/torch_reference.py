@@ -21,6 +21,8 @@ depth per block, called with `added_cond_kwargs` {"text_embeds": pooled, "time_i
 `text_projection` into the Linear; its answer also has `text_embeds` (the projected EOS state). diffusers' own
 `create_unet_diffusers_config_from_ldm` makes a "text_time" U-Net only for context widths 2048 or 1280 (the real
 SDXL models), so the config here is built from ours (tests compare it with diffusers' for the full-size model).
+The SDXL refiner: the same U-Net with five numbers (size, crop, aesthetic score) in `time_ids`, its one text
+encoder `CLIPTextModelWithProjection` through `convert_open_clip_checkpoint(prefix="conditioner.embedders.0.model.")`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from convert.errors import CheckpointError
-from convert.keys import PREFIXES, SGM, SGM_PREFIXES, layout_of
+from convert.keys import PREFIXES, SGM, SGM_OPEN_CLIP, SGM_OPEN_CLIP_PREFIX, SGM_PREFIXES, layout_of
 from ldm_jax.configs import SIZE_EMBED_DIM, ModelConfig
 
 MISSING = ("the torch reference needs the `torch` extra and labml-nn: pip install 'ldm-jax[torch]' && "
@@ -222,9 +224,9 @@ def _diffusers_text(which: str, layout: str, model, state_dict) -> dict:
     if layout == SGM and which == "text_encoder":  # strips sgm's conditioner.embedders.0.transformer.
         root = SGM_PREFIXES[which][:-len("text_model.")]
         return convert_ldm_clip_checkpoint(_torch_dict(state_dict, root))
-    prefix = SGM_PREFIXES[which] if layout == SGM else "cond_stage_model.model."
+    prefix = {SGM: SGM_PREFIXES[which], SGM_OPEN_CLIP: SGM_OPEN_CLIP_PREFIX}.get(layout, "cond_stage_model.model.")
     converted = convert_open_clip_checkpoint(model, _torch_dict(state_dict, prefix), prefix=prefix)
-    if layout != SGM:
+    if layout not in (SGM, SGM_OPEN_CLIP):
         converted.pop("text_projection.weight", None)  # CLIPTextModelWithProjection's; SD 2.x does not use it
     return converted
 

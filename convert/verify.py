@@ -110,7 +110,8 @@ def verify(sd: StableDiffusion, *, components=None, tolerance: float = 1e-4, lat
 
 def _unet_rows(sd: StableDiffusion, ref, rng, latent_hw, tolerance) -> list[Row]:
     """The U-Net's output at t = 0 and the last step (SDXL: with a random pooled text and six size/crop numbers,
-    diffusers' `text_embeds` and `time_ids`, against `vector_conditioning` of the same)."""
+    the refiner five with its aesthetic score last, diffusers' `text_embeds` and `time_ids`, against
+    `vector_conditioning` of the same)."""
     import torch
 
     cfg, (h, w) = sd.config, latent_hw
@@ -119,12 +120,13 @@ def _unet_rows(sd: StableDiffusion, ref, rng, latent_hw, tolerance) -> list[Row]
     t = np.array([0, cfg.schedule.n_steps - 1])
     args, y = (_nchw(torch, x), torch.from_numpy(t), torch.from_numpy(ctx)), None
     what = f"{cfg.schedule.prediction}, t in {{0, {t[1]}}}"  # the output: eps, or v (SD 2.x 768)
-    if cfg.is_sdxl:
+    if cfg.y_numbers:
         f = cfg.vae.downsample_factor
-        pooled = rng.standard_normal((2, cfg.text_2.projection_dim)).astype(np.float32)
+        pooled = rng.standard_normal((2, (cfg.text_2 or cfg.text).projection_dim)).astype(np.float32)
         target, original, crop = (h * f, w * f), (2 * h * f + 8, 3 * w * f), (16, 8)
-        y = sd.vector_conditioning(pooled, target, original, crop)
-        time_ids = np.tile(np.array(original + crop + target, np.float32), (2, 1))  # diffusers' add_time_ids order
+        score = (4.5,) if cfg.is_sdxl_refiner else None  # the refiner: an aesthetic score instead of the target
+        y = sd.vector_conditioning(pooled, target, original, crop, *(score or ()))
+        time_ids = np.tile(np.array(original + crop + (score or target), np.float32), (2, 1))  # diffusers' order
         args += (torch.from_numpy(pooled), torch.from_numpy(time_ids))
         what += ", with y"
     want = _nhwc(ref(*args))
@@ -153,13 +155,18 @@ def _text_check(t) -> str:
 
 
 def _text_rows(sd: StableDiffusion, ref, rng, latent_hw, tolerance) -> list[Row]:
-    """The first text encoder's states (SDXL: the first 768 channels of the context)."""
+    """The first text encoder's states (SDXL: the first 768 channels of the context; the refiner: also its pooled,
+    projected EOS state)."""
     import torch
 
     ids = sd.tokenize(PROMPTS)
-    want = ref(input_ids=torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
+    out = ref(input_ids=torch.from_numpy(ids.astype(np.int64)))
     got = jax.jit(sd.encode_text)(sd.params, ids)[..., :sd.config.text.hidden_size]
-    return [Row("text_encoder", _text_check(sd.config.text), rel_err(got, want), tolerance)]
+    rows = [Row("text_encoder", _text_check(sd.config.text), rel_err(got, out.last_hidden_state.numpy()), tolerance)]
+    if sd.config.is_sdxl_refiner:
+        _, pooled = jax.jit(lambda p, i: sd.encode_text(p, i, pooled=True))(sd.params, ids)
+        rows.append(Row("text_encoder", "pooled (projected EOS)", rel_err(pooled, out.text_embeds.numpy()), tolerance))
+    return rows
 
 
 def _text_2_rows(sd: StableDiffusion, ref, rng, latent_hw, tolerance) -> list[Row]:

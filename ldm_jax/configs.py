@@ -150,6 +150,9 @@ class TextEncoderConfig:
 
 
 SIZE_EMBED_DIM = 256  # SDXL: each of the six size/crop numbers -> a 256-wide sinusoidal embedding
+# the numbers embedded into y (`ldm_jax.conditioning`), in sgm's conditioner order: SDXL base and the refiner
+BASE_NUMBERS = ("original height", "original width", "crop top", "crop left", "target height", "target width")
+REFINER_NUMBERS = ("original height", "original width", "crop top", "crop left", "aesthetic score")
 
 PREDICTIONS = ("eps", "v")  # ScheduleConfig.prediction: what the U-Net is trained to output
 
@@ -190,8 +193,12 @@ class ModelConfig:
     def __post_init__(self):
         u = self.unet
         if self.text_2 is None:
-            if u.adm_in_channels:
-                raise ValueError("model config: unet.adm_in_channels needs a second text encoder (text_2, SDXL)")
+            y = self.text.projection_dim + len(REFINER_NUMBERS) * SIZE_EMBED_DIM
+            if u.adm_in_channels and (not self.text.projection_dim or u.adm_in_channels != y):
+                raise ValueError(f"model config: unet.adm_in_channels {u.adm_in_channels} with one text encoder is "
+                                 f"the SDXL refiner's y: text.projection_dim {self.text.projection_dim} + "
+                                 f"{len(REFINER_NUMBERS)} x {SIZE_EMBED_DIM} (pooled text, size, crop and aesthetic "
+                                 f"score embeddings; projection_dim must be > 0); SDXL base needs text_2")
             return
         width = self.text.hidden_size + self.text_2.hidden_size
         if u.d_cond != width:
@@ -211,6 +218,17 @@ class ModelConfig:
     def is_sdxl(self) -> bool:
         """Two text encoders and a vector conditioning (pooled text, image size and crop): SDXL's conditioner."""
         return self.text_2 is not None
+
+    @property
+    def is_sdxl_refiner(self) -> bool:
+        """One (projected) text encoder and a vector conditioning (pooled text, size, crop, aesthetic score): the
+        SDXL refiner's conditioner (sgm `sd_xl_refiner.yaml`)."""
+        return self.text_2 is None and self.unet.adm_in_channels > 0
+
+    @property
+    def y_numbers(self) -> tuple[str, ...]:
+        """The numbers embedded into the U-Net's vector conditioning y after the pooled text; () without y."""
+        return BASE_NUMBERS if self.is_sdxl else REFINER_NUMBERS if self.is_sdxl_refiner else ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -282,13 +300,30 @@ def sdxl() -> ModelConfig:
     (pooled bigG text, original size, crop, target size); text encoders CLIP ViT-L/14 and OpenCLIP ViT-bigG/14, both
     read at their penultimate layer without the final LayerNorm; the VAE of SD 1.x with latent scale 0.13025."""
     clip_l = TextEncoderConfig(skip_last_layers=1, norm_skipped_output=False)
-    big_g = TextEncoderConfig(hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=20,
-                              hidden_act="gelu", skip_last_layers=1, norm_skipped_output=False, pad_token_id=0,
-                              projection_dim=1280, key_layout="open_clip")
+    big_g = _big_g()
     unet = UNetConfig(channel_multipliers=(1, 2, 4), attention_levels=(1, 2), n_heads=None, d_head=64,
                       tf_layers_by_level=(0, 2, 10), d_cond=2048, use_linear_proj=True,
                       adm_in_channels=1280 + 6 * SIZE_EMBED_DIM)
     return ModelConfig(name="sdxl", unet=unet, text=clip_l, text_2=big_g, latent_scale=0.13025, image_size=1024)
+
+
+def _big_g(**kw) -> TextEncoderConfig:
+    """OpenCLIP ViT-bigG/14's text tower as SDXL reads it: the penultimate layer without the final LayerNorm,
+    padded with 0, pooled through its projection."""
+    return TextEncoderConfig(hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=20,
+                             hidden_act="gelu", skip_last_layers=1, norm_skipped_output=False, pad_token_id=0,
+                             projection_dim=1280, key_layout="open_clip", **kw)
+
+
+def sdxl_refiner() -> ModelConfig:
+    """SDXL 1.0 refiner (`sd_xl_refiner_1.0`, sgm `sd_xl_refiner.yaml`): a 4-level U-Net of 384 channels with 4-deep
+    transformers at the middle two levels and in the middle block (heads of width 64, a 1280-wide context), one
+    text encoder (OpenCLIP bigG, as SDXL's second) and a 2560-wide y: pooled text, original size, crop and an
+    aesthetic score (`ldm_jax.conditioning`). Made for img2img at low strength on SDXL base outputs."""
+    unet = UNetConfig(channels=384, channel_multipliers=(1, 2, 4, 4), attention_levels=(1, 2), n_heads=None,
+                      d_head=64, tf_layers=4, d_cond=1280, use_linear_proj=True,
+                      adm_in_channels=1280 + len(REFINER_NUMBERS) * SIZE_EMBED_DIM)
+    return ModelConfig(name="sdxl-refiner", unet=unet, text=_big_g(), latent_scale=0.13025, image_size=1024)
 
 
 def sdxl_inpaint() -> ModelConfig:
@@ -329,6 +364,24 @@ def tiny_xl() -> ModelConfig:
     )
 
 
+def tiny_xl_refiner() -> ModelConfig:
+    """The SDXL refiner's architecture at test size: one projected OpenCLIP-layout text encoder, y with an aesthetic
+    score, attention only at a middle level, and a middle block whose transformer the last level does not have."""
+    t = tiny()
+    return ModelConfig(
+        name="tiny-xl-refiner",
+        unet=UNetConfig(channels=32, channel_multipliers=(1, 2, 2), n_res_blocks=1, attention_levels=(1,),
+                        n_heads=None, d_head=32, tf_layers=2, d_cond=32, use_linear_proj=True,
+                        adm_in_channels=32 + len(REFINER_NUMBERS) * SIZE_EMBED_DIM),
+        vae=t.vae,
+        text=TextEncoderConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2, hidden_act="gelu",
+                               skip_last_layers=1, norm_skipped_output=False, pad_token_id=0, projection_dim=32,
+                               key_layout="open_clip"),
+        latent_scale=0.13025,
+        image_size=64,
+    )
+
+
 def shapes() -> ModelConfig:
     """The small text-to-image model ldm-jax trains itself and ships (64x64 images of coloured shapes, see
     `scripts/train_shapes_model.py`): a KL-f4 autoencoder, a 3-level U-Net and a 2-layer CLIP-architecture text
@@ -345,7 +398,9 @@ def shapes() -> ModelConfig:
 
 
 PRESETS = {"sd1": sd1, "sd1-inpaint": sd1_inpaint, "sd2": sd2, "sd2-v": sd2_v, "sd2-inpaint": sd2_inpaint,
-           "sdxl": sdxl, "sdxl-inpaint": sdxl_inpaint, "tiny": tiny, "tiny-xl": tiny_xl, "shapes": shapes}
+           "sdxl": sdxl, "sdxl-inpaint": sdxl_inpaint,
+           "sdxl-refiner": sdxl_refiner, "tiny": tiny, "tiny-xl": tiny_xl,
+           "tiny-xl-refiner": tiny_xl_refiner, "shapes": shapes}
 
 
 def preset(name: str) -> ModelConfig:

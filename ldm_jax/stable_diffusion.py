@@ -184,19 +184,27 @@ class StableDiffusion:
         """ids int32 [B, L] -> context c [B, L, hidden] (fp32); L <= config.text.max_length (77: the position
         embeddings end there), ids < vocab_size (not checked: ids may be traced). SDXL: c is both encoders' states
         side by side [B, L, 768 + 1280] (the second reads the ids re-padded with its pad token), and `pooled=True`
-        returns (c, pooled [B, 1280]), the second encoder's projected EOS state (for `vector_conditioning`)."""
+        returns (c, pooled [B, 1280]), the second encoder's projected EOS state (for `vector_conditioning`; the
+        SDXL refiner's only encoder's)."""
         if np.ndim(ids) != 2 or np.shape(ids)[1] > self.config.text.max_length:
             raise ValueError(f"ids must be [B, L] with L <= {self.config.text.max_length}, got shape {np.shape(ids)}")
         from ldm_jax.conditioning import encode_text
 
         return encode_text(self.modules, self.config, params, jnp.asarray(ids, jnp.int32), pooled)
 
-    def vector_conditioning(self, pooled, size_hw, original_hw=None, crop_top_left=(0, 0)):
+    def vector_conditioning(self, pooled, size_hw, original_hw=None, crop_top_left=(0, 0), aesthetic_score=None):
         """SDXL's y [B, 2816] from the pooled text [B, 1280] and the image's pixel size (height, width): the
-        original size (default: the same) and crop offsets it was "taken" at (`ldm_jax.conditioning`)."""
-        from ldm_jax.conditioning import size_numbers, vector_conditioning
+        original size (default: the same) and crop offsets it was "taken" at (`ldm_jax.conditioning`). The
+        refiner's y [B, 2560] has an aesthetic score (default 6.0, the prompt's) instead of the target size."""
+        from ldm_jax import conditioning as C
 
-        return vector_conditioning(pooled, size_numbers(pooled.shape[0], size_hw, original_hw, crop_top_left))
+        b = pooled.shape[0]
+        if self.config.is_sdxl_refiner:
+            score = C.AESTHETIC_SCORE if aesthetic_score is None else aesthetic_score
+            return C.vector_conditioning(pooled, C.refiner_numbers(b, size_hw, score, original_hw, crop_top_left))
+        if aesthetic_score is not None:
+            raise ValueError("aesthetic_score is for the SDXL refiner; SDXL base's y has the target size instead")
+        return C.vector_conditioning(pooled, C.size_numbers(b, size_hw, original_hw, crop_top_left))
 
     def predict_noise(self, params, x, t, ctx, y=None):
         """The U-Net's output at (x_t, t, c): eps_theta, or v for a v-prediction model (`config.schedule.prediction`;

@@ -156,15 +156,13 @@ def test_small_file_without_stored_config_is_inferred_as_sdxl(tmp_path):
 
 
 def _refiner(sd):
-    """The SDXL refiner's layout: only the OpenCLIP tower, at embedder 0."""
+    """The SDXL refiner's layout: only the OpenCLIP tower, at embedder 0 (without label_emb: sgm's SD 2.1)."""
     out = {k: v for k, v in sd.items() if not k.startswith("conditioner.")}
     out.update({k.replace(OC2, "conditioner.embedders.0.model."): v for k, v in sd.items() if k.startswith(OC2)})
     return out
 
 
 @pytest.mark.parametrize("change,message", [
-    (_refiner, r"^this file is the SDXL refiner \(conditioner\.embedders\.0\.model\..*; the SDXL refiner is not "
-               r"supported yet; use the SDXL base model"),
     (lambda sd: {k: v for k, v in _refiner(sd).items() if not k.startswith(U + "label_emb.")},
      r"^this file is a Stable Diffusion 2\.x model in sgm's layout .*sgm-layout SD 2\.x checkpoints are not supported"),
     (lambda sd: {k: v for k, v in sd.items() if not k.startswith(OC2)},

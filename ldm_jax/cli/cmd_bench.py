@@ -99,8 +99,9 @@ def run(args) -> int:
             raise UserError(f"{flag} must be >= 1, got {value}")
     if args.train:  # the training step's own rule (a multiple of the U-Net's total downsampling), named as --size
         from ldm_jax.configs import preset
-        from ldm_jax.train.base import check_resolution
+        from ldm_jax.train.base import check_resolution, check_trainable
 
+        check_trainable(preset(args.preset))
         try:
             check_resolution(preset(args.preset), size)
         except UserError as e:

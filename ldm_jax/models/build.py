@@ -27,7 +27,8 @@ def modules(config: ModelConfig, dtype=jnp.float32, attention_impl: str = "auto"
     """{"unet": UNetModel, "vae": Autoencoder, "text_encoder": CLIPTextModel[, "text_encoder_2": CLIPTextModel]}
     in compute dtype `dtype`. SDXL's VAE overflows in float16 (activations past 65504: black or NaN images; diffusers
     upcasts it, `force_upcast`), so with float16 it computes in float32; bfloat16 has float32's range."""
-    vae_dtype = jnp.float32 if config.is_sdxl and jnp.dtype(dtype) == jnp.float16 else dtype
+    sdxl_vae = config.is_sdxl or config.is_sdxl_refiner
+    vae_dtype = jnp.float32 if sdxl_vae and jnp.dtype(dtype) == jnp.float16 else dtype
     mods = {
         "unet": UNetModel(config.unet, dtype=dtype, attention_impl=attention_impl, remat=remat),
         "vae": Autoencoder(config.vae, dtype=vae_dtype, attention_impl=attention_impl),

@@ -170,16 +170,20 @@ def build_program(sd, *, mode: str, sampler: str, steps: int, output: str, laten
 def _conditioning(sd, params, ids, uncond_ids, size_hw):
     """(ctx, uncond_ctx, y, uncond_y) of a request; y are None but for SDXL, whose y carries the pooled text and
     the image's pixel size `size_hw` (original = target, crop (0, 0)) and whose unconditional side is zeros, context
-    and pooled text, for an empty negative prompt (`conditioning.is_empty_prompt`)."""
+    and pooled text, for an empty negative prompt (`conditioning.is_empty_prompt`). The refiner's y has the
+    aesthetic scores 6.0 / 2.5 instead of the target size, and its empty negative prompt is encoded."""
+    from ldm_jax import conditioning as C
+
     pairs = _interleave(ids, uncond_ids)
-    if not sd.config.is_sdxl:
+    if not sd.config.y_numbers:
         ctx, uncond_ctx = _split_pairs(sd.encode_text(params, pairs))
         return ctx, uncond_ctx, None, None
-    from ldm_jax.conditioning import is_empty_prompt
-
     ctx_pairs, pooled_pairs = sd.encode_text(params, pairs, pooled=True)
     (ctx, uncond_ctx), (pooled, uncond_pooled) = _split_pairs(ctx_pairs), _split_pairs(pooled_pairs)
-    keep = 1.0 - is_empty_prompt(uncond_ids, sd.config.text.eos_token_id).astype(jnp.float32)  # [B]
+    if sd.config.is_sdxl_refiner:
+        return (ctx, uncond_ctx, sd.vector_conditioning(pooled, size_hw, aesthetic_score=C.AESTHETIC_SCORE),
+                sd.vector_conditioning(uncond_pooled, size_hw, aesthetic_score=C.NEGATIVE_AESTHETIC_SCORE))
+    keep = 1.0 - C.is_empty_prompt(uncond_ids, sd.config.text.eos_token_id).astype(jnp.float32)  # [B]
     uncond_ctx, uncond_pooled = uncond_ctx * keep[:, None, None], uncond_pooled * keep[:, None]
     return ctx, uncond_ctx, sd.vector_conditioning(pooled, size_hw), sd.vector_conditioning(uncond_pooled, size_hw)
 

@@ -59,10 +59,13 @@ def check_trainable_early(checkpoint: str | None, preset_name: str | None) -> No
 
 def check_trainable(config) -> None:
     """One line for a model the trainer cannot train: an inpainting U-Net (its extra mask and masked-image inputs
-    are not fed)."""
+    are not fed), the SDXL refiner (its aesthetic-score conditioning is not fed)."""
     if config.is_inpainting:
         raise UserError(f"training inpainting U-Nets ({config.name}: {config.unet.in_channels} input channels) is not "
                         "supported; ldm-jax trains text-to-image U-Nets (4 latent channels in)")
+    if config.is_sdxl_refiner:
+        raise UserError(f"training the SDXL refiner ({config.name}: an aesthetic score in its conditioning) is not "
+                        "supported; ldm-jax trains SD 1.x, 2.x and SDXL base models")
 
 
 def run_prediction(meta: dict, prediction: str | None, where: str) -> str:
