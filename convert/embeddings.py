@@ -65,11 +65,13 @@ class Embedding:
     def is_sdxl(self) -> bool:
         return self.vectors_2 is not None
 
-    def for_encoders(self):
+    def for_encoders(self, config=None):
         """What `StableDiffusion.add_tokens` takes for the word: the vectors, or SDXL's {"text_encoder": clip_l,
-        "text_encoder_2": clip_g}."""
+        "text_encoder_2": clip_g}; for the SDXL refiner (`config`), whose one encoder is SDXL's second, clip_g."""
         if self.vectors_2 is None:
             return self.vectors
+        if config is not None and config.is_sdxl_refiner:
+            return self.vectors_2
         return {"text_encoder": self.vectors, "text_encoder_2": self.vectors_2}
 
     @property
@@ -252,8 +254,14 @@ def _model(config) -> str:
 
 def _misfit(item: Embedding, config) -> str | None:
     """Why `item` cannot go into `config`'s model (None: it fits): the other family (an SDXL embedding for a model
-    with one text encoder, or one encoder's embedding for SDXL), or a width that is not its encoder's."""
+    with one text encoder but the SDXL refiner, which reads its clip_g, or one encoder's embedding for SDXL), or a
+    width that is not its encoder's."""
     d, t2 = item.vectors.shape[1], config.text_2
+    if item.is_sdxl and config.is_sdxl_refiner:  # its encoder is SDXL's second: the file's clip_g
+        d_g = item.vectors_2.shape[1]
+        return None if d_g == config.text.hidden_size else (
+            f"an SDXL embedding whose clip_g is {d_g} wide for {_model(config)}; use an embedding trained for "
+            "this model")
     if item.is_sdxl and t2 is None:
         return (f"is an SDXL embedding (clip_l, clip_g: vectors for SDXL's two text encoders) for {_model(config)}; "
                 "use an embedding trained for this model")
@@ -307,7 +315,7 @@ def apply_embeddings(sd, embeddings):
     """A copy of the StableDiffusion `sd` whose prompts may use each embedding's word (`check_embeddings`, then
     `sd.add_tokens`); `metadata["embeddings"]`: [{"name", "token", "vectors", "sha256"}], after any earlier ones."""
     checked = check_embeddings(embeddings, sd.config, taken=[w for w, _ in sd.added_tokens])
-    out = sd.add_tokens([(e.token, e.for_encoders()) for e in checked])
+    out = sd.add_tokens([(e.token, e.for_encoders(sd.config)) for e in checked])
     earlier = sd.metadata.get("embeddings")
     records = (list(earlier) if isinstance(earlier, list) else []) + [e.record() for e in checked]
     return out.replace(metadata={**out.metadata, "embeddings": records})

@@ -168,3 +168,21 @@ def _captioned_png(directory) -> str:
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
     (directory / "init.txt").write_text("a cat")
     return str(path)
+
+
+def test_sdxl_embedding_gives_the_refiner_its_clip_g(tmp_path):
+    """The refiner's one encoder is SDXL base's second: an SDXL embedding file lends it its clip_g (as ComfyUI)."""
+    from convert.embeddings import apply_embeddings
+    from convert.safetensors_io import write_safetensors
+
+    model = StableDiffusion(REF, random_params(REF, seed=5))
+    clip_g = np.random.default_rng(1).standard_normal((2, 32)).astype(np.float32)
+    write_safetensors(tmp_path / "xl.safetensors", {"clip_l": np.zeros((2, 768), np.float32), "clip_g": clip_g})
+    out = apply_embeddings(model, [(str(tmp_path / "xl.safetensors"), "<xlword>")])
+    table = np.asarray(out.params["text_encoder"]["embeddings"]["token_embedding"]["embedding"])
+    np.testing.assert_array_equal(table[-2:], clip_g)
+    assert out.tokenize(["a <xlword>"])[0, 2:4].tolist() == [49408, 49409]
+    write_safetensors(tmp_path / "wide.safetensors", {"clip_l": np.zeros((1, 768), np.float32),
+                                                      "clip_g": np.zeros((1, 1280), np.float32)})
+    with pytest.raises(CheckpointError, match="clip_g is 1280 wide for this tiny-xl-refiner model"):
+        apply_embeddings(model, [(str(tmp_path / "wide.safetensors"), "<wide>")])
