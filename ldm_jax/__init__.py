@@ -20,6 +20,7 @@ _LAZY = {
     "txt2img": "ldm_jax.pipelines",
     "img2img": "ldm_jax.pipelines",
     "inpaint": "ldm_jax.pipelines",
+    "base_and_refiner": "ldm_jax.pipelines",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

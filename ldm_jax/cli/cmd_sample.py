@@ -12,6 +12,8 @@ vae-ft-mse-840000-ema-pruned.safetensors) while the program compiles; its file n
 --lora FILE[:SCALE] (repeatable) merges a kohya-ss LoRA/LoCon into the weights (scale default 1.0), likewise.
 --embedding FILE[:TOKEN] (repeatable) makes the prompt word TOKEN (default: the file's base name, as A1111) stand
 for a textual-inversion embedding's vectors (A1111 .pt/.safetensors, diffusers learned_embeds), likewise.
+txt2img --refiner FILE [--refiner-switch F]: SDXL's base samples the first F (0.8) of the schedule, the SDXL
+refiner the rest (`ldm_jax.cli.refiner`); the PNG text names the refiner and F.
 Compiled programs are kept in LDM_JAX_CACHE_DIR (default ~/.cache/ldm-jax/xla), so a new process with the same
 model, request shape and code skips tracing and compiling (LDM_JAX_NO_PROGRAM_CACHE=1 keeps JAX's compilation
 cache alone; LDM_JAX_NO_COMPILE_CACHE=1 turns both off).
@@ -35,6 +37,7 @@ import re
 import sys
 import time
 
+from ldm_jax.cli import refiner as refiner_cli
 from ldm_jax.errors import UserError
 
 SAMPLER_NAMES = ("ddim", "ddpm", "plms", "dpmpp_2m", "euler_a")
@@ -83,6 +86,7 @@ def add_parser(sub, name, help_):
         p.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's own, 512 "
                        "for SD 1.x)")
         p.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the model's own)")
+        refiner_cli.add_arguments(p)
     else:
         p.add_argument("--init", required=True, metavar="IMG",
                        help="init image: its width and height must be multiples of 8; transparency is laid on "
@@ -298,6 +302,7 @@ def run(args) -> int:
             n_loop_steps(args.sampler, config.schedule.n_steps, args.steps)
         except ValueError as e:
             raise UserError(str(e)) from None
+    switch = refiner_cli.check(args, config)
     _warn_if_truncated(args, labelled, 77 if config is None else config.text.max_length, embeddings)
     kw = {}
     if args.mode != "txt2img":
@@ -308,6 +313,8 @@ def run(args) -> int:
             kw.update(masks=_read_mask(args, init.shape[:2]))
     if args.mode == "txt2img":
         kw.update(height=args.height, width=args.width)  # None: the model's own size
+    if switch is not None:  # the base stops there and hands its latents over (`refiner_cli.refine`)
+        kw.update(denoising_end=switch, output="latents")
     request = dict(negative_prompts=[args.negative_prompt] * total, steps=args.steps, sampler=args.sampler,
                    guidance_scale=args.scale, eta=args.eta, seed=args.seed, **kw)
     prompts = [text for text in texts for _ in range(args.n)]  # row i = p * n + k
@@ -332,9 +339,15 @@ def run(args) -> int:
         print(f"loaded {sd.config.name} in {ahead.extra['load_s']:.1f}s; program ready in {ahead.compile:.1f}s"
               f"{_PROGRAM_SOURCE.get(ahead.extra.get('program_cache'), '')} "
               f"(both done after {time.perf_counter() - t0:.1f}s)", flush=True)
+    if switch is not None:
+        refiner_cli.check(args, sd.config)  # a base whose kind its file did not declare
     timings = Timings()
     with _out_of_memory_as_one_line(args, request, len(texts)):
         images = generate(sd, args.mode, prompts, progress=progress, timings=timings, **request)
+        base = sd
+        if switch is not None:
+            images, sd, second = refiner_cli.refine(args, base, prompts, images, request, embeddings, progress)
+            timings.run, timings.compile = timings.run + second.run, timings.compile + second.compile
     compile_s = timings.compile + (ahead.compile if ahead is not None else 0.0)
     print(f"sampled {total} image(s) in {timings.run:.1f}s (compile {compile_s:.1f}s"
           f"{_PROGRAM_SOURCE.get(timings.extra.get('program_cache'), '')})", flush=True)
@@ -343,10 +356,11 @@ def run(args) -> int:
             "sampler": args.sampler, "steps": args.steps, "scale": args.scale, "eta": args.eta,
             "mode": args.mode, "strength": getattr(args, "strength", None),
             "checkpoint": os.path.basename(os.path.normpath(args.checkpoint or DEFAULT_MODEL)),
-            "model": sd.config.name, "prediction": sd.config.schedule.prediction,
+            "model": base.config.name, "prediction": base.config.schedule.prediction,
             "vae": os.path.basename(args.vae) if args.vae else sd.metadata.get("vae"), "dtype": args.dtype,
-            "loras": describe_merged(sd.metadata), "embeddings": describe_embeddings(sd.metadata),
-            "generator": "ldm-jax"}
+            "loras": describe_merged(base.metadata), "embeddings": describe_embeddings(sd.metadata),
+            "refiner": os.path.basename(os.path.normpath(args.refiner)) if switch is not None else None,
+            "refiner_switch": switch, "generator": "ldm-jax"}
     plan = parallel.plan_batch(total)
     indices = [i for i in plan.local_indices if i < total]
     for path in _save(args, meta, prompts, indices, images, multi):

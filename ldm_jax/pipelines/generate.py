@@ -7,7 +7,6 @@ the same seed gives the same images on 1 or 8 devices, and on 1 or 2 hosts.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,10 +19,13 @@ from tqdm.auto import tqdm
 from ldm_jax import parallel, program_cache, samplers
 from ldm_jax.compile_cache import enable_compilation_cache
 from ldm_jax.errors import UserError
-from ldm_jax.images import pil_masks_to_array, to_unit_range
+from ldm_jax.images import to_unit_range
 from ldm_jax.pipelines.program import build_program, check_mode, program_args
+from ldm_jax.pipelines.requests import (OUTPUTS, as_list, broadcast_rows, check_common, check_size, check_steps,
+                                        check_strength, handover, mask_rows)
 
-OUTPUTS = ("images", "latents")
+__all__ = ["Timings", "generate", "txt2img", "img2img", "inpaint", "precompile", "adopt_programs", "check_mode",
+           "check_size", "check_steps", "check_strength", "OUTPUTS"]
 
 
 @dataclass
@@ -36,109 +38,6 @@ class Timings:
     run: float = 0.0
     cached: bool = False
     extra: dict = field(default_factory=dict)
-
-
-def _as_list(prompts, what: str) -> list[str]:
-    if isinstance(prompts, str):
-        return [prompts]
-    if isinstance(prompts, np.ndarray):
-        prompts = prompts.reshape(-1).tolist()
-    try:
-        prompts = list(prompts)
-    except TypeError:
-        raise UserError(f"{what}: expected a string or a list of strings, got {type(prompts).__name__}") from None
-    if not prompts:
-        raise UserError(f"{what}: the list of prompts is empty")
-    if not all(isinstance(p, str) for p in prompts):
-        raise UserError(f"{what}: prompts must be strings")
-    return prompts
-
-
-def check_steps(steps) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise UserError(f"steps must be an integer >= 1, got {steps!r}")
-
-
-def check_strength(strength) -> None:
-    _check_finite("strength", strength)
-    if not 0.0 <= float(strength) <= 1.0:
-        raise UserError(f"strength must be in [0, 1], got {strength}")
-
-
-def _check_finite(name: str, value) -> None:
-    if isinstance(value, (str, bytes, bool)):
-        raise UserError(f"{name} must be a number, got {value!r}")
-    try:
-        ok = np.isfinite(float(value))
-    except (TypeError, ValueError):
-        raise UserError(f"{name} must be a number, got {value!r}") from None
-    if not ok:
-        raise UserError(f"{name} must be a finite number, got {value}")
-
-
-def _check_common(sd, sampler, steps, output, eta, guidance_scale):
-    _check_finite("guidance_scale", guidance_scale)
-    if not isinstance(sampler, str):
-        raise UserError(f"sampler must be a name ({', '.join(samplers.SAMPLERS)}), got {sampler!r}")
-    if eta is not None:
-        _check_finite("eta", eta)
-    if sampler not in samplers.SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}; choose from {', '.join(samplers.SAMPLERS)}")
-    check_steps(steps)
-    if steps > sd.config.schedule.n_steps:
-        raise UserError(f"steps must be <= {sd.config.schedule.n_steps}, got {steps}")
-    try:  # the sampler's own time-step table: e.g. DDIM's CompVis discretisation cannot do 3 steps of T=1000
-        samplers.n_loop_steps(sampler, sd.config.schedule.n_steps, int(steps))
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if output not in OUTPUTS:
-        raise UserError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
-    if eta is not None and sampler in samplers.NO_ETA and float(eta) != 0.0:
-        raise UserError(f"sampler {sampler!r} has no eta; leave it unset (got {eta})")
-    if eta is not None and float(eta) < 0:
-        raise UserError(f"eta must be >= 0, got {eta}")
-
-
-def check_size(height, width, factor: int = 8) -> None:
-    for name, v in (("height", height), ("width", width)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < factor or v % 8 or v % factor:
-            raise UserError(f"{name} must be a positive multiple of {max(8, factor)}, got {v!r}")
-
-
-def _broadcast_rows(a: np.ndarray, n: int, what: str) -> np.ndarray:
-    """[H, W, C] or [1 | n, H, W, C] -> [n, H, W, C]."""
-    if a.ndim == 3:
-        a = a[None]
-    if a.ndim != 4 or a.shape[0] not in (1, n):
-        raise UserError(f"{what}: expected [H, W, C] or [{n}, H, W, C], got shape {a.shape}")
-    return np.broadcast_to(a, (n,) + a.shape[1:])
-
-
-def _mask_rows(masks, n: int, hw: tuple[int, int]) -> np.ndarray:
-    """[H, W], [H, W, 1], [B, H, W] or [B, H, W, 1]; uint8 0..255 or float 0..1; or PIL images of any mode (read as
-    mask files are) -> float [n, H, W, 1]."""
-    if masks is None:
-        raise UserError("inpaint needs a mask")
-    if isinstance(masks, (str, os.PathLike)):
-        raise UserError(f"masks are arrays or PIL images, got the path {os.fspath(masks)!r}: read it with "
-                        "ldm_jax.images.read_mask(path)")
-    raw = np.asarray(pil_masks_to_array(masks))
-    if raw.dtype == np.uint8 and raw.size and raw.max() == 1:
-        raise UserError("mask: a uint8 mask holds 0..255 (white = repaint) but this one only 0 and 1; pass it as "
-                        "float 0..1 or scale it by 255")
-    m = raw.astype(np.float32) / (255.0 if raw.dtype == np.uint8 else 1.0)
-    if m.ndim in (3, 4) and m.shape[-1] == 3 and m.shape[-3:-1] == tuple(hw):  # RGB: the mean, as the CLI reads
-        m = m.mean(axis=-1)
-    if m.ndim == 2 or (m.ndim == 3 and m.shape[-1] == 1 and m.shape[:2] == tuple(hw)):
-        m = m.reshape(m.shape[:2] + (1,))
-    elif m.ndim == 3:
-        m = m[..., None]
-    m = _broadcast_rows(m, n, "mask")
-    if m.shape[1:3] != tuple(hw):
-        raise UserError(f"the mask is {m.shape[2]}x{m.shape[1]} (width x height) but the image is {hw[1]}x{hw[0]}")
-    if not np.isfinite(m).all() or m.min() < 0 or m.max() > 1:
-        raise UserError("mask values must be finite and in [0, 1] (or uint8 0..255)")
-    return m
 
 
 def _pad_rows(rows, plan: parallel.BatchPlan) -> list:
@@ -193,7 +92,7 @@ def _wait_showing_elapsed(out, desc: str) -> None:
 def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler="ddim", guidance_scale=7.5,
              eta=None, height=None, width=None, seed=0, latents=None, init_images=None, masks=None, strength=1.0,
              output="images", progress=False, timings: Timings | None = None, compile_only: bool = False,
-             warm_up=False):
+             warm_up=False, denoising_start=None, denoising_end=None):
     """The shared implementation of txt2img / img2img / inpaint (see those for the arguments).
 
     progress: False (or None); "steps" (or True), a bar advanced by every sampling step from inside the compiled
@@ -206,14 +105,14 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
     if progress not in PROGRESS:
         raise UserError(f"progress must be one of {PROGRESS}, got {progress!r}")
     step_bar = progress in (True, "steps")
-    prompts = _as_list(prompts, "prompts")
+    prompts = as_list(prompts, "prompts")
     n = len(prompts)
-    negatives = [""] * n if negative_prompts is None else _as_list(negative_prompts, "negative_prompts")
+    negatives = [""] * n if negative_prompts is None else as_list(negative_prompts, "negative_prompts")
     if len(negatives) == 1 and n > 1:
         negatives = negatives * n
     if len(negatives) != n:
         raise UserError(f"{len(negatives)} negative prompts for {n} prompts")
-    _check_common(sd, sampler, steps, output, eta, guidance_scale)
+    check_common(sd, sampler, steps, output, eta, guidance_scale)
     check_mode(sd.config, mode)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise UserError(f"seed must be an integer, got {seed!r}")
@@ -222,14 +121,14 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
     if mode in ("img2img", "inpaint"):
         if init_images is None:
             raise UserError(f"{mode} needs an init image")
-        init = _broadcast_rows(to_unit_range(init_images), n, "init image")
+        init = broadcast_rows(to_unit_range(init_images), n, "init image")
         height, width = init.shape[1:3]
         check_strength(strength)
     height = sd.config.image_size if height is None else height
     width = sd.config.image_size if width is None else width
     check_size(height, width, f)
     if mode == "inpaint":
-        mask = _mask_rows(masks, n, init.shape[1:3])
+        mask = mask_rows(masks, n, init.shape[1:3])
     h, w = height // f, width // f
     c = sd.config.unet.out_channels
     if latents is not None:
@@ -237,7 +136,7 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
         if raw.dtype.kind not in "fiu" or (raw.size and not np.isfinite(raw).all()):
             raise UserError(f"latents must be a finite real (float) array, got dtype {raw.dtype}"
                             f"{' with NaN/Inf values' if raw.dtype.kind in 'fiu' else ''}")
-        latents = _broadcast_rows(raw.astype(np.float32), n, "latents")
+        latents = broadcast_rows(raw.astype(np.float32), n, "latents")
         if latents.shape[1:] != (h, w, c):
             raise UserError(f"latents must have shape [{n}, {h}, {w}, {c}], got {latents.shape}")
 
@@ -251,6 +150,8 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
     init_x, mask_x, lat_x = (None if a is None else put(_pad_rows(a, plan)) for a in (init, mask, latents))
     loop_steps = samplers.n_loop_steps(sampler, sd.config.schedule.n_steps, int(steps))
     start = samplers.start_step_for_strength(steps, strength, loop_steps) if mode != "txt2img" else 0
+    split = handover(sd, mode, sampler, int(steps), latents is not None, denoising_start, denoising_end)
+    start, end_step = split[0] if denoising_start is not None else start, split[1]
     eta_value = samplers.default_eta(sampler) if eta is None else float(eta)
     scalars = parallel.replicate([np.asarray(guidance_scale, np.float32),
                                   np.asarray(0.0 if eta_value is None else eta_value, np.float32),
@@ -262,6 +163,8 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
 
     static = dict(mode=mode, sampler=sampler, steps=int(steps), output=output, latent_hw=(h, w),
                   given_latents=latents is not None, progress=_StepBar.step if step_bar else None)
+    if end_step is not None:  # only then: the keys of every other program stay as they were
+        static["end_step"] = end_step
     guidance, eta_arg, start_arg = scalars
     args = program_args(params=params, ids=ids, uncond_ids=uncond, seeds=seeds, latents=lat_x, init=init_x,
                         mask=mask_x, guidance=guidance, eta=eta_arg, start_step=start_arg)
@@ -294,7 +197,7 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
             weights = parallel.device_zeros(params, parallel.replicated(mesh)) if _is_abstract(sd.params) else params
             _warm_up(sd, key, compile_, (weights,) + args[1:], mode, timings)
         return None
-    n_loop = loop_steps - start
+    n_loop = (loop_steps if end_step is None else end_step) - start
 
     def execute(program):
         with tqdm(total=max(n_loop, 0), desc=mode, unit="step", disable=not step_bar or None, leave=False) as bar:
@@ -350,15 +253,20 @@ def _run_proving(sd, key, compile_, mode: str, run, rerun: bool = True):
 def txt2img(sd, prompts: str | Sequence[str], *, negative_prompts=None, steps: int = 50, sampler: str = "ddim",
             guidance_scale: float = 7.5, eta: float | None = None, height: int | None = None, width: int | None = None,
             seed: int = 0, latents=None, output: str = "images", progress: bool | str = False,
-            timings: Timings | None = None) -> np.ndarray:
+            timings: Timings | None = None, denoising_start: float | None = None,
+            denoising_end: float | None = None) -> np.ndarray:
     """Text to image. Returns uint8 [B, height, width, 3] (B = len(prompts); height and width default to the
     model's own resolution, `sd.config.image_size`: 512 for SD 1.x), or with output="latents" the
     final latents [B, height/8, width/8, 4] before decoding. `latents` gives x_T explicitly ([B, h, w, 4]).
     eta: None = the sampler's default (0 for DDIM: deterministic; 1 for Euler ancestral).
-    Guidance scale, eta and seed never trigger recompilation; steps, batch and size do (then cached)."""
+    Guidance scale, eta and seed never trigger recompilation; steps, batch and size do (then cached).
+    SDXL's ensemble of experts (diffusers' `denoising_end` / `denoising_start`): the base runs with
+    denoising_end=f and output="latents", then the refiner with the same prompts, sampler, steps and seed,
+    denoising_start=f and those latents (`ldm_jax.base_and_refiner`, `ldm-jax txt2img --refiner`)."""
     return generate(sd, "txt2img", prompts, negative_prompts=negative_prompts, steps=steps, sampler=sampler,
                     guidance_scale=guidance_scale, eta=eta, height=height, width=width, seed=seed, latents=latents,
-                    output=output, progress=progress, timings=timings)
+                    output=output, progress=progress, timings=timings, denoising_start=denoising_start,
+                    denoising_end=denoising_end)
 
 
 def img2img(sd, prompts: str | Sequence[str], init_images, *, strength: float = 0.75, negative_prompts=None,

@@ -111,12 +111,15 @@ def check_mode(config, mode: str) -> None:
 
 
 def build_program(sd, *, mode: str, sampler: str, steps: int, output: str, latent_hw: tuple[int, int],
-                  given_latents: bool, progress: Callable[[int], None] | None) -> Callable:
+                  given_latents: bool, progress: Callable[[int], None] | None, end_step: int | None = None
+                  ) -> Callable:
     """The function to jit:
     run(params, ids, uncond_ids, seeds, latents, init, mask, guidance, eta, start_step) -> images | latents.
 
     ids/uncond_ids int32 [B, L]; seeds uint32 [B, 2] (seed mod 2^32, image index); latents [B, h, w, 4] (x_T,
     used if given_latents); init [B, H, W, 3] in [-1, 1] (img2img, inpaint); mask [B, H, W, 1], 1 = repaint.
+    txt2img starts at loop step start_step (0, or where the base model handed over: then latents are the state it
+    returned) and with end_step stops before that loop step (`samplers.sample`; the hand-over to a refiner).
     """
     f = sd.latent_factor
     inpaint_unet = sd.config.is_inpainting
@@ -136,7 +139,7 @@ def build_program(sd, *, mode: str, sampler: str, steps: int, output: str, laten
         noise = latents.astype(jnp.float32) if given_latents else _normal(streams[INIT_NOISE], (h, w, c))
         extra, known = None, None
         if mode == "txt2img":
-            x_T, start = noise, 0
+            x_T, start = noise, start_step
         else:
             z0 = sd.encode_image(params, init)  # posterior mean, scaled  [B, h, w, 4]
             if mode == "img2img":
@@ -152,7 +155,7 @@ def build_program(sd, *, mode: str, sampler: str, steps: int, output: str, laten
                 start = start_step
         eps_fn = guided_eps_fn(sd, params, ctx, uncond_ctx, guidance, extra, schedule, y, uncond_y)
         z = samplers.sample(sampler, eps_fn, x_T, schedule, streams[SAMPLER_NOISE], steps=steps, eta=eta,
-                            start_step=start, progress=progress, known=known)
+                            start_step=start, end_step=end_step, progress=progress, known=known)
         if known is not None:
             z = known.keep * known.x0 + (1.0 - known.keep) * z
         if output == "latents":

@@ -26,12 +26,16 @@ kept region at the start of every loop step (CompVis `ddim_sampling(mask=...)`; 
 step at the pre-step level instead, an off-by-one we do not copy).
 
 Loop length: `n_loop_steps(name, T, steps)`; equals steps except for ddim/plms when steps does not divide T
-(CompVis timestep quirk, e.g. 30 -> 31). start_step indexes that loop.
+(CompVis timestep quirk, e.g. 30 -> 31). start_step indexes that loop. `end_step` (static) stops the loop before
+that step and returns the state in the convention of x_T for a run with start_step = end_step (VP-space x_t, or
+for the k-samplers sigma-space x / sigma_max), so a second model can go on from it: SDXL's base hands over to
+the refiner at `handover_step` (diffusers' `denoising_end` / `denoising_start`).
 """
 
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from ldm_jax.samplers.common import EpsFn, Known, Progress, check_steps
 from ldm_jax.samplers.ddim import ddim_noise_to_start, ddim_q_sample, ddim_sample, ddim_timesteps
@@ -42,8 +46,8 @@ from ldm_jax.samplers.plms import plms_sample
 from ldm_jax.schedules import Schedule
 
 __all__ = ["SAMPLERS", "NO_ETA", "Known", "default_eta", "sample", "noise_to_start", "start_step_for_strength",
-           "n_loop_steps", "ddim_sample", "ddim_q_sample", "ddim_timesteps", "ddpm_sample", "ddpm_timesteps",
-           "plms_sample", "dpmpp_2m_sample", "euler_ancestral_sample"]
+           "n_loop_steps", "loop_timesteps", "handover_step", "ddim_sample", "ddim_q_sample", "ddim_timesteps",
+           "ddpm_sample", "ddpm_timesteps", "plms_sample", "dpmpp_2m_sample", "euler_ancestral_sample"]
 
 
 def _concrete(v):
@@ -64,36 +68,32 @@ def _needs_keys(name: str, keys, eta) -> None:
         raise ValueError(f"sampler {name!r} with eta={eta} is stochastic: it needs keys (one per image)")
 
 
-def _ddim(eps_fn, x_T, schedule, keys, *, steps, eta, start_step, progress, known):
+# loop: start_step, end_step, progress, known (the same for every sampler)
+def _ddim(eps_fn, x_T, schedule, keys, *, steps, eta, **loop):
     eta = 0.0 if eta is None else eta
     _needs_keys("ddim", keys, eta)
-    return ddim_sample(eps_fn, x_T, schedule, keys, steps=steps, eta=eta, start_step=start_step, progress=progress,
-                       known=known)
+    return ddim_sample(eps_fn, x_T, schedule, keys, steps=steps, eta=eta, **loop)
 
 
-def _ddpm(eps_fn, x_T, schedule, keys, *, steps, eta, start_step, progress, known):
+def _ddpm(eps_fn, x_T, schedule, keys, *, steps, eta, **loop):
     _no_eta("ddpm", eta)
-    return ddpm_sample(eps_fn, x_T, schedule, keys, steps=steps, start_step=start_step, progress=progress,
-                       known=known)
+    return ddpm_sample(eps_fn, x_T, schedule, keys, steps=steps, **loop)
 
 
-def _plms(eps_fn, x_T, schedule, keys, *, steps, eta, start_step, progress, known):
+def _plms(eps_fn, x_T, schedule, keys, *, steps, eta, **loop):
     _no_eta("plms", eta)
-    return plms_sample(eps_fn, x_T, schedule, keys, steps=steps, start_step=start_step, progress=progress,
-                       known=known)
+    return plms_sample(eps_fn, x_T, schedule, keys, steps=steps, **loop)
 
 
-def _dpmpp_2m(eps_fn, x_T, schedule, keys, *, steps, eta, start_step, progress, known):
+def _dpmpp_2m(eps_fn, x_T, schedule, keys, *, steps, eta, **loop):
     _no_eta("dpmpp_2m", eta)
-    return dpmpp_2m_sample(eps_fn, x_T, schedule, keys, steps=steps, start_step=start_step, progress=progress,
-                           known=known)
+    return dpmpp_2m_sample(eps_fn, x_T, schedule, keys, steps=steps, **loop)
 
 
-def _euler_a(eps_fn, x_T, schedule, keys, *, steps, eta, start_step, progress, known):
+def _euler_a(eps_fn, x_T, schedule, keys, *, steps, eta, **loop):
     eta = 1.0 if eta is None else eta
     _needs_keys("euler_a", keys, eta)
-    return euler_ancestral_sample(eps_fn, x_T, schedule, keys, steps=steps, eta=eta, start_step=start_step,
-                                  progress=progress, known=known)
+    return euler_ancestral_sample(eps_fn, x_T, schedule, keys, steps=steps, eta=eta, **loop)
 
 
 # name -> sampler with the uniform keyword signature of `sample` (minus the name)
@@ -115,18 +115,20 @@ def _check(name: str, steps, schedule: Schedule) -> None:
 
 
 def sample(name: str, eps_fn: EpsFn, x_T: jax.Array, schedule: Schedule, keys: jax.Array, *, steps: int,
-           eta=None, start_step=0, progress: Progress = None, known: Known | None = None) -> jax.Array:
+           eta=None, start_step=0, end_step: int | None = None, progress: Progress = None,
+           known: Known | None = None) -> jax.Array:
     """Run sampler `name` from x_T [B, h, w, C] to x_0 [B, h, w, C] float32 (see the module docstring).
 
     keys: typed key array [B] (one per image); None is allowed for the deterministic cases (plms, dpmpp_2m,
     ddim with eta = 0, euler_a with eta = 0 given as a Python number). steps: static int. eta, start_step:
     Python numbers or traced scalars. progress(i) is called from inside the compiled loop for every executed
     loop step i. known: optional mask-blend inpainting (`Known(x0, keep, noise)`), applied at the start of every
-    executed loop step.
+    executed loop step. end_step (static int): stop before that loop step and return its input, in the
+    convention of x_T (`handover_step`: SDXL's base-to-refiner hand-over).
     """
     _check(name, steps, schedule)
     return SAMPLERS[name](eps_fn, x_T, schedule, keys, steps=steps, eta=eta, start_step=start_step,
-                          progress=progress, known=known)
+                          end_step=end_step, progress=progress, known=known)
 
 
 def n_loop_steps(name: str, n_steps_train: int, steps: int) -> int:
@@ -161,3 +163,34 @@ def noise_to_start(name: str, schedule: Schedule, x0: jax.Array, noise: jax.Arra
     if name == "dpmpp_2m":
         return dpmpp_2m_noise_to_start(schedule, x0, noise, steps=steps, start_step=start_step)
     return euler_ancestral_noise_to_start(schedule, x0, noise, steps=steps, start_step=start_step)
+
+
+def loop_timesteps(name: str, schedule_config, steps: int) -> np.ndarray:
+    """The U-Net time step each loop step evaluates, in loop order (decreasing), float64 [n_loop_steps]: DDIM/PLMS
+    tau_n..tau_1, DDPM's table indices, Euler a's fractional t = linspace(T-1, 0, S) (diffusers' Euler timesteps),
+    DPM++ 2M's rounded t of its Karras sigmas (the one place this compiles a small program)."""
+    n = schedule_config.n_steps
+    if name in ("ddim", "plms"):
+        return ddim_timesteps(n, steps)[::-1].astype(np.float64)
+    if name == "ddpm":
+        return ddpm_timesteps(n, steps).astype(np.float64)
+    if name == "euler_a":
+        return np.linspace(n - 1, 0, check_steps(steps, n))
+    if name != "dpmpp_2m":
+        raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+    from ldm_jax.samplers.common import karras_sigmas
+    from ldm_jax.schedules import make_schedule
+
+    return np.asarray(jax.jit(lambda: karras_sigmas(make_schedule(schedule_config), steps)[1])(), np.float64)
+
+
+def handover_step(name: str, schedule_config, steps: int, fraction: float) -> int:
+    """SDXL's ensemble of expert denoisers (Podell et al. 2023; diffusers' `denoising_end` / `denoising_start`):
+    the loop step where the base model stops and the refiner goes on, `fraction` of the way through the schedule.
+    Loop steps at time steps t >= round(T - fraction T) are the base's (diffusers' `discrete_timestep_cutoff`), the
+    rest the refiner's; both models run the same sampler and step count."""
+    fraction = float(fraction)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the hand-over fraction must be in (0, 1), got {fraction}")
+    cutoff = int(round(schedule_config.n_steps - fraction * schedule_config.n_steps))
+    return int(np.sum(loop_timesteps(name, schedule_config, steps) >= cutoff))

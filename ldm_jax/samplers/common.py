@@ -65,6 +65,16 @@ def start_index(start_step, n: int) -> jax.Array:
     return jnp.clip(jnp.asarray(start_step, jnp.int32), 0, n)
 
 
+def end_index(end_step: int | None, n: int) -> int:
+    """The static loop upper bound: n, or `end_step` (a Python int in [0, n]) to stop early and return the state
+    that loop step `end_step` would consume (the SDXL base's hand-over to the refiner)."""
+    if end_step is None:
+        return n
+    if isinstance(end_step, bool) or not isinstance(end_step, int) or not 0 <= end_step <= n:
+        raise ValueError(f"end_step must be a Python int in [0, {n}] (static), got {end_step!r}")
+    return end_step
+
+
 def as_f32(v) -> jax.Array:
     return jnp.asarray(v, jnp.float32)
 

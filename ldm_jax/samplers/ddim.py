@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ldm_jax.samplers.common import (EpsFn, Known, Progress, as_f32, blend_known, check_steps, full_t, report,
-                                     start_index, step_noise)
+from ldm_jax.samplers.common import (EpsFn, Known, Progress, as_f32, blend_known, check_steps, end_index, full_t,
+                                     report, start_index, step_noise)
 from ldm_jax.schedules import Schedule
 
 
@@ -78,13 +78,15 @@ def ddim_sample(
     eta=0.0,
     discretize: str = "uniform",
     start_step=0,
+    end_step: int | None = None,
     progress: Progress = None,
     known: Known | None = None,
 ) -> jax.Array:
     """DDIM from x_T [B, h, w, C] (unit-variance noise, or `ddim_noise_to_start` for img2img) to x_0.
 
     Loop step i = 0..n-1 (n = len(ddim_timesteps(...))) evaluates eps_theta at tau_{n-i}; steps
-    i < start_step are skipped (labml `paint(x, cond, t_start=n - start_step)`). eta and start_step are traced.
+    i < start_step are skipped (labml `paint(x, cond, t_start=n - start_step)`). eta and start_step are traced;
+    end_step (static) stops before loop step end_step and returns x_{tau_{n-end_step}}.
     keys: typed key array [B]; the noise of step i is drawn only from (keys, i). keys=None means no noise
     (only meaningful for eta = 0). known: optional mask-blend inpainting (see `Known`).
     """
@@ -103,7 +105,7 @@ def ddim_sample(
         x, _ = ddim_update(x, e_t, alpha[index], alpha_prev[index], sigma[index], noise)
         return x
 
-    return lax.fori_loop(start_index(start_step, n), n, body, x_T.astype(jnp.float32))
+    return lax.fori_loop(start_index(start_step, n), end_index(end_step, n), body, x_T.astype(jnp.float32))
 
 
 def ddim_q_sample(schedule: Schedule, x0: jax.Array, index, noise: jax.Array, *, steps: int,

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ldm_jax.samplers.common import (EpsFn, Known, Progress, blend_known, check_steps, full_t, report, start_index,
-                                     step_noise)
+from ldm_jax.samplers.common import (EpsFn, Known, Progress, blend_known, check_steps, end_index, full_t, report,
+                                     start_index, step_noise)
 from ldm_jax.schedules import Schedule, q_sample
 
 
@@ -61,13 +61,15 @@ def ddpm_sample(
     *,
     steps: int | None = None,
     start_step=0,
+    end_step: int | None = None,
     progress: Progress = None,
     known: Known | None = None,
 ) -> jax.Array:
     """Ancestral sampling from x_T [B, h, w, C] (N(0, I), or `ddpm_noise_to_start`) to x_0.
 
     steps defaults to T (labml's DDPMSampler). Loop step i evaluates eps_theta at ddpm_timesteps(...)[i] and
-    draws its noise from (keys, i); steps i < start_step (traced) are skipped.
+    draws its noise from (keys, i); steps i < start_step (traced) are skipped, and with end_step (static) the
+    loop stops before that step.
     """
     if keys is None:
         raise ValueError("ddpm is stochastic: it needs keys (one per image)")
@@ -84,7 +86,7 @@ def ddpm_sample(
         noise = jnp.where(t == 0, 0.0, step_noise(keys, i, x))
         return mean + jnp.exp(0.5 * c["log_var"][i]) * noise
 
-    return lax.fori_loop(start_index(start_step, steps), steps, body, x_T.astype(jnp.float32))
+    return lax.fori_loop(start_index(start_step, steps), end_index(end_step, steps), body, x_T.astype(jnp.float32))
 
 
 def ddpm_noise_to_start(schedule: Schedule, x0: jax.Array, noise: jax.Array, *, steps: int | None = None,

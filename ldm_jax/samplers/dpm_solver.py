@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ldm_jax.samplers.common import (EpsFn, Known, Progress, blend_known, check_steps, k_denoise, k_noise_to_start,
-                                     karras_sigmas, report, start_index)
+from ldm_jax.samplers.common import (EpsFn, Known, Progress, blend_known, check_steps, end_index, k_denoise,
+                                     k_noise_to_start, karras_sigmas, report, start_index)
 from ldm_jax.schedules import Schedule
 
 
@@ -37,13 +37,16 @@ def dpmpp_2m_sample(
     *,
     steps: int,
     start_step=0,
+    end_step: int | None = None,
     rho: float = 7.0,
     progress: Progress = None,
     known: Known | None = None,
 ) -> jax.Array:
     """DPM-Solver++(2M) on the Karras grid from x_T [B, h, w, C] (unit variance) to x_0. `keys` is unused
     (deterministic; kept for a uniform signature). Loop step i goes sigmas[i] -> sigmas[i+1]; the
-    multistep history starts empty at `start_step` (traced), as k-diffusion does on a sliced sigma list."""
+    multistep history starts empty at `start_step` (traced), as k-diffusion does on a sliced sigma list. With
+    end_step (static) < steps the loop stops before that step and returns x / sigma_max (sigma space, in the input
+    convention of a run continued from start_step = end_step)."""
     del keys
     check_steps(steps, schedule.n_steps)
     sigmas, ts = karras_sigmas(schedule, steps, rho)
@@ -67,7 +70,9 @@ def dpmpp_2m_sample(
         return jnp.where(last, denoised, x_next), denoised
 
     x = x_T.astype(jnp.float32) * sigmas[0]
-    return lax.fori_loop(start, steps, body, (x, jnp.zeros_like(x)))[0]
+    end = end_index(end_step, steps)
+    x = lax.fori_loop(start, end, body, (x, jnp.zeros_like(x)))[0]
+    return x if end == steps else x / sigmas[0]
 
 
 def dpmpp_2m_noise_to_start(schedule: Schedule, x0: jax.Array, noise: jax.Array, *, steps: int, start_step,

@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ldm_jax.samplers.common import (EpsFn, Known, Progress, as_f32, blend_known, check_steps, k_denoise,
-                                     k_noise_to_start, karras_sigmas, report, schedule_sigmas, start_index,
-                                     step_noise)
+from ldm_jax.samplers.common import (EpsFn, Known, Progress, as_f32, blend_known, check_steps, end_index,
+                                     k_denoise, k_noise_to_start, karras_sigmas, report, schedule_sigmas,
+                                     start_index, step_noise)
 from ldm_jax.schedules import Schedule
 
 
@@ -53,10 +53,12 @@ def euler_ancestral_sample(
     eta=1.0,
     karras: bool = False,
     start_step=0,
+    end_step: int | None = None,
     progress: Progress = None,
     known: Known | None = None,
 ) -> jax.Array:
-    """Euler ancestral from x_T [B, h, w, C] (unit variance) to x_0; eta and start_step are traced.
+    """Euler ancestral from x_T [B, h, w, C] (unit variance) to x_0; eta and start_step are traced. With end_step
+    (static) < steps the loop stops before that step and returns x / sigma_max (as `dpmpp_2m_sample`).
     keys=None means no noise (only meaningful for eta = 0, the plain Euler method)."""
     sigmas, ts = euler_ancestral_sigmas(schedule, steps, karras)
     eta = as_f32(eta)
@@ -73,7 +75,9 @@ def euler_ancestral_sample(
         return jnp.where(s_next > 0, x + noise * sigma_up, x)
 
     x = x_T.astype(jnp.float32) * sigmas[0]
-    return lax.fori_loop(start_index(start_step, steps), steps, body, x)
+    end = end_index(end_step, steps)
+    x = lax.fori_loop(start_index(start_step, steps), end, body, x)
+    return x if end == steps else x / sigmas[0]
 
 
 def euler_ancestral_noise_to_start(schedule: Schedule, x0: jax.Array, noise: jax.Array, *, steps: int,

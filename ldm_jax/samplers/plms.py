@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ldm_jax.samplers.common import EpsFn, Known, Progress, blend_known, full_t, report, start_index
+from ldm_jax.samplers.common import EpsFn, Known, Progress, blend_known, end_index, full_t, report, start_index
 from ldm_jax.samplers.ddim import ddim_alphas, ddim_timesteps, ddim_update
 from ldm_jax.schedules import Schedule
 
@@ -34,11 +34,13 @@ def plms_sample(
     steps: int,
     discretize: str = "uniform",
     start_step=0,
+    end_step: int | None = None,
     progress: Progress = None,
     known: Known | None = None,
 ) -> jax.Array:
     """PLMS from x_T [B, h, w, C] (N(0, I), or `ddim_noise_to_start` for img2img) to x_0. Deterministic
-    (`keys` is accepted for a uniform signature and unused). Loop step i evaluates tau_{n-i}."""
+    (`keys` is accepted for a uniform signature and unused). Loop step i evaluates tau_{n-i}; end_step (static)
+    stops before that loop step (the history then ends with the run: a continuation starts a new one)."""
     del keys
     tau = ddim_timesteps(schedule.n_steps, steps, discretize)
     n = len(tau)
@@ -73,4 +75,4 @@ def plms_sample(
 
     x = x_T.astype(jnp.float32)
     zeros = jnp.zeros_like(x)
-    return lax.fori_loop(start, n, body, (x, zeros, zeros, zeros))[0]
+    return lax.fori_loop(start, end_index(end_step, n), body, (x, zeros, zeros, zeros))[0]
