@@ -80,6 +80,7 @@ def add_parser(sub, name, help_):
     p.add_argument("--sampler", default="ddim", choices=SAMPLER_NAMES, help="sampler (default: ddim)")
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
     p.add_argument("--eta", type=float, default=None, help="DDIM/Euler-a noise (default: the sampler's own)")
+    refiner_cli.add_score_arguments(p)
     p.add_argument("--seed", type=int, default=0,
                    help="random seed, an integer in [0, 2^32); image i uses fold_in(seed, i) (default: 0)")
     if name == "txt2img":
@@ -249,6 +250,7 @@ def _step_bar(args, unet_params) -> bool:
 
 def run(args) -> int:
     from ldm_jax.pipelines.generate import Timings, check_mode, check_size, check_steps, check_strength, generate
+    from ldm_jax.pipelines.requests import check_aesthetic_scores
 
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
@@ -302,7 +304,10 @@ def run(args) -> int:
             n_loop_steps(args.sampler, config.schedule.n_steps, args.steps)
         except ValueError as e:
             raise UserError(str(e)) from None
-    switch = refiner_cli.check(args, config)
+    switch, scores = refiner_cli.check(args, config), refiner_cli.scores(args)
+    scored = config if switch is None else peek_config(args.refiner)  # the model the scores go to
+    if scores is not None and scored is not None:  # else checked once it is loaded
+        check_aesthetic_scores(scored, scores)
     _warn_if_truncated(args, labelled, 77 if config is None else config.text.max_length, embeddings)
     kw = {}
     if args.mode != "txt2img":
@@ -315,6 +320,8 @@ def run(args) -> int:
         kw.update(height=args.height, width=args.width)  # None: the model's own size
     if switch is not None:  # the base stops there and hands its latents over (`refiner_cli.refine`)
         kw.update(denoising_end=switch, output="latents")
+    elif scores is not None:
+        kw.update(aesthetic_scores=scores)
     request = dict(negative_prompts=[args.negative_prompt] * total, steps=args.steps, sampler=args.sampler,
                    guidance_scale=args.scale, eta=args.eta, seed=args.seed, **kw)
     prompts = [text for text in texts for _ in range(args.n)]  # row i = p * n + k
@@ -346,7 +353,8 @@ def run(args) -> int:
         images = generate(sd, args.mode, prompts, progress=progress, timings=timings, **request)
         base = sd
         if switch is not None:
-            images, sd, second = refiner_cli.refine(args, base, prompts, images, request, embeddings, progress)
+            images, sd, second = refiner_cli.refine(args, base, prompts, images, request, embeddings, progress,
+                                                    scores)
             timings.run, timings.compile = timings.run + second.run, timings.compile + second.compile
     compile_s = timings.compile + (ahead.compile if ahead is not None else 0.0)
     print(f"sampled {total} image(s) in {timings.run:.1f}s (compile {compile_s:.1f}s"
@@ -360,7 +368,8 @@ def run(args) -> int:
             "vae": os.path.basename(args.vae) if args.vae else sd.metadata.get("vae"), "dtype": args.dtype,
             "loras": describe_merged(base.metadata), "embeddings": describe_embeddings(sd.metadata),
             "refiner": os.path.basename(os.path.normpath(args.refiner)) if switch is not None else None,
-            "refiner_switch": switch, "generator": "ldm-jax"}
+            "refiner_switch": switch, "aesthetic_scores": None if scores is None else f"{scores[0]}, {scores[1]}",
+            "generator": "ldm-jax"}
     plan = parallel.plan_batch(total)
     indices = [i for i in plan.local_indices if i < total]
     for path in _save(args, meta, prompts, indices, images, multi):

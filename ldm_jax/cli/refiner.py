@@ -14,6 +14,23 @@ import time
 from ldm_jax.errors import UserError
 
 
+def add_score_arguments(p) -> None:
+    p.add_argument("--aesthetic-score", type=float, metavar="S", help="SDXL refiner: the aesthetic score its "
+                   "conditioning gets with the prompt (default: 6.0, as sgm and diffusers)")
+    p.add_argument("--negative-aesthetic-score", type=float, metavar="S", help="SDXL refiner: the score with the "
+                   "negative prompt (default: 2.5)")
+
+
+def scores(args):
+    """(prompt, negative prompt) aesthetic scores if either flag was given, else None (the defaults)."""
+    from ldm_jax.conditioning import AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE
+
+    if args.aesthetic_score is None and args.negative_aesthetic_score is None:
+        return None
+    return (AESTHETIC_SCORE if args.aesthetic_score is None else args.aesthetic_score,
+            NEGATIVE_AESTHETIC_SCORE if args.negative_aesthetic_score is None else args.negative_aesthetic_score)
+
+
 def add_arguments(p) -> None:
     p.add_argument("--refiner", metavar="FILE", help="SDXL: hand the end of sampling to the SDXL refiner "
                    "(sd_xl_refiner_1.0.safetensors or a converted directory): the base model (--checkpoint) runs the "
@@ -47,7 +64,7 @@ def check(args, base_config) -> float | None:
     return switch
 
 
-def refine(args, base, prompts, handed, request: dict, embeddings, progress) -> tuple:
+def refine(args, base, prompts, handed, request: dict, embeddings, progress, aesthetic_scores) -> tuple:
     """Load the refiner and sample the rest of the schedule from the base's latents `handed`; returns (images,
     refiner model, its Timings)."""
     import ldm_jax
@@ -62,5 +79,5 @@ def refine(args, base, prompts, handed, request: dict, embeddings, progress) -> 
     timings = Timings()
     rest = {k: v for k, v in request.items() if k not in ("denoising_end", "output")}
     images = generate(refiner, "txt2img", prompts, progress=progress, timings=timings, latents=handed,
-                      denoising_start=request["denoising_end"], **rest)
+                      denoising_start=request["denoising_end"], aesthetic_scores=aesthetic_scores, **rest)
     return images, refiner, timings

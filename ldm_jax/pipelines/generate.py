@@ -21,8 +21,8 @@ from ldm_jax.compile_cache import enable_compilation_cache
 from ldm_jax.errors import UserError
 from ldm_jax.images import to_unit_range
 from ldm_jax.pipelines.program import build_program, check_mode, program_args
-from ldm_jax.pipelines.requests import (OUTPUTS, as_list, broadcast_rows, check_common, check_size, check_steps,
-                                        check_strength, handover, mask_rows)
+from ldm_jax.pipelines.requests import (OUTPUTS, as_list, broadcast_rows, check_aesthetic_scores, check_common,
+                                        check_size, check_steps, check_strength, handover, mask_rows)
 
 __all__ = ["Timings", "generate", "txt2img", "img2img", "inpaint", "precompile", "adopt_programs", "check_mode",
            "check_size", "check_steps", "check_strength", "OUTPUTS"]
@@ -92,7 +92,7 @@ def _wait_showing_elapsed(out, desc: str) -> None:
 def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler="ddim", guidance_scale=7.5,
              eta=None, height=None, width=None, seed=0, latents=None, init_images=None, masks=None, strength=1.0,
              output="images", progress=False, timings: Timings | None = None, compile_only: bool = False,
-             warm_up=False, denoising_start=None, denoising_end=None):
+             warm_up=False, denoising_start=None, denoising_end=None, aesthetic_scores=None):
     """The shared implementation of txt2img / img2img / inpaint (see those for the arguments).
 
     progress: False (or None); "steps" (or True), a bar advanced by every sampling step from inside the compiled
@@ -165,6 +165,8 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
                   given_latents=latents is not None, progress=_StepBar.step if step_bar else None)
     if end_step is not None:  # only then: the keys of every other program stay as they were
         static["end_step"] = end_step
+    if aesthetic_scores is not None:  # likewise
+        static["aesthetic_scores"] = check_aesthetic_scores(sd.config, aesthetic_scores)
     guidance, eta_arg, start_arg = scalars
     args = program_args(params=params, ids=ids, uncond_ids=uncond, seeds=seeds, latents=lat_x, init=init_x,
                         mask=mask_x, guidance=guidance, eta=eta_arg, start_step=start_arg)
@@ -254,7 +256,7 @@ def txt2img(sd, prompts: str | Sequence[str], *, negative_prompts=None, steps: i
             guidance_scale: float = 7.5, eta: float | None = None, height: int | None = None, width: int | None = None,
             seed: int = 0, latents=None, output: str = "images", progress: bool | str = False,
             timings: Timings | None = None, denoising_start: float | None = None,
-            denoising_end: float | None = None) -> np.ndarray:
+            denoising_end: float | None = None, aesthetic_scores: tuple[float, float] | None = None) -> np.ndarray:
     """Text to image. Returns uint8 [B, height, width, 3] (B = len(prompts); height and width default to the
     model's own resolution, `sd.config.image_size`: 512 for SD 1.x), or with output="latents" the
     final latents [B, height/8, width/8, 4] before decoding. `latents` gives x_T explicitly ([B, h, w, 4]).
@@ -262,35 +264,39 @@ def txt2img(sd, prompts: str | Sequence[str], *, negative_prompts=None, steps: i
     Guidance scale, eta and seed never trigger recompilation; steps, batch and size do (then cached).
     SDXL's ensemble of experts (diffusers' `denoising_end` / `denoising_start`): the base runs with
     denoising_end=f and output="latents", then the refiner with the same prompts, sampler, steps and seed,
-    denoising_start=f and those latents (`ldm_jax.base_and_refiner`, `ldm-jax txt2img --refiner`)."""
+    denoising_start=f and those latents (`ldm_jax.base_and_refiner`, `ldm-jax txt2img --refiner`).
+    aesthetic_scores: the SDXL refiner's (prompt, negative prompt) aesthetic scores, default (6.0, 2.5)."""
     return generate(sd, "txt2img", prompts, negative_prompts=negative_prompts, steps=steps, sampler=sampler,
                     guidance_scale=guidance_scale, eta=eta, height=height, width=width, seed=seed, latents=latents,
                     output=output, progress=progress, timings=timings, denoising_start=denoising_start,
-                    denoising_end=denoising_end)
+                    denoising_end=denoising_end, aesthetic_scores=aesthetic_scores)
 
 
 def img2img(sd, prompts: str | Sequence[str], init_images, *, strength: float = 0.75, negative_prompts=None,
             steps: int = 50, sampler: str = "ddim", guidance_scale: float = 7.5, eta: float | None = None,
             seed: int = 0, latents=None, output: str = "images", progress: bool | str = False,
-            timings: Timings | None = None) -> np.ndarray:
+            timings: Timings | None = None, aesthetic_scores: tuple[float, float] | None = None) -> np.ndarray:
     """Image to image (SDEdit, Meng et al. 2022): the init image's latents are noised to the level of step
     steps - int(strength * steps) and denoised from there. init_images: uint8 [H, W, 3] / [B, H, W, 3] or
-    float in [-1, 1]; H, W multiples of 8. strength 0 returns the (VAE round-tripped) init image."""
+    float in [-1, 1]; H, W multiples of 8. strength 0 returns the (VAE round-tripped) init image.
+    aesthetic_scores: the SDXL refiner's (see `txt2img`)."""
     return generate(sd, "img2img", prompts, init_images=init_images, strength=strength,
                     negative_prompts=negative_prompts, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
-                    eta=eta, seed=seed, latents=latents, output=output, progress=progress, timings=timings)
+                    eta=eta, seed=seed, latents=latents, output=output, progress=progress, timings=timings,
+                    aesthetic_scores=aesthetic_scores)
 
 
 def inpaint(sd, prompts: str | Sequence[str], init_images, masks, *, strength: float = 1.0, negative_prompts=None,
             steps: int = 50, sampler: str = "ddim", guidance_scale: float = 7.5, eta: float | None = None,
             seed: int = 0, latents=None, output: str = "images", progress: bool | str = False,
-            timings: Timings | None = None) -> np.ndarray:
+            timings: Timings | None = None, aesthetic_scores: tuple[float, float] | None = None) -> np.ndarray:
     """Repaint where `masks` is white (1), keep the rest. With an ordinary U-Net: mask-blend painting (the
     known region is re-noised to each step's level and pasted in, as labml/CompVis); with the 9-channel
     inpainting U-Net: its mask and masked-image conditioning. Pixels outside the mask are the original's."""
     return generate(sd, "inpaint", prompts, init_images=init_images, masks=masks, strength=strength,
                     negative_prompts=negative_prompts, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
-                    eta=eta, seed=seed, latents=latents, output=output, progress=progress, timings=timings)
+                    eta=eta, seed=seed, latents=latents, output=output, progress=progress, timings=timings,
+                    aesthetic_scores=aesthetic_scores)
 
 
 def precompile(sd, mode: str, prompts, warm_up=False, **request) -> Timings:

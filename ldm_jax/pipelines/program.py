@@ -111,8 +111,8 @@ def check_mode(config, mode: str) -> None:
 
 
 def build_program(sd, *, mode: str, sampler: str, steps: int, output: str, latent_hw: tuple[int, int],
-                  given_latents: bool, progress: Callable[[int], None] | None, end_step: int | None = None
-                  ) -> Callable:
+                  given_latents: bool, progress: Callable[[int], None] | None, end_step: int | None = None,
+                  aesthetic_scores: tuple[float, float] | None = None) -> Callable:
     """The function to jit:
     run(params, ids, uncond_ids, seeds, latents, init, mask, guidance, eta, start_step) -> images | latents.
 
@@ -120,6 +120,7 @@ def build_program(sd, *, mode: str, sampler: str, steps: int, output: str, laten
     used if given_latents); init [B, H, W, 3] in [-1, 1] (img2img, inpaint); mask [B, H, W, 1], 1 = repaint.
     txt2img starts at loop step start_step (0, or where the base model handed over: then latents are the state it
     returned) and with end_step stops before that loop step (`samplers.sample`; the hand-over to a refiner).
+    aesthetic_scores: the SDXL refiner's (prompt, negative prompt) scores (default 6.0, 2.5), constants of the program.
     """
     f = sd.latent_factor
     inpaint_unet = sd.config.is_inpainting
@@ -134,7 +135,7 @@ def build_program(sd, *, mode: str, sampler: str, steps: int, output: str, laten
         # one text-encoder pass over [c0, u0, c1, u1, ...] (one trace of CLIP instead of two: ~0.35 s less per
         # new program at SD 1.x size)
         h, w = latent_hw
-        ctx, uncond_ctx, y, uncond_y = _conditioning(sd, params, ids, uncond_ids, (h * f, w * f))
+        ctx, uncond_ctx, y, uncond_y = _conditioning(sd, params, ids, uncond_ids, (h * f, w * f), aesthetic_scores)
         c = sd.config.unet.out_channels
         noise = latents.astype(jnp.float32) if given_latents else _normal(streams[INIT_NOISE], (h, w, c))
         extra, known = None, None
@@ -170,11 +171,11 @@ def build_program(sd, *, mode: str, sampler: str, steps: int, output: str, laten
     return run
 
 
-def _conditioning(sd, params, ids, uncond_ids, size_hw):
+def _conditioning(sd, params, ids, uncond_ids, size_hw, aesthetic_scores=None):
     """(ctx, uncond_ctx, y, uncond_y) of a request; y are None but for SDXL, whose y carries the pooled text and
     the image's pixel size `size_hw` (original = target, crop (0, 0)) and whose unconditional side is zeros, context
     and pooled text, for an empty negative prompt (`conditioning.is_empty_prompt`). The refiner's y has the
-    aesthetic scores 6.0 / 2.5 instead of the target size, and its empty negative prompt is encoded."""
+    aesthetic scores (default 6.0 / 2.5) instead of the target size, and its empty negative prompt is encoded."""
     from ldm_jax import conditioning as C
 
     pairs = _interleave(ids, uncond_ids)
@@ -184,8 +185,9 @@ def _conditioning(sd, params, ids, uncond_ids, size_hw):
     ctx_pairs, pooled_pairs = sd.encode_text(params, pairs, pooled=True)
     (ctx, uncond_ctx), (pooled, uncond_pooled) = _split_pairs(ctx_pairs), _split_pairs(pooled_pairs)
     if sd.config.is_sdxl_refiner:
-        return (ctx, uncond_ctx, sd.vector_conditioning(pooled, size_hw, aesthetic_score=C.AESTHETIC_SCORE),
-                sd.vector_conditioning(uncond_pooled, size_hw, aesthetic_score=C.NEGATIVE_AESTHETIC_SCORE))
+        score, negative = aesthetic_scores or (C.AESTHETIC_SCORE, C.NEGATIVE_AESTHETIC_SCORE)
+        return (ctx, uncond_ctx, sd.vector_conditioning(pooled, size_hw, aesthetic_score=score),
+                sd.vector_conditioning(uncond_pooled, size_hw, aesthetic_score=negative))
     keep = 1.0 - C.is_empty_prompt(uncond_ids, sd.config.text.eos_token_id).astype(jnp.float32)  # [B]
     uncond_ctx, uncond_pooled = uncond_ctx * keep[:, None, None], uncond_pooled * keep[:, None]
     return ctx, uncond_ctx, sd.vector_conditioning(pooled, size_hw), sd.vector_conditioning(uncond_pooled, size_hw)

@@ -41,10 +41,11 @@ def base_and_refiner(base, refiner, prompts: str | Sequence[str], *, handover: f
                      negative_prompts=None, steps: int = 50, sampler: str = "ddim", guidance_scale: float = 7.5,
                      eta: float | None = None, height: int | None = None, width: int | None = None, seed: int = 0,
                      latents=None, output: str = "images", progress: bool | str = False,
-                     timings: Timings | None = None) -> np.ndarray:
+                     timings: Timings | None = None, aesthetic_scores: tuple[float, float] | None = None
+                     ) -> np.ndarray:
     """txt2img with the SDXL base model for the first `handover` of the schedule (0.8: diffusers' guide), then the
-    refiner for the rest; arguments as `txt2img` (latents: x_T of the base). Returns uint8 images, or the final
-    latents. timings: the two requests' compile and run seconds, summed."""
+    refiner for the rest; arguments as `txt2img` (latents: x_T of the base; aesthetic_scores: the refiner's).
+    Returns uint8 images, or the final latents. timings: the two requests' compile and run seconds, summed."""
     check_pair(base, refiner)
     common = dict(negative_prompts=negative_prompts, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
                   eta=eta, height=height, width=width, seed=seed, progress=progress)
@@ -52,7 +53,7 @@ def base_and_refiner(base, refiner, prompts: str | Sequence[str], *, handover: f
     handed = txt2img(base, prompts, **common, latents=latents, output="latents", timings=first,
                      denoising_end=handover)
     out = txt2img(refiner, prompts, **common, latents=handed, output=output, timings=second,
-                  denoising_start=handover)
+                  denoising_start=handover, aesthetic_scores=aesthetic_scores)
     if timings is not None:
         timings.compile, timings.run = first.compile + second.compile, first.run + second.run
         timings.cached = first.cached and second.cached

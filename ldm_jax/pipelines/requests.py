@@ -139,3 +139,17 @@ def handover(sd, mode: str, sampler: str, steps: int, given_latents: bool, denoi
     split = lambda f: samplers.handover_step(sampler, sd.config.schedule, steps, f)  # noqa: E731
     return (0 if denoising_start is None else split(denoising_start),
             None if denoising_end is None else split(denoising_end))
+
+
+def check_aesthetic_scores(config, scores) -> tuple[float, float]:
+    """(prompt, negative prompt) aesthetic scores of the SDXL refiner's y, as two finite floats; refused for other
+    models (their y has no score)."""
+    if not config.is_sdxl_refiner:
+        raise UserError(f"aesthetic scores are for the SDXL refiner (its conditioning has one); {config.name} has none")
+    try:
+        score, negative = scores
+    except (TypeError, ValueError):
+        raise UserError(f"aesthetic_scores: expected (prompt score, negative prompt score), got {scores!r}") from None
+    for name, value in (("aesthetic score", score), ("negative aesthetic score", negative)):
+        _check_finite(name, value)
+    return float(score), float(negative)
