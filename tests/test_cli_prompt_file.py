@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_jax.cli.cmd_sample import read_prompt_file
+from ldm_jax.cli.prompts import read_prompt_file
 from ldm_jax.cli.main import main
 
 FAST = ["--steps", "2", "--height", "32", "--width", "32", "--seed", "7"]  # the bundled model, small and quick

@@ -38,6 +38,7 @@ import sys
 import time
 
 from ldm_jax.cli import refiner as refiner_cli
+from ldm_jax.cli.prompts import prompt_lines, warn_if_truncated
 from ldm_jax.errors import UserError
 
 SAMPLER_NAMES = ("ddim", "ddpm", "plms", "dpmpp_2m", "euler_a")
@@ -125,42 +126,6 @@ def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:limit] or "image"
 
 
-PROMPT_FILE_MAX_BYTES = 16 * 2**20  # far beyond any batch that fits in memory; refuses a wrong (binary) file fast
-
-
-def read_prompt_file(path: str) -> list[tuple[int, str]]:
-    """--from-file: (line number, prompt) for every non-blank line, stripped. UTF-8 with or without a BOM; \\n, \\r\\n
-    or \\r line ends. A missing, unreadable, non-UTF-8 or prompt-less file is a UserError naming the file."""
-    if not os.path.exists(path):
-        raise UserError(f"--from-file {path}: no such file")
-    if os.path.isdir(path):
-        raise UserError(f"--from-file {path}: is a directory, not a text file of prompts")
-    with open(path, "rb") as f:
-        data = f.read(PROMPT_FILE_MAX_BYTES + 1)
-    if len(data) > PROMPT_FILE_MAX_BYTES:
-        raise UserError(f"--from-file {path}: over {PROMPT_FILE_MAX_BYTES // 2**20} MiB; expected a text file of "
-                        "prompts, one a line")
-    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # the UTF-8 byte order mark
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = len(re.findall(rb"\r\n|\r|\n", data[:e.start])) + 1
-        raise UserError(f"--from-file {path}: not UTF-8 text (line {line}: byte 0x{data[e.start]:02x}); save it as "
-                        "UTF-8") from None
-    lines = [(no, line.strip()) for no, line in enumerate(re.split(r"\r\n|\r|\n", text), 1)]
-    prompts = [(no, line) for no, line in lines if line]
-    if not prompts:
-        raise UserError(f"--from-file {path}: no prompt in it (one prompt a line; blank lines are skipped)")
-    return prompts
-
-
-def _prompt_lines(args) -> list[tuple[str, str]]:
-    """(what to call it in messages, prompt) for --prompt, or for each line of --from-file."""
-    if args.from_file is None:
-        return [("--prompt", args.prompt)]
-    return [(f"{args.from_file} line {no}", text) for no, text in read_prompt_file(args.from_file)]
-
-
 def check_out(out: str) -> None:
     """--out must be a directory that exists or can be created, and is writable: checked before anything is loaded
     or sampled (nothing is created here; the directory is made only when there are images to save)."""
@@ -171,19 +136,6 @@ def check_out(out: str) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out}: exists and is not a directory")
     check_can_write_dir(out, f"--out {out}")
-
-
-def _warn_if_truncated(args, labelled: list[tuple[str, str]], max_length: int, embeddings=()) -> None:
-    """CLIP reads max_length - 2 tokens of a prompt (between BOS and EOS); say what a longer one loses, as
-    diffusers does, instead of dropping it silently. An embedding's word counts as its vectors."""
-    from ldm_jax.tokenizer import ClipTokenizer, added_token_ids
-
-    tokenizer = ClipTokenizer(max_length, added_tokens=added_token_ids([(e.token, len(e.vectors)) for e in embeddings]))
-    for flag, text in [*labelled, ("--negative-prompt", args.negative_prompt)]:
-        n = len(tokenizer.encode(text or ""))
-        if n > max_length - 2:
-            print(f"warning: {flag} is {n} tokens; the text encoder reads the first {max_length - 2}, the rest is "
-                  "ignored", file=sys.stderr, flush=True)
 
 
 def _check_init_size(path: str, shape, factor: int) -> None:
@@ -254,7 +206,7 @@ def run(args) -> int:
 
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
-    labelled = _prompt_lines(args)  # a bad --from-file fails here, before anything is loaded
+    labelled = prompt_lines(args)  # a bad --from-file fails here, before anything is loaded
     texts = [text for _, text in labelled]
     total = len(texts) * args.n  # image i = p * n + k is image k of prompt p: one batch, seeds fold_in(seed, i)
     check_steps(args.steps)  # fail before loading gigabytes; generate() checks again with the model's factor
@@ -308,7 +260,7 @@ def run(args) -> int:
     scored = config if switch is None else peek_config(args.refiner)  # the model the scores go to
     if scores is not None and scored is not None:  # else checked once it is loaded
         check_aesthetic_scores(scored, scores)
-    _warn_if_truncated(args, labelled, 77 if config is None else config.text.max_length, embeddings)
+    warn_if_truncated(args, labelled, 77 if config is None else config.text.max_length, embeddings)
     kw = {}
     if args.mode != "txt2img":
         init = imio.read_image(args.init)
