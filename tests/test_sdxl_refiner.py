@@ -100,7 +100,7 @@ def test_refiner_y_has_the_aesthetic_score_and_its_empty_negative_prompt_is_enco
     assert not np.array_equal(np.asarray(y[:, 32:]), np.asarray(uncond_y[:, 32:]))  # 6.0 vs 2.5
 
 
-@pytest.mark.parametrize("negative,scores", [("", None), ("blurry", (7.0, 1.5))])
+@pytest.mark.parametrize("negative,scores", [("", (7.0, 1.5))])  # default scores, "blurry": test_sdxl_handover
 def test_img2img_chain_matches_diffusers_refiner_pipeline(negative, scores, monkeypatch):
     import diffusers
     import jax

@@ -224,6 +224,8 @@ def run(args) -> int:
 
     multi = parallel.init_distributed(args.coordinator, args.num_processes, args.process_id,
                                       log=lambda m: print(m, flush=True))
+    if multi and getattr(args, "refiner", None) is not None:
+        raise UserError("--refiner runs on one host (multi-host: not supported yet)")
     if multi:
         from ldm_jax.cli.same_request import check_same_request
 

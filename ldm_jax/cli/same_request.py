@@ -9,7 +9,7 @@ import os
 
 # the flags every host must be given alike
 REQUEST_ARGS = ("mode", "prompt", "negative_prompt", "n", "seed", "steps", "sampler", "scale", "eta", "height",
-                "width", "strength", "dtype", "prediction")
+                "width", "strength", "dtype", "prediction", "aesthetic_score", "negative_aesthetic_score")
 
 
 def check_same_request(args, prompts: list[str]) -> None:

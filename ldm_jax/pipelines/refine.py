@@ -47,6 +47,10 @@ def base_and_refiner(base, refiner, prompts: str | Sequence[str], *, handover: f
     refiner for the rest; arguments as `txt2img` (latents: x_T of the base; aesthetic_scores: the refiner's).
     Returns uint8 images, or the final latents. timings: the two requests' compile and run seconds, summed."""
     check_pair(base, refiner)
+    import jax
+
+    if jax.process_count() > 1:  # each process gets its own rows of the base's latents; the refiner needs all
+        raise UserError("base_and_refiner runs in one process (multi-host: not supported yet)")
     common = dict(negative_prompts=negative_prompts, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
                   eta=eta, height=height, width=width, seed=seed, progress=progress)
     first, second = Timings(), Timings()
