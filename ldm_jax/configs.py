@@ -285,7 +285,8 @@ def sdxl_refiner() -> ModelConfig:
     """SDXL 1.0 refiner (`sd_xl_refiner_1.0`, sgm `sd_xl_refiner.yaml`): a 4-level U-Net of 384 channels with 4-deep
     transformers at the middle two levels and in the middle block (heads of width 64, a 1280-wide context), one
     text encoder (OpenCLIP bigG, as SDXL's second) and a 2560-wide y: pooled text, original size, crop and an
-    aesthetic score (`ldm_jax.conditioning`). Made for img2img at low strength on SDXL base outputs."""
+    aesthetic score (`ldm_jax.conditioning`). Made for the last part of SDXL base's sampling
+    (`ldm_jax.base_and_refiner`) or img2img at low strength on its outputs."""
     unet = UNetConfig(channels=384, channel_multipliers=(1, 2, 4, 4), attention_levels=(1, 2), n_heads=None,
                       d_head=64, tf_layers=4, d_cond=1280, use_linear_proj=True,
                       adm_in_channels=1280 + len(REFINER_NUMBERS) * SIZE_EMBED_DIM)

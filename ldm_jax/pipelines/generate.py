@@ -139,6 +139,8 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
         latents = broadcast_rows(raw.astype(np.float32), n, "latents")
         if latents.shape[1:] != (h, w, c):
             raise UserError(f"latents must have shape [{n}, {h}, {w}, {c}], got {latents.shape}")
+    split = handover(sd, mode, sampler, int(steps), latents is not None, denoising_start, denoising_end)
+    scores = None if aesthetic_scores is None else check_aesthetic_scores(sd.config, aesthetic_scores)
 
     enable_compilation_cache()
     mesh = parallel.data_mesh()
@@ -150,7 +152,6 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
     init_x, mask_x, lat_x = (None if a is None else put(_pad_rows(a, plan)) for a in (init, mask, latents))
     loop_steps = samplers.n_loop_steps(sampler, sd.config.schedule.n_steps, int(steps))
     start = samplers.start_step_for_strength(steps, strength, loop_steps) if mode != "txt2img" else 0
-    split = handover(sd, mode, sampler, int(steps), latents is not None, denoising_start, denoising_end)
     start, end_step = split[0] if denoising_start is not None else start, split[1]
     eta_value = samplers.default_eta(sampler) if eta is None else float(eta)
     scalars = parallel.replicate([np.asarray(guidance_scale, np.float32),
@@ -165,8 +166,8 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
                   given_latents=latents is not None, progress=_StepBar.step if step_bar else None)
     if end_step is not None:  # only then: the keys of every other program stay as they were
         static["end_step"] = end_step
-    if aesthetic_scores is not None:  # likewise
-        static["aesthetic_scores"] = check_aesthetic_scores(sd.config, aesthetic_scores)
+    if scores is not None:  # likewise
+        static["aesthetic_scores"] = scores
     guidance, eta_arg, start_arg = scalars
     args = program_args(params=params, ids=ids, uncond_ids=uncond, seeds=seeds, latents=lat_x, init=init_x,
                         mask=mask_x, guidance=guidance, eta=eta_arg, start_step=start_arg)
