@@ -104,8 +104,10 @@ def bench_diffusers(cfg: ModelConfig, images: int, latent: int, iters: int, fact
     c = torch.randn(b, 77, cfg.unet.d_cond, device=dev, dtype=dt)
     added = None  # SDXL: the pooled text and the numbers (sizes, crop; refiner: a score) of its "text_time" embedding
     if cfg.unet.adm_in_channels:
-        numbers = [latent * factor] * 2 + [0, 0] + ([latent * factor] * 2 if cfg.is_sdxl else [6.0])
-        added = {"text_embeds": torch.randn(b, (cfg.text_2 or cfg.text).projection_dim, device=dev, dtype=dt),
+        from ldm_jax.conditioning import AESTHETIC_SCORE
+
+        numbers = [latent * factor] * 2 + [0, 0] + ([latent * factor] * 2 if cfg.is_sdxl else [AESTHETIC_SCORE])
+        added = {"text_embeds": torch.randn(b, cfg.pooled_text.projection_dim, device=dev, dtype=dt),
                  "time_ids": torch.tensor([numbers] * b, device=dev, dtype=dt)}
     step = lambda: unet(x, t, encoder_hidden_states=c, added_cond_kwargs=added)  # noqa: E731
     rows = [_row(torch, dev, "unet_step_cfg", "diffusers", b, images, _median_seconds(torch, dev, step, iters),

@@ -122,11 +122,12 @@ def _unet_rows(sd: StableDiffusion, ref, rng, latent_hw, tolerance) -> list[Row]
     what = f"{cfg.schedule.prediction}, t in {{0, {t[1]}}}"  # the output: eps, or v (SD 2.x 768)
     if cfg.y_numbers:
         f = cfg.vae.downsample_factor
-        pooled = rng.standard_normal((2, (cfg.text_2 or cfg.text).projection_dim)).astype(np.float32)
+        pooled = rng.standard_normal((2, cfg.pooled_text.projection_dim)).astype(np.float32)
         target, original, crop = (h * f, w * f), (2 * h * f + 8, 3 * w * f), (16, 8)
-        score = (4.5,) if cfg.is_sdxl_refiner else None  # the refiner: an aesthetic score instead of the target
-        y = sd.vector_conditioning(pooled, target, original, crop, *(score or ()))
-        time_ids = np.tile(np.array(original + crop + (score or target), np.float32), (2, 1))  # diffusers' order
+        score = 4.5 if cfg.is_sdxl_refiner else None  # the refiner: an aesthetic score instead of the target
+        y = sd.vector_conditioning(pooled, target, original, crop, aesthetic_score=score)
+        last = target if score is None else (score,)
+        time_ids = np.tile(np.array(original + crop + last, np.float32), (2, 1))  # diffusers' add_time_ids order
         args += (torch.from_numpy(pooled), torch.from_numpy(time_ids))
         what += ", with y"
     want = _nhwc(ref(*args))

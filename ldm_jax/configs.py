@@ -192,6 +192,11 @@ class ModelConfig:
         return self.text_2 is None and self.unet.adm_in_channels > 0
 
     @property
+    def pooled_text(self) -> TextEncoderConfig | None:
+        """The projected text encoder whose pooled output starts y: SDXL base's second, the refiner's only one."""
+        return self.text_2 if self.is_sdxl else self.text if self.is_sdxl_refiner else None
+
+    @property
     def y_numbers(self) -> tuple[str, ...]:
         """The numbers embedded into the U-Net's vector conditioning y after the pooled text; () without y."""
         return BASE_NUMBERS if self.is_sdxl else REFINER_NUMBERS if self.is_sdxl_refiner else ()

@@ -258,8 +258,8 @@ def run(args) -> int:
             n_loop_steps(args.sampler, config.schedule.n_steps, args.steps)
         except ValueError as e:
             raise UserError(str(e)) from None
-    switch, scores = refiner_cli.check(args, config), refiner_cli.scores(args)
-    scored = config if switch is None else peek_config(args.refiner)  # the model the scores go to
+    (switch, refiner_config), scores = refiner_cli.check(args, config), refiner_cli.scores(args)
+    scored = config if switch is None else refiner_config  # the model the scores go to
     if scores is not None and scored is not None:  # else checked once it is loaded
         check_aesthetic_scores(scored, scores)
     warn_if_truncated(args, labelled, 77 if config is None else config.text.max_length, embeddings)
@@ -301,7 +301,7 @@ def run(args) -> int:
               f"{_PROGRAM_SOURCE.get(ahead.extra.get('program_cache'), '')} "
               f"(both done after {time.perf_counter() - t0:.1f}s)", flush=True)
     if switch is not None:
-        refiner_cli.check(args, sd.config)  # a base whose kind its file did not declare
+        refiner_cli.check_base(sd.config)  # a base whose kind its file did not declare
     timings = Timings()
     with _out_of_memory_as_one_line(args, request, len(texts)):
         images = generate(sd, args.mode, prompts, progress=progress, timings=timings, **request)

@@ -40,14 +40,15 @@ def add_arguments(p) -> None:
                    "of the schedule the base model runs (default: 0.8, as diffusers' guide; A1111's 'switch at')")
 
 
-def check(args, base_config) -> float | None:
-    """The hand-over fraction of a --refiner request (None without one), checked before anything loads: the
-    fraction, the refiner file's architecture where it declares it, and the base's where known."""
+def check(args, base_config) -> tuple:
+    """(hand-over fraction, the refiner's declared config or None) of a --refiner request ((None, None) without one),
+    checked before anything loads: the fraction, the refiner file's architecture where it declares it, and the
+    base's where known (`check_base`)."""
     switch = getattr(args, "refiner_switch", None)
     if getattr(args, "refiner", None) is None:
         if switch is not None:
             raise UserError("--refiner-switch needs --refiner FILE (the SDXL refiner to hand over to)")
-        return None
+        return None, None
     from ldm_jax.pipelines.refine import HANDOVER
     from ldm_jax.warm_start import peek_config
 
@@ -59,9 +60,17 @@ def check(args, base_config) -> float | None:
     refiner_config = peek_config(args.refiner)
     if refiner_config is not None and not refiner_config.is_sdxl_refiner:
         raise UserError(f"--refiner {args.refiner}: a {refiner_config.name} model, not the SDXL refiner")
-    if base_config is not None and not (base_config.is_sdxl and not base_config.is_inpainting):
+    if base_config is not None:
+        check_base(base_config)
+    return switch, refiner_config
+
+
+def check_base(base_config) -> None:
+    """--checkpoint must be an SDXL base model (`refine.is_sdxl_base`): one line otherwise."""
+    from ldm_jax.pipelines.refine import is_sdxl_base
+
+    if not is_sdxl_base(base_config):
         raise UserError(f"--refiner takes over from an SDXL base model; --checkpoint is a {base_config.name} model")
-    return switch
 
 
 def refine(args, base, prompts, handed, request: dict, embeddings, progress, aesthetic_scores) -> tuple:

@@ -151,8 +151,8 @@ def generate(sd, mode: str, prompts, *, negative_prompts=None, steps=50, sampler
     seeds = put(_seed_rows(seed, plan.local_indices))
     init_x, mask_x, lat_x = (None if a is None else put(_pad_rows(a, plan)) for a in (init, mask, latents))
     loop_steps = samplers.n_loop_steps(sampler, sd.config.schedule.n_steps, int(steps))
-    start = samplers.start_step_for_strength(steps, strength, loop_steps) if mode != "txt2img" else 0
-    start, end_step = split[0] if denoising_start is not None else start, split[1]
+    start = samplers.start_step_for_strength(steps, strength, loop_steps) if mode != "txt2img" else split[0]
+    end_step = split[1]
     eta_value = samplers.default_eta(sampler) if eta is None else float(eta)
     scalars = parallel.replicate([np.asarray(guidance_scale, np.float32),
                                   np.asarray(0.0 if eta_value is None else eta_value, np.float32),

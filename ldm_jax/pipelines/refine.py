@@ -21,12 +21,18 @@ from ldm_jax.pipelines.generate import Timings, txt2img
 HANDOVER = 0.8  # diffusers' guide: the base runs the first 80% of the schedule (`high_noise_frac`)
 
 
+def is_sdxl_base(config) -> bool:
+    """Whether a model can hand over to the refiner: an SDXL base model (two text encoders), not its inpainting
+    U-Net."""
+    return config.is_sdxl and not config.is_inpainting
+
+
 def check_pair(base, refiner) -> None:
     """One line when `refiner` cannot take over `base`'s latents: it must be an SDXL refiner, the base an SDXL base
     model, and both must share the latent space (channels, VAE factor) and the noise schedule."""
     if not refiner.config.is_sdxl_refiner:
         raise UserError(f"the refiner must be an SDXL refiner model (sd_xl_refiner_1.0); got {refiner.config.name}")
-    if not base.config.is_sdxl or base.config.is_inpainting:
+    if not is_sdxl_base(base.config):
         raise UserError(f"the base model must be an SDXL base model (two text encoders) to hand over to the refiner; "
                         f"got {base.config.name}")
     b, r = base.config, refiner.config
